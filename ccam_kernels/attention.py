@@ -1,0 +1,108 @@
+"""``ccam_attention``: argument checks, then dispatch to a backend.
+
+Backends register here with a function and a reason they cannot run (None when usable).
+"auto" takes the first usable one in the order of AUTO_ORDER that supports the inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .checks import ALL_DTYPES, KERNEL_DTYPES, AttentionProblem, check_attention_args
+from .backends.reference import ccam_attention_reference
+from .backends.torch_prefix import ccam_attention_torch
+
+__all__ = ["ccam_attention", "available_backends", "BACKENDS"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    run: Optional[Callable]  # (q, k, v, problem) -> (B, N, H, D)
+    why_unusable: Callable[[], Optional[str]]  # None when usable on this machine
+    dtypes: tuple = KERNEL_DTYPES
+    devices: tuple = ("cpu", "cuda")
+    dropout: bool = False
+
+    def refuses(self, q: torch.Tensor, problem: AttentionProblem) -> Optional[str]:
+        """Why this backend cannot take these inputs, or None."""
+        why = self.why_unusable()
+        if why:
+            return why
+        if q.device.type not in self.devices:
+            return f"it runs on {', '.join(self.devices)} tensors, got a {q.device.type} tensor"
+        if q.dtype not in self.dtypes:
+            return f"it supports dtypes {[str(d) for d in self.dtypes]}, got {q.dtype}"
+        if problem.dropout_p > 0 and not self.dropout:
+            return "it does not implement attention dropout"
+        return None
+
+
+def _not_yet(what: str, issue: str) -> Callable[[], str]:
+    return lambda: f"{what} are not implemented in this version of ccam_kernels (planned: {issue})"
+
+
+BACKENDS = {
+    "reference": Backend("reference", ccam_attention_reference, lambda: None, ALL_DTYPES, dropout=True),
+    "torch": Backend("torch", ccam_attention_torch, lambda: None, ALL_DTYPES, dropout=True),
+    "triton": Backend("triton", None, _not_yet("the Triton kernels", "the Triton kernels issue"), devices=("cuda",)),
+    "cuda": Backend("cuda", None, _not_yet("the CUDA kernels of csrc/", "the CUDA kernels issue"), devices=("cuda",)),
+}
+AUTO_ORDER = ("cuda", "triton", "torch")
+
+
+def available_backends() -> list[str]:
+    """Backends usable on this machine, in "auto" preference order, then "reference"."""
+    usable = [name for name in AUTO_ORDER if BACKENDS[name].why_unusable() is None]
+    return usable + ["reference"]
+
+
+def resolve_backend(backend: str, q: torch.Tensor, problem: AttentionProblem) -> Backend:
+    """The Backend that will run these inputs; raises per SPEC 4 when there is none."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend == "auto":
+        reasons = []
+        for name in AUTO_ORDER:
+            why = BACKENDS[name].refuses(q, problem)
+            if why is None:
+                return BACKENDS[name]
+            reasons.append(f"{name}: {why}")
+        raise RuntimeError("no backend can run these inputs: " + "; ".join(reasons))
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
+    chosen = BACKENDS[backend]
+    why = chosen.refuses(q, problem)
+    if why is not None:
+        raise RuntimeError(
+            f"backend {backend!r} cannot run here: {why}. Usable backends: {available_backends()}"
+        )
+    return chosen
+
+
+def ccam_attention(q, k, v, frame_counts, tokens_per_frame, *, scale=None, dropout_p=0.0, backend="auto"):
+    """Block-causal cross-attention of N queries over the frames of each video.
+
+    Query ``i`` of sample ``b`` attends to the keys of frames ``0 .. floor(i * T_b / N)`` of that
+    sample (see :func:`ccam_kernels.frame_of_query`).
+
+    Args:
+        q: (B, N, H, D), or (N, H, D) shared by every sample (read in place, never copied per sample).
+        k, v: (L, Hkv, D) with L = sum(frame_counts) * tokens_per_frame: all samples' keys packed
+            sample by sample, frame by frame, no padding. H must be a multiple of Hkv (GQA).
+        frame_counts: B ints >= 1 (or an int64 tensor (B,)): frames T_b of each sample.
+        tokens_per_frame: P, keys per frame.
+        scale: softmax scale, default 1 / sqrt(D).
+        dropout_p: dropout on the attention probabilities (0 in inference). Backends
+            "reference" and "torch" implement it.
+        backend: "auto", "reference", "torch", "triton" or "cuda".
+
+    Returns:
+        (B, N, H, D) in q's dtype and on q's device; differentiable in q, k and v.
+    """
+    problem = check_attention_args(q, k, v, frame_counts, tokens_per_frame, scale, dropout_p)
+    chosen = resolve_backend(backend, q, problem)
+    return chosen.run(q, k, v, problem)

@@ -1,0 +1,1 @@
+"""Implementations of ``ccam_attention``; :mod:`ccam_kernels.attention` dispatches to them."""

@@ -1,0 +1,311 @@
+"""The "torch" backend: prefix-aware CCAM attention in plain PyTorch ops.
+
+No N x L mask is ever built and no fully masked tile is computed. The keys of each sample are
+cut into segments of a few frames. Segment ``[fa, fb)`` is seen by the query suffix
+``[first_query_of_frame[fa], N)`` (queries are ordered by frame), and within that suffix:
+
+* rows whose frame is ``>= fb - 1`` see the whole segment: attention without a mask;
+* the few rows whose frame lies in ``[fa, fb - 1)`` straddle it: attention over the frames
+  ``[fa, fb - 1)`` with a small ``(rows, keys)`` mask from :func:`ccam_kernels.mask.mask_block`.
+
+Each block returns a partial output normalized over its own keys and the log-sum-exp (LSE) of
+its scores; partials are merged by their LSE, as split-KV flash attention does. The backward
+recomputes each block from the final output and LSE (no probabilities are stored), so memory
+stays O(N + L) per head: with the final LSE, ``exp(s - lse)`` of a block *is* its slice of the
+global softmax, and ``rowsum(dO * O)`` is the global one, so per-block gradients add up exactly.
+
+Two engines compute a block. "flash" calls PyTorch's fused CPU attention kernel (the ATen op
+that backs ``scaled_dot_product_attention`` on CPU and returns the LSE); "explicit" is plain
+matmul + exp in float32 (float64 for float64 inputs) and runs on every device, with dropout.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..checks import LOW_PRECISION, AttentionProblem
+from ..mask import first_query_of_frame, key_offsets, mask_block
+
+# Keys per segment. Large enough that each fused call streams a long K/V block (fewer
+# merges), small enough that the straddling rows stay a small fraction of the work.
+# Measured on a 2-core CPU at N=1024, H=16, D=64, P=729, T=96: 1 to 4 frames (729 to 2916
+# keys) are within noise of each other; 16 frames is 30% slower.
+SEGMENT_KEYS = 2048
+# A segment never spans more than 1/8 of the frames, so straddling rows stay <= ~1/8 of rows.
+MIN_SEGMENTS = 8
+
+
+@dataclass(frozen=True)
+class Block:
+    """Queries ``[query_start, query_end)`` against keys ``[key_start, key_end)`` of one sample."""
+
+    query_start: int
+    query_end: int
+    key_start: int
+    key_end: int
+    masked: bool  # True only for rows that straddle a frame boundary inside the key range
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_blocks(num_query: int, num_frames: int, tokens_per_frame: int) -> tuple[Block, ...]:
+    """The blocks that cover exactly the visible (query, key) pairs of one sample, plus the
+    masked pairs inside straddling blocks. Cached: depends only on (N, T, P)."""
+    N, T, P = num_query, num_frames, tokens_per_frame
+    frames_per_segment = max(1, min(math.ceil(SEGMENT_KEYS / P), T // MIN_SEGMENTS))
+    first = first_query_of_frame(N, T)
+    blocks = []
+    for fa in range(0, T, frames_per_segment):
+        fb = min(T, fa + frames_per_segment)
+        row_first, row_full = first[fa], first[fb - 1]
+        if row_full < N:
+            blocks.append(Block(row_full, N, fa * P, fb * P, masked=False))
+        if row_first < row_full:
+            # These rows have frames in [fa, fb - 1): they never see frame fb - 1.
+            blocks.append(Block(row_first, row_full, fa * P, (fb - 1) * P, masked=True))
+    return tuple(blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout. Query-side tensors are "folded" to (Hkv, N * G, D), row r = i * G + g holding query i
+# of head kv * G + g, so that every query head of one K/V head is a row of one matrix: GQA
+# without copying K/V, and a row range [i0, i1) of queries is the row slice [i0 * G, i1 * G).
+# For G = 1 folding is a view; otherwise one copy of the (small) query-side tensor per call.
+
+
+def _fold(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    n, h, d = x.shape
+    g = h // num_kv_heads
+    return x.view(n, num_kv_heads, g, d).permute(1, 0, 2, 3).reshape(num_kv_heads, n * g, d)
+
+
+def _unfold(x: torch.Tensor, num_query: int) -> torch.Tensor:
+    hkv, rows, d = x.shape
+    g = rows // num_query
+    return x.view(hkv, num_query, g, d).permute(1, 0, 2, 3).reshape(num_query, hkv * g, d)
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines. Shapes: qf, dof, of (Hkv, R, D); kf, vf (Hkv, Lk, D); lse (Hkv, R); mask (R, Lk) bool
+# or None. forward -> (o (Hkv, R, D), lse (Hkv, R)); backward -> (dq, dk, dv).
+
+
+class _FlashCPUEngine:
+    """PyTorch's fused CPU flash-attention kernel (the op behind SDPA on CPU), which also
+    returns the LSE. Private ATen op: used only when present; no dropout."""
+
+    name = "flash"
+
+    @staticmethod
+    def usable(device: torch.device, dropout_p: float) -> bool:
+        return (
+            device.type == "cpu"
+            and dropout_p == 0.0
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
+        )
+
+    @staticmethod
+    def _additive(mask, dtype):
+        if mask is None:
+            return None
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+    @classmethod
+    def forward(cls, qf, kf, vf, mask, scale, dropout):
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qf[None], kf[None], vf[None], attn_mask=cls._additive(mask, qf.dtype), scale=scale
+        )
+        return o[0], lse[0]
+
+    @classmethod
+    def backward(cls, dof, qf, kf, vf, of, lse, mask, scale, dropout):
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dof[None], qf[None], kf[None], vf[None], of[None], lse[None].to(torch.float32)
+            if qf.dtype in LOW_PRECISION else lse[None],
+            0.0, False, attn_mask=cls._additive(mask, qf.dtype), scale=scale,
+        )
+        return dq[0], dk[0], dv[0]
+
+
+class _ExplicitEngine:
+    """Scores as one matmul in float32 (float64 for float64 inputs), softmax by hand.
+    Dropout masks are drawn from a generator seeded per block, so the backward redraws
+    exactly the masks of the forward without storing them."""
+
+    name = "explicit"
+
+    @staticmethod
+    def usable(device: torch.device, dropout_p: float) -> bool:
+        return True
+
+    @staticmethod
+    def _scores(qf, kf, mask, scale):
+        cd = _accumulate_dtype(qf.dtype)
+        s = torch.matmul(qf.to(cd), kf.to(cd).transpose(-1, -2)).mul_(scale)
+        if mask is not None:
+            s.masked_fill_(~mask, float("-inf"))
+        return s
+
+    @staticmethod
+    def _keep(shape, device, dropout):
+        """(keep_scale or None): the dropout multiplier of a block, redrawn from its seed."""
+        if dropout is None:
+            return None
+        p, seed = dropout
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        keep = torch.rand(shape, generator=gen, device=device) >= p
+        return keep.to(torch.float32) / (1.0 - p)
+
+    @classmethod
+    def forward(cls, qf, kf, vf, mask, scale, dropout):
+        s = cls._scores(qf, kf, mask, scale)
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s.sub_(lse[..., None]))
+        keep = cls._keep(p.shape, p.device, dropout)
+        if keep is not None:
+            p.mul_(keep.to(p.dtype))
+        o = torch.matmul(p, vf.to(p.dtype))
+        return o, lse
+
+    @classmethod
+    def backward(cls, dof, qf, kf, vf, of, lse, mask, scale, dropout):
+        cd = _accumulate_dtype(qf.dtype)
+        dof32, qf32, kf32, vf32 = dof.to(cd), qf.to(cd), kf.to(cd), vf.to(cd)
+        p = torch.exp(cls._scores(qf, kf, mask, scale).sub_(lse.to(cd)[..., None]))
+        keep = cls._keep(p.shape, p.device, dropout)
+        dp = torch.matmul(dof32, vf32.transpose(-1, -2))
+        if keep is not None:
+            keep = keep.to(cd)
+            dv = torch.matmul((p * keep).transpose(-1, -2), dof32)
+            dp.mul_(keep)
+        else:
+            dv = torch.matmul(p.transpose(-1, -2), dof32)
+        delta = (dof32 * of.to(cd)).sum(-1, keepdim=True)  # rowsum(dO * O), the global one
+        ds = p.mul_(dp.sub_(delta))
+        dq = torch.matmul(ds, kf32).mul_(scale)
+        dk = torch.matmul(ds.transpose(-1, -2), qf32).mul_(scale)
+        return dq, dk, dv
+
+
+ENGINES = {e.name: e for e in (_FlashCPUEngine, _ExplicitEngine)}
+
+
+def choose_engine(device: torch.device, dropout_p: float):
+    for engine in (_FlashCPUEngine, _ExplicitEngine):
+        if engine.usable(device, dropout_p):
+            return engine
+    raise AssertionError("the explicit engine is always usable")
+
+
+def _block_seed(seed: int, sample: int, block: int) -> int:
+    return (seed + 0x9E3779B97F4A7C15 * (sample * 1_000_003 + block + 1)) % (2**63)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _block_mask(problem, frames, blk, device):
+    if not blk.masked:
+        return None
+    m = mask_block(
+        problem.num_query, frames, problem.tokens_per_frame,
+        (blk.query_start, blk.query_end), (blk.key_start, blk.key_end), device=device,
+    )
+    return m.repeat_interleave(problem.group_size, dim=0)  # folded rows: query i -> rows i*G..i*G+G-1
+
+
+def _forward(q, k, v, problem: AttentionProblem, engine, seed):
+    B, N, H, D = problem.batch, problem.num_query, problem.num_heads, problem.head_dim
+    Hkv, G = problem.num_kv_heads, problem.group_size
+    acc = _accumulate_dtype(q.dtype)
+    out = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device)
+    lse_all = torch.empty(B, Hkv, N * G, dtype=acc, device=q.device)
+    qf_shared = _fold(q, Hkv) if problem.shared_query else None
+    offsets = key_offsets(problem.frame_counts, problem.tokens_per_frame)
+    for b, frames in enumerate(problem.frame_counts):
+        qf = qf_shared if qf_shared is not None else _fold(q[b], Hkv)
+        o_acc = torch.zeros(Hkv, N * G, D, dtype=acc, device=q.device)
+        lse = lse_all[b].fill_(float("-inf"))
+        for i, blk in enumerate(plan_blocks(N, frames, problem.tokens_per_frame)):
+            rows = slice(blk.query_start * G, blk.query_end * G)
+            keys = slice(offsets[b] + blk.key_start, offsets[b] + blk.key_end)
+            dropout = (problem.dropout_p, _block_seed(seed, b, i)) if problem.dropout_p > 0 else None
+            o_blk, lse_blk = engine.forward(
+                qf[:, rows], k[keys].transpose(0, 1), v[keys].transpose(0, 1),
+                _block_mask(problem, frames, blk, q.device), problem.scale, dropout,
+            )
+            # Merge by LSE: new = old * (1 - w) + blk * w, w = exp(lse_blk) / (exp(lse_old) + exp(lse_blk)).
+            # With lse_old = -inf (first block of a row) w = 1 exactly.
+            lse_blk = lse_blk.to(acc)
+            w = torch.sigmoid(lse_blk - lse[:, rows])
+            o_acc[:, rows].lerp_(o_blk.to(acc), w[..., None])
+            lse[:, rows] = torch.logaddexp(lse[:, rows], lse_blk)
+        out[b] = _unfold(o_acc, N)
+    return out, lse_all
+
+
+def _backward(dout, q, k, v, out, lse_all, problem: AttentionProblem, engine, seed):
+    N, Hkv, G, P = problem.num_query, problem.num_kv_heads, problem.group_size, problem.tokens_per_frame
+    acc = _accumulate_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    qf_shared = _fold(q, Hkv) if problem.shared_query else None
+    offsets = key_offsets(problem.frame_counts, P)
+    for b, frames in enumerate(problem.frame_counts):
+        qf = qf_shared if qf_shared is not None else _fold(q[b], Hkv)
+        dof, of = _fold(dout[b], Hkv), _fold(out[b], Hkv)
+        dqf = torch.zeros(Hkv, N * G, problem.head_dim, dtype=acc, device=q.device)
+        for i, blk in enumerate(plan_blocks(N, frames, P)):
+            rows = slice(blk.query_start * G, blk.query_end * G)
+            keys = slice(offsets[b] + blk.key_start, offsets[b] + blk.key_end)
+            dropout = (problem.dropout_p, _block_seed(seed, b, i)) if problem.dropout_p > 0 else None
+            dq_blk, dk_blk, dv_blk = engine.backward(
+                dof[:, rows], qf[:, rows], k[keys].transpose(0, 1), v[keys].transpose(0, 1),
+                of[:, rows], lse_all[b][:, rows], _block_mask(problem, frames, blk, q.device),
+                problem.scale, dropout,
+            )
+            dqf[:, rows] += dq_blk
+            dk[keys] += dk_blk.transpose(0, 1)
+            dv[keys] += dv_blk.transpose(0, 1)
+        if problem.shared_query:
+            dq += _unfold(dqf, N)  # the shared query's gradient sums over the samples
+        else:
+            dq[b] = _unfold(dqf, N)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _CCAMAttentionTorch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, problem, engine, seed):
+        out, lse = _forward(q, k, v, problem, engine, seed)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.problem, ctx.engine, ctx.seed = problem, engine, seed
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(dout.contiguous(), q, k, v, out, lse, ctx.problem, ctx.engine, ctx.seed)
+        return dq, dk, dv, None, None, None
+
+
+def ccam_attention_torch(q, k, v, problem: AttentionProblem, *, engine: str | None = None, seed: int | None = None):
+    """Prefix-aware attention. ``engine``: None (best for the device), "flash" or "explicit".
+    ``seed`` fixes the dropout masks (drawn from torch's CPU generator when None)."""
+    eng = choose_engine(q.device, problem.dropout_p) if engine is None else ENGINES[engine]
+    if not eng.usable(q.device, problem.dropout_p):
+        raise RuntimeError(f"torch backend engine {engine!r} cannot run on {q.device} with dropout_p={problem.dropout_p}")
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if problem.dropout_p > 0 else 0
+    return _CCAMAttentionTorch.apply(q, k, v, problem, eng, seed)

@@ -1,0 +1,121 @@
+"""Reading and writing projector checkpoints.
+
+A checkpoint is a directory with config.json (a flat projector config, or one nested under
+"projector_config") and the weights: model.safetensors (or several *.safetensors shards), or a
+torch state dict (pytorch_model.bin, *.pt, *.pth). ``key_map`` renames checkpoint keys to this
+library's names: a dict {checkpoint_key: our_key} (keys not in it keep their name) or a
+callable checkpoint_key -> our_key. Mapping a key to None drops it on purpose (e.g. the LLM's
+weights in a full Video-CCAM checkpoint). Any other key that is not ours, and any of our
+parameters left unfilled, is a ValueError that names it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+
+from .config import CONFIG_FILE, CCAMConfig
+
+SAFETENSORS_FILE = "model.safetensors"
+TORCH_PATTERNS = ("pytorch_model.bin", "*.pt", "*.pth", "*.bin")
+
+
+def _weight_files(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    for pattern in (SAFETENSORS_FILE, "*.safetensors", *TORCH_PATTERNS):
+        found = sorted(glob.glob(os.path.join(path, pattern)))
+        if found:
+            return found
+    raise FileNotFoundError(f"no weights in {path!r}: expected {SAFETENSORS_FILE}, *.safetensors or a torch state dict")
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """All tensors of a weights file, or of every weights file of a directory (shards)."""
+    state = {}
+    for file in _weight_files(os.fspath(path)):
+        if file.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            part = load_file(file)
+        else:
+            part = torch.load(file, map_location="cpu", weights_only=True)
+            if isinstance(part, dict) and set(part) == {"state_dict"}:
+                part = part["state_dict"]
+        if not isinstance(part, dict):
+            raise ValueError(f"{file!r} does not hold a state dict (got {type(part).__name__})")
+        state.update(part)
+    return state
+
+
+def apply_key_map(state: dict, key_map) -> dict:
+    """Rename checkpoint keys; drop those mapped to None."""
+    if key_map is None:
+        return dict(state)
+    if isinstance(key_map, dict):
+        rename = lambda key: key_map.get(key, key)  # noqa: E731
+    elif callable(key_map):
+        rename = key_map
+    else:
+        raise TypeError(f"key_map must be a dict, a callable or None, got {type(key_map).__name__}")
+    out, source = {}, {}
+    for key, value in state.items():
+        new = rename(key)
+        if new is None:
+            continue
+        if new in out:
+            raise ValueError(f"key_map maps both {source[new]!r} and {key!r} to {new!r}")
+        out[new], source[new] = value, key
+    return out
+
+
+def check_keys(module: torch.nn.Module, state: dict) -> None:
+    """Raise ValueError naming every unexpected key, missing parameter or shape mismatch."""
+    ours = module.state_dict()
+    unexpected = sorted(set(state) - set(ours))
+    missing = sorted(set(ours) - set(state))
+    problems = []
+    if unexpected:
+        problems.append(f"unexpected keys (not parameters of {type(module).__name__}; rename or drop them "
+                        f"with key_map): {unexpected}")
+    if missing:
+        problems.append(f"missing keys (parameters the checkpoint does not fill): {missing}")
+    for key in sorted(set(state) & set(ours)):
+        if tuple(state[key].shape) != tuple(ours[key].shape):
+            problems.append(f"shape mismatch for {key!r}: checkpoint {tuple(state[key].shape)}, "
+                            f"model {tuple(ours[key].shape)}")
+    if problems:
+        raise ValueError("cannot load checkpoint: " + "; ".join(problems))
+
+
+def load_projector(cls, path, *, key_map=None, config=None, backend="auto", dtype=None, device=None):
+    path = os.fspath(path)
+    if config is None:
+        config_dir = path if os.path.isdir(path) else os.path.dirname(path)
+        config_path = os.path.join(config_dir, CONFIG_FILE)
+        if not os.path.exists(config_path):
+            raise FileNotFoundError(f"no {CONFIG_FILE} in {config_dir!r}: pass config=")
+        config = CCAMConfig.from_json_file(config_path)
+    elif isinstance(config, dict):
+        config = CCAMConfig.from_dict(config)
+    state = apply_key_map(read_state_dict(path), key_map)
+    module = cls(config, backend=backend)
+    check_keys(module, state)
+    if dtype is None:
+        float_dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+        dtype = float_dtypes.pop() if len(float_dtypes) == 1 else torch.float32
+    module.to(dtype=dtype, device=device)
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def save_projector(module, path) -> None:
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    module.config.to_json_file(os.path.join(path, CONFIG_FILE))
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(state, os.path.join(path, SAFETENSORS_FILE), metadata={"format": "pt"})

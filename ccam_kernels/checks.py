@@ -1,0 +1,148 @@
+"""Argument checks for every public entry point (SPEC 4), in one place.
+
+Every backend receives arguments that passed :func:`check_attention_args`, so a backend never
+re-validates. Messages name the argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ALL_DTYPES = (torch.float64,) + KERNEL_DTYPES
+
+
+@dataclass(frozen=True)
+class AttentionProblem:
+    """Validated, normalized description of one ``ccam_attention`` call."""
+
+    frame_counts: tuple[int, ...]  # T_b per sample
+    tokens_per_frame: int  # P
+    num_query: int  # N
+    num_heads: int  # H
+    num_kv_heads: int  # Hkv
+    head_dim: int  # D
+    shared_query: bool  # q is (N, H, D) and serves every sample
+    scale: float
+    dropout_p: float
+
+    @property
+    def batch(self) -> int:
+        return len(self.frame_counts)
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+def _require_tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_probability(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (0.0 <= float(value) < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def normalize_frame_counts(name: str, frame_counts) -> tuple[int, ...]:
+    """A sequence of ints or a 1-D integer tensor -> tuple of ints, each >= 1, not empty."""
+    if isinstance(frame_counts, torch.Tensor):
+        if frame_counts.dtype.is_floating_point or frame_counts.dtype.is_complex or frame_counts.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor (int64), got dtype {frame_counts.dtype}")
+        if frame_counts.dim() != 1:
+            raise ValueError(f"{name} must be 1-D (B,), got shape {tuple(frame_counts.shape)}")
+        counts = tuple(int(t) for t in frame_counts.tolist())
+    elif isinstance(frame_counts, (list, tuple)):
+        for t in frame_counts:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"{name} must contain ints, got an element of type {type(t).__name__}")
+        counts = tuple(frame_counts)
+    else:
+        raise TypeError(f"{name} must be a sequence of ints or an int64 tensor, got {type(frame_counts).__name__}")
+    if len(counts) == 0:
+        raise ValueError(f"{name} must not be empty (one frame count per sample)")
+    bad = [t for t in counts if t < 1]
+    if bad:
+        raise ValueError(f"{name} must be >= 1 for every sample, got {list(counts)}")
+    return counts
+
+
+def check_attention_args(q, k, v, frame_counts, tokens_per_frame, scale=None, dropout_p=0.0) -> AttentionProblem:
+    """Validate a ``ccam_attention`` call; raise ValueError/TypeError naming the argument."""
+    q = _require_tensor("q", q)
+    k = _require_tensor("k", k)
+    v = _require_tensor("v", v)
+    if q.dim() not in (3, 4):
+        raise ValueError(f"q must be (B, N, H, D) or (N, H, D), got shape {tuple(q.shape)}")
+    if k.dim() != 3:
+        raise ValueError(f"k must be (L, Hkv, D), got shape {tuple(k.shape)}")
+    if v.dim() != 3:
+        raise ValueError(f"v must be (L, Hkv, D), got shape {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in ALL_DTYPES:
+            raise ValueError(
+                f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    num_query, num_heads, head_dim = q.shape[-3:]
+    length, num_kv_heads, kv_head_dim = k.shape
+    if head_dim != kv_head_dim:
+        raise ValueError(f"head dim mismatch: q has D={head_dim}, k and v have D={kv_head_dim}")
+    if min(num_query, num_heads, head_dim) < 1 or num_kv_heads < 1:
+        raise ValueError(f"q and k must have non-empty dims, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"the number of query heads H={num_heads} must be a multiple of the key/value heads Hkv={num_kv_heads}"
+        )
+    tokens_per_frame = check_int("tokens_per_frame", tokens_per_frame)
+    counts = normalize_frame_counts("frame_counts", frame_counts)
+    expected = sum(counts) * tokens_per_frame
+    if expected != length:
+        raise ValueError(
+            f"frame_counts {list(counts)} * tokens_per_frame {tokens_per_frame} = {expected} keys, "
+            f"but k and v have L={length}"
+        )
+    if q.dim() == 4 and q.shape[0] != len(counts):
+        raise ValueError(
+            f"q has batch size {q.shape[0]} but frame_counts has {len(counts)} samples"
+        )
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    elif not math.isfinite(scale) or scale == 0:
+        raise ValueError(f"scale must be finite and non-zero, got {scale}")
+    dropout_p = check_probability("dropout_p", dropout_p)
+    return AttentionProblem(
+        frame_counts=counts,
+        tokens_per_frame=tokens_per_frame,
+        num_query=num_query,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        shared_query=q.dim() == 3,
+        scale=float(scale),
+        dropout_p=dropout_p,
+    )

@@ -1,0 +1,195 @@
+"""CCAMProjector: the Video-CCAM cross-attention projector, built on ``ccam_attention``.
+
+Shapes (SPEC 1.3): features (F, P, Cv) with split_sizes [T_1 .. T_B], or (B, T, P, Cv)
+-> (B, N, O). Parameter names are the state_dict keys of this library.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import BACKENDS, ccam_attention
+from .checks import normalize_frame_counts
+from .config import CCAMConfig
+
+_GATE_ACTS = {
+    "swiglu": F.silu,
+    "silu": F.silu,
+    "geglu": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class CCAMAttention(nn.Module):
+    """The projections around the attention op: q/k/v/o_proj."""
+
+    def __init__(self, cfg: CCAMConfig):
+        super().__init__()
+        kv_width = cfg.num_key_value_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.cross_hidden_size, kv_width, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.cross_hidden_size, kv_width, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
+
+
+class CCAMMLP(nn.Module):
+    """mlp(u) = down_proj(act(gate_proj(u)) * up_proj(u))."""
+
+    def __init__(self, cfg: CCAMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = _GATE_ACTS[cfg.hidden_act]
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(u)) * self.up_proj(u))
+
+
+class CCAMProjector(nn.Module):
+    """N learnable queries read the visual tokens of every frame under the CCAM mask.
+
+    Args:
+        config: a :class:`CCAMConfig` (or a dict accepted by ``CCAMConfig.from_dict``).
+        backend: passed to :func:`ccam_kernels.ccam_attention` ("auto", "reference", "torch", ...).
+
+    forward(features, split_sizes=None):
+        features: (F, P, Cv) frames of all samples, packed, with split_sizes = [T_1 .. T_B]
+            (a sequence of ints or an int64 tensor summing to F); or (B, T, P, Cv) with
+            split_sizes=None. dtype and device must match the module's parameters.
+        returns: (B, N, output_size).
+
+    In eval mode the query side (query_norm + q_proj of the learnable queries) does not depend
+    on the input; it is computed once and reused until one of its parameters changes (in place
+    too: optimizer steps and load_state_dict are seen) or the module moves device or dtype.
+    """
+
+    def __init__(self, config: CCAMConfig | dict = None, backend: str = "auto"):
+        super().__init__()
+        if config is None:
+            config = CCAMConfig()
+        elif isinstance(config, dict):
+            config = CCAMConfig.from_dict(config)
+        elif not isinstance(config, CCAMConfig):
+            raise TypeError(f"config must be a CCAMConfig or a dict, got {type(config).__name__}")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
+        self.config = cfg = config
+        self.backend = backend
+        self.query = nn.Parameter(torch.empty(cfg.num_query, cfg.hidden_size))
+        self.query_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.feature_norm = nn.LayerNorm(cfg.cross_hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = CCAMAttention(cfg)
+        self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CCAMMLP(cfg)
+        self.out_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.output_size, bias=True)
+        self.dropout = nn.Dropout(cfg.dropout)
+        nn.init.normal_(self.query, std=0.02)
+        self._query_cache = None  # (key, (N, H, D) tensor); never part of the state_dict
+
+    # -- query side ------------------------------------------------------------------------
+
+    def _query_side_params(self):
+        return (self.query, self.query_norm.weight, self.query_norm.bias, *self.attn.q_proj.parameters())
+
+    def _query_cache_key(self):
+        params = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self._query_side_params() if p is not None)
+        return params + (torch.is_inference_mode_enabled(),)
+
+    def _compute_query_states(self) -> torch.Tensor:
+        cfg = self.config
+        q = self.attn.q_proj(self.query_norm(self.query))
+        return q.view(cfg.num_query, cfg.num_heads, cfg.head_dim)
+
+    def query_states(self) -> torch.Tensor:
+        """(N, H, D): q_proj(query_norm(query)), cached in eval mode when no gradient is needed."""
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._query_side_params())
+        if self.training or needs_grad:
+            return self._compute_query_states()
+        key = self._query_cache_key()
+        if self._query_cache is None or self._query_cache[0] != key:
+            with torch.no_grad():
+                self._query_cache = (key, self._compute_query_states())
+        return self._query_cache[1]
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def _check_features(self, features, split_sizes):
+        cfg = self.config
+        if not isinstance(features, torch.Tensor):
+            raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+        if features.dim() == 4:
+            if split_sizes is not None:
+                raise ValueError(
+                    f"split_sizes must be None when features is (B, T, P, Cv), got {split_sizes!r} "
+                    f"with features of shape {tuple(features.shape)}"
+                )
+            b, t = features.shape[:2]
+            split_sizes = (t,) * b
+            features = features.reshape(b * t, *features.shape[2:])
+        elif features.dim() == 3:
+            if split_sizes is None:
+                raise ValueError("split_sizes is required when features is (F, P, Cv)")
+            split_sizes = normalize_frame_counts("split_sizes", split_sizes)
+            if sum(split_sizes) != features.shape[0]:
+                raise ValueError(
+                    f"split_sizes {list(split_sizes)} add up to {sum(split_sizes)} frames, "
+                    f"but features has F={features.shape[0]}"
+                )
+        else:
+            raise ValueError(f"features must be (F, P, Cv) or (B, T, P, Cv), got shape {tuple(features.shape)}")
+        if features.shape[-1] != cfg.cross_hidden_size:
+            raise ValueError(
+                f"features width must equal cross_hidden_size={cfg.cross_hidden_size}, got {features.shape[-1]}"
+            )
+        if min(features.shape) < 1:
+            raise ValueError(f"features must not be empty, got shape {tuple(features.shape)}")
+        param = self.query
+        if features.dtype != param.dtype:
+            raise ValueError(f"features dtype must match the module's ({param.dtype}), got {features.dtype}")
+        if features.device != param.device:
+            raise ValueError(f"features device must match the module's ({param.device}), got {features.device}")
+        return features, split_sizes
+
+    def forward(self, features: torch.Tensor, split_sizes=None) -> torch.Tensor:
+        cfg = self.config
+        features, split_sizes = self._check_features(features, split_sizes)
+        num_frames, tokens_per_frame = features.shape[:2]
+        batch = len(split_sizes)
+
+        q = self.query_states()  # (N, H, D), shared by every sample
+        z = self.feature_norm(features.reshape(num_frames * tokens_per_frame, cfg.cross_hidden_size))
+        k = self.attn.k_proj(z).view(-1, cfg.num_key_value_heads, cfg.head_dim)
+        v = self.attn.v_proj(z).view(-1, cfg.num_key_value_heads, cfg.head_dim)
+        attn = ccam_attention(
+            q, k, v, split_sizes, tokens_per_frame,
+            dropout_p=cfg.attention_dropout if self.training else 0.0,
+            backend=self.backend,
+        )  # (B, N, H, D)
+        h = self.query + self.dropout(self.attn.o_proj(attn.reshape(batch, cfg.num_query, cfg.hidden_size)))
+        h = h + self.dropout(self.mlp(self.mlp_norm(h)))
+        return self.out_proj(self.out_norm(h))
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, key_map=None, *, config=None, backend="auto", dtype=None, device=None):
+        """Load a projector from a directory (config.json + model.safetensors or a torch state
+        dict file) or from a weights file with ``config`` given. See :mod:`ccam_kernels.checkpoint`."""
+        from .checkpoint import load_projector
+
+        return load_projector(cls, path, key_map=key_map, config=config, backend=backend, dtype=dtype, device=device)
+
+    def save_pretrained(self, path) -> None:
+        """Write config.json and model.safetensors into directory ``path`` (created if needed)."""
+        from .checkpoint import save_projector
+
+        save_projector(self, path)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"

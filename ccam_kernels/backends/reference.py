@@ -23,14 +23,14 @@ def ccam_attention_reference(q, k, v, problem: AttentionProblem) -> torch.Tensor
         kb = k[offsets[b] : offsets[b + 1]]
         vb = v[offsets[b] : offsets[b + 1]]
         mask = dense_mask(problem.num_query, frames, P, device=q.device)
-        out = F.scaled_dot_product_attention(
-            qb.transpose(0, 1),  # (H, N, D)
-            kb.transpose(0, 1),  # (Hkv, L_b, D)
-            vb.transpose(0, 1),
+        out = F.scaled_dot_product_attention(  # SDPA's own layout: (batch=1, heads, tokens, D)
+            qb.transpose(0, 1)[None],
+            kb.transpose(0, 1)[None],
+            vb.transpose(0, 1)[None],
             attn_mask=mask,
             dropout_p=problem.dropout_p,
             scale=problem.scale,
             enable_gqa=problem.num_heads != problem.num_kv_heads,
         )
-        outs.append(out.transpose(0, 1))
+        outs.append(out[0].transpose(0, 1))
     return torch.stack(outs)

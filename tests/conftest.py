@@ -1,0 +1,81 @@
+"""Shared test machinery.
+
+* ``gpu``-marked tests are skipped where CUDA is not available. The check runs inside the
+  collection hook, never at import, so the suite collects on any machine.
+* Every test gets fresh random inputs: an autouse fixture seeds torch with a random seed and
+  prints it (shown by pytest on failure). Set ``CCAM_TEST_SEED`` to replay a failing seed.
+* ``rel_err(a, b)`` = ||a - b|| / ||b||, computed in float64.
+* ``nan_poison``: ``torch.empty`` / ``torch.empty_like`` return NaN-filled floating tensors,
+  so an output element a backend forgets to write fails loudly.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def seed(request):
+    """A fresh random seed per test, printed so a failure can be replayed with CCAM_TEST_SEED."""
+    env = os.environ.get("CCAM_TEST_SEED")
+    value = int(env) if env else random.SystemRandom().randrange(2**31)
+    print(f"[{request.node.nodeid}] torch.manual_seed({value})  (replay: CCAM_TEST_SEED={value})")
+    torch.manual_seed(value)
+    return value
+
+
+@pytest.fixture
+def generator(seed):
+    """A torch.Generator seeded from this test's seed (independent of the global stream)."""
+    gen = torch.Generator()
+    gen.manual_seed(seed + 1)
+    return gen
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 (inf when b == 0 and a != b, 0 when both are 0)."""
+    a64 = a.detach().to(device="cpu", dtype=torch.float64)
+    b64 = b.detach().to(device="cpu", dtype=torch.float64)
+    assert a64.shape == b64.shape, f"shape mismatch: {tuple(a64.shape)} vs {tuple(b64.shape)}"
+    num = torch.linalg.vector_norm(a64 - b64).item()
+    den = torch.linalg.vector_norm(b64).item()
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return num / den
+
+
+@pytest.fixture
+def nan_poison(monkeypatch):
+    """Make uninitialized floating-point allocations NaN for the duration of the test."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def _poison(t):
+        if t.is_floating_point():
+            with torch.no_grad():
+                t.fill_(float("nan"))
+        return t
+
+    def empty(*args, **kwargs):
+        return _poison(real_empty(*args, **kwargs))
+
+    def empty_like(*args, **kwargs):
+        return _poison(real_empty_like(*args, **kwargs))
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    yield

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import LOW_PRECISION, AttentionProblem
+from ..checks import AttentionProblem
 from ..mask import first_query_of_frame, key_offsets, mask_block
 
 # Keys per segment. Large enough that each fused call streams a long K/V block (fewer
@@ -128,9 +128,7 @@ class _FlashCPUEngine:
     @classmethod
     def backward(cls, dof, qf, kf, vf, of, lse, mask, scale, dropout):
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dof[None], qf[None], kf[None], vf[None], of[None], lse[None].to(torch.float32)
-            if qf.dtype in LOW_PRECISION else lse[None],
-            0.0, False, attn_mask=cls._additive(mask, qf.dtype), scale=scale,
+            dof[None], qf[None], kf[None], vf[None], of[None], lse[None], 0.0, False, attn_mask=cls._additive(mask, qf.dtype), scale=scale,
         )
         return dq[0], dk[0], dv[0]
 
@@ -308,4 +306,7 @@ def ccam_attention_torch(q, k, v, problem: AttentionProblem, *, engine: str | No
         raise RuntimeError(f"torch backend engine {engine!r} cannot run on {q.device} with dropout_p={problem.dropout_p}")
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item()) if problem.dropout_p > 0 else 0
+    # PyTorch's fused CPU kernel reads wrong values when the head dim is strided (seen with
+    # torch 2.13): give every engine rows with unit stride, copying only tensors that lack it.
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     return _CCAMAttentionTorch.apply(q, k, v, problem, eng, seed)

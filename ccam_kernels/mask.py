@@ -64,6 +64,7 @@ def key_offsets(frame_counts, tokens_per_frame: int) -> list[int]:
 
     ``frame_counts`` is a sequence of ints; returns ``B + 1`` Python ints.
     """
+    _check_positive_int("tokens_per_frame", tokens_per_frame)
     offsets = [0]
     for t in frame_counts:
         offsets.append(offsets[-1] + int(t) * tokens_per_frame)
@@ -84,6 +85,7 @@ def mask_block(
     ``True`` means "may attend". Shape ``(q1 - q0, k1 - k0)``. Fast paths call this only for
     the small blocks that straddle a frame boundary; the reference calls it for everything.
     """
+    _check_positive_int("tokens_per_frame", tokens_per_frame)
     q0, q1 = query_range
     k0, k1 = key_range
     query_frame = frame_of_query(num_query, num_frames, device=device)[q0:q1]

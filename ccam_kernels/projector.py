@@ -64,6 +64,8 @@ class CCAMProjector(nn.Module):
     In eval mode the query side (query_norm + q_proj of the learnable queries) does not depend
     on the input; it is computed once and reused until one of its parameters changes (in place
     too: optimizer steps and load_state_dict are seen) or the module moves device or dtype.
+    Changes are seen through each tensor's version counter, which writes through ``p.data``
+    bypass: after such a write call :meth:`invalidate_query_cache`.
     """
 
     def __init__(self, config: CCAMConfig | dict = None, backend: str = "auto"):
@@ -105,6 +107,10 @@ class CCAMProjector(nn.Module):
         cfg = self.config
         q = self.attn.q_proj(self.query_norm(self.query))
         return q.view(cfg.num_query, cfg.num_heads, cfg.head_dim)
+
+    def invalidate_query_cache(self) -> None:
+        """Forget the cached query side (needed only after writes through ``param.data``)."""
+        self._query_cache = None
 
     def query_states(self) -> torch.Tensor:
         """(N, H, D): q_proj(query_norm(query)), cached in eval mode when no gradient is needed."""

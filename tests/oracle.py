@@ -32,15 +32,17 @@ def _counts(frame_counts) -> list[int]:
     return [int(t) for t in frame_counts]
 
 
-def attention_oracle(q, k, v, frame_counts, tokens_per_frame, scale=None) -> torch.Tensor:
+def attention_oracle(q, k, v, frame_counts, tokens_per_frame, scale=None, *, compute_dtype=torch.float64):
     """SPEC 1.2 in float64.
 
     q: (N, H, D) shared by every sample, or (B, N, H, D); k, v: (L, Hkv, D) packed sample by
     sample, frame by frame. Head h reads kv head h // (H // Hkv). Returns (B, N, H, D) float64.
+    ``compute_dtype=torch.float32`` evaluates the same formula in float32: the error of that
+    plain evaluation measures how ill-conditioned an input is (e.g. logits in the thousands).
     """
     counts = _counts(frame_counts)
     P = int(tokens_per_frame)
-    q64, k64, v64 = q.to(torch.float64), k.to(torch.float64), v.to(torch.float64)
+    q64, k64, v64 = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
     shared = q64.dim() == 3
     N, H, D = q64.shape[-3:]
     Hkv = k64.shape[1]

@@ -253,6 +253,25 @@ def test_non_contiguous_inputs(impl):
     assert_close("dv", v.grad, dv, 2e-10)
 
 
+@pytest.mark.parametrize("impl", IMPL_NAMES)
+def test_strided_head_dim(impl):
+    """Inputs whose last (head) dim is not unit-stride. PyTorch's fused CPU attention kernel
+    misreads such rows (torch 2.13), so the torch backend must hand it unit-stride ones."""
+    case = Case(37, 7, (5, 3), 4, 2, 16)
+    q = torch.randn(case.N, case.D, case.H, dtype=torch.float64).transpose(1, 2).requires_grad_(True)
+    k = torch.randn(case.L, case.D, case.Hkv, dtype=torch.float64).transpose(1, 2).requires_grad_(True)
+    v = torch.randn(case.D, case.L, case.Hkv, dtype=torch.float64).permute(1, 2, 0).requires_grad_(True)
+    assert q.stride(-1) != 1 and k.stride(-1) != 1 and v.stride(-1) != 1
+    dout = torch.randn(len(case.T), case.N, case.H, case.D, dtype=torch.float64)
+    out = IMPLS[impl](q, k, v, list(case.T), case.P)
+    out.backward(dout)
+    ref, dq, dk, dv = oracle_with_grads(q, k, v, dout, case.T, case.P)
+    assert_close("out", out, ref, 1e-10)
+    assert_close("dq", q.grad, dq, 2e-10)
+    assert_close("dk", k.grad, dk, 2e-10)
+    assert_close("dv", v.grad, dv, 2e-10)
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch", "auto"])
 def test_frame_counts_as_int64_tensor(backend):
     case = Case(37, 7, (5, 3, 9), 4, 2, 16)

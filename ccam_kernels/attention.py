@@ -71,7 +71,10 @@ def resolve_backend(backend: str, q: torch.Tensor, problem: AttentionProblem) ->
             if why is None:
                 return BACKENDS[name]
             reasons.append(f"{name}: {why}")
-        raise RuntimeError("no backend can run these inputs: " + "; ".join(reasons))
+        raise RuntimeError(
+            "no backend can run these inputs: " + "; ".join(reasons)
+            + f". Usable backends: {available_backends()}"
+        )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
     chosen = BACKENDS[backend]

@@ -19,7 +19,7 @@ import torch
 from .config import CONFIG_FILE, CCAMConfig
 
 SAFETENSORS_FILE = "model.safetensors"
-TORCH_PATTERNS = ("pytorch_model.bin", "*.pt", "*.pth", "*.bin")
+TORCH_PATTERNS = ("pytorch_model.bin", "pytorch_model-*.bin", "*.pt", "*.pth")
 
 
 def _weight_files(path: str) -> list[str]:
@@ -93,7 +93,7 @@ def check_keys(module: torch.nn.Module, state: dict) -> None:
 def load_projector(cls, path, *, key_map=None, config=None, backend="auto", dtype=None, device=None):
     path = os.fspath(path)
     if config is None:
-        config_dir = path if os.path.isdir(path) else os.path.dirname(path)
+        config_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
         config_path = os.path.join(config_dir, CONFIG_FILE)
         if not os.path.exists(config_path):
             raise FileNotFoundError(f"no {CONFIG_FILE} in {config_dir!r}: pass config=")
@@ -108,7 +108,7 @@ def load_projector(cls, path, *, key_map=None, config=None, backend="auto", dtyp
         dtype = float_dtypes.pop() if len(float_dtypes) == 1 else torch.float32
     module.to(dtype=dtype, device=device)
     module.load_state_dict(state, strict=True)
-    return module
+    return module.eval()
 
 
 def save_projector(module, path) -> None:

@@ -7,8 +7,10 @@ re-validates. Messages name the argument, what was expected and what was given.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -45,9 +47,18 @@ def _require_tensor(name: str, x) -> torch.Tensor:
     return x
 
 
-def check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+def as_int(name: str, value) -> int:
+    """``value`` as a Python int: ints and integer scalars (NumPy's too), never bools or floats."""
+    if isinstance(value, (bool, torch.Tensor)):  # a tensor would mean a silent device sync
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    value = as_int(name, value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
@@ -69,13 +80,12 @@ def normalize_frame_counts(name: str, frame_counts) -> tuple[int, ...]:
         if frame_counts.dim() != 1:
             raise ValueError(f"{name} must be 1-D (B,), got shape {tuple(frame_counts.shape)}")
         counts = tuple(int(t) for t in frame_counts.tolist())
-    elif isinstance(frame_counts, (list, tuple)):
-        for t in frame_counts:
-            if isinstance(t, bool) or not isinstance(t, int):
-                raise TypeError(f"{name} must contain ints, got an element of type {type(t).__name__}")
-        counts = tuple(frame_counts)
+    elif isinstance(frame_counts, (list, tuple, range, np.ndarray)):
+        counts = tuple(as_int(f"{name} element", t) for t in frame_counts)
     else:
-        raise TypeError(f"{name} must be a sequence of ints or an int64 tensor, got {type(frame_counts).__name__}")
+        raise TypeError(
+            f"{name} must be a sequence of ints or an int64 tensor, got {type(frame_counts).__name__}"
+        )
     if len(counts) == 0:
         raise ValueError(f"{name} must not be empty (one frame count per sample)")
     bad = [t for t in counts if t < 1]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_int
+
 __all__ = [
     "frame_of_query",
     "visible_prefix_length",
@@ -20,14 +22,6 @@ __all__ = [
 ]
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
 def frame_of_query(num_query: int, num_frames: int, *, device=None) -> torch.Tensor:
     """Frame of each query: ``floor(i * num_frames / num_query)`` for ``i = 0 .. num_query-1``.
 
@@ -35,8 +29,8 @@ def frame_of_query(num_query: int, num_frames: int, *, device=None) -> torch.Ten
     For ``num_frames > num_query`` the last query's frame can be below ``num_frames - 1``:
     the keys of the frames after it are then seen by no query.
     """
-    _check_positive_int("num_query", num_query)
-    _check_positive_int("num_frames", num_frames)
+    num_query = check_int("num_query", num_query)
+    num_frames = check_int("num_frames", num_frames)
     i = torch.arange(num_query, dtype=torch.int64, device=device)
     # Integer arithmetic: exact for every size (i * T < 2**63).
     return torch.div(i * num_frames, num_query, rounding_mode="floor")
@@ -44,7 +38,7 @@ def frame_of_query(num_query: int, num_frames: int, *, device=None) -> torch.Ten
 
 def visible_prefix_length(num_query: int, num_frames: int, tokens_per_frame: int, *, device=None) -> torch.Tensor:
     """Number of keys each query sees, ``(frame_of_query + 1) * P``, int64 ``(num_query,)``."""
-    _check_positive_int("tokens_per_frame", tokens_per_frame)
+    tokens_per_frame = check_int("tokens_per_frame", tokens_per_frame)
     return (frame_of_query(num_query, num_frames, device=device) + 1) * tokens_per_frame
 
 
@@ -64,7 +58,7 @@ def key_offsets(frame_counts, tokens_per_frame: int) -> list[int]:
 
     ``frame_counts`` is a sequence of ints; returns ``B + 1`` Python ints.
     """
-    _check_positive_int("tokens_per_frame", tokens_per_frame)
+    tokens_per_frame = check_int("tokens_per_frame", tokens_per_frame)
     offsets = [0]
     for t in frame_counts:
         offsets.append(offsets[-1] + int(t) * tokens_per_frame)
@@ -85,7 +79,7 @@ def mask_block(
     ``True`` means "may attend". Shape ``(q1 - q0, k1 - k0)``. Fast paths call this only for
     the small blocks that straddle a frame boundary; the reference calls it for everything.
     """
-    _check_positive_int("tokens_per_frame", tokens_per_frame)
+    tokens_per_frame = check_int("tokens_per_frame", tokens_per_frame)
     q0, q1 = query_range
     k0, k1 = key_range
     query_frame = frame_of_query(num_query, num_frames, device=device)[q0:q1]

@@ -100,8 +100,20 @@ class CCAMProjector(nn.Module):
         return (self.query, self.query_norm.weight, self.query_norm.bias, *self.attn.q_proj.parameters())
 
     def _query_cache_key(self):
-        params = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self._query_side_params() if p is not None)
+        # An inference tensor has no version counter; it also cannot be changed in place
+        # outside inference mode, so its address identifies its contents well enough.
+        params = tuple(
+            (p.data_ptr(), None if p.is_inference() else p._version, p.dtype, p.device)
+            for p in self._query_side_params()
+            if p is not None
+        )
         return params + (torch.is_inference_mode_enabled(),)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .half() / .cuda() replace parameter storage; a freed address can be reused
+        # by the new storage with the old version count, so forget the cache outright.
+        self._query_cache = None
+        return super()._apply(fn, *args, **kwargs)
 
     def _compute_query_states(self) -> torch.Tensor:
         cfg = self.config
@@ -186,7 +198,9 @@ class CCAMProjector(nn.Module):
     @classmethod
     def from_pretrained(cls, path, key_map=None, *, config=None, backend="auto", dtype=None, device=None):
         """Load a projector from a directory (config.json + model.safetensors or a torch state
-        dict file) or from a weights file with ``config`` given. See :mod:`ccam_kernels.checkpoint`."""
+        dict file) or from a weights file with ``config`` given. The module is returned in eval
+        mode (dropout off), ready for inference; call ``.train()`` to fine-tune.
+        See :mod:`ccam_kernels.checkpoint`."""
         from .checkpoint import load_projector
 
         return load_projector(cls, path, key_map=key_map, config=config, backend=backend, dtype=dtype, device=device)

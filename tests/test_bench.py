@@ -55,7 +55,8 @@ def test_ccam_bench_writes_json_markdown_plot(tmp_path, capsys):
     assert "median ms" in printed and "torch" in printed
 
 
-@pytest.mark.parametrize("argv", [["--backends", "nope"], ["--frames", "0"], ["--dtype", "int8"]])
+@pytest.mark.parametrize("argv", [["--backends", "nope"], ["--frames", "0"], ["--dtype", "int8"],
+                                  ["--tokens-per-frame", "0"], ["--repeats", "x"], ["--warmup", "-1"]])
 def test_ccam_bench_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import pytest
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -270,6 +271,22 @@ def test_strided_head_dim(impl):
     assert_close("dq", q.grad, dq, 2e-10)
     assert_close("dk", k.grad, dk, 2e-10)
     assert_close("dv", v.grad, dv, 2e-10)
+
+
+def test_numpy_integers_are_accepted():
+    case = Case(37, 7, (5, 3, 9), 4, 2, 16)
+    q, k, v, _ = make_inputs(case, torch.float64, shared=True, requires_grad=False)
+    want = ccam_attention(q, k, v, list(case.T), case.P)
+    got = ccam_attention(q, k, v, np.array(case.T), np.int32(case.P))
+    assert torch.equal(got, want)
+    assert torch.equal(ccam_attention(q, k, v, [np.int64(t) for t in case.T], case.P), want)
+
+
+def test_auto_without_usable_backend_names_the_usable_ones():
+    q = torch.empty(8, 2, 16, device="meta")
+    k = torch.empty(2 * 3, 2, 16, device="meta")
+    with pytest.raises(RuntimeError, match=r"no backend can run.*Usable backends: \[.*'torch'"):
+        ccam_attention(q, k, k, [2], 3)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "auto"])

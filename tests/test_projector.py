@@ -285,6 +285,25 @@ def test_query_cache_under_inference_mode():
     assert proj.query.grad is not None
 
 
+def test_projector_built_under_inference_mode():
+    """Parameters created under inference_mode are inference tensors without version counters."""
+    with torch.inference_mode():
+        proj = make_projector().eval()
+        x = packed_features()
+        a = proj(x, SPLITS)
+        assert torch.equal(a, proj(x, SPLITS))
+    assert rel_err(a, oracle_of(proj, x, SPLITS)) <= 1e-5
+
+
+def test_query_cache_after_dtype_round_trip():
+    """.half().float() rounds the parameters; a reused address must not revive the old cache."""
+    proj = make_projector().eval()
+    with torch.no_grad():
+        proj.query_states()
+        proj.half().float()
+        assert torch.equal(proj.query_states(), fresh_query_states(proj))
+
+
 def test_no_query_cache_in_training():
     proj = make_projector()
     proj.train()
@@ -419,6 +438,16 @@ def test_save_and_load_round_trip(tmp_path):
     assert rel_err(_eval_outputs(loaded, x), _eval_outputs(proj, x)) <= 1e-5
     same_backend = CCAMProjector.from_pretrained(str(tmp_path / "ckpt"), backend="torch")
     assert torch.equal(_eval_outputs(same_backend, x), _eval_outputs(proj, x))
+
+
+def test_from_pretrained_returns_eval_mode(tmp_path):
+    proj = make_projector(attention_dropout=0.5, dropout=0.5).eval()
+    x = packed_features()
+    proj.save_pretrained(tmp_path / "ckpt")
+    loaded = CCAMProjector.from_pretrained(tmp_path / "ckpt")
+    assert not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded(x, SPLITS), proj(x, SPLITS))
 
 
 def test_load_float64_checkpoint_keeps_dtype(tmp_path):

@@ -235,35 +235,32 @@ def test_shared_query_equals_expanded_query_and_sums_per_sample_gradients(impl):
     assert rel_err(q.grad, total) <= 1e-12
 
 
-@pytest.mark.parametrize("impl", IMPL_NAMES)
-def test_non_contiguous_inputs(impl):
-    """Layouts such as (B, H, N, D).transpose(1, 2) and (Hkv, L, D).transpose(0, 1) work."""
-    case = Case(37, 7, (5, 3, 9), 4, 2, 16)
+def _transposed_layout(case):
+    """(B, H, N, D).transpose(1, 2) queries, (Hkv, L, D).transpose(0, 1) keys/values."""
     B = len(case.T)
-    q = torch.randn(B, case.H, case.N, case.D, dtype=torch.float64).transpose(1, 2).requires_grad_(True)
-    k = torch.randn(case.Hkv, case.L, case.D, dtype=torch.float64).transpose(0, 1).requires_grad_(True)
-    v = torch.randn(case.Hkv, case.L, case.D, dtype=torch.float64).transpose(0, 1).requires_grad_(True)
-    dout = torch.randn(B, case.H, case.N, case.D, dtype=torch.float64).transpose(1, 2)
-    assert not q.is_contiguous() and not k.is_contiguous() and not dout.is_contiguous()
-    out = IMPLS[impl](q, k, v, list(case.T), case.P)
-    out.backward(dout)
-    ref, dq, dk, dv = oracle_with_grads(q, k, v, dout, case.T, case.P)
-    assert_close("out", out, ref, 1e-10)
-    assert_close("dq", q.grad, dq, 2e-10)
-    assert_close("dk", k.grad, dk, 2e-10)
-    assert_close("dv", v.grad, dv, 2e-10)
+    q = torch.randn(B, case.H, case.N, case.D, dtype=torch.float64).transpose(1, 2)
+    k = torch.randn(case.Hkv, case.L, case.D, dtype=torch.float64).transpose(0, 1)
+    v = torch.randn(case.Hkv, case.L, case.D, dtype=torch.float64).transpose(0, 1)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    return q, k, v
 
 
-@pytest.mark.parametrize("impl", IMPL_NAMES)
-def test_strided_head_dim(impl):
-    """Inputs whose last (head) dim is not unit-stride. PyTorch's fused CPU attention kernel
-    misreads such rows (torch 2.13), so the torch backend must hand it unit-stride ones."""
-    case = Case(37, 7, (5, 3), 4, 2, 16)
-    q = torch.randn(case.N, case.D, case.H, dtype=torch.float64).transpose(1, 2).requires_grad_(True)
-    k = torch.randn(case.L, case.D, case.Hkv, dtype=torch.float64).transpose(1, 2).requires_grad_(True)
-    v = torch.randn(case.D, case.L, case.Hkv, dtype=torch.float64).permute(1, 2, 0).requires_grad_(True)
+def _strided_head_dim_layout(case):
+    """The last (head) dim not unit-stride. PyTorch's fused CPU attention kernel misreads such
+    rows (torch 2.13), so the torch backend must hand it unit-stride ones."""
+    q = torch.randn(case.N, case.D, case.H, dtype=torch.float64).transpose(1, 2)
+    k = torch.randn(case.L, case.D, case.Hkv, dtype=torch.float64).transpose(1, 2)
+    v = torch.randn(case.D, case.L, case.Hkv, dtype=torch.float64).permute(1, 2, 0)
     assert q.stride(-1) != 1 and k.stride(-1) != 1 and v.stride(-1) != 1
-    dout = torch.randn(len(case.T), case.N, case.H, case.D, dtype=torch.float64)
+    return q, k, v
+
+
+@pytest.mark.parametrize("layout", [_transposed_layout, _strided_head_dim_layout], ids=["transposed", "strided-D"])
+@pytest.mark.parametrize("impl", IMPL_NAMES)
+def test_non_contiguous_inputs(impl, layout):
+    case = Case(37, 7, (5, 3, 9), 4, 2, 16)
+    q, k, v = (x.requires_grad_(True) for x in layout(case))
+    dout = torch.randn(len(case.T), case.H, case.N, case.D, dtype=torch.float64).transpose(1, 2)
     out = IMPLS[impl](q, k, v, list(case.T), case.P)
     out.backward(dout)
     ref, dq, dk, dv = oracle_with_grads(q, k, v, dout, case.T, case.P)

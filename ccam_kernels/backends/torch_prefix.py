@@ -146,8 +146,8 @@ class _ExplicitEngine:
 
     @staticmethod
     def _scores(qf, kf, mask, scale):
-        cd = _accumulate_dtype(qf.dtype)
-        s = torch.matmul(qf.to(cd), kf.to(cd).transpose(-1, -2)).mul_(scale)
+        """Scores of already up-cast qf, kf, with -inf where the mask hides a key."""
+        s = torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale)
         if mask is not None:
             s.masked_fill_(~mask, float("-inf"))
         return s
@@ -165,20 +165,21 @@ class _ExplicitEngine:
 
     @classmethod
     def forward(cls, qf, kf, vf, mask, scale, dropout):
-        s = cls._scores(qf, kf, mask, scale)
+        cd = _accumulate_dtype(qf.dtype)
+        s = cls._scores(qf.to(cd), kf.to(cd), mask, scale)
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s.sub_(lse[..., None]))
         keep = cls._keep(p.shape, p.device, dropout)
         if keep is not None:
             p.mul_(keep.to(p.dtype))
-        o = torch.matmul(p, vf.to(p.dtype))
+        o = torch.matmul(p, vf.to(cd))
         return o, lse
 
     @classmethod
     def backward(cls, dof, qf, kf, vf, of, lse, mask, scale, dropout):
         cd = _accumulate_dtype(qf.dtype)
         dof32, qf32, kf32, vf32 = dof.to(cd), qf.to(cd), kf.to(cd), vf.to(cd)
-        p = torch.exp(cls._scores(qf, kf, mask, scale).sub_(lse.to(cd)[..., None]))
+        p = torch.exp(cls._scores(qf32, kf32, mask, scale).sub_(lse.to(cd)[..., None]))
         keep = cls._keep(p.shape, p.device, dropout)
         dp = torch.matmul(dof32, vf32.transpose(-1, -2))
         if keep is not None:
@@ -221,6 +222,16 @@ def _block_mask(problem, frames, blk, device):
     return m.repeat_interleave(problem.group_size, dim=0)  # folded rows: query i -> rows i*G..i*G+G-1
 
 
+def _walk_blocks(problem: AttentionProblem, frames: int, key_offset: int, sample: int, seed: int, device):
+    """Per block of one sample: (folded row slice, packed key slice, mask or None, dropout or None)."""
+    G = problem.group_size
+    for i, blk in enumerate(plan_blocks(problem.num_query, frames, problem.tokens_per_frame)):
+        rows = slice(blk.query_start * G, blk.query_end * G)
+        keys = slice(key_offset + blk.key_start, key_offset + blk.key_end)
+        dropout = (problem.dropout_p, _block_seed(seed, sample, i)) if problem.dropout_p > 0 else None
+        yield rows, keys, _block_mask(problem, frames, blk, device), dropout
+
+
 def _forward(q, k, v, problem: AttentionProblem, engine, seed):
     B, N, H, D = problem.batch, problem.num_query, problem.num_heads, problem.head_dim
     Hkv, G = problem.num_kv_heads, problem.group_size
@@ -233,13 +244,9 @@ def _forward(q, k, v, problem: AttentionProblem, engine, seed):
         qf = qf_shared if qf_shared is not None else _fold(q[b], Hkv)
         o_acc = torch.zeros(Hkv, N * G, D, dtype=acc, device=q.device)
         lse = lse_all[b].fill_(float("-inf"))
-        for i, blk in enumerate(plan_blocks(N, frames, problem.tokens_per_frame)):
-            rows = slice(blk.query_start * G, blk.query_end * G)
-            keys = slice(offsets[b] + blk.key_start, offsets[b] + blk.key_end)
-            dropout = (problem.dropout_p, _block_seed(seed, b, i)) if problem.dropout_p > 0 else None
+        for rows, keys, mask, dropout in _walk_blocks(problem, frames, offsets[b], b, seed, q.device):
             o_blk, lse_blk = engine.forward(
-                qf[:, rows], k[keys].transpose(0, 1), v[keys].transpose(0, 1),
-                _block_mask(problem, frames, blk, q.device), problem.scale, dropout,
+                qf[:, rows], k[keys].transpose(0, 1), v[keys].transpose(0, 1), mask, problem.scale, dropout
             )
             # Merge by LSE: new = old * (1 - w) + blk * w, w = exp(lse_blk) / (exp(lse_old) + exp(lse_blk)).
             # With lse_old = -inf (first block of a row) w = 1 exactly.
@@ -263,14 +270,10 @@ def _backward(dout, q, k, v, out, lse_all, problem: AttentionProblem, engine, se
         qf = qf_shared if qf_shared is not None else _fold(q[b], Hkv)
         dof, of = _fold(dout[b], Hkv), _fold(out[b], Hkv)
         dqf = torch.zeros(Hkv, N * G, problem.head_dim, dtype=acc, device=q.device)
-        for i, blk in enumerate(plan_blocks(N, frames, P)):
-            rows = slice(blk.query_start * G, blk.query_end * G)
-            keys = slice(offsets[b] + blk.key_start, offsets[b] + blk.key_end)
-            dropout = (problem.dropout_p, _block_seed(seed, b, i)) if problem.dropout_p > 0 else None
+        for rows, keys, mask, dropout in _walk_blocks(problem, frames, offsets[b], b, seed, q.device):
             dq_blk, dk_blk, dv_blk = engine.backward(
                 dof[:, rows], qf[:, rows], k[keys].transpose(0, 1), v[keys].transpose(0, 1),
-                of[:, rows], lse_all[b][:, rows], _block_mask(problem, frames, blk, q.device),
-                problem.scale, dropout,
+                of[:, rows], lse_all[b][:, rows], mask, problem.scale, dropout,
             )
             dqf[:, rows] += dq_blk
             dk[keys] += dk_blk.transpose(0, 1)

@@ -33,16 +33,12 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
-
-
-def _non_negative_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return int(text)
+    return parse
 
 
 def _name_list(choices):
@@ -68,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default bfloat16 on GPU, float32 on CPU")
     p.add_argument("--backward", action="store_true", help="also time forward+backward")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present")
-    p.add_argument("--repeats", type=_positive_int, help="timed calls per row (default 3 on CPU, 20 on GPU)")
-    p.add_argument("--warmup", type=_non_negative_int, default=1, help="untimed calls before timing (default 1)")
-    p.add_argument("--tokens-per-frame", type=_positive_int, default=729, help="P (default 729)")
+    p.add_argument("--repeats", type=_int_at_least(1), help="timed calls per row (default 3 on CPU, 20 on GPU)")
+    p.add_argument("--warmup", type=_int_at_least(0), default=1, help="untimed calls before timing (default 1)")
+    p.add_argument("--tokens-per-frame", type=_int_at_least(1), default=729, help="P (default 729)")
     p.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     return p
 

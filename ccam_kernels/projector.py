@@ -53,7 +53,10 @@ class CCAMProjector(nn.Module):
 
     Args:
         config: a :class:`CCAMConfig` (or a dict accepted by ``CCAMConfig.from_dict``).
-        backend: passed to :func:`ccam_kernels.ccam_attention` ("auto", "reference", "torch", ...).
+        backend: passed to :func:`ccam_kernels.ccam_attention` ("auto", "reference", "torch", ...);
+            or a callable with ccam_attention's signature, ``fn(q, k, v, frame_counts,
+            tokens_per_frame, *, dropout_p)``, to run the module on another attention (the
+            benchmarks use this to run the projector on FlexAttention).
 
     forward(features, split_sizes=None):
         features: (F, P, Cv) frames of all samples, packed, with split_sizes = [T_1 .. T_B]
@@ -68,7 +71,7 @@ class CCAMProjector(nn.Module):
     bypass: after such a write call :meth:`invalidate_query_cache`.
     """
 
-    def __init__(self, config: CCAMConfig | dict = None, backend: str = "auto"):
+    def __init__(self, config: CCAMConfig | dict = None, backend="auto"):
         super().__init__()
         if config is None:
             config = CCAMConfig()
@@ -76,9 +79,9 @@ class CCAMProjector(nn.Module):
             config = CCAMConfig.from_dict(config)
         elif not isinstance(config, CCAMConfig):
             raise TypeError(f"config must be a CCAMConfig or a dict, got {type(config).__name__}")
-        if not isinstance(backend, str):
-            raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-        if backend != "auto" and backend not in BACKENDS:
+        if not isinstance(backend, str) and not callable(backend):
+            raise TypeError(f"backend must be a str or a callable, got {type(backend).__name__}")
+        if isinstance(backend, str) and backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
         self.config = cfg = config
         self.backend = backend
@@ -184,11 +187,12 @@ class CCAMProjector(nn.Module):
         z = self.feature_norm(features.reshape(num_frames * tokens_per_frame, cfg.cross_hidden_size))
         k = self.attn.k_proj(z).view(-1, cfg.num_key_value_heads, cfg.head_dim)
         v = self.attn.v_proj(z).view(-1, cfg.num_key_value_heads, cfg.head_dim)
-        attn = ccam_attention(
-            q, k, v, split_sizes, tokens_per_frame,
-            dropout_p=cfg.attention_dropout if self.training else 0.0,
-            backend=self.backend,
-        )  # (B, N, H, D)
+        dropout_p = cfg.attention_dropout if self.training else 0.0
+        if callable(self.backend):
+            attn = self.backend(q, k, v, split_sizes, tokens_per_frame, dropout_p=dropout_p)
+        else:
+            attn = ccam_attention(q, k, v, split_sizes, tokens_per_frame, dropout_p=dropout_p, backend=self.backend)
+        # attn: (B, N, H, D)
         h = self.query + self.dropout(self.attn.o_proj(attn.reshape(batch, cfg.num_query, cfg.hidden_size)))
         h = h + self.dropout(self.mlp(self.mlp_norm(h)))
         return self.out_proj(self.out_norm(h))

@@ -1,9 +1,14 @@
-"""ccam-bench: benchmark the attention op and the projector across frame counts.
+"""ccam-bench: our attention and projector against every anchor, across frame counts.
 
-    ccam-bench                      # v1.2 shapes, 16..96 frames, forward, every usable backend
-    ccam-bench --backward           # also forward+backward
-    ccam-bench --quick              # a reduced sweep (about a minute on 2 CPU cores)
-    ccam-bench --frames 96 --backends reference,torch --bench attention --dtype float32
+    ccam-bench                         # v1.2 shapes, 16..96 frames, forward, every contestant
+    ccam-bench --quick                 # frames 1 and 16 only (a few minutes on 2 CPU cores)
+    ccam-bench --full                  # every sweep: 1..512 frames, B 1/4/8, ragged, all passes
+    ccam-bench --pass fwd,bwd,fwd+bwd --frames 96 --batch 1,8 --backends reference,torch,flex
+    ccam-bench --ragged 16,96,33,64    # add a ragged batch (repeat the flag for more)
+    ccam-bench --max-minutes 6         # fit a time budget: fewer repeats, then skip cases
+    ccam-bench compare A.json B.json   # per-row ratio of two runs (files or output folders)
+
+Explicit flags override what --quick and --full choose.
 """
 
 from __future__ import annotations
@@ -13,14 +18,18 @@ import sys
 
 import torch
 
-from ..attention import BACKENDS, available_backends
 from ..config import CCAMConfig
-from .report import format_table, write_outputs, build_result
-from .runner import BENCHES, BenchCase, run_suite
+from .contestants import ATTENTION_CONTESTANTS, PROJECTOR_CONTESTANTS, default_contestants
+from .report import build_result, format_table, write_outputs
+from .runner import BENCHES, PASSES, BenchCase, Settings, run_suite
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_FRAMES = (16, 32, 48, 64, 96)
 QUICK_FRAMES = (1, 16)
+FULL_FRAMES = (1, 16, 32, 48, 64, 96, 128, 256, 512)
+FULL_BATCHES = (1, 4, 8)
+FULL_RAGGED = ((16, 96, 33, 64),)
+ALL_NAMES = tuple(dict.fromkeys(ATTENTION_CONTESTANTS + PROJECTOR_CONTESTANTS))
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -41,9 +50,19 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _name_list(choices):
     def parse(text: str) -> tuple[str, ...]:
-        names = tuple(x.strip() for x in text.split(",") if x.strip())
+        names = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
         bad = [n for n in names if n not in choices]
         if bad or not names:
             raise argparse.ArgumentTypeError(f"expected names from {list(choices)}, got {text!r}")
@@ -55,53 +74,111 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ccam-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help=f"reduced sweep: frames {QUICK_FRAMES}, 2 repeats")
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true", help=f"frames {QUICK_FRAMES}, 2 repeats per round")
+    preset.add_argument("--full", action="store_true",
+                        help=f"frames {FULL_FRAMES}, batches {FULL_BATCHES}, ragged {FULL_RAGGED[0]}, "
+                             "every pass, bf16 and fp16 on GPU")
+    p.add_argument("--bench", type=_name_list(BENCHES), help="attention, projector or both (default both)")
+    p.add_argument("--pass", dest="passes", type=_name_list(PASSES), help="fwd, bwd, fwd+bwd (default fwd)")
+    p.add_argument("--backward", action="store_true", help="shorthand for --pass fwd,fwd+bwd")
     p.add_argument("--frames", type=_int_list, help=f"frames per video, comma-separated (default {DEFAULT_FRAMES})")
-    p.add_argument("--batch", type=_int_list, default=(1,), help="videos per batch, comma-separated (default 1)")
-    p.add_argument("--backends", type=_name_list(tuple(BACKENDS)),
-                   help="comma-separated backends (default: every usable one)")
-    p.add_argument("--bench", type=_name_list(BENCHES), default=BENCHES, help="attention, projector or both")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="default bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--backward", action="store_true", help="also time forward+backward")
+    p.add_argument("--batch", type=_int_list, help="videos per batch, comma-separated (default 1)")
+    p.add_argument("--ragged", type=_int_list, action="append", metavar="T1,T2,...",
+                   help="a ragged batch given by its frame counts; repeat for more")
+    p.add_argument("--backends", type=_name_list(ALL_NAMES),
+                   help=f"comma-separated, from {list(ALL_NAMES)} (default: every one that runs here)")
+    p.add_argument("--dtype", type=_name_list(tuple(DTYPES)),
+                   help="comma-separated; default bfloat16 on GPU (--full: bfloat16,float16), float32 on CPU")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present")
-    p.add_argument("--repeats", type=_int_at_least(1), help="timed calls per row (default 3 on CPU, 20 on GPU)")
-    p.add_argument("--warmup", type=_int_at_least(0), default=1, help="untimed calls before timing (default 1)")
+    p.add_argument("--repeats", type=_int_at_least(1),
+                   help="timed calls per backend per round, at most (default 2 on CPU, 15 on GPU)")
+    p.add_argument("--rounds", type=_int_at_least(1), default=2,
+                   help="interleaved timing rounds; the spread column compares them (default 2)")
+    p.add_argument("--warmup", type=_int_at_least(0), default=None, help="untimed calls (default 1 CPU, 3 GPU)")
+    p.add_argument("--max-minutes", type=_positive_float,
+                   help="time budget: repeats shrink to fit, cases past the budget become 'skipped' rows")
     p.add_argument("--tokens-per-frame", type=_int_at_least(1), default=729, help="P (default 729)")
     p.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     return p
 
 
+def build_cases(args, device: torch.device) -> list[BenchCase]:
+    gpu = device.type == "cuda"
+    frames = args.frames or (QUICK_FRAMES if args.quick else FULL_FRAMES if args.full else DEFAULT_FRAMES)
+    batches = args.batch or (FULL_BATCHES if args.full else (1,))
+    ragged = tuple(args.ragged or (FULL_RAGGED if args.full else ()))
+    if args.passes:
+        passes = args.passes
+    else:
+        passes = PASSES if args.full else (("fwd", "fwd+bwd") if args.backward else ("fwd",))
+    if args.dtype:
+        dtypes = args.dtype
+    else:
+        dtypes = (("bfloat16", "float16") if args.full else ("bfloat16",)) if gpu else ("float32",)
+    benches = args.bench or BENCHES
+    shapes = [(t,) * b for b in batches for t in frames] + [tuple(r) for r in ragged]
+    return [
+        BenchCase(bench, pass_, counts, DTYPES[dtype], CCAMConfig(), args.tokens_per_frame)
+        for dtype in dtypes for bench in benches for pass_ in passes for counts in shapes
+    ]
+
+
+def choose_contestants(args, device: torch.device, benches) -> dict:
+    """bench -> names, "reference" first; raises ValueError naming what cannot run here."""
+    chosen = {}
+    for bench in benches:
+        here = default_contestants(bench, device)
+        allowed = PROJECTOR_CONTESTANTS if bench == "projector" else ATTENTION_CONTESTANTS
+        if args.backends:
+            names = [n for n in args.backends if n in allowed]
+            unusable = [n for n in names if n not in here]
+            if unusable:
+                raise ValueError(f"backends {unusable} are not usable here ({device.type}); usable: {here}")
+        else:
+            names = here
+        chosen[bench] = sorted(names, key=lambda n: n != "reference")
+    return chosen
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        from .compare import main as compare_main
+
+        return compare_main(argv[1:])
     args = build_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("ccam-bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    frames = args.frames or (QUICK_FRAMES if args.quick else DEFAULT_FRAMES)
-    repeats = args.repeats or (2 if args.quick else (20 if device.type == "cuda" else 3))
-    usable = available_backends()
-    backends = args.backends or tuple(usable)
-    unusable = [b for b in backends if b not in usable]
-    if unusable:
-        print(f"ccam-bench: backends {unusable} are not usable here; usable: {usable}", file=sys.stderr)
+    gpu = device.type == "cuda"
+    cases = build_cases(args, device)
+    try:
+        contestants = choose_contestants(args, device, sorted({c.bench for c in cases}, key=BENCHES.index))
+    except ValueError as exc:
+        print(f"ccam-bench: {exc}", file=sys.stderr)
         return 2
-    backends = sorted(backends, key=lambda b: b != "reference")  # the anchor first
-    passes = ("fwd", "fwd+bwd") if args.backward else ("fwd",)
-    cfg = CCAMConfig()
-    cases = [
-        BenchCase(bench, pass_, (t,) * b, dtype, cfg, args.tokens_per_frame)
-        for bench in args.bench for pass_ in passes for b in args.batch for t in frames
-    ]
-    print(f"ccam-bench: {len(cases)} cases x {len(backends)} backends {list(backends)} on {device}, "
-          f"{str(dtype).replace('torch.', '')}, {repeats} timed calls each", file=sys.stderr)
-    result = run_suite(cases, backends, device, warmup=args.warmup, repeats=repeats)
+    settings = Settings(
+        warmup=args.warmup if args.warmup is not None else (3 if gpu else 1),
+        repeats=args.repeats or (2 if args.quick or not gpu else 15),
+        rounds=args.rounds,
+        max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+    )
+    summary = "; ".join(f"{bench}: {', '.join(names)}" for bench, names in contestants.items())
+    print(f"ccam-bench: {len(cases)} cases on {device} ({summary}); {settings.rounds} rounds of up to "
+          f"{settings.repeats} timed calls per row", file=sys.stderr)
+    result = run_suite(cases, contestants, device, settings)
     doc = build_result(result, device)
     print()
     print(format_table(doc["rows"]))
     paths = write_outputs(doc, args.out)
     print("\nwrote " + ", ".join(paths.values()))
-    return 0
+    broken = [r for r in doc["rows"] if r["status"] == "error" and r["kind"] != "anchor"]
+    for row in (r for r in doc["rows"] if r["status"] == "error"):
+        print(f"ccam-bench: error in {row['backend']} ({row['bench']} {row['pass']} T={row['frames']} "
+              f"B={row['batch']}): {row['reason']}", file=sys.stderr)
+    return 1 if broken else 0
 
 
 if __name__ == "__main__":

@@ -10,11 +10,15 @@ from datetime import datetime, timezone
 
 import torch
 
+from .plots import write_plots
+
 COLUMNS = [
     ("bench", "bench", "{}"), ("pass", "pass", "{}"), ("frames", "frames", "{}"), ("batch", "B", "{}"),
-    ("backend", "backend", "{}"), ("median_ms", "median ms", "{:.2f}"), ("tflops", "TFLOP/s", "{:.3f}"),
+    ("dtype", "dtype", "{}"), ("backend", "backend", "{}"), ("median_ms", "median ms", "{:.3f}"),
+    ("spread_pct", "spread %", "{:.1f}"), ("tflops", "TFLOP/s", "{:.3f}"),
     ("pct_of_ceiling", "% ceiling", "{:.1f}"), ("speedup_vs_reference", "x ref", "{:.2f}"),
-    ("max_rel_err", "rel err", "{:.1e}"), ("peak_mem_mb", "peak MB", "{:.0f}"),
+    ("x_floor", "x floor", "{:.2f}"), ("max_rel_err", "rel err", "{:.1e}"), ("peak_mem_mb", "peak MB", "{:.0f}"),
+    ("compile_s", "compile s", "{:.1f}"),
 ]
 
 
@@ -64,6 +68,8 @@ def build_result(result: dict, device: torch.device) -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "ceilings": result["ceilings"],
+        "settings": result.get("settings"),
+        "elapsed_s": result.get("elapsed_s"),
         "rows": result["rows"],
     }
 
@@ -72,6 +78,8 @@ def _cell(row, key, fmt):
     value = row.get(key)
     if value is None:
         return row.get("status", "-") if key == "median_ms" else "-"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
     return fmt.format(value)
 
 
@@ -89,56 +97,35 @@ def format_table(rows, markdown: bool = False) -> str:
 
 def write_markdown(doc: dict, path: str) -> None:
     c = doc["ceilings"]
+    rates = ", ".join(f"{k} {v:.2f}" for k, v in c.get("matmul_tflops_by_dtype", {c["matmul_dtype"]: c["matmul_tflops"]}).items())
+    failed = [r for r in doc["rows"] if r.get("status", "ok") != "ok"]
     with open(path, "w", encoding="utf-8") as f:
         f.write(f"# ccam-bench results\n\n{doc['date']} · commit `{doc['commit'][:12]}`"
-                f"{' (dirty tree)' if doc.get('commit_dirty') else ''} · {doc['device']} · torch {doc['torch']}\n\n")
-        f.write(f"Ceilings measured in this run: GEMM {c['matmul_tflops']:.3f} TFLOP/s ({c['matmul_dtype']}), "
-                f"copy {c['copy_gbps']:.1f} GB/s. TFLOP/s counts live FLOPs only (masked pairs excluded); "
-                f"'x ref' is the speedup over the reference backend; 'rel err' is the largest of "
-                f"||x - x_ref|| / ||x_ref|| over the output (and gradients for fwd+bwd) against the reference.\n\n")
+                f"{' (dirty tree)' if doc.get('commit_dirty') else ''} · {doc['device']} · torch {doc['torch']}"
+                f" · triton {doc.get('triton')}\n\n")
+        f.write(f"Ceilings measured in this run: GEMM TFLOP/s {rates}; copy {c['copy_gbps']:.1f} GB/s.\n\n"
+                "TFLOP/s counts live FLOPs only (masked pairs excluded), the same count for every backend; "
+                "'% ceiling' divides it by the GEMM rate of the row's dtype. 'spread %' is how far apart the "
+                "medians of the interleaved timing rounds are. 'x ref' is the speedup over the reference; "
+                "'x floor' (projector) is the latency over the roofline floor, every FLOP at the GEMM rate. "
+                "'rel err' is the largest ||x - x_ref|| / ||x_ref|| over the output (and the gradients when "
+                "the pass has a backward) against the reference of the same run. 'peak MB' is the peak "
+                "memory of a call above its inputs; 'compile s' is the first call of a compiled anchor.\n\n")
         f.write(format_table(doc["rows"], markdown=True) + "\n")
-
-
-def write_plot(doc: dict, path: str) -> bool:
-    """Latency vs frames, one line per backend, one panel per (bench, pass). False when
-    matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    rows = [r for r in doc["rows"] if r.get("median_ms") is not None and isinstance(r["frames"], int)]
-    panels = sorted({(r["bench"], r["pass"], r["batch"], r["dtype"]) for r in rows})
-    if not panels:
-        return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, (bench, pass_, batch, dtype) in zip(axes[0], panels):
-        sel = [r for r in rows if (r["bench"], r["pass"], r["batch"], r["dtype"]) == (bench, pass_, batch, dtype)]
-        for backend in sorted({r["backend"] for r in sel}):
-            pts = sorted((r["frames"], r["median_ms"]) for r in sel if r["backend"] == backend)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
-        ax.set_title(f"{bench} {pass_}, B={batch}, {dtype}")
-        ax.set_xlabel("frames per video")
-        ax.set_ylabel("median latency (ms)")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"ccam-bench · {doc['device']} · {doc['commit'][:10]}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+        if failed:
+            f.write("\nRows without a time:\n\n")
+            for r in failed:
+                f.write(f"- {r['bench']} {r['pass']} T={r['frames']} B={r['batch']} {r['dtype']} "
+                        f"{r['backend']}: {r['status']} ({r.get('reason')})\n")
 
 
 def write_outputs(doc: dict, out_dir: str) -> dict:
+    """results.json, results.md and the plots (latency, speedup, % of ceiling, peak memory)."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md"),
-             "plot": os.path.join(out_dir, "latency.png")}
+    paths = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md")}
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")
     write_markdown(doc, paths["markdown"])
-    if not write_plot(doc, paths["plot"]):
-        paths.pop("plot")
+    paths.update(write_plots(doc, out_dir))
     return paths

@@ -1,8 +1,14 @@
-"""Timing of benchmark cases: every backend on the same inputs, errors against the reference."""
+"""Running benchmark cases: every contestant on the same inputs, in interleaved rounds.
+
+For each case: build the inputs (rotated copies), then per contestant prepare its native
+inputs, run one checked call (error against the reference; for compiled anchors this call
+compiles and its time is reported as compile_s), and warm up. Only then the timed rounds: round
+1 of every contestant, round 2 of every contestant, ... so that a drift of the machine shows up
+as spread between rounds rather than as a difference between backends.
+"""
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 import zlib
@@ -10,19 +16,28 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention import ccam_attention
 from ..config import CCAMConfig
-from ..projector import CCAMProjector
+from .contestants import (
+    AttentionInputs,
+    ProjectorInputs,
+    Unsupported,
+    capture_reason,
+    kind_of,
+    make_contestant,
+    pass_functions,
+    run_once,
+)
 from .flops import attention_flops, projector_flops
+from .timing import Timer, measure_ceilings, rotation_count, summarize, sync
 
-PASSES = ("fwd", "fwd+bwd")
+PASSES = ("fwd", "bwd", "fwd+bwd")
 BENCHES = ("attention", "projector")
 
 
 @dataclass(frozen=True)
 class BenchCase:
     bench: str  # "attention" | "projector"
-    pass_: str  # "fwd" | "fwd+bwd"
+    pass_: str  # "fwd" | "bwd" | "fwd+bwd"
     frame_counts: tuple  # frames of each sample
     dtype: torch.dtype
     config: CCAMConfig = field(default_factory=CCAMConfig)
@@ -34,170 +49,202 @@ class BenchCase:
         frames = f"T={t[0]}" if len(set(t)) == 1 else f"T={list(t)}"
         return f"{self.bench} {self.pass_} {frames} B={len(t)} {str(self.dtype).replace('torch.', '')}"
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_fn(fn, device: torch.device, warmup: int, repeats: int) -> dict:
-    """Median wall time of ``fn`` over ``repeats`` calls after ``warmup`` untimed calls.
-    On CUDA each call is timed with CUDA events and peak memory is measured above the
-    memory already allocated before the timed calls (the inputs)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    peak_mb = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    if device.type == "cuda":
-        peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "peak_mem_mb": peak_mb}
+    def flops(self) -> float:
+        cfg = self.config
+        if self.bench == "attention":
+            return attention_flops(cfg.num_query, cfg.num_heads, cfg.head_dim, self.frame_counts,
+                                   self.tokens_per_frame, self.pass_)
+        return projector_flops(cfg, self.frame_counts, self.tokens_per_frame, self.pass_)
 
 
-def measure_ceilings(device: torch.device) -> dict:
-    """The machine's own limits, measured now: GEMM rate (bf16 on GPU, float32 on CPU) and
-    copy bandwidth (bytes read + written)."""
-    if device.type == "cuda":
-        n, dtype, copy_bytes = 8192, torch.bfloat16, 2**30
-    else:
-        n, dtype, copy_bytes = 2048, torch.float32, 2**28
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    # A ceiling is the best the machine did: the fastest call, not the median.
-    gemm = time_fn(lambda: torch.mm(a, b), device, warmup=2, repeats=10)
-    src = torch.randn(copy_bytes // 4, device=device)
-    dst = torch.empty_like(src)
-    copy = time_fn(lambda: dst.copy_(src), device, warmup=2, repeats=10)
+@dataclass(frozen=True)
+class Settings:
+    warmup: int = 1  # untimed calls per contestant after the checked call
+    repeats: int = 3  # timed calls per contestant per round (at most)
+    rounds: int = 2  # interleaved timing rounds; their disagreement is the reported spread
+    min_repeats: int = 3  # fewest timed calls per round when a time budget cuts repeats
+    max_seconds: float | None = None  # time budget of the whole suite
+
+
+_NOT_TIMED = dict(median_ms=None, min_ms=None, max_ms=None, iqr_ms=None, spread_pct=None, repeats=0,
+                  tflops=None, pct_of_ceiling=None, peak_mem_mb=None, speedup_vs_reference=None)
+
+
+def _base_row(case: BenchCase, name: str) -> dict:
+    counts = list(case.frame_counts)
     return {
-        "matmul_tflops": 2 * n**3 / (gemm["min_ms"] * 1e-3) / 1e12,
-        "matmul_dtype": str(dtype).replace("torch.", ""),
-        "copy_gbps": 2 * copy_bytes / (copy["min_ms"] * 1e-3) / 1e9,
+        "bench": case.bench, "pass": case.pass_, "backend": name, "kind": kind_of(name),
+        "frames": counts[0] if len(set(counts)) == 1 else counts, "frame_counts": counts,
+        "batch": len(counts), "dtype": str(case.dtype).replace("torch.", ""), "gflop": case.flops() / 1e9,
+        "status": "ok", "reason": None, "max_rel_err": None, "compile_s": None, **_NOT_TIMED,
     }
 
 
-def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
+def _fail(row: dict, status: str, reason: str) -> dict:
+    row.update(status=status, reason=reason, **_NOT_TIMED)
+    return row
 
 
-class _AttentionInputs:
-    def __init__(self, case: BenchCase, device):
-        cfg, P = case.config, case.tokens_per_frame
-        L = sum(case.frame_counts) * P
-        H, Hkv, D = cfg.num_heads, cfg.num_key_value_heads, cfg.head_dim
-        grad = case.pass_ != "fwd"
-        make = lambda *shape: torch.randn(*shape, device=device, dtype=case.dtype).requires_grad_(grad)  # noqa: E731
-        self.q, self.k, self.v = make(cfg.num_query, H, D), make(L, Hkv, D), make(L, Hkv, D)
-        self.dout = torch.randn(len(case.frame_counts), cfg.num_query, H, D, device=device, dtype=case.dtype)
-        self.case = case
-
-    def step(self, backend: str):
-        """One call of the benchmarked pass; returns the tensors compared with the reference."""
-        case = self.case
-        if case.pass_ == "fwd":
-            with torch.no_grad():
-                return [ccam_attention(self.q, self.k, self.v, case.frame_counts, case.tokens_per_frame, backend=backend)]
-        for x in (self.q, self.k, self.v):
-            x.grad = None
-        out = ccam_attention(self.q, self.k, self.v, case.frame_counts, case.tokens_per_frame, backend=backend)
-        out.backward(self.dout)
-        return [out.detach(), self.q.grad, self.k.grad, self.v.grad]
+def _rel_err(got: list, ref: list) -> float:
+    """Largest ||x - ref|| / ||ref|| over the compared tensors, in float64."""
+    worst = 0.0
+    for x, r in zip(got, ref):
+        x, r = x.double(), r.double()
+        worst = max(worst, float((x - r).norm() / r.norm().clamp_min(1e-300)))
+    return worst
 
 
-class _ProjectorInputs:
-    def __init__(self, case: BenchCase, device):
-        cfg = case.config
-        self.module = CCAMProjector(cfg).to(device=device, dtype=case.dtype).eval()
-        grad = case.pass_ != "fwd"
-        F = sum(case.frame_counts)
-        self.features = torch.randn(
-            F, case.tokens_per_frame, cfg.cross_hidden_size, device=device, dtype=case.dtype
-        ).requires_grad_(grad)
-        self.dout = torch.randn(len(case.frame_counts), cfg.num_query, cfg.output_size, device=device, dtype=case.dtype)
-        self.case = case
-
-    def step(self, backend: str):
-        self.module.backend = backend
-        if self.case.pass_ == "fwd":
-            with torch.no_grad():
-                return [self.module(self.features, self.case.frame_counts)]
-        self.module.zero_grad(set_to_none=True)
-        self.features.grad = None
-        out = self.module(self.features, self.case.frame_counts)
-        out.backward(self.dout)
-        return [out.detach(), self.features.grad, self.module.query.grad]
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def run_case(case: BenchCase, backends, device, warmup, repeats, ceilings, log) -> list[dict]:
-    """Rows of one case, one per backend (reference first: it anchors the error column)."""
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings: dict, log,
+             budget_s: float | None = None) -> list[dict]:
+    """Rows of one case, one per contestant; "reference" should come first (it anchors the
+    error column). ``budget_s`` caps the time spent in timed calls by lowering repeats."""
+    device = timer.device
     torch.manual_seed(zlib.crc32(case.label.encode()))  # fresh random data, the same in every run
-    inputs = (_AttentionInputs if case.bench == "attention" else _ProjectorInputs)(case, device)
-    ref = [t.detach().clone() for t in inputs.step("reference")]
-    if case.bench == "attention":
-        cfg = case.config
-        flops = attention_flops(cfg.num_query, cfg.num_heads, cfg.head_dim, case.frame_counts,
-                                case.tokens_per_frame, case.pass_)
-    else:
-        flops = projector_flops(case.config, case.frame_counts, case.tokens_per_frame, case.pass_)
-    rows = []
-    for backend in backends:
-        log(f"  {backend:<10}", end="")
-        row = {
-            "bench": case.bench, "pass": case.pass_, "backend": backend,
-            "frames": case.frame_counts[0] if len(set(case.frame_counts)) == 1 else list(case.frame_counts),
-            "frame_counts": list(case.frame_counts), "batch": len(case.frame_counts),
-            "dtype": str(case.dtype).replace("torch.", ""), "gflop": flops / 1e9,
-        }
-        try:
-            got = inputs.step(backend)
-            row["max_rel_err"] = max(_rel_err(g, r) for g, r in zip(got, ref))
-            del got
-            timing = time_fn(lambda: inputs.step(backend), device, warmup, repeats)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            row.update(status="oom", median_ms=None, tflops=None, pct_of_ceiling=None, peak_mem_mb=None)
-            log(" out of memory")
-            rows.append(row)
-            continue
-        tflops = flops / (timing["median_ms"] * 1e-3) / 1e12
-        row.update(status="ok", **timing, repeats=repeats, tflops=tflops,
-                   pct_of_ceiling=100.0 * tflops / ceilings["matmul_tflops"])
-        log(f" {timing['median_ms']:10.2f} ms  {tflops:7.3f} TFLOP/s  err {row['max_rel_err']:.1e}")
+    inputs_type = AttentionInputs if case.bench == "attention" else ProjectorInputs
+    num_sets = rotation_count(inputs_type.bytes_per_set(case), device)
+    try:
+        inputs = inputs_type(case, device, num_sets)
+    except Exception as exc:  # noqa: BLE001 - even the inputs can be too large
+        if not _is_oom(exc):
+            raise
+        _free(device)
+        log(f"  inputs do not fit in memory: {exc}")
+        return [_fail(_base_row(case, n), "oom", "the inputs do not fit in memory") for n in names]
+
+    rows, live, ref = [], [], None
+    for name in names:
+        row = _base_row(case, name)
         rows.append(row)
-    by_backend = {r["backend"]: r for r in rows}
-    ref_ms = by_backend.get("reference", {}).get("median_ms")
+        contestant = make_contestant(case.bench, name)
+        log(f"  {name:<15}", end="")
+        try:
+            contestant.prepare(inputs)
+            sync(device)
+            t0 = time.perf_counter()
+            got = run_once(contestant, case.pass_)
+            sync(device)
+            first_s = time.perf_counter() - t0
+            if name == "reference":
+                ref = got
+            row["max_rel_err"] = _rel_err(got, ref) if ref is not None else None
+            del got
+            if name == "flex":
+                row["compile_s"] = first_s
+            setup, run = pass_functions(contestant, case.pass_, num_sets)
+            est_ms = timer.estimate_ms(setup, run, 1, settings.warmup) if settings.warmup else first_s * 1e3
+            live.append((contestant, row, setup, run, max(est_ms, 1e-3)))
+            log(f" checked (err {row['max_rel_err'] if row['max_rel_err'] is not None else float('nan'):.1e}, "
+                f"first call {first_s:.2f} s)")
+        except Unsupported as exc:
+            _fail(row, "unsupported", str(exc))
+            contestant.release()
+            log(f" unsupported: {exc}")
+        except Exception as exc:  # noqa: BLE001 - one failing contestant must not end the suite
+            contestant.release()
+            _free(device)
+            if _is_oom(exc):
+                _fail(row, "oom", "out of memory")
+                log(" out of memory")
+            else:
+                _fail(row, "error", capture_reason(exc, []))
+                log(f" ERROR {row['reason']}")
+
+    per_call_budget_ms = None
+    if budget_s is not None and live:
+        per_call_budget_ms = budget_s * 1e3 / settings.rounds
+    times = {id(c): [[] for _ in range(settings.rounds)] for c, *_ in live}
+    peaks = {id(c): [] for c, *_ in live}
+    call = settings.warmup + 1
+    for r in range(settings.rounds):
+        for contestant, row, setup, run, est_ms in live:
+            if row["status"] != "ok":
+                continue
+            repeats = settings.repeats
+            if per_call_budget_ms is not None:
+                share = per_call_budget_ms / (len(live) * est_ms)
+                repeats = max(min(settings.min_repeats, settings.repeats), min(settings.repeats, int(share)))
+            try:
+                for _ in range(repeats):
+                    ms, peak = timer.call(setup, run, call)
+                    call += 1
+                    times[id(contestant)][r].append(ms)
+                    peaks[id(contestant)].append(peak)
+            except Exception as exc:  # noqa: BLE001
+                _free(device)
+                if _is_oom(exc):
+                    _fail(row, "oom", "out of memory while timing")
+                else:
+                    _fail(row, "error", capture_reason(exc, []))
+
+    flops = case.flops()
+    rate = ceilings["matmul_tflops_by_dtype"].get(str(case.dtype).replace("torch.", ""), ceilings["matmul_tflops"])
+    for contestant, row, *_ in live:
+        if row["status"] == "ok":
+            row.update(summarize(times[id(contestant)], peaks[id(contestant)]))
+            row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
+            row["pct_of_ceiling"] = 100.0 * row["tflops"] / rate
+            spread = f", spread {row['spread_pct']:.1f}%" if row["spread_pct"] is not None else ""
+            log(f"  {row['backend']:<15} {row['median_ms']:10.3f} ms  {row['tflops']:8.3f} TFLOP/s  "
+                f"{row['pct_of_ceiling']:5.1f}% of ceiling  ({row['repeats']} calls{spread})")
+        contestant.release()
+    ref_ms = next((r["median_ms"] for r in rows if r["backend"] == "reference"), None)
     for row in rows:
-        row["speedup_vs_reference"] = ref_ms / row["median_ms"] if ref_ms and row.get("median_ms") else None
+        if ref_ms and row["median_ms"]:
+            row["speedup_vs_reference"] = ref_ms / row["median_ms"]
+        if case.bench == "projector":
+            # The roofline floor: every GEMM and live attention FLOP at the measured GEMM rate.
+            row["floor_ms"] = flops / (rate * 1e12) * 1e3
+            row["x_floor"] = row["median_ms"] / row["floor_ms"] if row["median_ms"] else None
+    del inputs, live
+    _free(device)
     return rows
 
 
-def run_suite(cases, backends, device, *, warmup=1, repeats=3, log=None) -> dict:
-    """Measure the ceilings, then every case; returns {"ceilings": ..., "rows": [...]}."""
-    if log is None:
-        def log(msg="", end="\n"):
-            print(msg, end=end, file=sys.stderr, flush=True)
-    log("measuring the machine's ceilings (GEMM rate, copy bandwidth) ...")
-    ceilings = measure_ceilings(device)
-    log(f"  GEMM {ceilings['matmul_tflops']:.3f} TFLOP/s ({ceilings['matmul_dtype']}), "
-        f"copy {ceilings['copy_gbps']:.1f} GB/s")
+def _default_log(msg: str = "", end: str = "\n") -> None:
+    print(msg, end=end, file=sys.stderr, flush=True)
+
+
+def run_suite(cases, contestants, device, settings: Settings = Settings(), *, log=None) -> dict:
+    """Measure the ceilings, then every case. ``contestants`` maps a bench name to the
+    contestant names to run (reference first). Returns {"ceilings", "rows", "settings", ...}."""
+    log = log or _default_log
+    device = torch.device(device)
+    dtypes = sorted({c.dtype for c in cases}, key=str)
+    log("measuring the machine's ceilings (GEMM rate per dtype, copy bandwidth) ...")
+    ceilings = measure_ceilings(device, dtypes)
+    rates = ", ".join(f"{k} {v:.2f}" for k, v in ceilings["matmul_tflops_by_dtype"].items())
+    log(f"  GEMM TFLOP/s: {rates}; copy {ceilings['copy_gbps']:.1f} GB/s")
+    timer = Timer(device)
     rows = []
     t0 = time.perf_counter()
-    for i, case in enumerate(cases, 1):
-        log(f"[{i}/{len(cases)}] {case.label}  (elapsed {time.perf_counter() - t0:.0f} s)")
-        rows += run_case(case, backends, device, warmup, repeats, ceilings, log)
-    return {"ceilings": ceilings, "rows": rows}
+    for i, case in enumerate(cases):
+        elapsed = time.perf_counter() - t0
+        names = contestants[case.bench]
+        budget = None
+        if settings.max_seconds is not None:
+            left = settings.max_seconds - elapsed
+            if left <= 0:
+                log(f"[{i + 1}/{len(cases)}] {case.label}: skipped, the time budget is spent")
+                rows += [_fail(_base_row(case, n), "skipped", "time budget spent") for n in names]
+                continue
+            # Timed calls get at most half of this case's share; checks and warm-ups take the rest.
+            budget = 0.5 * left / (len(cases) - i)
+        eta = f", about {elapsed / i * (len(cases) - i):.0f} s left" if i else ""
+        log(f"[{i + 1}/{len(cases)}] {case.label}  (elapsed {elapsed:.0f} s{eta})")
+        rows += run_case(case, names, timer, settings, ceilings, log, budget)
+    return {
+        "ceilings": ceilings,
+        "rows": rows,
+        "settings": {"warmup": settings.warmup, "repeats": settings.repeats, "rounds": settings.rounds,
+                     "max_seconds": settings.max_seconds, "l2_flush": device.type == "cuda"},
+        "elapsed_s": time.perf_counter() - t0,
+    }

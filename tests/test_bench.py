@@ -1,13 +1,30 @@
-"""The main job, ccam-bench, at tiny shapes: files written, schema, rows, errors."""
+"""The benchmark suite (ccam-bench) at tiny shapes: every contestant against the float64
+oracle, the FlexAttention block mask against the dense rule, timing, budgets, failures as rows,
+and the command end to end."""
 
 import json
+import time
 
 import pytest
 import torch
 
-from ccam_kernels import CCAMConfig, available_backends
+from ccam_kernels import CCAMConfig
+from ccam_kernels.bench import contestants as C
 from ccam_kernels.bench.__main__ import main
+from ccam_kernels.bench.flex import FlexCCAMAttention, block_tables, packed_key_ranges, BLOCK
 from ccam_kernels.bench.flops import attention_flops, projector_flops
+from ccam_kernels.bench.runner import BenchCase, Settings, run_case, run_suite
+from ccam_kernels.bench.timing import Timer, rotation_count, summarize
+from ccam_kernels.mask import dense_mask, key_offsets
+
+from oracle import attention_oracle, oracle_visibility
+
+TINY = dict(num_query=13, hidden_size=16, cross_hidden_size=12, num_heads=2, num_key_value_heads=1,
+            intermediate_size=24, output_size=10)
+CPU = torch.device("cpu")
+
+
+# -- FLOP counts ---------------------------------------------------------------------------
 
 
 def test_attention_flops_counts_live_pairs_only():
@@ -16,6 +33,7 @@ def test_attention_flops_counts_live_pairs_only():
     for T in counts:  # brute force over every (query, key) pair
         live += sum(1 for i in range(N) for j in range(T * P) if j // P <= (i * T) // N)
     assert attention_flops(N, H, D, counts, P, "fwd") == 4 * H * D * live
+    assert attention_flops(N, H, D, counts, P, "bwd") == 2.5 * 4 * H * D * live
     assert attention_flops(N, H, D, counts, P, "fwd+bwd") == 3.5 * 4 * H * D * live
 
 
@@ -29,41 +47,253 @@ def test_projector_flops_v12_at_96_frames():
     assert 30 < total - kv - attn < 40
 
 
-def test_ccam_bench_writes_json_markdown_plot(tmp_path, capsys):
+# -- FlexAttention block mask ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_query,counts,P", [(200, (3, 7, 1), 50), (1024, (16,), 729), (5, (9, 2), 31),
+                                                (256, (4, 4), 64)])
+def test_flex_block_tables_match_the_dense_rule(num_query, counts, P):
+    start, end = packed_key_ranges(num_query, counts, P)
+    L = key_offsets(counts, P)[-1]
+    # The packed batch's dense mask: block-diagonal, each block the rule of one sample.
+    dense = torch.zeros(len(counts) * num_query, L, dtype=torch.bool)
+    offs = key_offsets(counts, P)
+    for b, t in enumerate(counts):
+        dense[b * num_query:(b + 1) * num_query, offs[b]:offs[b + 1]] = oracle_visibility(num_query, t, P)
+    keys = torch.arange(L)
+    assert torch.equal((keys[None] >= start[:, None]) & (keys[None] < end[:, None]), dense)
+    partial, full = block_tables(start, end, L)
+    assert not (partial & full).any()
+    for qb in range(partial.shape[0]):
+        for kb in range(partial.shape[1]):
+            tile = dense[qb * BLOCK:(qb + 1) * BLOCK, kb * BLOCK:(kb + 1) * BLOCK]
+            whole = tile.shape == (BLOCK, BLOCK)
+            assert bool(full[qb, kb]) == (whole and bool(tile.all())), (qb, kb)
+            if tile.any():  # every live pair lies in a visited block
+                assert partial[qb, kb] or full[qb, kb], (qb, kb)
+
+
+@pytest.mark.parametrize("batched_q", [False, True])
+def test_flex_attention_matches_oracle(seed, batched_q):
+    N, H, Hkv, D, counts, P = 21, 4, 2, 16, (3, 7, 1), 5
+    L = sum(counts) * P
+    q = torch.randn(len(counts), N, H, D) if batched_q else torch.randn(N, H, D)
+    k, v = torch.randn(L, Hkv, D), torch.randn(L, Hkv, D)
+    got = FlexCCAMAttention()(q, k, v, counts, P)
+    want = attention_oracle(q, k, v, counts, P)
+    assert got.shape == (len(counts), N, H, D)
+    assert (got.double() - want).abs().max() < 1e-5
+
+
+def test_flex_refuses_dropout():
+    q, k = torch.randn(4, 2, 8), torch.randn(6, 2, 8)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        FlexCCAMAttention()(q, k, k, (2,), 3, dropout_p=0.1)
+
+
+# -- contestants against the oracle ---------------------------------------------------------
+
+
+def _attention_case(pass_, counts=(3, 1, 5)):
+    return BenchCase("attention", pass_, counts, torch.float32, CCAMConfig(**TINY), tokens_per_frame=3)
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("name", C.default_contestants("attention", CPU))
+def test_attention_contestant_matches_oracle(name, pass_):
+    """Each contestant's output and gradients, mapped back to our layout, against float64.
+    Checks every anchor's plumbing: padding, packing, the shared query's gradient summed over
+    the batch, GQA."""
+    case = _attention_case(pass_)
+    torch.manual_seed(0)
+    inputs = C.AttentionInputs(case, CPU, num_sets=2)
+    c = C.make_contestant("attention", name)
+    if name == "flex" and pass_ != "fwd":
+        with pytest.raises(C.Unsupported, match="backward on CPU"):
+            c.prepare(inputs)
+        return
+    c.prepare(inputs)
+    got = C.run_once(c, pass_)
+    s = inputs.sets[0]
+    q, k, v = (s[x].detach().double().requires_grad_() for x in ("q", "k", "v"))
+    want = attention_oracle(q, k, v, case.frame_counts, case.tokens_per_frame)
+    expected = [want]
+    if pass_ != "fwd":
+        want.backward(s["dout"].double())
+        expected += [q.grad, k.grad, v.grad]
+    assert len(got) == len(expected)
+    for g, w in zip(got, expected):
+        assert g.shape == w.shape
+        assert (g.double() - w).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", C.default_contestants("projector", CPU))
+def test_projector_contestants_agree_with_reference(name):
+    case = BenchCase("projector", "fwd", (2, 3), torch.float32, CCAMConfig(**TINY), tokens_per_frame=3)
+    torch.manual_seed(0)
+    inputs = C.ProjectorInputs(case, CPU, num_sets=1)
+    ref = C.make_contestant("projector", "reference")
+    ref.prepare(inputs)
+    want = C.run_once(ref, "fwd")
+    c = C.make_contestant("projector", name)
+    c.prepare(inputs)
+    got = C.run_once(c, "fwd")
+    assert (got[0] - want[0]).abs().max() < 1e-5
+    assert inputs.module.backend == (name if name != "flex" else C._FLEX)
+
+
+def test_pass_functions_time_only_the_backward():
+    """bwd: the forward runs in the untimed setup, the timed call is one backward."""
+    case = _attention_case("bwd", counts=(2,))
+    inputs = C.AttentionInputs(case, CPU, num_sets=2)
+    c = C.make_contestant("attention", "torch")
+    c.prepare(inputs)
+    setup, run = C.pass_functions(c, "bwd", 2)
+    setup(3)  # set 1
+    assert inputs.sets[1]["q"].grad is None
+    run(3)
+    assert inputs.sets[1]["q"].grad is not None and inputs.sets[0]["q"].grad is None
+    with pytest.raises(KeyError):
+        run(3)  # a backward without its forward is a bug, not a silent re-run
+    with pytest.raises(ValueError, match="pass"):
+        C.pass_functions(c, "sideways", 1)
+
+
+# -- timing --------------------------------------------------------------------------------
+
+
+def test_timer_excludes_setup():
+    timer = Timer(CPU)
+    ms, peak = timer.call(lambda i: time.sleep(0.05), lambda i: time.sleep(0.005), 0)
+    assert 4 < ms < 40 and peak is None
+
+
+def test_summarize_median_and_round_spread():
+    s = summarize([[10.0, 10.0, 11.0], [12.0, 12.0, 12.0]], [None, None])
+    assert s["median_ms"] == 11.5 and s["min_ms"] == 10.0 and s["max_ms"] == 12.0
+    assert s["round_medians_ms"] == [10.0, 12.0]
+    assert s["spread_pct"] == pytest.approx(100 * 2 / 11.5)
+    assert s["repeats"] == 6 and s["peak_mem_mb"] is None
+    assert summarize([[5.0]], [3.0])["spread_pct"] is None
+
+
+def test_rotation_count_covers_twice_the_cache():
+    big = rotation_count(2**40, CPU)
+    small = rotation_count(1, CPU)
+    assert big == 1 and small == 8
+    mid = rotation_count(24 * 2**20, CPU)
+    assert 1 <= mid <= 8
+
+
+# -- failures become rows ------------------------------------------------------------------
+
+
+def _log(*args, **kwargs):
+    pass
+
+
+def _ceilings():
+    return {"matmul_tflops": 1.0, "matmul_dtype": "float32", "matmul_tflops_by_dtype": {"float32": 1.0},
+            "copy_gbps": 1.0}
+
+
+def test_oom_and_errors_become_rows(monkeypatch):
+    def oom(self, i):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
+
+    def broken(self, i):
+        raise ValueError("kaputt")
+
+    original = C.OursAttention.forward
+    monkeypatch.setattr(C.SdpaAnchor, "forward", oom)
+    monkeypatch.setattr(C.OursAttention, "forward",
+                        lambda self, i: broken(self, i) if self.name == "torch" else original(self, i))
+    rows = run_case(_attention_case("fwd"), ["reference", "torch", "sdpa-flash"], Timer(CPU),
+                    Settings(warmup=0, repeats=2, rounds=2), _ceilings(), _log)
+    by = {r["backend"]: r for r in rows}
+    assert by["reference"]["status"] == "ok" and by["reference"]["repeats"] == 4
+    assert by["torch"]["status"] == "error" and "kaputt" in by["torch"]["reason"]
+    assert by["sdpa-flash"]["status"] == "oom" and by["sdpa-flash"]["median_ms"] is None
+
+
+def test_time_budget_skips_cases_but_keeps_rows():
+    cases = [_attention_case("fwd", (t,)) for t in (1, 2)]
+    result = run_suite(cases, {"attention": ["reference", "torch"]}, CPU,
+                       Settings(warmup=0, repeats=1, rounds=1, max_seconds=1e-9), log=_log)
+    assert [r["status"] for r in result["rows"]] == ["skipped"] * 4
+    assert all(r["reason"] == "time budget spent" for r in result["rows"])
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"projector_config": TINY}))
+    return str(path)
+
+
+def test_ccam_bench_end_to_end(tmp_path, tiny_config, capsys):
     out = tmp_path / "bench"
-    rc = main(["--frames", "1,3", "--tokens-per-frame", "2", "--repeats", "1", "--warmup", "0",
-               "--backward", "--out", str(out)])
+    rc = main(["--config", tiny_config, "--frames", "1,5", "--ragged", "2,7", "--tokens-per-frame", "3",
+               "--pass", "fwd,bwd,fwd+bwd", "--repeats", "2", "--rounds", "2", "--warmup", "1", "--out", str(out)])
     assert rc == 0
     doc = json.loads((out / "results.json").read_text())
-    for key in ("schema", "commit", "date", "device", "torch", "triton", "cuda", "ceilings", "rows"):
+    for key in ("schema", "commit", "date", "device", "torch", "triton", "cuda", "ceilings", "rows", "settings"):
         assert key in doc
     assert doc["schema"] == 1
     assert doc["ceilings"]["matmul_tflops"] > 0 and doc["ceilings"]["copy_gbps"] > 0
-    backends = available_backends()
-    # 2 benches x 2 passes x 2 frame counts, one row per backend
-    assert len(doc["rows"]) == 2 * 2 * 2 * len(backends)
+    att, proj = C.default_contestants("attention", CPU), C.default_contestants("projector", CPU)
+    assert len(doc["rows"]) == 3 * 3 * (len(att) + len(proj))  # passes x shapes x contestants
+    seen = set()
     for row in doc["rows"]:
-        assert row["status"] == "ok"
-        assert row["backend"] in backends
+        seen.add((row["bench"], row["backend"]))
+        if row["backend"] == "flex" and row["pass"] != "fwd":
+            assert row["status"] == "unsupported" and "backward" in row["reason"]
+            continue
+        assert row["status"] == "ok", row
         assert row["median_ms"] > 0 and row["tflops"] > 0 and row["pct_of_ceiling"] > 0
-        assert row["max_rel_err"] < 1e-4, row
-        assert row["speedup_vs_reference"] > 0
-        assert row["frames"] in (1, 3) and row["batch"] == 1 and row["dtype"] == "float32"
-    assert "| backend |" in (out / "results.md").read_text().replace("|backend|", "| backend |")
-    assert (out / "latency.png").stat().st_size > 1000
+        assert row["repeats"] == 4 and row["spread_pct"] is not None
+        assert row["max_rel_err"] < 1e-5, row
+        assert row["frame_counts"] in ([1], [5], [2, 7]) and row["dtype"] == "float32"
+        if row["backend"] == "reference":
+            assert row["speedup_vs_reference"] == 1.0
+        if row["bench"] == "projector":
+            assert row["floor_ms"] > 0 and row["x_floor"] == pytest.approx(row["median_ms"] / row["floor_ms"])
+        if row["backend"] == "flex":
+            assert row["compile_s"] > 0
+    assert seen == {("attention", n) for n in att} | {("projector", n) for n in proj}
+    md = (out / "results.md").read_text()
+    assert "| backend |" in md and "unsupported" in md
+    for plot in ("latency", "speedup", "pct_of_ceiling"):
+        assert (out / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
-    assert "median ms" in printed and "torch" in printed
+    assert "median ms" in printed and "sdpa-flash" in printed
+
+    # compare the run with itself through the same command: every comparable row is "same"
+    assert main(["compare", str(out), str(out / "results.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "slower" not in printed.split("\n", 3)[-1].replace("0 slower", "")
 
 
 @pytest.mark.parametrize("argv", [["--backends", "nope"], ["--frames", "0"], ["--dtype", "int8"],
-                                  ["--tokens-per-frame", "0"], ["--repeats", "x"], ["--warmup", "-1"]])
+                                  ["--tokens-per-frame", "0"], ["--repeats", "x"], ["--warmup", "-1"],
+                                  ["--quick", "--full"], ["--pass", "sideways"], ["--max-minutes", "0"],
+                                  ["--ragged", "3,x"]])
 def test_ccam_bench_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
 
 
+def test_ccam_bench_reports_unreadable_config(tmp_path, capsys):
+    assert main(["--config", str(tmp_path / "missing.json"), "--out", str(tmp_path)]) == 2
+    assert "cannot read --config" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a backend unusable on CPU")
-def test_ccam_bench_refuses_unusable_backend(capsys, tmp_path):
-    assert main(["--backends", "triton", "--out", str(tmp_path)]) == 2
+@pytest.mark.parametrize("name", ["triton", "sdpa-cudnn"])
+def test_ccam_bench_refuses_unusable_backend(capsys, tmp_path, name):
+    assert main(["--backends", name, "--out", str(tmp_path)]) == 2
     assert "not usable here" in capsys.readouterr().err

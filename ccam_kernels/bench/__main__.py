@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_int_at_least(0), default=None, help="untimed calls (default 1 CPU, 3 GPU)")
     p.add_argument("--max-minutes", type=_positive_float,
                    help="time budget: repeats shrink to fit, cases past the budget become 'skipped' rows")
+    p.add_argument("--config", metavar="PATH",
+                   help="projector config JSON (flat or under projector_config); default Video-CCAM v1.2")
     p.add_argument("--tokens-per-frame", type=_int_at_least(1), default=729, help="P (default 729)")
     p.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     return p
@@ -105,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_cases(args, device: torch.device) -> list[BenchCase]:
     gpu = device.type == "cuda"
+    config = CCAMConfig.from_json_file(args.config) if args.config else CCAMConfig()
     frames = args.frames or (QUICK_FRAMES if args.quick else FULL_FRAMES if args.full else DEFAULT_FRAMES)
     batches = args.batch or (FULL_BATCHES if args.full else (1,))
     ragged = tuple(args.ragged or (FULL_RAGGED if args.full else ()))
@@ -119,7 +122,7 @@ def build_cases(args, device: torch.device) -> list[BenchCase]:
     benches = args.bench or BENCHES
     shapes = [(t,) * b for b in batches for t in frames] + [tuple(r) for r in ragged]
     return [
-        BenchCase(bench, pass_, counts, DTYPES[dtype], CCAMConfig(), args.tokens_per_frame)
+        BenchCase(bench, pass_, counts, DTYPES[dtype], config, args.tokens_per_frame)
         for dtype in dtypes for bench in benches for pass_ in passes for counts in shapes
     ]
 
@@ -153,7 +156,11 @@ def main(argv=None) -> int:
         print("ccam-bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
     gpu = device.type == "cuda"
-    cases = build_cases(args, device)
+    try:
+        cases = build_cases(args, device)
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"ccam-bench: cannot read --config {args.config}: {exc}", file=sys.stderr)
+        return 2
     try:
         contestants = choose_contestants(args, device, sorted({c.bench for c in cases}, key=BENCHES.index))
     except ValueError as exc:

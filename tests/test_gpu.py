@@ -29,9 +29,11 @@ def test_attention_v12_shapes_on_gpu(dtype, counts):
     k = torch.randn(L, H, D, device="cuda", dtype=dtype, requires_grad=True)
     v = torch.randn(L, H, D, device="cuda", dtype=dtype, requires_grad=True)
     dout = torch.randn(len(counts), N, H, D, device="cuda", dtype=dtype)
-    want = attention_oracle(q.detach().cpu(), k.detach().cpu(), v.detach().cpu(), counts, P)
-    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
-    attention_oracle(q64, k64, v64, counts, P).backward(dout.cpu().double())
+    # The oracle runs on the GPU too, in float64: the same formula, seconds instead of minutes.
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    want = attention_oracle(q64, k64, v64, counts, P)
+    want.backward(dout.double())
+    want = want.detach()
     for backend in _gpu_backends():
         for x in (q, k, v):
             x.grad = None
@@ -54,3 +56,48 @@ def test_projector_bf16_on_gpu_matches_float64_module():
             proj.backend = backend
             got = proj(features.to(torch.bfloat16), [16, 9])
             assert rel_err(got, want) <= 2e-2, backend
+
+
+# -- the benchmark machinery on CUDA (events, L2 flush, peak memory, every anchor) ----------
+
+
+def test_cuda_timer_measures_gpu_time_and_peak_memory():
+    from ccam_kernels.bench.timing import Timer
+
+    timer = Timer(torch.device("cuda"))
+    held = {}
+
+    def run(i):
+        torch.cuda._sleep(50_000_000)  # tens of ms of GPU time, nearly none on the host
+        held["x"] = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+
+    ms, peak = timer.call(lambda i: held.clear(), run, 0)
+    assert ms > 1.0  # the events saw the kernel, not just the launch
+    assert 63.9 <= peak <= 80  # the 64 MiB allocation, above what existed before the call
+
+
+def test_bench_case_on_cuda_every_contestant():
+    from ccam_kernels.bench import contestants as C
+    from ccam_kernels.bench.runner import BenchCase, Settings, run_case
+    from ccam_kernels.bench.timing import Timer, measure_ceilings
+
+    device = torch.device("cuda")
+    ceilings = measure_ceilings(device, [torch.bfloat16])
+    assert ceilings["matmul_tflops"] > 10 and ceilings["copy_gbps"] > 100
+    cfg = CCAMConfig(num_query=256, hidden_size=256, num_heads=4, num_key_value_heads=4, intermediate_size=512,
+                     output_size=128)
+    for bench in ("attention", "projector"):
+        names = C.default_contestants(bench, device)
+        assert "flex" in names and "reference" in names
+        for pass_ in ("fwd", "bwd", "fwd+bwd"):
+            case = BenchCase(bench, pass_, (3, 8), torch.bfloat16, cfg, tokens_per_frame=33)
+            rows = run_case(case, names, Timer(device), Settings(warmup=1, repeats=3, rounds=2), ceilings,
+                            lambda *a, **k: None)
+            for row in rows:
+                # An anchor may refuse a case (unsupported); nothing may fail.
+                assert row["status"] in ("ok", "unsupported"), row
+                if row["kind"] != "anchor" or row["backend"] == "flex":
+                    assert row["status"] == "ok", row
+                if row["status"] == "ok":
+                    assert row["max_rel_err"] < 2e-2, row
+                    assert row["median_ms"] > 0 and row["peak_mem_mb"] is not None and row["repeats"] == 6

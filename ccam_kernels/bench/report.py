@@ -119,13 +119,55 @@ def write_markdown(doc: dict, path: str) -> None:
                         f"{r['backend']}: {r['status']} ({r.get('reason')})\n")
 
 
+def format_summary(doc: dict) -> str:
+    """The short table: one line per case, one column per backend, "median ms (x ref)";
+    for projector rows also the roofline floor. Markdown."""
+    rows = doc["rows"]
+    backends = list(dict.fromkeys(r["backend"] for r in sorted(rows, key=lambda r: r["kind"] != "reference")))
+    cases = list(dict.fromkeys((r["bench"], r["pass"], _cell(r, "frames", "{}"), r["batch"], r["dtype"]) for r in rows))
+    cells = {}
+    floors = {}
+    for r in rows:
+        case = (r["bench"], r["pass"], _cell(r, "frames", "{}"), r["batch"], r["dtype"])
+        if r.get("median_ms") is None:
+            text = r.get("status", "-")
+        else:
+            text = f"{r['median_ms']:.3g}"
+            if r.get("speedup_vs_reference") and r["backend"] != "reference":
+                text += f" ({r['speedup_vs_reference']:.2f}x)"
+        cells[case, r["backend"]] = text
+        if r.get("floor_ms"):
+            floors[case] = f"{r['floor_ms']:.3g}"
+    header = ["bench", "pass", "frames", "B", "dtype", *backends] + (["floor ms"] if floors else [])
+    c = doc["ceilings"]
+    lines = [
+        f"ccam-bench · {doc['date'][:10]} · commit `{doc['commit'][:10]}` · {doc['device']} · "
+        f"GEMM {c['matmul_tflops']:.1f} TFLOP/s ({c['matmul_dtype']}), copy {c['copy_gbps']:.0f} GB/s",
+        "",
+        "Median ms per call; (Nx) = speedup over the reference in the same run."
+        + (" floor ms = all FLOPs of the projector at the measured GEMM rate." if floors else ""),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for case in cases:
+        line = [str(x) for x in case] + [cells.get((case, b), "") for b in backends]
+        if floors:
+            line.append(floors.get(case, ""))
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_outputs(doc: dict, out_dir: str) -> dict:
-    """results.json, results.md and the plots (latency, speedup, % of ceiling, peak memory)."""
+    """results.json, results.md (every column), summary.md (the short table) and the plots (latency, speedup, % of ceiling, peak memory)."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md")}
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")
     write_markdown(doc, paths["markdown"])
+    paths["summary"] = os.path.join(out_dir, "summary.md")
+    with open(paths["summary"], "w", encoding="utf-8") as f:
+        f.write(format_summary(doc))
     paths.update(write_plots(doc, out_dir))
     return paths

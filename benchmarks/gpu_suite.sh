@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# One-command GPU suite: install, build, GPU tests, benchmarks, summary. For a fresh GPU
+# machine with no network (torch, triton, pytest, matplotlib already there).
+#
+#   benchmarks/gpu_suite.sh OUT_DIR [BENCH_MINUTES]
+#
+# Writes into OUT_DIR: env.txt (versions, nvidia-smi), install.log, tests.log + tests.xml,
+# bench.log, results.json / results.md / summary.md / *.png (ccam-bench), and SUITE.md, the
+# short report of the whole call. BENCH_MINUTES (default 5.5) is ccam-bench's time budget:
+# repeats shrink to fit it and cases past it become "skipped" rows, so the whole call ends
+# within about 8 minutes. Every step runs even if an earlier one failed (a failing test does
+# not hide the benchmark numbers); the exit status is that of the first failed step.
+set -uo pipefail
+
+OUT=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR [BENCH_MINUTES]}
+MINUTES=${2:-5.5}
+TEST_SECONDS=${CCAM_GPU_TEST_SECONDS:-120}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+T0=$(date +%s)
+STATUS=0
+STEPS=()
+
+say() { echo "[gpu-suite +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/suite.log" >&2; }
+step() {  # step NAME RC
+  STEPS+=("| $1 | $([ "$2" -eq 0 ] && echo ok || echo "FAILED (exit $2)") | $(( $(date +%s) - T0 )) s |")
+  if [ "$2" -ne 0 ] && [ "$STATUS" -eq 0 ]; then STATUS=$2; fi
+  say "$1: exit $2"
+}
+
+# 1. What machine and software this is.
+{
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (dirty tree)')"
+  python - <<'EOF'
+import sys, torch
+print("python", sys.version.split()[0])
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError:
+    print("triton: not installed")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"{p.total_memory / 2**30:.0f} GiB", f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs")
+else:
+    print("gpu: torch sees no CUDA device")
+EOF
+  nvidia-smi 2>&1 || echo "nvidia-smi: not available"
+} > "$OUT/env.txt" 2>&1
+say "environment written to env.txt"
+
+# 2. Install (no build isolation, no dependencies: the machine has no network). The CUDA
+#    extension is built, and must build, when csrc/ holds kernels.
+if find csrc -name '*.cu' 2>/dev/null | grep -q .; then export CCAM_BUILD_CUDA=1; else export CCAM_BUILD_CUDA=0; fi
+export MAX_JOBS=${MAX_JOBS:-16}
+say "installing (CCAM_BUILD_CUDA=$CCAM_BUILD_CUDA) ..."
+python -m pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1
+step "install (CCAM_BUILD_CUDA=$CCAM_BUILD_CUDA)" $?
+python -c "import ccam_kernels; print('usable backends:', ccam_kernels.available_backends())" >> "$OUT/env.txt" 2>&1
+
+# 3. The GPU tests (marked gpu), with a hard time limit.
+say "GPU tests (limit ${TEST_SECONDS} s) ..."
+timeout "$TEST_SECONDS" python -m pytest -q -m gpu tests --junitxml="$OUT/tests.xml" -p no:cacheprovider \
+  > "$OUT/tests.log" 2>&1
+step "GPU tests (pytest -m gpu)" $?
+tail -n 3 "$OUT/tests.log" | sed 's/^/    /' >&2
+
+# 4. The benchmark suite: our backends and every anchor, the ceilings measured in the run.
+say "benchmarks (budget ${MINUTES} min) ..."
+timeout $(( ${MINUTES%.*} * 60 + 150 )) python -m ccam_kernels.bench \
+  --bench attention,projector --pass fwd,bwd,fwd+bwd --frames 16,32,64,96 --batch 1,8 \
+  --ragged 16,96,33,64 --max-minutes "$MINUTES" --out "$OUT" > "$OUT/bench.log" 2>&1
+step "ccam-bench" $?
+
+# 5. The short report.
+{
+  echo "# GPU suite"
+  echo
+  sed -n '1,6p' "$OUT/env.txt" | sed 's/^/    /'
+  echo
+  echo "| step | outcome | at |"
+  echo "|---|---|---|"
+  printf '%s\n' "${STEPS[@]}"
+  echo
+  echo "Tests: $(grep -Eo '[0-9]+ (passed|failed|skipped|error)[^=]*' "$OUT/tests.log" | tail -n 1)"
+  echo
+  if [ -f "$OUT/summary.md" ]; then cat "$OUT/summary.md"; else echo "(no benchmark summary: see bench.log)"; fi
+} > "$OUT/SUITE.md"
+say "done in $(( $(date +%s) - T0 )) s; report: $OUT/SUITE.md"
+exit "$STATUS"

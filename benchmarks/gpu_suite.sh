@@ -47,6 +47,7 @@ if torch.cuda.is_available():
 else:
     print("gpu: torch sees no CUDA device")
 EOF
+  echo "C compiler (Triton needs one): $(command -v gcc || command -v cc || echo NONE)"
   nvidia-smi 2>&1 || echo "nvidia-smi: not available"
 } > "$OUT/env.txt" 2>&1
 say "environment written to env.txt"

@@ -216,6 +216,47 @@ def test_oom_and_errors_become_rows(monkeypatch):
     assert by["sdpa-flash"]["status"] == "oom" and by["sdpa-flash"]["median_ms"] is None
 
 
+def test_wrong_results_are_not_timed(monkeypatch):
+    original = C.OursAttention.forward
+
+    def nan_in_torch(self, i):
+        out = original(self, i)
+        return out * float("nan") if self.name == "torch" else out
+
+    monkeypatch.setattr(C.OursAttention, "forward", nan_in_torch)
+    rows = run_case(_attention_case("fwd+bwd"), ["reference", "torch"], Timer(CPU),
+                    Settings(warmup=0, repeats=1, rounds=1), _ceilings(), _log)
+    by = {r["backend"]: r for r in rows}
+    assert by["reference"]["status"] == "ok" and by["reference"]["max_rel_err"] < 1e-6
+    assert by["torch"]["status"] == "wrong" and by["torch"]["median_ms"] is None
+    assert by["torch"]["max_rel_err"] != by["torch"]["max_rel_err"]  # NaN, never a perfect 0.0
+
+
+def test_rel_err_is_nan_for_non_finite_results():
+    from ccam_kernels.bench.runner import _rel_err
+
+    ref = [torch.ones(5)]
+    assert _rel_err([torch.full((5,), float("nan"))], ref) != _rel_err([torch.full((5,), float("nan"))], ref)
+    assert _rel_err([torch.full((5,), float("inf"))], ref) != 0.0
+    assert _rel_err([torch.ones(5) * 1.1], ref) == pytest.approx(0.1)
+
+
+def test_lost_cuda_context_skips_the_rest(monkeypatch):
+    def lost(self, i):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(C.SdpaAnchor, "forward", lost)
+    cases = [_attention_case("fwd", (t,)) for t in (1, 2)]
+    written = []
+    result = run_suite(cases, {"attention": ["reference", "sdpa-flash"]}, CPU,
+                       Settings(warmup=0, repeats=1, rounds=1), log=_log, on_case=written.append)
+    status = [(r["frame_counts"], r["backend"], r["status"]) for r in result["rows"]]
+    assert status == [([1], "reference", "error"), ([1], "sdpa-flash", "error"),
+                      ([2], "reference", "skipped"), ([2], "sdpa-flash", "skipped")]
+    assert "illegal memory access" in result["rows"][3]["reason"]
+    assert len(written) == 2 and written[-1]["complete"]
+
+
 def test_time_budget_skips_cases_but_keeps_rows():
     cases = [_attention_case("fwd", (t,)) for t in (1, 2)]
     result = run_suite(cases, {"attention": ["reference", "torch"]}, CPU,

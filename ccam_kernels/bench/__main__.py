@@ -175,14 +175,17 @@ def main(argv=None) -> int:
     summary = "; ".join(f"{bench}: {', '.join(names)}" for bench, names in contestants.items())
     print(f"ccam-bench: {len(cases)} cases on {device} ({summary}); {settings.rounds} rounds of up to "
           f"{settings.repeats} timed calls per row", file=sys.stderr)
-    result = run_suite(cases, contestants, device, settings)
+    def checkpoint(partial):  # every finished case is on disk at once, in case the run is cut short
+        write_outputs(build_result(partial, device), args.out, plots=False)
+
+    result = run_suite(cases, contestants, device, settings, on_case=checkpoint)
     doc = build_result(result, device)
     print()
     print(format_table(doc["rows"]))
     paths = write_outputs(doc, args.out)
     print("\nwrote " + ", ".join(paths.values()))
-    broken = [r for r in doc["rows"] if r["status"] == "error" and r["kind"] != "anchor"]
-    for row in (r for r in doc["rows"] if r["status"] == "error"):
+    broken = [r for r in doc["rows"] if r["status"] in ("error", "wrong") and r["kind"] != "anchor"]
+    for row in (r for r in doc["rows"] if r["status"] in ("error", "wrong")):
         print(f"ccam-bench: error in {row['backend']} ({row['bench']} {row['pass']} T={row['frames']} "
               f"B={row['batch']}): {row['reason']}", file=sys.stderr)
     return 1 if broken else 0

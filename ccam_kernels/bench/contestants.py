@@ -17,6 +17,8 @@ reference, torch, triton, cuda, or flex.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import warnings
 
 import torch
@@ -97,6 +99,26 @@ class AttentionInputs:
         return elems * case.dtype.itemsize
 
 
+    def upcast(self):
+        """Set 0 in float32 (float64 stays): the inputs of the error anchor."""
+        return _Upcast(self, [{name: _wider(x) for name, x in self.sets[0].items()}])
+
+
+def _wider(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype in (torch.float32, torch.float64):
+        return x.detach().clone().requires_grad_(x.requires_grad)
+    return x.detach().float().requires_grad_(x.requires_grad)
+
+
+class _Upcast:
+    def __init__(self, inputs, sets, module=None):
+        wide = torch.float64 if inputs.case.dtype == torch.float64 else torch.float32
+        self.case = dataclasses.replace(inputs.case, dtype=wide)
+        self.device, self.sets = inputs.device, sets
+        if module is not None:
+            self.module = module
+
+
 class ProjectorInputs:
     """One CCAMProjector (eval mode: dropout off) and ``sets[i]`` = dict(features (F, P, Cv),
     dout (B, N, output_size))."""
@@ -114,6 +136,13 @@ class ProjectorInputs:
                                   dtype=case.dtype))
             for _ in range(num_sets)
         ]
+
+    def upcast(self):
+        """Set 0 and a copy of the module in float32 (float64 stays)."""
+        module = copy.deepcopy(self.module)
+        if self.case.dtype != torch.float64:
+            module.float()
+        return _Upcast(self, [{name: _wider(x) for name, x in self.sets[0].items()}], module)
 
     @staticmethod
     def bytes_per_set(case) -> int:
@@ -192,11 +221,14 @@ class SdpaAnchor(Contestant):
         B, N, P = len(case.frame_counts), cfg.num_query, case.tokens_per_frame
         self.offsets = key_offsets(case.frame_counts, P)
         lmax = max(case.frame_counts) * P
-        bias = torch.full((B, 1, N, lmax), float("-inf"), device=inputs.device, dtype=case.dtype)
+        # Rows padded to a multiple of 16 elements: SDPA's kernels want aligned mask strides and
+        # would otherwise copy the whole mask into an aligned buffer inside every timed call.
+        stride = -(-lmax // 16) * 16
+        bias = torch.full((B, 1, N, stride), float("-inf"), device=inputs.device, dtype=case.dtype)
         for b, t in enumerate(case.frame_counts):
             visible = dense_mask(N, t, P, device=inputs.device)
             bias[b, 0, :, : t * P].masked_fill_(visible, 0.0)
-        self.bias = bias
+        self.bias = bias[..., :lmax]
         grad = case.pass_ != "fwd"
         self.native = []
         for s in inputs.sets:
@@ -256,7 +288,7 @@ class FlexAnchor(Contestant):
         B, N, H, D = len(case.frame_counts), cfg.num_query, cfg.num_heads, cfg.head_dim
         if inputs.device.type == "cpu" and case.pass_ != "fwd":
             raise Unsupported("FlexAttention has no backward on CPU")
-        self.mask = _FLEX.block_mask(N, case.frame_counts, case.tokens_per_frame, inputs.device)
+        self.mask = _FLEX.block_mask(N, case.frame_counts, case.tokens_per_frame, inputs.sets[0]["q"].device)
         grad = case.pass_ != "fwd"
         self.native = []
         for s in inputs.sets:
@@ -347,6 +379,19 @@ def capture_reason(exc: BaseException, caught: list) -> str:
     lines = [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
     head = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     return "; ".join(dict.fromkeys([head, *lines]))[:500]
+
+
+def error_anchor(bench: str, inputs, pass_: str) -> list:
+    """The reference's results on set 0, computed in float32 (float64 stays float64): what
+    every row's max_rel_err is measured against, so that a low-precision row's error (the
+    reference's own row included) is its distance from the math, not from another rounding."""
+    wide = inputs.upcast()
+    anchor = make_contestant(bench, "reference")
+    anchor.prepare(wide)
+    try:
+        return run_once(anchor, pass_)
+    finally:
+        anchor.release()
 
 
 def run_once(contestant: Contestant, pass_: str):

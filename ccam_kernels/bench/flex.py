@@ -34,9 +34,12 @@ def _cdiv(a: int, b: int) -> int:
 def compiled_flex_attention():
     """``torch.compile(flex_attention)``, created once per process.
 
-    Every new shape compiles again (automatic dynamic shapes then take over), so the limit on
-    recompilations is raised: past it, dynamo silently falls back to eager FlexAttention,
-    which materializes every score and would make the anchor look far worse than it is.
+    ``dynamic=False``: every shape gets its own specialized kernels, as a user who compiles
+    for a fixed frame count would get (automatic dynamic shapes would give the first shape a
+    static kernel and later ones a symbolic one: rows not comparable with each other). The
+    recompile limit is raised for the sweep, and ``fullgraph=True`` turns what would be a
+    silent fallback to eager FlexAttention (every score materialized: an anchor made to look
+    far worse than it is) into an error row.
     """
     global _compiled
     if _compiled is None:
@@ -47,7 +50,7 @@ def compiled_flex_attention():
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(cfg, name):
                 setattr(cfg, name, max(getattr(cfg, name), 256))
-        _compiled = torch.compile(flex_attention)
+        _compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
     return _compiled
 
 

@@ -70,6 +70,7 @@ def build_result(result: dict, device: torch.device) -> dict:
         "ceilings": result["ceilings"],
         "settings": result.get("settings"),
         "elapsed_s": result.get("elapsed_s"),
+        "complete": result.get("complete", True),
         "rows": result["rows"],
     }
 
@@ -103,6 +104,8 @@ def write_markdown(doc: dict, path: str) -> None:
         f.write(f"# ccam-bench results\n\n{doc['date']} · commit `{doc['commit'][:12]}`"
                 f"{' (dirty tree)' if doc.get('commit_dirty') else ''} · {doc['device']} · torch {doc['torch']}"
                 f" · triton {doc.get('triton')}\n\n")
+        if not doc.get("complete", True):
+            f.write("**Partial run**: written after a case finished; the run did not reach its end.\n\n")
         f.write(f"Ceilings measured in this run: GEMM TFLOP/s {rates}; copy {c['copy_gbps']:.1f} GB/s.\n\n"
                 "TFLOP/s counts live FLOPs only (masked pairs excluded), the same count for every backend; "
                 "'% ceiling' divides it by the GEMM rate of the row's dtype. 'spread %' is how far apart the "
@@ -158,7 +161,7 @@ def format_summary(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(doc: dict, out_dir: str) -> dict:
+def write_outputs(doc: dict, out_dir: str, plots: bool = True) -> dict:
     """results.json, results.md (every column), summary.md (the short table) and the plots (latency, speedup, % of ceiling, peak memory)."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md")}
@@ -169,5 +172,6 @@ def write_outputs(doc: dict, out_dir: str) -> dict:
     paths["summary"] = os.path.join(out_dir, "summary.md")
     with open(paths["summary"], "w", encoding="utf-8") as f:
         f.write(format_summary(doc))
-    paths.update(write_plots(doc, out_dir))
+    if plots:
+        paths.update(write_plots(doc, out_dir))
     return paths

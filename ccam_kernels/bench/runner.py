@@ -22,6 +22,7 @@ from .contestants import (
     ProjectorInputs,
     Unsupported,
     capture_reason,
+    error_anchor,
     kind_of,
     make_contestant,
     pass_functions,
@@ -85,12 +86,28 @@ def _fail(row: dict, status: str, reason: str) -> dict:
     return row
 
 
+# A row whose error against the (float32) reference exceeds this is "wrong", not timed: a
+# timing of a wrong answer is worth nothing. Loose on purpose: it catches garbage (NaN, a
+# missed mask, a wrong gradient), while the tests hold the tight tolerances.
+WRONG_ABOVE = {"float64": 1e-8, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+_CHUNK = 1 << 24
+
+
 def _rel_err(got: list, ref: list) -> float:
-    """Largest ||x - ref|| / ||ref|| over the compared tensors, in float64."""
+    """Largest ||x - ref|| / ||ref|| over the compared tensors; NaN if any is not finite.
+    Sums of squares in float64 over chunks, so no float64 copy of a whole tensor is made."""
     worst = 0.0
     for x, r in zip(got, ref):
-        x, r = x.double(), r.double()
-        worst = max(worst, float((x - r).norm() / r.norm().clamp_min(1e-300)))
+        x, r = x.reshape(-1), r.reshape(-1)
+        diff2 = ref2 = 0.0
+        for i in range(0, x.numel(), _CHUNK):
+            xs, rs = x[i:i + _CHUNK].double(), r[i:i + _CHUNK].double()
+            diff2 += float((xs - rs).square().sum())
+            ref2 += float(rs.square().sum())
+        err = (diff2 / max(ref2, 1e-300)) ** 0.5
+        if err != err or err == float("inf"):
+            return float("nan")
+        worst = max(worst, err)
     return worst
 
 
@@ -98,9 +115,30 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+class WrongResult(Exception):
+    """A contestant's result is too far from the reference to be worth timing."""
+
+
+class DeviceLost(RuntimeError):
+    """The CUDA context is unusable (illegal memory access, device-side assert): no later
+    case can run in this process."""
+
+
+_STICKY = ("illegal memory access", "device-side assert", "unspecified launch failure", "CUDA error: misaligned")
+
+
+def _check_sticky(exc: BaseException) -> None:
+    if any(s in str(exc) for s in _STICKY):
+        raise DeviceLost(str(exc).strip().splitlines()[0]) from exc
+
+
 def _free(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError as exc:
+            _check_sticky(exc)
+            raise
 
 
 def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings: dict, log,
@@ -121,6 +159,16 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
         return [_fail(_base_row(case, n), "oom", "the inputs do not fit in memory") for n in names]
 
     rows, live, ref = [], [], None
+    try:
+        ref = error_anchor(case.bench, inputs, case.pass_)
+        sync(device)
+    except Exception as exc:  # noqa: BLE001 - without a float32 reference, rows carry no error
+        _check_sticky(exc)
+        _free(device)
+        log(f"  the float32 reference for the error column failed ({capture_reason(exc, [])}); "
+            "errors are measured against the reference row instead")
+    fallback = ref is None
+    tolerance = WRONG_ABOVE.get(str(case.dtype).replace("torch.", ""), 1e-4)
     for name in names:
         row = _base_row(case, name)
         rows.append(row)
@@ -133,22 +181,27 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
             got = run_once(contestant, case.pass_)
             sync(device)
             first_s = time.perf_counter() - t0
-            if name == "reference":
+            if name == "reference" and fallback:
                 ref = got
             row["max_rel_err"] = _rel_err(got, ref) if ref is not None else None
             del got
             if name == "flex":
                 row["compile_s"] = first_s
+            err = row["max_rel_err"]
+            if err is not None and not err <= tolerance:
+                raise WrongResult(f"WRONG: error {err:.2e} against the reference exceeds {tolerance:.0e}; not timed")
             setup, run = pass_functions(contestant, case.pass_, num_sets)
             est_ms = timer.estimate_ms(setup, run, 1, settings.warmup) if settings.warmup else first_s * 1e3
             live.append((contestant, row, setup, run, max(est_ms, 1e-3)))
             log(f" checked (err {row['max_rel_err'] if row['max_rel_err'] is not None else float('nan'):.1e}, "
                 f"first call {first_s:.2f} s)")
-        except Unsupported as exc:
-            _fail(row, "unsupported", str(exc))
+        except (Unsupported, WrongResult) as exc:
+            wrong = isinstance(exc, WrongResult)
+            _fail(row, "wrong" if wrong else "unsupported", str(exc))
             contestant.release()
-            log(f" unsupported: {exc}")
+            log(f" {'' if wrong else 'unsupported: '}{exc}")
         except Exception as exc:  # noqa: BLE001 - one failing contestant must not end the suite
+            _check_sticky(exc)
             contestant.release()
             _free(device)
             if _is_oom(exc):
@@ -179,6 +232,7 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
                     times[id(contestant)][r].append(ms)
                     peaks[id(contestant)].append(peak)
             except Exception as exc:  # noqa: BLE001
+                _check_sticky(exc)
                 _free(device)
                 if _is_oom(exc):
                     _fail(row, "oom", "out of memory while timing")
@@ -213,11 +267,14 @@ def _default_log(msg: str = "", end: str = "\n") -> None:
     print(msg, end=end, file=sys.stderr, flush=True)
 
 
-def run_suite(cases, contestants, device, settings: Settings = Settings(), *, log=None) -> dict:
+def run_suite(cases, contestants, device, settings: Settings = Settings(), *, log=None, on_case=None) -> dict:
     """Measure the ceilings, then every case. ``contestants`` maps a bench name to the
-    contestant names to run (reference first). Returns {"ceilings", "rows", "settings", ...}."""
+    contestant names to run (reference first). Returns {"ceilings", "rows", "settings", ...}.
+    ``on_case(partial_result)`` is called after every case (ccam-bench writes the files then,
+    so a run cut short still leaves every finished row on disk)."""
     log = log or _default_log
     device = torch.device(device)
+    t0 = time.perf_counter()
     dtypes = sorted({c.dtype for c in cases}, key=str)
     log("measuring the machine's ceilings (GEMM rate per dtype, copy bandwidth) ...")
     ceilings = measure_ceilings(device, dtypes)
@@ -225,26 +282,45 @@ def run_suite(cases, contestants, device, settings: Settings = Settings(), *, lo
     log(f"  GEMM TFLOP/s: {rates}; copy {ceilings['copy_gbps']:.1f} GB/s")
     timer = Timer(device)
     rows = []
-    t0 = time.perf_counter()
+    lost = None
+
+    def result():
+        return {
+            "ceilings": ceilings,
+            "rows": rows,
+            "settings": {"warmup": settings.warmup, "repeats": settings.repeats, "rounds": settings.rounds,
+                         "max_seconds": settings.max_seconds, "l2_flush": device.type == "cuda"},
+            "elapsed_s": time.perf_counter() - t0,
+            "complete": len({(r["bench"], r["pass"], tuple(r["frame_counts"]), r["dtype"]) for r in rows}) == len(cases),
+        }
+
     for i, case in enumerate(cases):
         elapsed = time.perf_counter() - t0
         names = contestants[case.bench]
+        if lost:
+            rows += [_fail(_base_row(case, n), "skipped", f"the CUDA context was lost earlier: {lost}") for n in names]
+            if on_case is not None:
+                on_case(result())
+            continue
         budget = None
         if settings.max_seconds is not None:
             left = settings.max_seconds - elapsed
             if left <= 0:
                 log(f"[{i + 1}/{len(cases)}] {case.label}: skipped, the time budget is spent")
                 rows += [_fail(_base_row(case, n), "skipped", "time budget spent") for n in names]
+                if on_case is not None:
+                    on_case(result())
                 continue
             # Timed calls get at most half of this case's share; checks and warm-ups take the rest.
             budget = 0.5 * left / (len(cases) - i)
         eta = f", about {elapsed / i * (len(cases) - i):.0f} s left" if i else ""
         log(f"[{i + 1}/{len(cases)}] {case.label}  (elapsed {elapsed:.0f} s{eta})")
-        rows += run_case(case, names, timer, settings, ceilings, log, budget)
-    return {
-        "ceilings": ceilings,
-        "rows": rows,
-        "settings": {"warmup": settings.warmup, "repeats": settings.repeats, "rounds": settings.rounds,
-                     "max_seconds": settings.max_seconds, "l2_flush": device.type == "cuda"},
-        "elapsed_s": time.perf_counter() - t0,
-    }
+        try:
+            rows += run_case(case, names, timer, settings, ceilings, log, budget)
+        except DeviceLost as exc:
+            lost = str(exc)
+            log(f"  THE CUDA CONTEXT IS LOST ({lost}); the remaining cases become skipped rows")
+            rows += [_fail(_base_row(case, n), "error", f"CUDA context lost: {lost}") for n in names]
+        if on_case is not None:
+            on_case(result())
+    return result()

@@ -8,7 +8,8 @@
 # bench.log, results.json / results.md / summary.md / *.png (ccam-bench), and SUITE.md, the
 # short report of the whole call. BENCH_MINUTES (default 5.5) is ccam-bench's time budget:
 # repeats shrink to fit it and cases past it become "skipped" rows, so the whole call ends
-# within about 8 minutes. Every step runs even if an earlier one failed (a failing test does
+# within about 8 minutes. CCAM_SUITE_BENCH_ARGS replaces the benchmark sweep and
+# CCAM_SUITE_SKIP_INSTALL=1 skips the install (both for the CPU test of this script). Every step runs even if an earlier one failed (a failing test does
 # not hide the benchmark numbers); the exit status is that of the first failed step.
 set -uo pipefail
 
@@ -56,9 +57,13 @@ say "environment written to env.txt"
 #    extension is built, and must build, when csrc/ holds kernels.
 if find csrc -name '*.cu' 2>/dev/null | grep -q .; then export CCAM_BUILD_CUDA=1; else export CCAM_BUILD_CUDA=0; fi
 export MAX_JOBS=${MAX_JOBS:-16}
-say "installing (CCAM_BUILD_CUDA=$CCAM_BUILD_CUDA) ..."
-python -m pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1
-step "install (CCAM_BUILD_CUDA=$CCAM_BUILD_CUDA)" $?
+if [ "${CCAM_SUITE_SKIP_INSTALL:-0}" = 1 ]; then
+  say "install skipped (CCAM_SUITE_SKIP_INSTALL=1)"
+else
+  say "installing (CCAM_BUILD_CUDA=$CCAM_BUILD_CUDA) ..."
+  python -m pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1
+  step "install (CCAM_BUILD_CUDA=$CCAM_BUILD_CUDA)" $?
+fi
 python -c "import ccam_kernels; print('usable backends:', ccam_kernels.available_backends())" >> "$OUT/env.txt" 2>&1
 
 # 3. The GPU tests (marked gpu), with a hard time limit.
@@ -70,9 +75,10 @@ tail -n 3 "$OUT/tests.log" | sed 's/^/    /' >&2
 
 # 4. The benchmark suite: our backends and every anchor, the ceilings measured in the run.
 say "benchmarks (budget ${MINUTES} min) ..."
-timeout $(( ${MINUTES%.*} * 60 + 150 )) python -m ccam_kernels.bench \
-  --bench attention,projector --pass fwd,bwd,fwd+bwd --frames 16,32,64,96 --batch 1,8 \
-  --ragged 16,96,33,64 --max-minutes "$MINUTES" --out "$OUT" > "$OUT/bench.log" 2>&1
+BENCH_ARGS=${CCAM_SUITE_BENCH_ARGS:-"--bench attention,projector --pass fwd,bwd,fwd+bwd --frames 16,32,64,96 --batch 1,8 --ragged 16,96,33,64"}
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
+timeout $(( ${MINUTES%.*} * 60 + 150 )) python -m ccam_kernels.bench $BENCH_ARGS \
+  --max-minutes "$MINUTES" --out "$OUT" > "$OUT/bench.log" 2>&1
 step "ccam-bench" $?
 
 # 5. The short report.

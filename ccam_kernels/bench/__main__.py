@@ -20,7 +20,7 @@ import torch
 
 from ..config import CCAMConfig
 from .contestants import ATTENTION_CONTESTANTS, PROJECTOR_CONTESTANTS, default_contestants
-from .report import build_result, format_table, write_outputs
+from .report import build_result, format_table, git_commit, write_outputs
 from .runner import BENCHES, PASSES, BenchCase, Settings, run_suite
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -175,11 +175,13 @@ def main(argv=None) -> int:
     summary = "; ".join(f"{bench}: {', '.join(names)}" for bench, names in contestants.items())
     print(f"ccam-bench: {len(cases)} cases on {device} ({summary}); {settings.rounds} rounds of up to "
           f"{settings.repeats} timed calls per row", file=sys.stderr)
+    commit = git_commit()  # the code measured is the code at the start
+
     def checkpoint(partial):  # every finished case is on disk at once, in case the run is cut short
-        write_outputs(build_result(partial, device), args.out, plots=False)
+        write_outputs(build_result(partial, device, commit), args.out, plots=False)
 
     result = run_suite(cases, contestants, device, settings, on_case=checkpoint)
-    doc = build_result(result, device)
+    doc = build_result(result, device, commit)
     print()
     print(format_table(doc["rows"]))
     paths = write_outputs(doc, args.out)

@@ -49,15 +49,16 @@ def device_name(device: torch.device) -> str:
     return f"CPU {model} ({torch.get_num_threads()} threads)"
 
 
-def build_result(result: dict, device: torch.device) -> dict:
-    """The SPEC 5 document."""
+def build_result(result: dict, device: torch.device, commit: tuple | None = None) -> dict:
+    """The SPEC 5 document. ``commit`` = git_commit() taken when the run started (what was
+    measured); by default it is read now."""
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    sha, dirty = git_commit()
+    sha, dirty = commit or git_commit()
     return {
         "schema": 1,
         "commit": sha,
@@ -122,6 +123,11 @@ def write_markdown(doc: dict, path: str) -> None:
                         f"{r['backend']}: {r['status']} ({r.get('reason')})\n")
 
 
+def _ms(value: float) -> str:
+    """Three significant digits without exponents: 2517, 84.2, 0.731."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def format_summary(doc: dict) -> str:
     """The short table: one line per case, one column per backend, "median ms (x ref)";
     for projector rows also the roofline floor. Markdown."""
@@ -135,12 +141,12 @@ def format_summary(doc: dict) -> str:
         if r.get("median_ms") is None:
             text = r.get("status", "-")
         else:
-            text = f"{r['median_ms']:.3g}"
+            text = _ms(r["median_ms"])
             if r.get("speedup_vs_reference") and r["backend"] != "reference":
                 text += f" ({r['speedup_vs_reference']:.2f}x)"
         cells[case, r["backend"]] = text
         if r.get("floor_ms"):
-            floors[case] = f"{r['floor_ms']:.3g}"
+            floors[case] = _ms(r["floor_ms"])
     header = ["bench", "pass", "frames", "B", "dtype", *backends] + (["floor ms"] if floors else [])
     c = doc["ceilings"]
     lines = [

@@ -75,7 +75,7 @@ tail -n 3 "$OUT/tests.log" | sed 's/^/    /' >&2
 
 # 4. The benchmark suite: our backends and every anchor, the ceilings measured in the run.
 say "benchmarks (budget ${MINUTES} min) ..."
-BENCH_ARGS=${CCAM_SUITE_BENCH_ARGS:-"--bench attention,projector --pass fwd,bwd,fwd+bwd --frames 16,32,64,96 --batch 1,8 --ragged 16,96,33,64"}
+BENCH_ARGS=${CCAM_SUITE_BENCH_ARGS:-"--bench attention,projector --pass fwd,fwd+bwd,bwd --frames 96,16,64,32 --batch 1,8 --ragged 16,96,33,64"}
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
 timeout $(( ${MINUTES%.*} * 60 + 150 )) python -m ccam_kernels.bench $BENCH_ARGS \
   --max-minutes "$MINUTES" --out "$OUT" > "$OUT/bench.log" 2>&1

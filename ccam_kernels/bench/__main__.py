@@ -6,6 +6,7 @@
     ccam-bench --pass fwd,bwd,fwd+bwd --frames 96 --batch 1,8 --backends reference,torch,flex
     ccam-bench --ragged 16,96,33,64    # add a ragged batch (repeat the flag for more)
     ccam-bench --max-minutes 6         # fit a time budget: fewer repeats, then skip cases
+                                       # (cases run in the order of --pass, --frames, --batch)
     ccam-bench compare A.json B.json   # per-row ratio of two runs (files or output folders)
 
 Explicit flags override what --quick and --full choose.
@@ -121,9 +122,11 @@ def build_cases(args, device: torch.device) -> list[BenchCase]:
         dtypes = (("bfloat16", "float16") if args.full else ("bfloat16",)) if gpu else ("float32",)
     benches = args.bench or BENCHES
     shapes = [(t,) * b for b in batches for t in frames] + [tuple(r) for r in ragged]
+    # Run order = priority order when a time budget cuts the tail: the passes, frames and
+    # batches in the order given, attention and projector side by side. Tables sort anyway.
     return [
         BenchCase(bench, pass_, counts, DTYPES[dtype], config, args.tokens_per_frame)
-        for dtype in dtypes for bench in benches for pass_ in passes for counts in shapes
+        for dtype in dtypes for pass_ in passes for counts in shapes for bench in benches
     ]
 
 

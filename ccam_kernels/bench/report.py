@@ -49,6 +49,20 @@ def device_name(device: torch.device) -> str:
     return f"CPU {model} ({torch.get_num_threads()} threads)"
 
 
+_BENCH_ORDER = {"attention": 0, "projector": 1}
+_PASS_ORDER = {"fwd": 0, "bwd": 1, "fwd+bwd": 2}
+
+
+def sorted_rows(rows: list) -> list:
+    """Rows in reading order: bench, pass, dtype, uniform batches by (B, frames), then ragged
+    ones; backends keep their run order (reference first)."""
+    def key(row):
+        ragged = len(set(row["frame_counts"])) > 1
+        return (_BENCH_ORDER.get(row["bench"], 9), _PASS_ORDER.get(row["pass"], 9), row["dtype"], ragged,
+                row["batch"], row["frame_counts"])
+    return sorted(rows, key=key)
+
+
 def build_result(result: dict, device: torch.device, commit: tuple | None = None) -> dict:
     """The SPEC 5 document. ``commit`` = git_commit() taken when the run started (what was
     measured); by default it is read now."""
@@ -72,7 +86,7 @@ def build_result(result: dict, device: torch.device, commit: tuple | None = None
         "settings": result.get("settings"),
         "elapsed_s": result.get("elapsed_s"),
         "complete": result.get("complete", True),
-        "rows": result["rows"],
+        "rows": sorted_rows(result["rows"]),
     }
 
 

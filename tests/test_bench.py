@@ -15,7 +15,7 @@ from ccam_kernels.bench.flex import FlexCCAMAttention, block_tables, packed_key_
 from ccam_kernels.bench.flops import attention_flops, projector_flops
 from ccam_kernels.bench.runner import BenchCase, Settings, run_case, run_suite
 from ccam_kernels.bench.timing import Timer, rotation_count, summarize
-from ccam_kernels.mask import dense_mask, key_offsets
+from ccam_kernels.mask import key_offsets
 
 from oracle import attention_oracle, oracle_visibility
 
@@ -283,7 +283,8 @@ def test_ccam_bench_end_to_end(tmp_path, tiny_config, capsys):
     doc = json.loads((out / "results.json").read_text())
     for key in ("schema", "commit", "date", "device", "torch", "triton", "cuda", "ceilings", "rows", "settings"):
         assert key in doc
-    assert doc["schema"] == 1
+    assert doc["schema"] == 1 and doc["complete"] is True
+    assert doc["settings"]["tokens_per_frame"] == 3 and doc["settings"]["config"]["num_query"] == 13
     assert doc["ceilings"]["matmul_tflops"] > 0 and doc["ceilings"]["copy_gbps"] > 0
     att, proj = C.default_contestants("attention", CPU), C.default_contestants("projector", CPU)
     assert len(doc["rows"]) == 3 * 3 * (len(att) + len(proj))  # passes x shapes x contestants
@@ -338,3 +339,36 @@ def test_ccam_bench_reports_unreadable_config(tmp_path, capsys):
 def test_ccam_bench_refuses_unusable_backend(capsys, tmp_path, name):
     assert main(["--backends", name, "--out", str(tmp_path)]) == 2
     assert "not usable here" in capsys.readouterr().err
+
+
+def test_full_with_backward_and_duplicate_shapes():
+    from ccam_kernels.bench.__main__ import build_cases, build_parser
+
+    cases = build_cases(build_parser().parse_args(["--full", "--backward", "--frames", "4,4", "--batch", "1",
+                                                   "--bench", "attention"]), CPU)
+    assert sorted({c.pass_ for c in cases}) == ["fwd", "fwd+bwd"]  # explicit flags beat --full
+    assert [c.frame_counts for c in cases if c.pass_ == "fwd"] == [(4,), (16, 96, 33, 64)]
+
+
+def test_backends_that_run_no_bench_are_refused(capsys, tmp_path):
+    assert main(["--bench", "projector", "--backends", "sdpa-flash", "--out", str(tmp_path)]) == 2
+    assert "none of --backends" in capsys.readouterr().err
+
+
+def test_compare_warns_on_different_problems_and_unknown_filters(tmp_path, capsys):
+    from ccam_kernels.bench.compare import main as compare_main
+
+    row = {"bench": "attention", "pass": "fwd", "backend": "torch", "kind": "ours", "dtype": "float32",
+           "frames": 1, "frame_counts": [1], "batch": 1, "status": "ok", "median_ms": 1.0, "spread_pct": 1.0}
+    docs = []
+    for p in (3, 729):
+        doc = {"schema": 1, "commit": "x" * 40, "date": "2026-11-21", "device": "cpu",
+               "ceilings": {"matmul_tflops": 1.0, "copy_gbps": 1.0}, "settings": {"tokens_per_frame": p},
+               "rows": [row]}
+        path = tmp_path / f"p{p}.json"
+        path.write_text(json.dumps(doc))
+        docs.append(str(path))
+    assert compare_main(docs) == 0
+    assert "different tokens_per_frame (3 vs 729)" in capsys.readouterr().out
+    assert compare_main(docs + ["--backend", "trition"]) == 2
+    assert "in neither run" in capsys.readouterr().err

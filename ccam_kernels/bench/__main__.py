@@ -6,7 +6,7 @@
     ccam-bench --pass fwd,bwd,fwd+bwd --frames 96 --batch 1,8 --backends reference,torch,flex
     ccam-bench --ragged 16,96,33,64    # add a ragged batch (repeat the flag for more)
     ccam-bench --max-minutes 6         # fit a time budget: fewer repeats, then skip cases
-                                       # (cases run in the order of --pass, --frames, --batch)
+                                       # (run order: dtype, --pass, --batch, --frames, ragged last)
     ccam-bench compare A.json B.json   # per-row ratio of two runs (files or output folders)
 
 Explicit flags override what --quick and --full choose.
@@ -20,7 +20,8 @@ import sys
 import torch
 
 from ..config import CCAMConfig
-from .contestants import ATTENTION_CONTESTANTS, PROJECTOR_CONTESTANTS, default_contestants
+from ..attention import BACKENDS
+from .contestants import ATTENTION_CONTESTANTS, PROJECTOR_CONTESTANTS, SDPA_ANCHORS, default_contestants
 from .report import build_result, format_table, git_commit, write_outputs
 from .runner import BENCHES, PASSES, BenchCase, Settings, run_suite
 
@@ -114,20 +115,32 @@ def build_cases(args, device: torch.device) -> list[BenchCase]:
     ragged = tuple(args.ragged or (FULL_RAGGED if args.full else ()))
     if args.passes:
         passes = args.passes
+    elif args.backward:
+        passes = ("fwd", "fwd+bwd")
     else:
-        passes = PASSES if args.full else (("fwd", "fwd+bwd") if args.backward else ("fwd",))
+        passes = PASSES if args.full else ("fwd",)
     if args.dtype:
         dtypes = args.dtype
     else:
         dtypes = (("bfloat16", "float16") if args.full else ("bfloat16",)) if gpu else ("float32",)
     benches = args.bench or BENCHES
-    shapes = [(t,) * b for b in batches for t in frames] + [tuple(r) for r in ragged]
-    # Run order = priority order when a time budget cuts the tail: the passes, frames and
-    # batches in the order given, attention and projector side by side. Tables sort anyway.
+    shapes = list(dict.fromkeys([(t,) * b for b in batches for t in frames] + [tuple(r) for r in ragged]))
+    # Run order = priority order when a time budget cuts the tail: dtypes, passes, batches and
+    # frames in the order given (ragged batches last), attention and projector side by side.
+    # Tables sort anyway.
     return [
         BenchCase(bench, pass_, counts, DTYPES[dtype], config, args.tokens_per_frame)
         for dtype in dtypes for pass_ in passes for counts in shapes for bench in benches
     ]
+
+
+def _why_not_here(name: str, device: torch.device) -> str:
+    if name in BACKENDS:
+        why = BACKENDS[name].why_unusable()
+        return why or f"it runs on {', '.join(BACKENDS[name].devices)}, not {device.type}"
+    if name in SDPA_ANCHORS:
+        return f"it runs on {', '.join(SDPA_ANCHORS[name][1])}, not {device.type}"
+    return "not available"
 
 
 def choose_contestants(args, device: torch.device, benches) -> dict:
@@ -140,7 +153,11 @@ def choose_contestants(args, device: torch.device, benches) -> dict:
             names = [n for n in args.backends if n in allowed]
             unusable = [n for n in names if n not in here]
             if unusable:
-                raise ValueError(f"backends {unusable} are not usable here ({device.type}); usable: {here}")
+                why = "; ".join(f"{n}: {_why_not_here(n, device)}" for n in unusable)
+                raise ValueError(f"backends {unusable} are not usable here ({why}); usable for {bench}: {here}")
+            if not names:
+                raise ValueError(f"none of --backends {list(args.backends)} runs the {bench} bench "
+                                 f"(it runs {list(allowed)}); add one or drop {bench} from --bench")
         else:
             names = here
         chosen[bench] = sorted(names, key=lambda n: n != "reference")
@@ -181,10 +198,13 @@ def main(argv=None) -> int:
     commit = git_commit()  # the code measured is the code at the start
 
     def checkpoint(partial):  # every finished case is on disk at once, in case the run is cut short
-        write_outputs(build_result(partial, device, commit), args.out, plots=False)
+        doc = build_result(partial, device, commit)
+        doc["settings"].update(tokens_per_frame=args.tokens_per_frame, config=cases[0].config.to_dict())
+        write_outputs(doc, args.out, plots=False)
 
     result = run_suite(cases, contestants, device, settings, on_case=checkpoint)
     doc = build_result(result, device, commit)
+    doc["settings"].update(tokens_per_frame=args.tokens_per_frame, config=cases[0].config.to_dict())
     print()
     print(format_table(doc["rows"]))
     paths = write_outputs(doc, args.out)

@@ -140,11 +140,17 @@ def summarize(entries: list[dict]) -> str:
 
 
 def device_warning(doc_a: dict, doc_b: dict):
-    """A warning line when the two runs come from different devices, else None."""
-    if doc_a.get("device") == doc_b.get("device"):
-        return None
-    return (f"WARNING: different devices ({doc_a.get('device')} vs {doc_b.get('device')}): "
-            f"the ratios compare different machines, not only different code")
+    """A warning line when the two runs come from different devices or measured different
+    problem settings (tokens per frame, projector config), else None."""
+    warnings = []
+    if doc_a.get("device") != doc_b.get("device"):
+        warnings.append(f"WARNING: different devices ({doc_a.get('device')} vs {doc_b.get('device')}): "
+                        f"the ratios compare different machines, not only different code")
+    for key in ("tokens_per_frame", "config"):
+        a, b = (doc_a.get("settings") or {}).get(key), (doc_b.get("settings") or {}).get(key)
+        if a is not None and b is not None and a != b:
+            warnings.append(f"WARNING: the runs measured different {key} ({a} vs {b}): same row names, different problems")
+    return "\n".join(warnings) or None
 
 
 def format_comparison(entries: list[dict], doc_a: dict, doc_b: dict, *, markdown: bool = False) -> str:
@@ -230,10 +236,16 @@ def main(argv=None) -> int:
         print(f"ccam-bench compare: error: {exc}", file=sys.stderr)
         return 2
     entries = compare(doc_a, doc_b, threshold_pct=args.threshold)
-    if args.bench:
-        entries = [e for e in entries if e["bench"] in args.bench]
-    if args.backend:
-        entries = [e for e in entries if e["backend"] in args.backend]
+    for field, wanted in (("bench", args.bench), ("backend", args.backend)):
+        if not wanted:
+            continue
+        present = {e[field] for e in entries}
+        unknown = sorted(set(wanted) - present)
+        if unknown:
+            print(f"ccam-bench compare: error: --{field} {unknown} is in neither run; present: {sorted(present)}",
+                  file=sys.stderr)
+            return 2
+        entries = [e for e in entries if e[field] in wanted]
     print(format_comparison(entries, doc_a, doc_b, markdown=args.markdown))
     return 0
 

@@ -111,30 +111,40 @@ def format_table(rows, markdown: bool = False) -> str:
     return "\n".join([fmt_line(header), fmt_line(["-" * w for w in widths])] + [fmt_line(c) for c in body])
 
 
-def write_markdown(doc: dict, path: str) -> None:
+def markdown_text(doc: dict) -> str:
+    """results.md: the run described, then every row with every column."""
+    out = []
     c = doc["ceilings"]
     rates = ", ".join(f"{k} {v:.2f}" for k, v in c.get("matmul_tflops_by_dtype", {c["matmul_dtype"]: c["matmul_tflops"]}).items())
     failed = [r for r in doc["rows"] if r.get("status", "ok") != "ok"]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f"# ccam-bench results\n\n{doc['date']} · commit `{doc['commit'][:12]}`"
-                f"{' (dirty tree)' if doc.get('commit_dirty') else ''} · {doc['device']} · torch {doc['torch']}"
-                f" · triton {doc.get('triton')}\n\n")
-        if not doc.get("complete", True):
-            f.write("**Partial run**: written after a case finished; the run did not reach its end.\n\n")
-        f.write(f"Ceilings measured in this run: GEMM TFLOP/s {rates}; copy {c['copy_gbps']:.1f} GB/s.\n\n"
-                "TFLOP/s counts live FLOPs only (masked pairs excluded), the same count for every backend; "
-                "'% ceiling' divides it by the GEMM rate of the row's dtype. 'spread %' is how far apart the "
-                "medians of the interleaved timing rounds are. 'x ref' is the speedup over the reference; "
-                "'x floor' (projector) is the latency over the roofline floor, every FLOP at the GEMM rate. "
-                "'rel err' is the largest ||x - x_ref|| / ||x_ref|| over the output (and the gradients when "
-                "the pass has a backward) against the reference of the same run. 'peak MB' is the peak "
-                "memory of a call above its inputs; 'compile s' is the first call of a compiled anchor.\n\n")
-        f.write(format_table(doc["rows"], markdown=True) + "\n")
-        if failed:
-            f.write("\nRows without a time:\n\n")
-            for r in failed:
-                f.write(f"- {r['bench']} {r['pass']} T={r['frames']} B={r['batch']} {r['dtype']} "
-                        f"{r['backend']}: {r['status']} ({r.get('reason')})\n")
+    out.append(f"# ccam-bench results\n\n{doc['date']} · commit `{doc['commit'][:12]}`"
+            f"{' (dirty tree)' if doc.get('commit_dirty') else ''} · {doc['device']} · torch {doc['torch']}"
+            f" · triton {doc.get('triton')}\n\n")
+    if not doc.get("complete", True):
+        out.append("**Partial run**: written after a case finished; the run did not reach its end.\n\n")
+    out.append(f"Ceilings measured in this run: GEMM TFLOP/s {rates}; copy {c['copy_gbps']:.1f} GB/s.\n\n"
+            "TFLOP/s counts live FLOPs only (masked pairs excluded), the same count for every backend; "
+            "'% ceiling' divides it by the GEMM rate of the row's dtype. 'spread %' is how far apart the "
+            "medians of the interleaved timing rounds are. 'x ref' is the speedup over the reference; "
+            "'x floor' (projector) is the latency over the roofline floor, every FLOP at the GEMM rate. "
+            "'rel err' is the largest ||x - x_ref|| / ||x_ref|| over the output (and, when the pass has a "
+            "backward, the input gradients: q, k, v; for the projector the features, query and k_proj "
+            "weight) against the reference evaluated in float32 in the same run. 'peak MB' is the peak "
+            "memory of a call above its inputs; 'compile s' is the first call of a compiled anchor.\n\n")
+    out.append(format_table(doc["rows"], markdown=True) + "\n")
+    if failed:
+        out.append("\nRows without a time:\n\n")
+        for r in failed:
+            out.append(f"- {r['bench']} {r['pass']} T={r['frames']} B={r['batch']} {r['dtype']} "
+                    f"{r['backend']}: {r['status']} ({r.get('reason')})\n")
+    return "".join(out)
+
+
+def _replace(path: str, write) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        write(f)
+    os.replace(tmp, path)
 
 
 def _ms(value: float) -> str:
@@ -165,7 +175,7 @@ def format_summary(doc: dict) -> str:
     c = doc["ceilings"]
     lines = [
         f"ccam-bench · {doc['date'][:10]} · commit `{doc['commit'][:10]}` · {doc['device']} · "
-        f"GEMM {c['matmul_tflops']:.1f} TFLOP/s ({c['matmul_dtype']}), copy {c['copy_gbps']:.0f} GB/s",
+        f"GEMM {c['matmul_tflops']:.3g} TFLOP/s ({c['matmul_dtype']}), copy {c['copy_gbps']:.0f} GB/s",
         "",
         "Median ms per call; (Nx) = speedup over the reference in the same run."
         + (" floor ms = all FLOPs of the projector at the measured GEMM rate." if floors else ""),
@@ -185,13 +195,12 @@ def write_outputs(doc: dict, out_dir: str, plots: bool = True) -> dict:
     """results.json, results.md (every column), summary.md (the short table) and the plots (latency, speedup, % of ceiling, peak memory)."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md")}
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    write_markdown(doc, paths["markdown"])
+    # Each file is written whole, then renamed over the old one: a run killed mid-write never
+    # leaves a truncated results.json.
+    _replace(paths["json"], lambda f: (json.dump(doc, f, indent=1), f.write("\n")))
+    _replace(paths["markdown"], lambda f: f.write(markdown_text(doc)))
     paths["summary"] = os.path.join(out_dir, "summary.md")
-    with open(paths["summary"], "w", encoding="utf-8") as f:
-        f.write(format_summary(doc))
+    _replace(paths["summary"], lambda f: f.write(format_summary(doc)))
     if plots:
         paths.update(write_plots(doc, out_dir))
     return paths

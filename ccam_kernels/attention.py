@@ -14,6 +14,7 @@ import torch
 from .checks import ALL_DTYPES, KERNEL_DTYPES, AttentionProblem, check_attention_args
 from .backends.reference import ccam_attention_reference
 from .backends.torch_prefix import ccam_attention_torch
+from .backends import triton_backend
 
 __all__ = ["ccam_attention", "available_backends", "BACKENDS"]
 
@@ -24,8 +25,14 @@ class Backend:
     run: Optional[Callable]  # (q, k, v, problem) -> (B, N, H, D)
     why_unusable: Callable[[], Optional[str]]  # None when usable on this machine
     dtypes: tuple = KERNEL_DTYPES
-    devices: tuple = ("cpu", "cuda")
+    devices_fn: Callable[[], tuple] = lambda: ("cpu", "cuda")  # noqa: E731 - device types it takes
     dropout: bool = False
+    auto_devices: tuple = ("cpu", "cuda")  # device types on which "auto" may pick it
+    refuses_inputs: Callable = lambda q, problem: None  # noqa: E731 - backend-specific limits
+
+    @property
+    def devices(self) -> tuple:
+        return self.devices_fn()
 
     def refuses(self, q: torch.Tensor, problem: AttentionProblem) -> Optional[str]:
         """Why this backend cannot take these inputs, or None."""
@@ -38,7 +45,7 @@ class Backend:
             return f"it supports dtypes {[str(d) for d in self.dtypes]}, got {q.dtype}"
         if problem.dropout_p > 0 and not self.dropout:
             return "it does not implement attention dropout"
-        return None
+        return self.refuses_inputs(q, problem)
 
 
 def _not_yet(what: str, issue: str) -> Callable[[], str]:
@@ -48,14 +55,19 @@ def _not_yet(what: str, issue: str) -> Callable[[], str]:
 BACKENDS = {
     "reference": Backend("reference", ccam_attention_reference, lambda: None, ALL_DTYPES, dropout=True),
     "torch": Backend("torch", ccam_attention_torch, lambda: None, ALL_DTYPES, dropout=True),
-    "triton": Backend("triton", None, _not_yet("the Triton kernels", "the Triton kernels issue"), devices=("cuda",)),
-    "cuda": Backend("cuda", None, _not_yet("the CUDA kernels of csrc/", "the CUDA kernels issue"), devices=("cuda",)),
+    "triton": Backend("triton", triton_backend.ccam_attention_triton, triton_backend.why_unusable,
+                      devices_fn=triton_backend.devices, auto_devices=("cuda",),
+                      refuses_inputs=triton_backend.refuses_inputs),
+    "cuda": Backend("cuda", None, _not_yet("the CUDA kernels of csrc/", "the CUDA kernels issue"),
+                    devices_fn=lambda: ("cuda",), auto_devices=("cuda",)),
 }
 AUTO_ORDER = ("cuda", "triton", "torch")
 
 
 def available_backends() -> list[str]:
-    """Backends usable on this machine, in "auto" preference order, then "reference"."""
+    """Backends usable on this machine, in "auto" preference order, then "reference".
+    ("triton" counts as usable on CPU under TRITON_INTERPRET=1, for tests; "auto" still never
+    picks it for CPU tensors.)"""
     usable = [name for name in AUTO_ORDER if BACKENDS[name].why_unusable() is None]
     return usable + ["reference"]
 
@@ -68,6 +80,8 @@ def resolve_backend(backend: str, q: torch.Tensor, problem: AttentionProblem) ->
         reasons = []
         for name in AUTO_ORDER:
             why = BACKENDS[name].refuses(q, problem)
+            if why is None and q.device.type not in BACKENDS[name].auto_devices:
+                why = f"auto uses it for {', '.join(BACKENDS[name].auto_devices)} tensors only"
             if why is None:
                 return BACKENDS[name]
             reasons.append(f"{name}: {why}")

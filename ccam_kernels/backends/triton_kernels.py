@@ -1,0 +1,325 @@
+"""Triton kernels of the "triton" backend: block-causal cross-attention, forward and backward.
+
+Layout (SPEC 1.2): q (B, N, H, D) or (N, H, D) shared (batch stride 0: read in place for every
+sample), k and v packed (L, Hkv, D), one launch for the whole ragged batch. Per-sample frame
+counts and key offsets are small int tensors the kernels read; nothing else describes the mask.
+
+The mask rule, in the kernels' terms (the same rule as ccam_kernels.mask, which the tests
+check these kernels against): row i of a sample with T frames sees the keys
+``[0, (floor(i*T/N) + 1) * P)`` of its sample. Rows are non-decreasing in what they see, so for a
+tile of rows [m0, m1) the keys below the first row's limit are live for every row (no mask),
+the keys from there to the last row's limit straddle frame boundaries (masked element-wise),
+and nothing past the last row's limit is touched. From the key side, a key of frame f is seen by
+the rows i >= ceil(f*N/T): the backward's key tiles walk only those rows.
+
+Forward: online softmax in float32 in the log2 domain (exp2 of scores pre-scaled by
+scale*log2(e)); saves the natural-log LSE per row, (B, H, N) float32, for the backward.
+Backward: delta = rowsum(dO * O) precomputed; dK/dV by key tile (the GQA group's heads summed
+in the program: no atomics); dQ by query tile, per sample, in float32, summed over the batch
+on the host for a shared q (deterministic).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # float32 inputs: IEEE (no TF32) unless the caller allows TF32; 16-bit inputs: tensor cores.
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _row_limits(pid_m, N, T, P, BLOCK_M: tl.constexpr):
+    """Rows of this tile, each row's visible-key limit, and the tile's lowest/highest limit."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    limit = ((offs_m.to(tl.int64) * T) // N + 1) * P
+    first = (pid_m * BLOCK_M).to(tl.int64)
+    last = tl.minimum(first + BLOCK_M, N) - 1
+    lo = ((first * T) // N + 1) * P
+    hi = ((last * T) // N + 1) * P
+    return offs_m, limit, lo, hi
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, FRAMES, KEY_START,
+    stride_qb, stride_qn, stride_qh,
+    stride_kl, stride_kh, stride_vl, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    N, H, G, P, D, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G
+    T = tl.load(FRAMES + b).to(tl.int64)
+    key0 = tl.load(KEY_START + b).to(tl.int64)
+    offs_m, limit, lo, hi = _row_limits(pid_m, N, T, P, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N
+    d_ok = offs_d < D
+
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + offs_m[:, None].to(tl.int64) * stride_qn + h * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + key0 * stride_kl + hk * stride_kh
+    v_base = V + key0 * stride_vl + hk * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # Key tiles every row of this tile sees whole: no mask.
+    full_end = (lo // BLOCK_N) * BLOCK_N
+    for start in range(0, full_end, BLOCK_N):
+        offs_n = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
+        kt = tl.load(k_base + offs_n[None, :] * stride_kl + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+        s = _dot(q, kt, IEEE) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    # Key tiles that straddle a frame boundary of some row: masked from the rows' limits.
+    for start in range(full_end, hi, BLOCK_N):
+        offs_n = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
+        n_ok = offs_n < hi
+        kt = tl.load(k_base + offs_n[None, :] * stride_kl + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s = _dot(q, kt, IEEE) * qk_scale
+        s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+
+    # Every valid row saw key 0 (frame 0), so l_i > 0 and m_i is finite there.
+    l_safe = tl.where(row_ok, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + b.to(tl.int64) * stride_ob + offs_m[:, None].to(tl.int64) * stride_on + h * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, FRAMES, KEY_START,
+    stride_qb, stride_qn, stride_qh,
+    stride_kl, stride_kh, stride_vl, stride_vh,
+    stride_db, stride_dn, stride_dh,
+    N, H, G, P, D, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    """dQ of one (sample, head, query tile), float32, into DQ (B, N, H, D) contiguous."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G
+    T = tl.load(FRAMES + b).to(tl.int64)
+    key0 = tl.load(KEY_START + b).to(tl.int64)
+    offs_m, limit, lo, hi = _row_limits(pid_m, N, T, P, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N
+    d_ok = offs_d < D
+    rd = row_ok[:, None] & d_ok[None, :]
+    rows = offs_m[:, None].to(tl.int64)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + rows * stride_qn + h * stride_qh + offs_d[None, :], mask=rd, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_db + rows * stride_dn + h * stride_dh + offs_d[None, :], mask=rd, other=0.0)
+    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
+    k_base = K + key0 * stride_kl + hk * stride_kh
+    v_base = V + key0 * stride_vl + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    full_end = (lo // BLOCK_N) * BLOCK_N
+    for start in range(0, hi, BLOCK_N):
+        offs_n = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
+        n_ok = offs_n < hi
+        kt = tl.load(k_base + offs_n[None, :] * stride_kl + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        vt = tl.load(v_base + offs_n[None, :] * stride_vl + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        p = tl.exp2(_dot(q, kt, IEEE) * qk_scale - lse2[:, None])
+        if start >= full_end:  # a straddling tile: the mask, from the rows' limits
+            p = tl.where(offs_n[None, :] < limit[:, None], p, 0.0)
+        dp = _dot(do, vt, IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
+    # p was exp2(s*log2e*scale - lse*log2e): dS/dq carries the softmax scale once.
+    dq = dq * (qk_scale * 0.6931471805599453)
+    tl.store(DQ + pid_bh.to(tl.int64) // H * (N * H * D) + rows * (H * D) + h * D + offs_d[None, :], dq, mask=rd)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, FRAMES, KEY_START, TILE_SAMPLE, TILE_START,
+    stride_qb, stride_qn, stride_qh,
+    stride_kl, stride_kh, stride_vl, stride_vh,
+    stride_db, stride_dn, stride_dh,
+    stride_dkl, stride_dkh, stride_dvl, stride_dvh,
+    N, H, G, P, D, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    """dK, dV of one key tile of one sample and one kv head, summed over the heads of its group
+    and over the rows that see it (rows >= ceil(f*N/T) for a key of frame f)."""
+    pid_t = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.load(TILE_SAMPLE + pid_t).to(tl.int64)
+    start = tl.load(TILE_START + pid_t).to(tl.int64)
+    T = tl.load(FRAMES + b).to(tl.int64)
+    key0 = tl.load(KEY_START + b).to(tl.int64)
+    n_keys = T * P
+    offs_n = start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < n_keys
+    d_ok = offs_d < D
+    nd = n_ok[:, None] & d_ok[None, :]
+    keys = (key0 + offs_n)[:, None]
+    k = tl.load(K + keys * stride_kl + hk * stride_kh + offs_d[None, :], mask=nd, other=0.0)
+    v = tl.load(V + keys * stride_vl + hk * stride_vh + offs_d[None, :], mask=nd, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    f_first = start // P
+    f_last = (tl.minimum(start + BLOCK_N, n_keys) - 1) // P
+    first_row = (f_first * N + T - 1) // T  # the first row that sees any key of this tile
+    full_row = (f_last * N + T - 1) // T  # from here on, rows see the whole tile
+    m_begin = (first_row // BLOCK_M) * BLOCK_M
+    m_full = ((full_row + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    for g in range(0, G):
+        h = hk * G + g
+        bh = b * H + h
+        for m0 in range(m_begin, N, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < N
+            rd = row_ok[:, None] & d_ok[None, :]
+            rows = offs_m[:, None].to(tl.int64)
+            q = tl.load(Q + b * stride_qb + rows * stride_qn + h * stride_qh + offs_d[None, :], mask=rd, other=0.0)
+            do = tl.load(DO + b * stride_db + rows * stride_dn + h * stride_dh + offs_d[None, :], mask=rd, other=0.0)
+            lse2 = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
+            # Padded rows load q = dO = 0: their p is finite and they add nothing to dK, dV.
+            p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse2[:, None])
+            if m0 < m_full:  # rows that straddle: each row's limit
+                limit = ((offs_m.to(tl.int64) * T) // N + 1) * P
+                p = tl.where(offs_n[None, :] < limit[:, None], p, 0.0)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+            dp = _dot(do, tl.trans(v), IEEE)
+            ds = p * (dp - delta[:, None])
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    dk = dk * (qk_scale * 0.6931471805599453)
+    tl.store(DK + keys * stride_dkl + hk * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd)
+    tl.store(DV + keys * stride_dvl + hk * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd)
+
+
+# -- launchers -----------------------------------------------------------------------------
+
+
+def block_sizes(head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D). Small tiles under the interpreter (fast, and many tiles
+    straddle frames, so the masked paths are exercised at test shapes)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if interpreting():
+        return 16, 16, block_d
+    if block_d >= 128:
+        return 64, 32, block_d
+    return 64, 64, block_d
+
+
+def _use_ieee(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(frame_counts: tuple, tokens_per_frame: int, block_n: int, device: torch.device):
+    """Per-sample frame counts and key offsets, and the (sample, start) of every key tile."""
+    offsets, tile_sample, tile_start = [], [], []
+    total = 0
+    for b, t in enumerate(frame_counts):
+        offsets.append(total)
+        n_keys = t * tokens_per_frame
+        for start in range(0, n_keys, block_n):
+            tile_sample.append(b)
+            tile_start.append(start)
+        total += n_keys
+    as_tensor = functools.partial(torch.tensor, dtype=torch.int64, device=device)
+    return as_tensor(list(frame_counts)), as_tensor(offsets), as_tensor(tile_sample), as_tensor(tile_start)
+
+
+def _q_strides(q: torch.Tensor):
+    """(batch, row, head) strides; batch stride 0 for a shared (N, H, D) q."""
+    if q.dim() == 3:
+        return 0, q.stride(0), q.stride(1)
+    return q.stride(0), q.stride(1), q.stride(2)
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float):
+    """(out (B, N, H, D) in q's dtype, lse (B, H, N) float32)."""
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    B, (N, H, D), Hkv = len(frame_counts), q.shape[-3:], k.shape[1]
+    frames, key_start, _, _ = _plan(frame_counts, tokens_per_frame, block_sizes(D)[1], q.device)
+    out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+    block_m, block_n, block_d = block_sizes(D)
+    grid = (triton.cdiv(N, block_m), B * H)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, frames, key_start,
+        *_q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype),
+        num_warps=4, num_stages=2,
+    )
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int, scale: float):
+    """(dq, dk, dv) shaped like q, k, v. dq of a shared q sums the samples' contributions."""
+    q, k, v, dout = (_last_dim_contiguous(x) for x in (q, k, v, dout))
+    B, (N, H, D), Hkv = len(frame_counts), q.shape[-3:], k.shape[1]
+    block_m, block_n, block_d = block_sizes(D)
+    frames, key_start, tile_sample, tile_start = _plan(frame_counts, tokens_per_frame, block_n, q.device)
+    # delta = rowsum(dO * O), (B, H, N) float32, the softmax backward's per-row constant.
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    dq_rows = torch.empty(B, N, H, D, device=q.device, dtype=torch.float32)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), num_warps=4,
+                  num_stages=2)
+    sizes = (N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E)
+    strides = (*_q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               dout.stride(0), dout.stride(1), dout.stride(2))
+    _bwd_dq_kernel[(triton.cdiv(N, block_m), B * H)](
+        q, k, v, dout, lse, delta, dq_rows, frames, key_start, *strides, *sizes, **common)
+    _bwd_dkdv_kernel[(tile_sample.numel(), Hkv)](
+        q, k, v, dout, lse, delta, dk, dv, frames, key_start, tile_sample, tile_start, *strides,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *sizes, **common)
+    dq = dq_rows.sum(0) if q.dim() == 3 else dq_rows
+    return dq.to(q.dtype), dk, dv

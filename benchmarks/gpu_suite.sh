@@ -89,16 +89,16 @@ else
 fi
 python -c "import ccam_kernels; print('usable backends:', ccam_kernels.available_backends())" >> "$OUT/env.txt" 2>&1
 
-# 3. The GPU tests (marked gpu), with a hard time limit. Without a visible GPU they would all
+# 3. The GPU tests (marked gpu, and the Triton kernels' tests, compiled there), with a hard time limit. Without a visible GPU they would all
 #    skip and pass: that is a failed step here, not a green one.
 if [ "${CCAM_SUITE_REQUIRE_GPU:-1}" = 1 ]; then
   python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)"
   step "torch sees a CUDA device" $?
 fi
 say "GPU tests (limit ${TEST_SECONDS} s) ..."
-timeout "$TEST_SECONDS" python -m pytest -q -m gpu tests --junitxml="$OUT/tests.xml" -p no:cacheprovider \
-  > "$OUT/tests.log" 2>&1
-step "GPU tests (pytest -m gpu)" $?
+timeout "$TEST_SECONDS" python -m pytest -q -m "gpu or triton" tests --junitxml="$OUT/tests.xml" \
+  -p no:cacheprovider > "$OUT/tests.log" 2>&1
+step "GPU tests (pytest -m 'gpu or triton')" $?
 tail -n 3 "$OUT/tests.log" | sed 's/^/    /' >&2
 
 # 4. The benchmark suite: our backends and every anchor, the ceilings measured in the run.

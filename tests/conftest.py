@@ -7,15 +7,22 @@
 * ``rel_err(a, b)`` = ||a - b|| / ||b||, computed in float64.
 * ``nan_poison``: ``torch.empty`` / ``torch.empty_like`` return NaN-filled floating tensors,
   so an output element a backend forgets to write fails loudly.
+* Without a CUDA device, Triton runs in its CPU interpreter (TRITON_INTERPRET=1) for the
+  whole session, so the "triton" backend is tested everywhere: the variable must be set before
+  triton is first imported (triton's own library functions are jitted at import).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import sys
 
 import pytest
 import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -21,7 +21,8 @@ P = 16
 
 def _cases():
     for bench, pass_ in itertools.product(("attention", "projector"), ("fwd", "bwd", "fwd+bwd")):
-        for name in C.default_contestants(bench, CPU):
+        # explicit: under the test session's Triton interpreter, the triton backend too
+        for name in C.default_contestants(bench, CPU, explicit=True):
             if name == "flex" and pass_ != "fwd":
                 continue  # no FlexAttention backward on CPU (a tested "unsupported" row)
             yield pytest.param(bench, pass_, name, id=f"{bench}-{pass_}-{name}")

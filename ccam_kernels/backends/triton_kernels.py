@@ -162,9 +162,10 @@ def _bwd_dq_kernel(
         n_ok = offs_n < hi
         kt = tl.load(k_base + offs_n[None, :] * stride_kl + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         vt = tl.load(v_base + offs_n[None, :] * stride_vl + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        p = tl.exp2(_dot(q, kt, IEEE) * qk_scale - lse2[:, None])
+        s = _dot(q, kt, IEEE) * qk_scale
         if start >= full_end:  # a straddling tile: the mask, from the rows' limits
-            p = tl.where(offs_n[None, :] < limit[:, None], p, 0.0)
+            s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
+        p = tl.exp2(s - lse2[:, None])
         dp = _dot(do, vt, IEEE)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
@@ -222,10 +223,11 @@ def _bwd_dkdv_kernel(
             lse2 = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
             # Padded rows load q = dO = 0: their p is finite and they add nothing to dK, dV.
-            p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse2[:, None])
+            s = _dot(q, tl.trans(k), IEEE) * qk_scale
             if m0 < m_full:  # rows that straddle: each row's limit
                 limit = ((offs_m.to(tl.int64) * T) // N + 1) * P
-                p = tl.where(offs_n[None, :] < limit[:, None], p, 0.0)
+                s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
+            p = tl.exp2(s - lse2[:, None])
             dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             dp = _dot(do, tl.trans(v), IEEE)
             ds = p * (dp - delta[:, None])

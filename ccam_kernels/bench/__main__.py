@@ -147,7 +147,7 @@ def choose_contestants(args, device: torch.device, benches) -> dict:
     """bench -> names, "reference" first; raises ValueError naming what cannot run here."""
     chosen = {}
     for bench in benches:
-        here = default_contestants(bench, device)
+        here = default_contestants(bench, device, explicit=bool(args.backends))
         allowed = PROJECTOR_CONTESTANTS if bench == "projector" else ATTENTION_CONTESTANTS
         if args.backends:
             names = [n for n in args.backends if n in allowed]

@@ -49,14 +49,17 @@ def kind_of(name: str) -> str:
     return "reference" if name == "reference" else ("ours" if name in OURS else "anchor")
 
 
-def default_contestants(bench: str, device: torch.device) -> list[str]:
-    """Every contestant that can run on this device: usable backends of ours and the anchors."""
+def default_contestants(bench: str, device: torch.device, *, explicit: bool = False) -> list[str]:
+    """Every contestant that can run on this device: usable backends of ours and the anchors.
+    By default only where "auto" would use our backend (so not Triton's CPU interpreter, a
+    test tool); ``explicit`` lists every device the backend takes (what --backends accepts)."""
     names = PROJECTOR_CONTESTANTS if bench == "projector" else ATTENTION_CONTESTANTS
     out = []
     for name in names:
         if name in BACKENDS:
             backend = BACKENDS[name]
-            if backend.why_unusable() is None and device.type in backend.devices:
+            where = backend.devices if explicit else backend.auto_devices
+            if backend.why_unusable() is None and device.type in where and device.type in backend.devices:
                 out.append(name)
         elif name in SDPA_ANCHORS:
             if device.type in SDPA_ANCHORS[name][1]:

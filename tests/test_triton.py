@@ -1,0 +1,139 @@
+"""The "triton" backend against the float64 oracle: forward and every gradient.
+
+Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set for these
+tests only), at small shapes. With a GPU the same cases run compiled on CUDA, bfloat16
+included (the interpreter computes bfloat16 dots wrong, so CPU runs refuse it)."""
+
+import pytest
+import torch
+
+from ccam_kernels import CCAMConfig, CCAMProjector, ccam_attention
+from ccam_kernels.backends import triton_backend
+from conftest import rel_err
+from oracle import attention_oracle
+
+pytest.importorskip("triton", reason="triton is not installed")
+pytestmark = pytest.mark.triton
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+@pytest.fixture(autouse=True)
+def triton_here():
+    """On CPU the kernels run in the interpreter, which conftest switches on for the session."""
+    if not CUDA and not triton_backend.interpreting():
+        pytest.fail("no CUDA and TRITON_INTERPRET is not set: run the tests through conftest (pytest tests/)")
+    assert triton_backend.why_unusable() is None
+
+
+# (N, H, Hkv, D, frame counts, P, shared q)
+CASES = [
+    pytest.param(37, 4, 2, 16, (5, 3, 9), 7, True, id="ragged-gqa-shared"),
+    pytest.param(37, 4, 2, 16, (5, 3, 9), 7, False, id="ragged-gqa-batched"),
+    pytest.param(20, 2, 2, 24, (3,), 5, True, id="T-not-dividing-N-D24"),
+    pytest.param(16, 2, 1, 40, (23, 2), 3, True, id="T-greater-than-N-D40"),
+    pytest.param(33, 3, 3, 64, (1, 1), 4, False, id="T1"),
+    pytest.param(64, 2, 2, 32, (6, 11), 13, True, id="several-tiles"),
+]
+
+
+def _inputs(N, H, Hkv, D, counts, P, shared, dtype, scale_q=1.0):
+    L, B = sum(counts) * P, len(counts)
+    q = torch.randn(*(() if shared else (B,)), N, H, D) * scale_q
+    k, v = torch.randn(L, Hkv, D), torch.randn(L, Hkv, D)
+    dout = torch.randn(B, N, H, D)
+    return [x.to(DEVICE, dtype) for x in (q, k, v, dout)]
+
+
+def _check(q, k, v, dout, counts, P, dtype):
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = ccam_attention(q, k, v, counts, P, backend="triton")
+    assert out.dtype == dtype and out.shape == (len(counts), *q.shape[-3:])
+    out.backward(dout)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    want = attention_oracle(q64, k64, v64, counts, P)
+    want.backward(dout.double())
+    tol = TOLERANCE[dtype]
+    assert rel_err(out, want) <= tol
+    for name, got, ref in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        assert got.shape == ref.shape and got.dtype == dtype, name
+        assert rel_err(got, ref) <= 2 * tol, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,H,Hkv,D,counts,P,shared", CASES)
+def test_triton_matches_oracle(N, H, Hkv, D, counts, P, shared, dtype, nan_poison):
+    """Outputs and gradients are NaN-poisoned before the kernels write them (nan_poison)."""
+    q, k, v, dout = _inputs(N, H, Hkv, D, counts, P, shared, dtype)
+    _check(q, k, v, dout, counts, P, dtype)
+
+
+def test_triton_large_logits():
+    q, k, v, dout = _inputs(24, 2, 2, 16, (4, 7), 5, True, torch.float32, scale_q=40.0)
+    _check(q, k, v, dout, (4, 7), 5, torch.float32)
+
+
+def test_triton_custom_scale_and_strided_inputs():
+    N, H, D, counts, P = 19, 2, 32, (3, 4), 6
+    L = sum(counts) * P
+    q = torch.randn(H, N, D, device=DEVICE).transpose(0, 1)  # strided rows
+    kv = torch.randn(L, H, 2 * D, device=DEVICE)
+    k, v = kv[..., :D], kv[..., D:]  # row stride 2*D
+    out = ccam_attention(q, k, v, counts, P, scale=0.3, backend="triton")
+    assert rel_err(out, attention_oracle(q.double(), k.double(), v.double(), counts, P, scale=0.3)) <= 1e-5
+
+
+def test_triton_backward_is_deterministic():
+    q, k, v, dout = _inputs(40, 4, 2, 16, (5, 9, 2), 6, True, torch.float32)
+    grads = []
+    for _ in range(2):
+        x = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        ccam_attention(*x, (5, 9, 2), 6, backend="triton").backward(dout)
+        grads.append([t.grad for t in x])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_triton_refusals_are_clear():
+    q = torch.randn(8, 2, 12, device=DEVICE)
+    k = torch.randn(6, 2, 12, device=DEVICE)
+    with pytest.raises(RuntimeError, match="head dims that are multiples of 8"):
+        ccam_attention(q, k, k, (2,), 3, backend="triton")
+    if not CUDA:
+        q, k = q[..., :8].repeat(1, 1, 2).bfloat16(), k[..., :8].repeat(1, 1, 2).bfloat16()
+        with pytest.raises(RuntimeError, match="bfloat16"):
+            ccam_attention(q, k, k, (2,), 3, backend="triton")
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU side of auto")
+def test_auto_never_picks_triton_for_cpu_tensors(monkeypatch):
+    calls = []
+    monkeypatch.setattr(triton_backend, "ccam_attention_triton", lambda *a: calls.append(a))
+    q = torch.randn(8, 2, 16)
+    k = torch.randn(6, 2, 16)
+    ccam_attention(q, k, k, (2,), 3)
+    assert calls == []
+
+
+def test_opcheck_custom_op():
+    q, k, v, _ = _inputs(18, 2, 1, 16, (2, 3), 4, True, torch.float32)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(triton_backend.triton_attention, (q, k, v, [2, 3], 4, 0.25),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_projector_compiles_through_triton_without_graph_breaks():
+    cfg = CCAMConfig(num_query=16, hidden_size=32, cross_hidden_size=24, num_heads=2, num_key_value_heads=2,
+                     intermediate_size=48, output_size=20, attention_dropout=0.0, dropout=0.0)
+    proj = CCAMProjector(cfg, backend="triton").to(DEVICE)
+    features = torch.randn(5, 3, 24, device=DEVICE, requires_grad=True)
+    want = CCAMProjector(cfg, backend="reference").to(DEVICE)
+    want.load_state_dict(proj.state_dict())
+    compiled = torch.compile(proj, fullgraph=True, backend="aot_eager")  # fullgraph: a break raises
+    out = compiled(features, [2, 3])
+    ref = want(features, [2, 3])
+    assert rel_err(out, ref) <= 1e-5
+    out.sum().backward()
+    assert features.grad is not None and proj.query.grad is not None

@@ -67,7 +67,9 @@ def _fwd_kernel(
     N, H, G, P, D, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # Longest first: the last query tile sees the most keys (up to twice the average), and
+    # programs start roughly in id order, so tile 0 of the grid takes the last rows.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -135,7 +137,7 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):
     """dQ of one (sample, head, query tile), float32, into DQ (B, N, H, D) contiguous."""
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest first, as in the forward
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H

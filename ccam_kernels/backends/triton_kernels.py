@@ -64,9 +64,13 @@ def _fwd_kernel(
     stride_qb, stride_qn, stride_qh,
     stride_kl, stride_kh, stride_vl, stride_vh,
     stride_ob, stride_on, stride_oh,
-    N, H, G, P, D, qk_scale,
+    N, H, G, P, D, qk_scale, num_splits,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
+    """One (query tile, sample, head), or with SPLIT one share of its key tiles: then O and LSE
+    are the split's partials (num_splits, B, N, H, D) and (num_splits, B, H, N), merged by
+    log-sum-exp afterwards, so that a batch with few query tiles still fills the GPU."""
     # Longest first: the last query tile sees the most keys (up to twice the average), and
     # programs start roughly in id order, so tile 0 of the grid takes the last rows.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -90,9 +94,20 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
+    # This program's keys: all the tile sees, or its split's share of those key tiles.
+    key_lo = hi - hi  # 0, as an int64 scalar
+    key_hi = hi
+    if SPLIT:
+        split = tl.program_id(2)
+        tiles = (hi + BLOCK_N - 1) // BLOCK_N
+        per_split = (tiles + num_splits - 1) // num_splits
+        key_lo = tl.minimum(split * per_split, tiles) * BLOCK_N
+        key_hi = tl.minimum(key_lo + per_split * BLOCK_N, hi)
+        O += split.to(tl.int64) * stride_ob * (tl.num_programs(1) // H)
+        LSE += split.to(tl.int64) * tl.num_programs(1) * N
     # Key tiles every row of this tile sees whole: no mask.
     full_end = (lo // BLOCK_N) * BLOCK_N
-    for start in range(0, full_end, BLOCK_N):
+    for start in range(key_lo, tl.minimum(full_end, key_hi), BLOCK_N):
         offs_n = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
         kt = tl.load(k_base + offs_n[None, :] * stride_kl + offs_d[:, None], mask=d_ok[:, None], other=0.0)
         s = _dot(q, kt, IEEE) * qk_scale
@@ -104,26 +119,30 @@ def _fwd_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     # Key tiles that straddle a frame boundary of some row: masked from the rows' limits.
-    for start in range(full_end, hi, BLOCK_N):
+    for start in range(tl.maximum(full_end, key_lo), key_hi, BLOCK_N):
         offs_n = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
         n_ok = offs_n < hi
         kt = tl.load(k_base + offs_n[None, :] * stride_kl + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = _dot(q, kt, IEEE) * qk_scale
         s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        # A row with nothing live yet (only possible in a split not starting at key 0):
+        # subtract 0 instead of -inf, so its p and alpha are 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
 
-    # Every valid row saw key 0 (frame 0), so l_i > 0 and m_i is finite there.
-    l_safe = tl.where(row_ok, l_i, 1.0)
+    # Without splits every valid row saw key 0 (frame 0), so l_i > 0; a split may have seen
+    # nothing live for a row: its partial is then 0 with LSE -inf (weight 0 in the merge).
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     o_ptrs = O + b.to(tl.int64) * stride_ob + offs_m[:, None].to(tl.int64) * stride_on + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=row_ok)
 
 
@@ -284,23 +303,52 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+FORCE_SPLITS = None  # tests (and tuning) set an exact number of key splits
+MAX_SPLITS = 8
+
+
+def num_splits(programs: int, frame_counts: tuple, tokens_per_frame: int, block_n: int, device) -> int:
+    """Key splits per query tile: enough programs for two waves over the SMs, no more than
+    MAX_SPLITS, and at least two key tiles per split."""
+    if FORCE_SPLITS is not None:
+        return FORCE_SPLITS
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= 2 * sms:
+        return 1
+    key_tiles = max(frame_counts) * tokens_per_frame // block_n
+    return max(1, min(MAX_SPLITS, -(-2 * sms // programs), key_tiles // 2))
+
+
 def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float):
     """(out (B, N, H, D) in q's dtype, lse (B, H, N) float32)."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     B, (N, H, D), Hkv = len(frame_counts), q.shape[-3:], k.shape[1]
-    frames, key_start, _, _ = _plan(frame_counts, tokens_per_frame, block_sizes(D)[1], q.device)
-    out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     block_m, block_n, block_d = block_sizes(D)
+    frames, key_start, _, _ = _plan(frame_counts, tokens_per_frame, block_n, q.device)
     grid = (triton.cdiv(N, block_m), B * H)
-    _fwd_kernel[grid](
-        q, k, v, out, lse, frames, key_start,
-        *_q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype),
+    splits = num_splits(grid[0] * grid[1], frame_counts, tokens_per_frame, block_n, q.device)
+    out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
+    if splits > 1:  # float32 partials, merged below
+        o_dst = torch.empty(splits, B, N, H, D, device=q.device, dtype=torch.float32)
+        lse_dst = torch.empty(splits, B, H, N, device=q.device, dtype=torch.float32)
+    else:
+        o_dst, lse_dst = out, torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+    o_strides = (o_dst.stride(-4), o_dst.stride(-3), o_dst.stride(-2))
+    _fwd_kernel[(*grid, splits)](
+        q, k, v, o_dst, lse_dst, frames, key_start,
+        *_q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *o_strides,
+        N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E, splits,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), SPLIT=splits > 1,
         num_warps=4, num_stages=2,
     )
+    if splits == 1:
+        return out, lse_dst
+    # Merge the splits by their log-sum-exp: weights exp(lse_s - lse), summing to 1 per row.
+    lse = torch.logsumexp(lse_dst, dim=0)
+    weight = torch.exp(lse_dst - lse).transpose(-1, -2).unsqueeze(-1)  # (S, B, N, H, 1)
+    out.copy_((weight * o_dst).sum(0))
     return out, lse
 
 

@@ -58,6 +58,20 @@ def _row_limits(pid_m, N, T, P, BLOCK_M: tl.constexpr):
     return offs_m, limit, lo, hi
 
 
+def _configs():
+    """The autotune space: warps and pipeline stages (block sizes are fixed per head dim, so
+    the host-side tile plans stay valid). One config in the interpreter: nothing to time."""
+    if interpreting():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 3)]
+
+
+# Tuned once per head dim, precision mode and split mode (and argument dtypes): the frame
+# counts, batch and sizes are runtime values, so a new T never recompiles nor re-tunes.
+_TUNE_KEY = ["D", "IEEE"]
+
+
+@triton.autotune(configs=_configs(), key=_TUNE_KEY + ["SPLIT"])
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, FRAMES, KEY_START,
@@ -146,6 +160,7 @@ def _fwd_kernel(
     tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=row_ok)
 
 
+@triton.autotune(configs=_configs(), key=_TUNE_KEY)
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, FRAMES, KEY_START,
@@ -195,6 +210,7 @@ def _bwd_dq_kernel(
     tl.store(DQ + pid_bh.to(tl.int64) // H * (N * H * D) + rows * (H * D) + h * D + offs_d[None, :], dq, mask=rd)
 
 
+@triton.autotune(configs=_configs(), key=_TUNE_KEY)
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, FRAMES, KEY_START, TILE_SAMPLE, TILE_START,
@@ -341,7 +357,6 @@ def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float):
         *_q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *o_strides,
         N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E, splits,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), SPLIT=splits > 1,
-        num_warps=4, num_stages=2,
     )
     if splits == 1:
         return out, lse_dst
@@ -363,8 +378,7 @@ def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int
     dq_rows = torch.empty(B, N, H, D, device=q.device, dtype=torch.float32)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), num_warps=4,
-                  num_stages=2)
+    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype))
     sizes = (N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E)
     strides = (*_q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1), dout.stride(2))

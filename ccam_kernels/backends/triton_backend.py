@@ -3,12 +3,15 @@
 ``ccam_kernels::triton_attention`` (forward: out and the per-row log-sum-exp) and
 ``ccam_kernels::triton_attention_backward`` are registered with ``torch.library.custom_op``,
 with fake (meta) implementations and an autograd formula, so torch.compile traces through
-them without a graph break and CUDA graphs can capture them. Frame counts travel as a list
-of ints: the ops' inputs describe the whole mask.
+them without a graph break. Frame counts travel as a list of ints: the ops' inputs describe
+the whole mask. CUDA graphs: capture after one eager call with the same head dim, dtype and
+frame counts (it builds the small per-batch plan tensors and runs Triton's autotuning, neither
+of which may happen during a capture); torch.compile's reduce-overhead mode warms up so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from typing import Optional
@@ -53,11 +56,19 @@ def _kernels():
     return triton_kernels
 
 
+def _on_device(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    if x.device.type == "cuda":
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
 @torch.library.custom_op("ccam_kernels::triton_attention", mutates_args=())
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_counts: list[int],
                      tokens_per_frame: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, N, H, D) in q's dtype, lse (B, H, N) float32 (natural log)."""
-    return _kernels().forward(q, k, v, tuple(frame_counts), tokens_per_frame, scale)
+    with _on_device(q):
+        return _kernels().forward(q, k, v, tuple(frame_counts), tokens_per_frame, scale)
 
 
 @triton_attention.register_fake
@@ -72,7 +83,8 @@ def triton_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
                               out: torch.Tensor, lse: torch.Tensor, frame_counts: list[int],
                               tokens_per_frame: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) shaped like q, k, v."""
-    return _kernels().backward(dout, q, k, v, out, lse, tuple(frame_counts), tokens_per_frame, scale)
+    with _on_device(q):
+        return _kernels().backward(dout, q, k, v, out, lse, tuple(frame_counts), tokens_per_frame, scale)
 
 
 @triton_attention_backward.register_fake

@@ -85,10 +85,11 @@ def _fwd_kernel(
     """One (query tile, sample, head), or with SPLIT one share of its key tiles: then O and LSE
     are the split's partials (num_splits, B, N, H, D) and (num_splits, B, H, N), merged by
     log-sum-exp afterwards, so that a batch with few query tiles still fills the GPU."""
-    # Longest first: the last query tile sees the most keys (up to twice the average), and
-    # programs start roughly in id order, so tile 0 of the grid takes the last rows.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Grid (B*H, query tiles, splits): B*H on axis 0, which has no 65535 limit. Longest first:
+    # the last query tile sees the most keys (up to twice the average), and blocks start in
+    # linear order, so the first row of the grid takes the last query tile.
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // G
@@ -117,8 +118,8 @@ def _fwd_kernel(
         per_split = (tiles + num_splits - 1) // num_splits
         key_lo = tl.minimum(split * per_split, tiles) * BLOCK_N
         key_hi = tl.minimum(key_lo + per_split * BLOCK_N, hi)
-        O += split.to(tl.int64) * stride_ob * (tl.num_programs(1) // H)
-        LSE += split.to(tl.int64) * tl.num_programs(1) * N
+        O += split.to(tl.int64) * stride_ob * (tl.num_programs(0) // H)
+        LSE += split.to(tl.int64) * tl.num_programs(0) * N
     # Key tiles every row of this tile sees whole: no mask.
     full_end = (lo // BLOCK_N) * BLOCK_N
     for start in range(key_lo, tl.minimum(full_end, key_hi), BLOCK_N):
@@ -171,8 +172,8 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):
     """dQ of one (sample, head, query tile), float32, into DQ (B, N, H, D) contiguous."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest first, as in the forward
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # grid (B*H, query tiles), longest first, as in the forward
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // G
@@ -207,7 +208,8 @@ def _bwd_dq_kernel(
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
     # p was exp2(s*log2e*scale - lse*log2e): dS/dq carries the softmax scale once.
     dq = dq * (qk_scale * 0.6931471805599453)
-    tl.store(DQ + pid_bh.to(tl.int64) // H * (N * H * D) + rows * (H * D) + h * D + offs_d[None, :], dq, mask=rd)
+    dq_base = DQ + b.to(tl.int64) * N * H * D
+    tl.store(dq_base + rows * (H * D) + h * D + offs_d[None, :], dq, mask=rd)
 
 
 @triton.autotune(configs=_configs(), key=_TUNE_KEY)
@@ -289,7 +291,13 @@ def block_sizes(head_dim: int) -> tuple[int, int, int]:
 
 
 def _use_ieee(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    """float32 without TF32 unless torch allows TF32 for matmuls (its switch is ours)."""
+    if dtype != torch.float32:
+        return False
+    try:
+        return not torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:  # newer torch refuses the old flag once fp32_precision is in use
+        return torch.get_float32_matmul_precision() == "highest"
 
 
 @functools.lru_cache(maxsize=256)
@@ -343,7 +351,7 @@ def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float):
     B, (N, H, D), Hkv = len(frame_counts), q.shape[-3:], k.shape[1]
     block_m, block_n, block_d = block_sizes(D)
     frames, key_start, _, _ = _plan(frame_counts, tokens_per_frame, block_n, q.device)
-    grid = (triton.cdiv(N, block_m), B * H)
+    grid = (B * H, triton.cdiv(N, block_m))
     splits = num_splits(grid[0] * grid[1], frame_counts, tokens_per_frame, block_n, q.device)
     out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
     if splits > 1:  # float32 partials, merged below
@@ -382,7 +390,7 @@ def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int
     sizes = (N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E)
     strides = (*_q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1), dout.stride(2))
-    _bwd_dq_kernel[(triton.cdiv(N, block_m), B * H)](
+    _bwd_dq_kernel[(B * H, triton.cdiv(N, block_m))](
         q, k, v, dout, lse, delta, dq_rows, frames, key_start, *strides, *sizes, **common)
     _bwd_dkdv_kernel[(tile_sample.numel(), Hkv)](
         q, k, v, dout, lse, delta, dk, dv, frames, key_start, tile_sample, tile_start, *strides,

@@ -177,6 +177,36 @@ class CCAMProjector(nn.Module):
             raise ValueError(f"features device must match the module's ({param.device}), got {features.device}")
         return features, split_sizes
 
+    def _fused_projection(self, x: torch.Tensor) -> bool:
+        """Whether feature_norm + k_proj + v_proj run as the fused Triton kernel: with the
+        triton backend (named, or what "auto" picks for CUDA tensors)."""
+        if callable(self.backend) or self.backend not in ("triton", "auto"):
+            return False
+        from .backends import triton_backend
+
+        if triton_backend.why_unusable() is not None or x.device.type not in triton_backend.devices():
+            return False
+        if self.backend == "auto" and x.device.type != "cuda":
+            return False
+        return not (x.device.type == "cpu" and x.dtype == torch.bfloat16)
+
+    def _keys_values(self, x: torch.Tensor):
+        """(M, Cv) packed features -> k, v (M, Hkv, D): LayerNorm, then the K and V projections."""
+        cfg = self.config
+        shape = (-1, cfg.num_key_value_heads, cfg.head_dim)
+        if not self._fused_projection(x):
+            z = self.feature_norm(x)
+            return self.attn.k_proj(z).view(shape), self.attn.v_proj(z).view(shape)
+        from .backends.triton_projection import layernorm_kv
+
+        kp, vp = self.attn.k_proj, self.attn.v_proj
+        weight = torch.cat([kp.weight, vp.weight])  # 2 x (Hkv*D, Cv): a few MB, copied per call
+        bias = torch.cat([kp.bias, vp.bias]) if kp.bias is not None else weight.new_zeros(weight.shape[0])
+        kv = layernorm_kv(x, self.feature_norm.weight, self.feature_norm.bias, weight, bias, self.feature_norm.eps)
+        width = kp.weight.shape[0]
+        # Halves of the (M, 2C) result viewed in place: rows of stride 2C, what the kernels read.
+        return kv[:, :width].view(shape), kv[:, width:].view(shape)
+
     def forward(self, features: torch.Tensor, split_sizes=None) -> torch.Tensor:
         cfg = self.config
         features, split_sizes = self._check_features(features, split_sizes)
@@ -184,9 +214,7 @@ class CCAMProjector(nn.Module):
         batch = len(split_sizes)
 
         q = self.query_states()  # (N, H, D), shared by every sample
-        z = self.feature_norm(features.reshape(num_frames * tokens_per_frame, cfg.cross_hidden_size))
-        k = self.attn.k_proj(z).view(-1, cfg.num_key_value_heads, cfg.head_dim)
-        v = self.attn.v_proj(z).view(-1, cfg.num_key_value_heads, cfg.head_dim)
+        k, v = self._keys_values(features.reshape(num_frames * tokens_per_frame, cfg.cross_hidden_size))
         dropout_p = cfg.attention_dropout if self.training else 0.0
         if callable(self.backend):
             attn = self.backend(q, k, v, split_sizes, tokens_per_frame, dropout_p=dropout_p)

@@ -1,0 +1,108 @@
+"""The fused LayerNorm + K/V projection kernel, and the whole projector on the triton backend,
+against float64 evaluations: outputs and every gradient. On CPU in Triton's interpreter (see
+conftest), compiled on a GPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ccam_kernels import CCAMConfig, CCAMProjector
+from conftest import rel_err
+from oracle import projector_oracle
+
+pytest.importorskip("triton", reason="triton is not installed")
+from ccam_kernels.backends import triton_projection  # noqa: E402
+
+pytestmark = pytest.mark.triton
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,NOUT,offset", [(37, 72, 80, 0.0), (16, 24, 32, 0.0), (50, 100, 96, 100.0)],
+                         ids=["odd", "one-tile", "large-mean"])
+def test_layernorm_kv_matches_float64(M, K, NOUT, offset, dtype, nan_poison):
+    """Odd sizes (rows, reduction and output not multiples of the blocks), a large mean (the
+    variance must not cancel), outputs NaN-poisoned before the kernel writes them."""
+    x = (torch.randn(M, K) * 2 + offset).to(DEVICE, dtype).requires_grad_()
+    gamma = (torch.randn(K) * 0.5 + 1).to(DEVICE, dtype).requires_grad_()
+    beta = torch.randn(K).to(DEVICE, dtype).requires_grad_()
+    weight = (torch.randn(NOUT, K) / K ** 0.5).to(DEVICE, dtype).requires_grad_()
+    bias = torch.randn(NOUT).to(DEVICE, dtype).requires_grad_()
+    out = triton_projection.layernorm_kv(x, gamma, beta, weight, bias, 1e-5)
+    assert out.shape == (M, NOUT) and out.dtype == dtype
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref_in = [t.detach().double().requires_grad_() for t in (x, gamma, beta, weight, bias)]
+    ref = F.linear(F.layer_norm(ref_in[0], (K,), ref_in[1], ref_in[2], 1e-5), ref_in[3], ref_in[4])
+    ref.backward(dout.double())
+    tol = TOL[dtype]
+    assert rel_err(out, ref) <= tol
+    for name, got, want in zip(("x", "gamma", "beta", "weight", "bias"), (x, gamma, beta, weight, bias), ref_in):
+        assert got.grad.dtype == dtype and rel_err(got.grad, want.grad) <= 2 * tol, name
+
+
+def test_layernorm_kv_saves_float32_statistics():
+    x = torch.randn(21, 40, device=DEVICE) * 3 + 5
+    w = torch.randn(32, 40, device=DEVICE)
+    _, mean, rstd = triton_projection.layernorm_kv_op(x, torch.ones(40, device=DEVICE), torch.zeros(40, device=DEVICE),
+                                                      w, torch.zeros(32, device=DEVICE), 1e-5)
+    assert mean.dtype == rstd.dtype == torch.float32
+    assert (mean - x.mean(1)).abs().max() < 1e-5
+    assert (rstd - (x.var(1, unbiased=False) + 1e-5).rsqrt()).abs().max() < 1e-5
+
+
+def test_layernorm_kv_opcheck():
+    x = torch.randn(18, 24, device=DEVICE, requires_grad=True)
+    args = (x, torch.rand(24, device=DEVICE, requires_grad=True), torch.randn(24, device=DEVICE, requires_grad=True),
+            torch.randn(40, 24, device=DEVICE, requires_grad=True), torch.randn(40, device=DEVICE, requires_grad=True),
+            1e-5)
+    torch.library.opcheck(triton_projection.layernorm_kv_op, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+SMALL = CCAMConfig(num_query=24, hidden_size=64, cross_hidden_size=40, num_heads=4, num_key_value_heads=2,
+                   intermediate_size=96, output_size=48, attention_dropout=0.0, dropout=0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_projector_matches_float64(dtype, monkeypatch):
+    """The whole projector on the triton backend (fused projection + Triton attention), ragged
+    batch, forward and the gradients of the features and of every parameter."""
+    calls = []
+    real = triton_projection.layernorm_kv
+    monkeypatch.setattr(triton_projection, "layernorm_kv", lambda *a: calls.append(1) or real(*a))
+    proj = CCAMProjector(SMALL, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        for p in proj.parameters():  # non-trivial norms and biases
+            p.add_(0.1 * torch.randn_like(p))
+    proj = proj.to(dtype)
+    splits = [3, 1, 4]
+    features = torch.randn(sum(splits), 5, SMALL.cross_hidden_size, device=DEVICE, dtype=dtype, requires_grad=True)
+    out = proj(features, splits)
+    assert calls == [1]  # the fused kernel ran
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    state = {name: p.detach().double().requires_grad_() for name, p in proj.named_parameters()}
+    x64 = features.detach().double().requires_grad_()
+    ref = projector_oracle(state, SMALL, x64, splits)
+    ref.backward(dout.double())
+    tol = 4 * TOL[dtype]
+    assert rel_err(out, ref) <= tol
+    assert rel_err(features.grad, x64.grad) <= 2 * tol
+    # k_proj.bias has a zero gradient in exact arithmetic (a per-key constant shift of the
+    # scores cancels in the softmax): measure every error against the largest gradient.
+    scale = max(float(t.grad.double().norm()) for t in state.values())
+    for name, p in proj.named_parameters():
+        err = float((p.grad.double() - state[name].grad).norm())
+        assert err <= 2 * tol * max(float(state[name].grad.norm()), 1e-2 * scale), name
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU side of auto")
+def test_auto_projector_on_cpu_never_uses_the_fused_kernel(monkeypatch):
+    monkeypatch.setattr(triton_projection, "layernorm_kv", lambda *a: pytest.fail("fused kernel used on CPU auto"))
+    proj = CCAMProjector(SMALL).eval()
+    with torch.no_grad():
+        proj(torch.randn(3, 5, SMALL.cross_hidden_size), [3])

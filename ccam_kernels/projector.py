@@ -6,6 +6,8 @@ Shapes (SPEC 1.3): features (F, P, Cv) with split_sizes [T_1 .. T_B], or (B, T, 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,6 +48,21 @@ class CCAMMLP(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(u)) * self.up_proj(u))
+
+
+_DROPOUT_WARNED = False
+
+
+def _warn_dropout_fallback_once() -> None:
+    global _DROPOUT_WARNED
+    if not _DROPOUT_WARNED:
+        _DROPOUT_WARNED = True
+        warnings.warn(
+            "CCAMProjector: attention_dropout > 0 in training mode: the attention runs on the 'torch' "
+            "backend (the Triton kernels have no dropout); the fused LayerNorm + K/V projection still "
+            "runs in Triton. Set attention_dropout=0.0 to keep the attention in Triton.",
+            stacklevel=3,
+        )
 
 
 class CCAMProjector(nn.Module):
@@ -216,10 +233,16 @@ class CCAMProjector(nn.Module):
         q = self.query_states()  # (N, H, D), shared by every sample
         k, v = self._keys_values(features.reshape(num_frames * tokens_per_frame, cfg.cross_hidden_size))
         dropout_p = cfg.attention_dropout if self.training else 0.0
-        if callable(self.backend):
-            attn = self.backend(q, k, v, split_sizes, tokens_per_frame, dropout_p=dropout_p)
+        backend = self.backend
+        if dropout_p > 0 and backend in ("triton", "auto") and self._fused_projection(features):
+            # The one case that leaves the Triton kernels: attention-probability dropout in
+            # training. The torch backend implements it; say so once per process.
+            _warn_dropout_fallback_once()
+            backend = "torch"
+        if callable(backend):
+            attn = backend(q, k, v, split_sizes, tokens_per_frame, dropout_p=dropout_p)
         else:
-            attn = ccam_attention(q, k, v, split_sizes, tokens_per_frame, dropout_p=dropout_p, backend=self.backend)
+            attn = ccam_attention(q, k, v, split_sizes, tokens_per_frame, dropout_p=dropout_p, backend=backend)
         # attn: (B, N, H, D)
         h = self.query + self.dropout(self.attn.o_proj(attn.reshape(batch, cfg.num_query, cfg.hidden_size)))
         h = h + self.dropout(self.mlp(self.mlp_norm(h)))

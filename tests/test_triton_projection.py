@@ -106,3 +106,22 @@ def test_auto_projector_on_cpu_never_uses_the_fused_kernel(monkeypatch):
     proj = CCAMProjector(SMALL).eval()
     with torch.no_grad():
         proj(torch.randn(3, 5, SMALL.cross_hidden_size), [3])
+
+
+def test_training_with_attention_dropout_falls_back_once_with_a_warning(monkeypatch):
+    """The one documented fallback: attention dropout runs on the torch backend, the fused
+    projection stays in Triton, and the user is told once."""
+    from ccam_kernels import projector as projector_module
+
+    monkeypatch.setattr(projector_module, "_DROPOUT_WARNED", False)
+    cfg = CCAMConfig(**{**SMALL.to_dict(), "attention_dropout": 0.5})
+    proj = CCAMProjector(cfg, backend="triton").to(DEVICE).train()
+    features = torch.randn(4, 5, cfg.cross_hidden_size, device=DEVICE)
+    with pytest.warns(UserWarning, match="attention_dropout > 0"):
+        out = proj(features, [1, 3])
+    assert torch.isfinite(out).all()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call warns no more
+        proj(features, [1, 3])

@@ -113,6 +113,7 @@ class CCAMProjector(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         nn.init.normal_(self.query, std=0.02)
         self._query_cache = None  # (key, (N, H, D) tensor); never part of the state_dict
+        self._kv_cache = None  # (key, ([W_k; W_v], [b_k; b_v])) for the fused projection, eval only
 
     # -- query side ------------------------------------------------------------------------
 
@@ -133,6 +134,7 @@ class CCAMProjector(nn.Module):
         # .to() / .half() / .cuda() replace parameter storage; a freed address can be reused
         # by the new storage with the old version count, so forget the cache outright.
         self._query_cache = None
+        self._kv_cache = None
         return super()._apply(fn, *args, **kwargs)
 
     def _compute_query_states(self) -> torch.Tensor:
@@ -141,8 +143,10 @@ class CCAMProjector(nn.Module):
         return q.view(cfg.num_query, cfg.num_heads, cfg.head_dim)
 
     def invalidate_query_cache(self) -> None:
-        """Forget the cached query side (needed only after writes through ``param.data``)."""
+        """Forget the cached query side and fused K/V weights (needed only after writes
+        through ``param.data``)."""
         self._query_cache = None
+        self._kv_cache = None
 
     def query_states(self) -> torch.Tensor:
         """(N, H, D): q_proj(query_norm(query)), cached in eval mode when no gradient is needed."""
@@ -207,6 +211,26 @@ class CCAMProjector(nn.Module):
             return False
         return not (x.device.type == "cpu" and x.dtype == torch.bfloat16)
 
+    def _kv_weight(self):
+        """[W_k; W_v] and [b_k; b_v] for the fused kernel. A few MB: rebuilt per call when
+        gradients may flow, cached (like the query side) in eval mode without grad."""
+        kp, vp = self.attn.k_proj, self.attn.v_proj
+        tensors = [t for t in (kp.weight, vp.weight, kp.bias, vp.bias) if t is not None]
+
+        def build():
+            weight = torch.cat([kp.weight, vp.weight])
+            bias = torch.cat([kp.bias, vp.bias]) if kp.bias is not None else weight.new_zeros(weight.shape[0])
+            return weight, bias
+
+        if self.training or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            return build()
+        key = tuple((t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device) for t in tensors)
+        key += (torch.is_inference_mode_enabled(),)
+        if getattr(self, "_kv_cache", None) is None or self._kv_cache[0] != key:
+            with torch.no_grad():
+                self._kv_cache = (key, build())
+        return self._kv_cache[1]
+
     def _keys_values(self, x: torch.Tensor):
         """(M, Cv) packed features -> k, v (M, Hkv, D): LayerNorm, then the K and V projections."""
         cfg = self.config
@@ -216,11 +240,9 @@ class CCAMProjector(nn.Module):
             return self.attn.k_proj(z).view(shape), self.attn.v_proj(z).view(shape)
         from .backends.triton_projection import layernorm_kv
 
-        kp, vp = self.attn.k_proj, self.attn.v_proj
-        weight = torch.cat([kp.weight, vp.weight])  # 2 x (Hkv*D, Cv): a few MB, copied per call
-        bias = torch.cat([kp.bias, vp.bias]) if kp.bias is not None else weight.new_zeros(weight.shape[0])
+        weight, bias = self._kv_weight()
         kv = layernorm_kv(x, self.feature_norm.weight, self.feature_norm.bias, weight, bias, self.feature_norm.eps)
-        width = kp.weight.shape[0]
+        width = self.attn.k_proj.weight.shape[0]
         # Halves of the (M, 2C) result viewed in place: rows of stride 2C, what the kernels read.
         return kv[:, :width].view(shape), kv[:, width:].view(shape)
 

@@ -125,3 +125,24 @@ def test_training_with_attention_dropout_falls_back_once_with_a_warning(monkeypa
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second call warns no more
         proj(features, [1, 3])
+
+
+def test_fused_weights_cached_in_eval_and_refreshed_after_an_update():
+    """Eval without grad: [W_k; W_v] is built once; an in-place update (optimizer step) is
+    seen through the version counter; training never caches."""
+    proj = CCAMProjector(SMALL, backend="triton").to(DEVICE).eval()
+    features = torch.randn(2, 5, SMALL.cross_hidden_size, device=DEVICE)
+    with torch.no_grad():
+        first = proj(features, [2])
+        w1 = proj._kv_weight()[0]
+        assert proj._kv_weight()[0] is w1  # cached
+        proj.attn.v_proj.weight.mul_(2.0)  # an in-place update
+        assert proj._kv_weight()[0] is not w1
+        second = proj(features, [2])
+    assert not torch.allclose(first, second)
+    ref = CCAMProjector(SMALL, backend="reference").to(DEVICE).eval()
+    ref.load_state_dict(proj.state_dict())
+    with torch.no_grad():
+        assert rel_err(second, ref(features, [2])) <= 1e-5
+    proj.train()
+    assert proj._kv_weight()[0] is not proj._kv_weight()[0]

@@ -29,20 +29,35 @@ class Backend:
     dropout: bool = False
     auto_devices: tuple = ("cpu", "cuda")  # device types on which "auto" may pick it
     refuses_inputs: Callable = lambda q, problem: None  # noqa: E731 - backend-specific limits
+    refuses_dtype_on: Callable = lambda device_type, dtype: None  # noqa: E731 - e.g. an interpreter's gaps
 
     @property
     def devices(self) -> tuple:
         return self.devices_fn()
 
-    def refuses(self, q: torch.Tensor, problem: AttentionProblem) -> Optional[str]:
-        """Why this backend cannot take these inputs, or None."""
+    def refuses_placement(self, device_type: str, dtype: Optional[torch.dtype] = None, *,
+                          auto: bool = False) -> Optional[str]:
+        """Why this backend cannot take tensors of this device type (and dtype, unless None),
+        or None. With ``auto``, also where "auto" would not pick it. The projector and the
+        benchmarks ask this too, so every caller applies the same rules."""
         why = self.why_unusable()
         if why:
             return why
-        if q.device.type not in self.devices:
-            return f"it runs on {', '.join(self.devices)} tensors, got a {q.device.type} tensor"
-        if q.dtype not in self.dtypes:
-            return f"it supports dtypes {[str(d) for d in self.dtypes]}, got {q.dtype}"
+        if device_type not in self.devices:
+            return f"it runs on {', '.join(self.devices)} tensors, got a {device_type} tensor"
+        if auto and device_type not in self.auto_devices:
+            return f"auto uses it for {', '.join(self.auto_devices)} tensors only"
+        if dtype is None:
+            return None
+        if dtype not in self.dtypes:
+            return f"it supports dtypes {[str(d) for d in self.dtypes]}, got {dtype}"
+        return self.refuses_dtype_on(device_type, dtype)
+
+    def refuses(self, q: torch.Tensor, problem: AttentionProblem, *, auto: bool = False) -> Optional[str]:
+        """Why this backend cannot take these inputs, or None."""
+        why = self.refuses_placement(q.device.type, q.dtype, auto=auto)
+        if why:
+            return why
         if problem.dropout_p > 0 and not self.dropout:
             return "it does not implement attention dropout"
         return self.refuses_inputs(q, problem)
@@ -57,7 +72,8 @@ BACKENDS = {
     "torch": Backend("torch", ccam_attention_torch, lambda: None, ALL_DTYPES, dropout=True),
     "triton": Backend("triton", triton_backend.ccam_attention_triton, triton_backend.why_unusable,
                       devices_fn=triton_backend.devices, auto_devices=("cuda",),
-                      refuses_inputs=triton_backend.refuses_inputs),
+                      refuses_inputs=triton_backend.refuses_inputs,
+                      refuses_dtype_on=triton_backend.refuses_dtype_on),
     "cuda": Backend("cuda", None, _not_yet("the CUDA kernels of csrc/", "the CUDA kernels issue"),
                     devices_fn=lambda: ("cuda",), auto_devices=("cuda",)),
 }
@@ -79,9 +95,7 @@ def resolve_backend(backend: str, q: torch.Tensor, problem: AttentionProblem) ->
     if backend == "auto":
         reasons = []
         for name in AUTO_ORDER:
-            why = BACKENDS[name].refuses(q, problem)
-            if why is None and q.device.type not in BACKENDS[name].auto_devices:
-                why = f"auto uses it for {', '.join(BACKENDS[name].auto_devices)} tensors only"
+            why = BACKENDS[name].refuses(q, problem, auto=True)
             if why is None:
                 return BACKENDS[name]
             reasons.append(f"{name}: {why}")

@@ -120,12 +120,14 @@ class CCAMProjector(nn.Module):
     def _query_side_params(self):
         return (self.query, self.query_norm.weight, self.query_norm.bias, *self.attn.q_proj.parameters())
 
-    def _query_cache_key(self):
-        # An inference tensor has no version counter; it also cannot be changed in place
-        # outside inference mode, so its address identifies its contents well enough.
+    @staticmethod
+    def _cache_key(tensors):
+        """Identifies the contents of ``tensors`` for the eval-mode caches: address, version
+        counter, dtype, device. An inference tensor has no version counter; it also cannot be
+        changed in place outside inference mode, so its address identifies it well enough."""
         params = tuple(
             (p.data_ptr(), None if p.is_inference() else p._version, p.dtype, p.device)
-            for p in self._query_side_params()
+            for p in tensors
             if p is not None
         )
         return params + (torch.is_inference_mode_enabled(),)
@@ -153,7 +155,7 @@ class CCAMProjector(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._query_side_params())
         if self.training or needs_grad:
             return self._compute_query_states()
-        key = self._query_cache_key()
+        key = self._cache_key(self._query_side_params())
         if self._query_cache is None or self._query_cache[0] != key:
             with torch.no_grad():
                 self._query_cache = (key, self._compute_query_states())
@@ -200,16 +202,11 @@ class CCAMProjector(nn.Module):
 
     def _fused_projection(self, x: torch.Tensor) -> bool:
         """Whether feature_norm + k_proj + v_proj run as the fused Triton kernel: with the
-        triton backend (named, or what "auto" picks for CUDA tensors)."""
+        triton backend (named, or what "auto" picks for these tensors), by the dispatcher's
+        own placement rules."""
         if callable(self.backend) or self.backend not in ("triton", "auto"):
             return False
-        from .backends import triton_backend
-
-        if triton_backend.why_unusable() is not None or x.device.type not in triton_backend.devices():
-            return False
-        if self.backend == "auto" and x.device.type != "cuda":
-            return False
-        return not (x.device.type == "cpu" and x.dtype == torch.bfloat16)
+        return BACKENDS["triton"].refuses_placement(x.device.type, x.dtype, auto=self.backend == "auto") is None
 
     def _kv_weight(self):
         """[W_k; W_v] and [b_k; b_v] for the fused kernel. A few MB: rebuilt per call when
@@ -224,9 +221,8 @@ class CCAMProjector(nn.Module):
 
         if self.training or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             return build()
-        key = tuple((t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device) for t in tensors)
-        key += (torch.is_inference_mode_enabled(),)
-        if getattr(self, "_kv_cache", None) is None or self._kv_cache[0] != key:
+        key = self._cache_key(tensors)
+        if self._kv_cache is None or self._kv_cache[0] != key:
             with torch.no_grad():
                 self._kv_cache = (key, build())
         return self._kv_cache[1]

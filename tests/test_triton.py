@@ -1,7 +1,7 @@
 """The "triton" backend against the float64 oracle: forward and every gradient.
 
-Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set for these
-tests only), at small shapes. With a GPU the same cases run compiled on CUDA, bfloat16
+Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, which conftest
+sets for the session), at small shapes. With a GPU the same cases run compiled on CUDA, bfloat16
 included (the interpreter computes bfloat16 dots wrong, so CPU runs refuse it)."""
 
 import pytest
@@ -9,15 +9,12 @@ import torch
 
 from ccam_kernels import CCAMConfig, CCAMProjector, ccam_attention
 from ccam_kernels.backends import triton_backend
-from conftest import rel_err
+from conftest import CUDA, rel_err
+from conftest import TRITON_DEVICE as DEVICE, TRITON_DTYPES as DTYPES, TRITON_TOLERANCE as TOLERANCE
 from oracle import attention_oracle
 
 pytest.importorskip("triton", reason="triton is not installed")
 pytestmark = pytest.mark.triton
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 
 
 @pytest.fixture(autouse=True)

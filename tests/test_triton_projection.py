@@ -7,17 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from ccam_kernels import CCAMConfig, CCAMProjector
-from conftest import rel_err
+from conftest import CUDA, rel_err
+from conftest import TRITON_DEVICE as DEVICE, TRITON_DTYPES as DTYPES, TRITON_TOLERANCE as TOL
 from oracle import projector_oracle
 
 pytest.importorskip("triton", reason="triton is not installed")
 from ccam_kernels.backends import triton_projection  # noqa: E402
 
 pytestmark = pytest.mark.triton
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

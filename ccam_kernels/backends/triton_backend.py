@@ -44,7 +44,11 @@ def refuses_inputs(q: torch.Tensor, problem: AttentionProblem) -> Optional[str]:
     d = problem.head_dim
     if d % 8 or not 16 <= d <= 128:
         return f"it supports head dims that are multiples of 8 from 16 to 128, got {d}"
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    return None
+
+
+def refuses_dtype_on(device_type: str, dtype: torch.dtype) -> Optional[str]:
+    if device_type == "cpu" and dtype == torch.bfloat16:
         # Seen with triton 3.9: the interpreter's tl.dot on bfloat16 returns garbage.
         return "Triton's CPU interpreter computes bfloat16 dots wrong; run bfloat16 on a GPU"
     return None

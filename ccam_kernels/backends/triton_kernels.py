@@ -22,19 +22,16 @@ on the host for a shared q (deterministic).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from .triton_backend import interpreting
 
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Globals read inside kernels must be constexpr.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -47,15 +44,25 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _row_limits(pid_m, N, T, P, BLOCK_M: tl.constexpr):
-    """Rows of this tile, each row's visible-key limit, and the tile's lowest/highest limit."""
+def _query_tile(FRAMES, KEY_START, N, H, G, P, BLOCK_M: tl.constexpr):
+    """What a program of a (B*H, query tiles[, splits]) grid owns: its (sample, head, kv head),
+    the sample's frame count and first key, its rows, each row's visible-key limit and the
+    tile's lowest/highest limit. Query tiles go longest first: the last tile sees the most keys
+    (up to twice the average), and blocks start in linear order, so the grid's first row of
+    blocks takes the last query tile. B*H is on axis 0, which has no 65535 limit."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    T = tl.load(FRAMES + b).to(tl.int64)
+    key0 = tl.load(KEY_START + b).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     limit = ((offs_m.to(tl.int64) * T) // N + 1) * P
     first = (pid_m * BLOCK_M).to(tl.int64)
     last = tl.minimum(first + BLOCK_M, N) - 1
     lo = ((first * T) // N + 1) * P
     hi = ((last * T) // N + 1) * P
-    return offs_m, limit, lo, hi
+    return pid_bh, b.to(tl.int64), h, h // G, T, key0, offs_m, limit, lo, hi
 
 
 def _configs():
@@ -85,22 +92,12 @@ def _fwd_kernel(
     """One (query tile, sample, head), or with SPLIT one share of its key tiles: then O and LSE
     are the split's partials (num_splits, B, N, H, D) and (num_splits, B, H, N), merged by
     log-sum-exp afterwards, so that a batch with few query tiles still fills the GPU."""
-    # Grid (B*H, query tiles, splits): B*H on axis 0, which has no 65535 limit. Longest first:
-    # the last query tile sees the most keys (up to twice the average), and blocks start in
-    # linear order, so the first row of the grid takes the last query tile.
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // G
-    T = tl.load(FRAMES + b).to(tl.int64)
-    key0 = tl.load(KEY_START + b).to(tl.int64)
-    offs_m, limit, lo, hi = _row_limits(pid_m, N, T, P, BLOCK_M)
+    pid_bh, b, h, hk, T, key0, offs_m, limit, lo, hi = _query_tile(FRAMES, KEY_START, N, H, G, P, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
     d_ok = offs_d < D
 
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + offs_m[:, None].to(tl.int64) * stride_qn + h * stride_qh + offs_d[None, :]
+    q_ptrs = Q + b * stride_qb + offs_m[:, None].to(tl.int64) * stride_qn + h * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + key0 * stride_kl + hk * stride_kh
     v_base = V + key0 * stride_vl + hk * stride_vh
@@ -155,9 +152,9 @@ def _fwd_kernel(
     # nothing live for a row: its partial is then 0 with LSE -inf (weight 0 in the merge).
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_ptrs = O + b.to(tl.int64) * stride_ob + offs_m[:, None].to(tl.int64) * stride_on + h * stride_oh + offs_d[None, :]
+    o_ptrs = O + b * stride_ob + offs_m[:, None].to(tl.int64) * stride_on + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
     tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=row_ok)
 
 
@@ -172,22 +169,15 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):
     """dQ of one (sample, head, query tile), float32, into DQ (B, N, H, D) contiguous."""
-    pid_bh = tl.program_id(0)  # grid (B*H, query tiles), longest first, as in the forward
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // G
-    T = tl.load(FRAMES + b).to(tl.int64)
-    key0 = tl.load(KEY_START + b).to(tl.int64)
-    offs_m, limit, lo, hi = _row_limits(pid_m, N, T, P, BLOCK_M)
+    pid_bh, b, h, hk, T, key0, offs_m, limit, lo, hi = _query_tile(FRAMES, KEY_START, N, H, G, P, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
     d_ok = offs_d < D
     rd = row_ok[:, None] & d_ok[None, :]
     rows = offs_m[:, None].to(tl.int64)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + rows * stride_qn + h * stride_qh + offs_d[None, :], mask=rd, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_db + rows * stride_dn + h * stride_dh + offs_d[None, :], mask=rd, other=0.0)
-    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    q = tl.load(Q + b * stride_qb + rows * stride_qn + h * stride_qh + offs_d[None, :], mask=rd, other=0.0)
+    do = tl.load(DO + b * stride_db + rows * stride_dn + h * stride_dh + offs_d[None, :], mask=rd, other=0.0)
+    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
     k_base = K + key0 * stride_kl + hk * stride_kh
     v_base = V + key0 * stride_vl + hk * stride_vh
@@ -207,8 +197,8 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
     # p was exp2(s*log2e*scale - lse*log2e): dS/dq carries the softmax scale once.
-    dq = dq * (qk_scale * 0.6931471805599453)
-    dq_base = DQ + b.to(tl.int64) * N * H * D
+    dq = dq * (qk_scale * LN2)
+    dq_base = DQ + b * N * H * D
     tl.store(dq_base + rows * (H * D) + h * D + offs_d[None, :], dq, mask=rd)
 
 
@@ -259,7 +249,7 @@ def _bwd_dkdv_kernel(
             rows = offs_m[:, None].to(tl.int64)
             q = tl.load(Q + b * stride_qb + rows * stride_qn + h * stride_qh + offs_d[None, :], mask=rd, other=0.0)
             do = tl.load(DO + b * stride_db + rows * stride_dn + h * stride_dh + offs_d[None, :], mask=rd, other=0.0)
-            lse2 = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+            lse2 = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=0.0) * LOG2E
             delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
             # Padded rows load q = dO = 0: their p is finite and they add nothing to dK, dV.
             s = _dot(q, tl.trans(k), IEEE) * qk_scale
@@ -271,7 +261,7 @@ def _bwd_dkdv_kernel(
             dp = _dot(do, tl.trans(v), IEEE)
             ds = p * (dp - delta[:, None])
             dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
-    dk = dk * (qk_scale * 0.6931471805599453)
+    dk = dk * (qk_scale * LN2)
     tl.store(DK + keys * stride_dkl + hk * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd)
     tl.store(DV + keys * stride_dvl + hk * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd)
 
@@ -363,7 +353,7 @@ def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float):
     _fwd_kernel[(*grid, splits)](
         q, k, v, o_dst, lse_dst, frames, key_start,
         *_q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *o_strides,
-        N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E, splits,
+        N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E.value, splits,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), SPLIT=splits > 1,
     )
     if splits == 1:
@@ -387,7 +377,7 @@ def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype))
-    sizes = (N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E)
+    sizes = (N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E.value)
     strides = (*_q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1), dout.stride(2))
     _bwd_dq_kernel[(B * H, triton.cdiv(N, block_m))](

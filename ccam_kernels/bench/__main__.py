@@ -136,8 +136,7 @@ def build_cases(args, device: torch.device) -> list[BenchCase]:
 
 def _why_not_here(name: str, device: torch.device) -> str:
     if name in BACKENDS:
-        why = BACKENDS[name].why_unusable()
-        return why or f"it runs on {', '.join(BACKENDS[name].devices)}, not {device.type}"
+        return BACKENDS[name].refuses_placement(device.type) or "not available"
     if name in SDPA_ANCHORS:
         return f"it runs on {', '.join(SDPA_ANCHORS[name][1])}, not {device.type}"
     return "not available"
@@ -197,14 +196,15 @@ def main(argv=None) -> int:
           f"{settings.repeats} timed calls per row", file=sys.stderr)
     commit = git_commit()  # the code measured is the code at the start
 
-    def checkpoint(partial):  # every finished case is on disk at once, in case the run is cut short
-        doc = build_result(partial, device, commit)
+    def document(result):  # the problem measured goes with the numbers
+        doc = build_result(result, device, commit)
         doc["settings"].update(tokens_per_frame=args.tokens_per_frame, config=cases[0].config.to_dict())
-        write_outputs(doc, args.out, plots=False)
+        return doc
 
-    result = run_suite(cases, contestants, device, settings, on_case=checkpoint)
-    doc = build_result(result, device, commit)
-    doc["settings"].update(tokens_per_frame=args.tokens_per_frame, config=cases[0].config.to_dict())
+    def checkpoint(partial):  # every finished case is on disk at once, in case the run is cut short
+        write_outputs(document(partial), args.out, plots=False)
+
+    doc = document(run_suite(cases, contestants, device, settings, on_case=checkpoint))
     print()
     print(format_table(doc["rows"]))
     paths = write_outputs(doc, args.out)

@@ -57,9 +57,7 @@ def default_contestants(bench: str, device: torch.device, *, explicit: bool = Fa
     out = []
     for name in names:
         if name in BACKENDS:
-            backend = BACKENDS[name]
-            where = backend.devices if explicit else backend.auto_devices
-            if backend.why_unusable() is None and device.type in where and device.type in backend.devices:
+            if BACKENDS[name].refuses_placement(device.type, auto=not explicit) is None:
                 out.append(name)
         elif name in SDPA_ANCHORS:
             if device.type in SDPA_ANCHORS[name][1]:
@@ -207,7 +205,23 @@ class OursAttention(Contestant):
         return [out.detach()] + ([s["q"].grad, s["k"].grad, s["v"].grad] if with_grads else [])
 
 
-class SdpaAnchor(Contestant):
+class NativeLayoutAnchor(Contestant):
+    """An anchor timed on its own layout: ``self.native[i]`` = dict(q, k, v, dout) built in
+    prepare from set i, the leaves its gradients land in."""
+
+    def leaves(self, i):
+        n = self.native[i]
+        return [n["q"], n["k"], n["v"]]
+
+    def dout(self, i):
+        return self.native[i]["dout"]
+
+    def release(self):
+        super().release()
+        self.__dict__.pop("native", None)
+
+
+class SdpaAnchor(NativeLayoutAnchor):
     """SDPA with the dense mask, padded batch (B, H, N, Lmax): what a user of SDPA writes.
     The mask is prepared once per case as the additive bias the kernels consume (0 where
     visible, -inf elsewhere and on padding), so the timed call is the kernel alone."""
@@ -259,13 +273,6 @@ class SdpaAnchor(Contestant):
         with sdpa_kernel([self.backend]):
             return F.scaled_dot_product_attention(n["q"], n["k"], n["v"], attn_mask=self.bias, **extra)
 
-    def leaves(self, i):
-        n = self.native[i]
-        return [n["q"], n["k"], n["v"]]
-
-    def dout(self, i):
-        return self.native[i]["dout"]
-
     def canonical(self, i, out, with_grads):
         res = [out.detach().transpose(1, 2)]
         if with_grads:
@@ -275,14 +282,13 @@ class SdpaAnchor(Contestant):
 
     def release(self):
         super().release()
-        self.__dict__.pop("native", None)
         self.__dict__.pop("bias", None)
 
 
 _FLEX = FlexCCAMAttention()  # one per process: block masks and compiled graphs are reused
 
 
-class FlexAnchor(Contestant):
+class FlexAnchor(NativeLayoutAnchor):
     """Compiled FlexAttention on the packed layout (1, H, B*N, D) x (1, Hkv, L, D)."""
 
     def prepare(self, inputs):
@@ -305,13 +311,6 @@ class FlexAnchor(Contestant):
         n = self.native[i]
         return _FLEX.native(n["q"], n["k"], n["v"], self.mask)
 
-    def leaves(self, i):
-        n = self.native[i]
-        return [n["q"], n["k"], n["v"]]
-
-    def dout(self, i):
-        return self.native[i]["dout"]
-
     def canonical(self, i, out, with_grads):
         B, N, H, D = self.shape
         res = [out.detach()[0].view(H, B, N, D).permute(1, 2, 0, 3)]
@@ -320,10 +319,6 @@ class FlexAnchor(Contestant):
             res += [n["q"].grad[0].view(H, B, N, D).sum(1).transpose(0, 1),
                     n["k"].grad[0].transpose(0, 1), n["v"].grad[0].transpose(0, 1)]
         return res
-
-    def release(self):
-        super().release()
-        self.__dict__.pop("native", None)
 
 
 class ProjectorContestant(Contestant):
@@ -336,12 +331,7 @@ class ProjectorContestant(Contestant):
                 raise Unsupported("FlexAttention has no backward on CPU")
             self.attention = _FLEX
         else:
-            backend = BACKENDS[self.name]
-            why = backend.why_unusable()
-            if why is None and inputs.device.type not in backend.devices:
-                why = f"it runs on {', '.join(backend.devices)} tensors"
-            if why is None and inputs.case.dtype not in backend.dtypes:
-                why = f"it does not support {inputs.case.dtype}"
+            why = BACKENDS[self.name].refuses_placement(inputs.device.type, inputs.case.dtype)
             if why:
                 raise Unsupported(why)
             self.attention = self.name

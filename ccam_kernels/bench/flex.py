@@ -65,6 +65,13 @@ def packed_key_ranges(num_query: int, frame_counts, tokens_per_frame: int, devic
     return torch.cat(starts), torch.cat(ends)
 
 
+def _pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows padded to whole blocks by repeating the last row (which changes no minimum or
+    maximum of a block, and gives padded query rows a harmless range)."""
+    pad = _cdiv(x.numel(), BLOCK) * BLOCK - x.numel()
+    return torch.cat([x, x[-1:].expand(pad)]) if pad else x
+
+
 def block_tables(start: torch.Tensor, end: torch.Tensor, num_keys: int):
     """Classify every (query block, key block) pair from the per-row key ranges.
 
@@ -73,11 +80,8 @@ def block_tables(start: torch.Tensor, end: torch.Tensor, num_keys: int):
     pair and are masked element-wise. The rest are skipped. Rows are padded to whole blocks by
     repeating the last row, which changes no minimum or maximum.
     """
-    rows = start.numel()
-    nq, nk = _cdiv(rows, BLOCK), _cdiv(num_keys, BLOCK)
-    pad = nq * BLOCK - rows
-    start = torch.cat([start, start[-1:].expand(pad)]).view(nq, BLOCK)
-    end = torch.cat([end, end[-1:].expand(pad)]).view(nq, BLOCK)
+    nq, nk = _cdiv(start.numel(), BLOCK), _cdiv(num_keys, BLOCK)
+    start, end = _pad_rows(start).view(nq, BLOCK), _pad_rows(end).view(nq, BLOCK)
     k0 = torch.arange(nk, device=start.device) * BLOCK
     k1 = (k0 + BLOCK).clamp_max(num_keys)
     # A row meets [k0, k1) iff start < k1 and end > k0; min/max over the block's rows give a
@@ -103,11 +107,9 @@ def ccam_block_mask(num_query: int, frame_counts, tokens_per_frame: int, device)
 
     start, end = packed_key_ranges(num_query, frame_counts, tokens_per_frame, device=device)
     rows, num_keys = start.numel(), key_offsets(frame_counts, tokens_per_frame)[-1]
-    partial, full = block_tables(start, end, num_keys)
-    # The kernels evaluate mask_mod on whole blocks, rows past B*N included: pad the tables.
-    padded = _cdiv(rows, BLOCK) * BLOCK
-    start_t = torch.cat([start, start[-1:].expand(padded - rows)])
-    end_t = torch.cat([end, end[-1:].expand(padded - rows)])
+    # The kernels evaluate mask_mod on whole blocks, rows past B*N included: padded tables.
+    start_t, end_t = _pad_rows(start), _pad_rows(end)
+    partial, full = block_tables(start_t, end_t, num_keys)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx >= start_t[q_idx]) & (kv_idx < end_t[q_idx])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ccam_kernels import CCAMConfig, CCAMProjector, ccam_attention
-from ccam_kernels.backends import triton_backend
+from ccam_kernels.backends import tiling, triton_backend
 from conftest import CUDA, rel_err
 from conftest import TRITON_DEVICE as DEVICE, TRITON_DTYPES as DTYPES, TRITON_TOLERANCE as TOLERANCE
 from oracle import attention_oracle
@@ -142,9 +142,7 @@ def test_triton_split_kv_forward(splits, dtype, monkeypatch):
     """Key ranges split across programs and merged by log-sum-exp: the same result, including
     splits that see nothing live for some rows (T=1 rows, splits past a row's limit) and more
     splits than key tiles."""
-    from ccam_kernels.backends import triton_kernels
-
-    monkeypatch.setattr(triton_kernels, "FORCE_SPLITS", splits)
+    monkeypatch.setattr(tiling, "FORCE_SPLITS", splits)
     for N, H, Hkv, D, counts, P, shared in [(37, 4, 2, 16, (5, 3, 9), 7, True), (33, 3, 3, 64, (1, 4), 4, False)]:
         q, k, v, dout = _inputs(N, H, Hkv, D, counts, P, shared, dtype)
         _check(q, k, v, dout, counts, P, dtype)

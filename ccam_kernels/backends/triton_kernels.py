@@ -21,12 +21,11 @@ on the host for a shared q (deterministic).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from . import tiling
 from .triton_backend import interpreting
 
 # Globals read inside kernels must be constexpr.
@@ -290,49 +289,8 @@ def _use_ieee(dtype: torch.dtype) -> bool:
         return torch.get_float32_matmul_precision() == "highest"
 
 
-@functools.lru_cache(maxsize=256)
-def _plan(frame_counts: tuple, tokens_per_frame: int, block_n: int, device: torch.device):
-    """Per-sample frame counts and key offsets, and the (sample, start) of every key tile."""
-    offsets, tile_sample, tile_start = [], [], []
-    total = 0
-    for b, t in enumerate(frame_counts):
-        offsets.append(total)
-        n_keys = t * tokens_per_frame
-        for start in range(0, n_keys, block_n):
-            tile_sample.append(b)
-            tile_start.append(start)
-        total += n_keys
-    as_tensor = functools.partial(torch.tensor, dtype=torch.int64, device=device)
-    return as_tensor(list(frame_counts)), as_tensor(offsets), as_tensor(tile_sample), as_tensor(tile_start)
-
-
-def _q_strides(q: torch.Tensor):
-    """(batch, row, head) strides; batch stride 0 for a shared (N, H, D) q."""
-    if q.dim() == 3:
-        return 0, q.stride(0), q.stride(1)
-    return q.stride(0), q.stride(1), q.stride(2)
-
-
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-FORCE_SPLITS = None  # tests (and tuning) set an exact number of key splits
-MAX_SPLITS = 8
-
-
-def num_splits(programs: int, frame_counts: tuple, tokens_per_frame: int, block_n: int, device) -> int:
-    """Key splits per query tile: enough programs for two waves over the SMs, no more than
-    MAX_SPLITS, and at least two key tiles per split."""
-    if FORCE_SPLITS is not None:
-        return FORCE_SPLITS
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if programs >= 2 * sms:
-        return 1
-    key_tiles = max(frame_counts) * tokens_per_frame // block_n
-    return max(1, min(MAX_SPLITS, -(-2 * sms // programs), key_tiles // 2))
 
 
 def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float):
@@ -340,9 +298,9 @@ def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float):
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     B, (N, H, D), Hkv = len(frame_counts), q.shape[-3:], k.shape[1]
     block_m, block_n, block_d = block_sizes(D)
-    frames, key_start, _, _ = _plan(frame_counts, tokens_per_frame, block_n, q.device)
+    frames, key_start, _, _ = tiling.plan(frame_counts, tokens_per_frame, block_n, q.device)
     grid = (B * H, triton.cdiv(N, block_m))
-    splits = num_splits(grid[0] * grid[1], frame_counts, tokens_per_frame, block_n, q.device)
+    splits = tiling.num_splits(grid[0] * grid[1], frame_counts, tokens_per_frame, block_n, q.device)
     out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
     if splits > 1:  # float32 partials, merged below
         o_dst = torch.empty(splits, B, N, H, D, device=q.device, dtype=torch.float32)
@@ -352,17 +310,13 @@ def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float):
     o_strides = (o_dst.stride(-4), o_dst.stride(-3), o_dst.stride(-2))
     _fwd_kernel[(*grid, splits)](
         q, k, v, o_dst, lse_dst, frames, key_start,
-        *_q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *o_strides,
+        *tiling.q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *o_strides,
         N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E.value, splits,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), SPLIT=splits > 1,
     )
     if splits == 1:
         return out, lse_dst
-    # Merge the splits by their log-sum-exp: weights exp(lse_s - lse), summing to 1 per row.
-    lse = torch.logsumexp(lse_dst, dim=0)
-    weight = torch.exp(lse_dst - lse).transpose(-1, -2).unsqueeze(-1)  # (S, B, N, H, 1)
-    out.copy_((weight * o_dst).sum(0))
-    return out, lse
+    return out, tiling.merge_splits(o_dst, lse_dst, out)
 
 
 def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int, scale: float):
@@ -370,15 +324,14 @@ def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int
     q, k, v, dout = (_last_dim_contiguous(x) for x in (q, k, v, dout))
     B, (N, H, D), Hkv = len(frame_counts), q.shape[-3:], k.shape[1]
     block_m, block_n, block_d = block_sizes(D)
-    frames, key_start, tile_sample, tile_start = _plan(frame_counts, tokens_per_frame, block_n, q.device)
-    # delta = rowsum(dO * O), (B, H, N) float32, the softmax backward's per-row constant.
-    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    frames, key_start, tile_sample, tile_start = tiling.plan(frame_counts, tokens_per_frame, block_n, q.device)
+    delta = tiling.softmax_delta(dout, out)
     dq_rows = torch.empty(B, N, H, D, device=q.device, dtype=torch.float32)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype))
     sizes = (N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E.value)
-    strides = (*_q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+    strides = (*tiling.q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1), dout.stride(2))
     _bwd_dq_kernel[(B * H, triton.cdiv(N, block_m))](
         q, k, v, dout, lse, delta, dq_rows, frames, key_start, *strides, *sizes, **common)

@@ -1,0 +1,236 @@
+// Backward kernels. Recompute P = exp(S*scale - LSE) from the saved per-row LSE; with
+// delta = rowsum(dO * O) (precomputed by the host), dS = P * (dP - delta), dP = dO V^T.
+//
+// dQ pass: one CTA per (sample x head, query tile), 4 warps of 16 rows, walking the key tiles the
+//   tile sees (as the forward); dQ += dS K, written per sample in float32 (the host sums a
+//   shared q's samples). No atomics.
+// dK/dV pass: one CTA per (key tile, kv head), 4 warps of 16 keys, walking only the query rows
+//   that see the tile (i >= ceil(f*N/T) for its first frame f), and every head of the GQA group:
+//   dV += P^T dO, dK += dS^T Q. Each key belongs to one CTA: no atomics, deterministic.
+#pragma once
+
+#include "params.h"
+#include "tile.cuh"
+
+namespace ccam {
+
+// Key tile of the dQ pass / query tile of the dK/dV pass: narrower at large head dims, where
+// the float32 accumulators (16 x DP per warp, two of them in dK/dV) take most registers.
+template <int DP>
+constexpr int kBwdInner = DP <= 64 ? 64 : 32;
+
+template <int DP>
+struct DqTiles {
+  static constexpr int kBlockM = 64, kBlockN = kBwdInner<DP>;
+  static constexpr int kQ = kBlockM * kPitch<DP>, kKV = kBlockN * kPitch<DP>;
+  static constexpr int kSmemElems = 2 * kQ + 4 * kKV;  // Q, dO, K x 2, V x 2
+};
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(128) bwd_dq_kernel(const BwdParams p) {
+  using Tiles = DqTiles<DP>;
+  constexpr int BM = Tiles::kBlockM, BN = Tiles::kBlockN;
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  T* s_q = reinterpret_cast<T*>(smem_bytes);
+  T* s_do = s_q + Tiles::kQ;
+  T* s_k = s_do + Tiles::kQ;
+  T* s_v = s_k + 2 * Tiles::kKV;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads, hk = h / p.group;
+  const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;
+  const int64_t N = p.num_query, P = p.tokens_per_frame, T_b = p.frames[b];
+  const int64_t lo = (m0 * T_b / N + 1) * P;
+  const int64_t hi = ((min(int64_t(m0 + BM), N) - 1) * T_b / N + 1) * P;
+  const int n_tiles = static_cast<int>((hi + BN - 1) / BN);
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h;
+  const T* k = static_cast<const T*>(p.k) + p.key_start[b] * p.k_stride_l + hk * p.k_stride_h;
+  const T* v = static_cast<const T*>(p.v) + p.key_start[b] * p.v_stride_l + hk * p.v_stride_h;
+  const T* safe = static_cast<const T*>(p.q);
+
+  auto load_kv = [&](int t) {
+    const int64_t s0 = int64_t(t) * BN;
+    load_tile<BN, DP, 128>(s_k + (t & 1) * Tiles::kKV, k + s0 * p.k_stride_l, p.k_stride_l, hi - s0, p.head_dim, safe);
+    load_tile<BN, DP, 128>(s_v + (t & 1) * Tiles::kKV, v + s0 * p.v_stride_l, p.v_stride_l, hi - s0, p.head_dim, safe);
+  };
+  load_tile<BM, DP, 128>(s_q, q + m0 * p.q_stride_n, p.q_stride_n, N - m0, p.head_dim, safe);
+  load_tile<BM, DP, 128>(s_do, dout + m0 * p.do_stride_n, p.do_stride_n, N - m0, p.head_dim, safe);
+  load_kv(0);
+  cp_async_commit();
+
+  const int64_t row0 = m0 + warp * 16 + lane / 4;
+  const int64_t limit[2] = {(row0 * T_b / N + 1) * P, ((row0 + 8) * T_b / N + 1) * P};
+  // Rows past N: LSE +inf makes their probabilities 0.
+  const float* lse = p.lse + int64_t(bh) * N;
+  const float* delta = p.delta + int64_t(bh) * N;
+  const float lse2[2] = {row0 < N ? lse[row0] * 1.4426950408889634f : INFINITY,
+                         row0 + 8 < N ? lse[row0 + 8] * 1.4426950408889634f : INFINITY};
+  const float dlt[2] = {row0 < N ? delta[row0] : 0.f, row0 + 8 < N ? delta[row0 + 8] : 0.f};
+
+  float dq[DP / 8][4];
+  zero(dq);
+  for (int t = 0; t < n_tiles; ++t) {
+    if (t + 1 < n_tiles) load_kv(t + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const int64_t s0 = int64_t(t) * BN;
+    const T* kt = s_k + (t & 1) * Tiles::kKV;
+    const T* vt = s_v + (t & 1) * Tiles::kKV;
+    float s[BN / 8][4], dp[BN / 8][4];
+    zero(s);
+    zero(dp);
+    gemm_abt<T, DP, BN>(s, [&](int kc, uint32_t(&a)[4]) { load_a<DP>(a, s_q, warp * 16, kc); }, kt);
+    gemm_abt<T, DP, BN>(dp, [&](int kc, uint32_t(&a)[4]) { load_a<DP>(a, s_do, warp * 16, kc); }, vt);
+    const bool masked = s0 + BN > lo;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int half = e / 2;
+        float pr = exp2_approx(s[j][e] * p.scale_log2 - lse2[half]);
+        if (masked && s0 + j * 8 + 2 * (lane % 4) + (e & 1) >= limit[half]) pr = 0.f;
+        s[j][e] = pr * (dp[j][e] - dlt[half]);  // dS
+      }
+    gemm_pb<T, DP, BN>(dq, s, kt);
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+  float* out = p.dq_rows + (int64_t(b) * N * p.heads + h) * p.head_dim;
+  store_strip<float, DP>(out, int64_t(p.heads) * p.head_dim, m0 + warp * 16, N, p.head_dim, dq, p.scale, p.scale);
+}
+
+template <int DP>
+struct DkdvTiles {
+  static constexpr int kBlockN = kBwdKeyTile, kBlockM = kBwdInner<DP>;
+  static constexpr int kKV = kBlockN * kPitch<DP>, kQ = kBlockM * kPitch<DP>;
+  static constexpr int kSmemElems = 2 * kKV + 4 * kQ;  // K, V, Q x 2, dO x 2
+  static constexpr int kSmemFloats = 4 * kBlockM;      // LSE x 2, delta x 2
+};
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(128) bwd_dkdv_kernel(const BwdParams p) {
+  using Tiles = DkdvTiles<DP>;
+  constexpr int BN = Tiles::kBlockN, BM = Tiles::kBlockM;
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  T* s_k = reinterpret_cast<T*>(smem_bytes);
+  T* s_v = s_k + Tiles::kKV;
+  T* s_q = s_v + Tiles::kKV;
+  T* s_do = s_q + 2 * Tiles::kQ;
+  float* s_lse = reinterpret_cast<float*>(s_do + 2 * Tiles::kQ);
+  float* s_delta = s_lse + 2 * BM;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int b = static_cast<int>(p.tile_sample[blockIdx.x]), hk = blockIdx.y;
+  const int64_t start = p.tile_start[blockIdx.x];  // first key of the tile, within its sample
+  const int64_t N = p.num_query, P = p.tokens_per_frame, T_b = p.frames[b];
+  const int64_t n_keys = T_b * P;
+  auto first_row = [&](int64_t key) { return (key / P * N + T_b - 1) / T_b; };  // ceil(f*N/T)
+  const int64_t rows_from = first_row(start);
+  const int64_t rows_full = first_row(min(start + BN, n_keys) - 1);  // rows >= this see every key
+  const int64_t m_begin = rows_from / BM * BM;
+  const int n_row_tiles = static_cast<int>((N - m_begin + BM - 1) / BM);
+
+  const int64_t key0 = p.key_start[b] + start;
+  const T* safe = static_cast<const T*>(p.q);
+  load_tile<BN, DP, 128>(s_k, static_cast<const T*>(p.k) + key0 * p.k_stride_l + hk * p.k_stride_h, p.k_stride_l,
+                         n_keys - start, p.head_dim, safe);
+  load_tile<BN, DP, 128>(s_v, static_cast<const T*>(p.v) + key0 * p.v_stride_l + hk * p.v_stride_h, p.v_stride_l,
+                         n_keys - start, p.head_dim, safe);
+
+  // This thread's two keys (rows g and g + 8 of its warp's strip) and the first query row of each.
+  const int64_t key_a = start + warp * 16 + lane / 4;
+  const int64_t seen_from[2] = {key_a < n_keys ? first_row(key_a) : N, key_a + 8 < n_keys ? first_row(key_a + 8) : N};
+
+  float dk[DP / 8][4], dv[DP / 8][4];
+  zero(dk);
+  zero(dv);
+  const int steps = n_row_tiles * p.group;  // (head of the group, query tile) pairs
+  auto load_rows = [&](int step) {
+    const int h = hk * p.group + step / n_row_tiles;
+    const int64_t m0 = m_begin + int64_t(step % n_row_tiles) * BM;
+    const int st = step & 1;
+    load_tile<BM, DP, 128>(s_q + st * Tiles::kQ,
+                           static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + m0 * p.q_stride_n,
+                           p.q_stride_n, N - m0, p.head_dim, safe);
+    load_tile<BM, DP, 128>(s_do + st * Tiles::kQ,
+                           static_cast<const T*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h + m0 * p.do_stride_n,
+                           p.do_stride_n, N - m0, p.head_dim, safe);
+    // Plain loads: visible to every warp after the barrier that precedes their use.
+    const int64_t row_base = (int64_t(b) * p.heads + h) * N + m0;
+    for (int i = threadIdx.x; i < 2 * BM; i += 128) {
+      const int r = i % BM;
+      const bool valid = m0 + r < N;
+      if (i < BM) {
+        s_lse[st * BM + r] = valid ? p.lse[row_base + r] * 1.4426950408889634f : INFINITY;
+      } else {
+        s_delta[st * BM + r] = valid ? p.delta[row_base + r] : 0.f;
+      }
+    }
+  };
+  if (steps > 0) load_rows(0);
+  cp_async_commit();
+
+  for (int step = 0; step < steps; ++step) {
+    if (step + 1 < steps) load_rows(step + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const int st = step & 1;
+    const int64_t m0 = m_begin + int64_t(step % n_row_tiles) * BM;
+    const T* qt = s_q + st * Tiles::kQ;
+    const T* dot = s_do + st * Tiles::kQ;
+    float pt[BM / 8][4], dpt[BM / 8][4];  // P^T and dP^T: keys x query rows
+    zero(pt);
+    zero(dpt);
+    gemm_abt<T, DP, BM>(pt, [&](int kc, uint32_t(&a)[4]) { load_a<DP>(a, s_k, warp * 16, kc); }, qt);
+    gemm_abt<T, DP, BM>(dpt, [&](int kc, uint32_t(&a)[4]) { load_a<DP>(a, s_v, warp * 16, kc); }, dot);
+    const bool masked = m0 < rows_full;
+#pragma unroll
+    for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = j * 8 + 2 * (lane % 4) + (e & 1);
+        float pr = exp2_approx(pt[j][e] * p.scale_log2 - s_lse[st * BM + col]);
+        if (masked && m0 + col < seen_from[e / 2]) pr = 0.f;
+        pt[j][e] = pr;
+        dpt[j][e] = pr * (dpt[j][e] - s_delta[st * BM + col]);  // dS^T
+      }
+    gemm_pb<T, DP, BM>(dv, pt, dot);
+    gemm_pb<T, DP, BM>(dk, dpt, qt);
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+  const int64_t strip = start + warp * 16;
+  T* dk_out = static_cast<T*>(p.dk) + p.key_start[b] * p.dk_stride_l + hk * p.dk_stride_h;
+  T* dv_out = static_cast<T*>(p.dv) + p.key_start[b] * p.dv_stride_l + hk * p.dv_stride_h;
+  store_strip<T, DP>(dk_out, p.dk_stride_l, strip, n_keys, p.head_dim, dk, p.scale, p.scale);
+  store_strip<T, DP>(dv_out, p.dv_stride_l, strip, n_keys, p.head_dim, dv, 1.f, 1.f);
+}
+
+template <typename Kernel>
+static cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int smem, cudaStream_t stream, const BwdParams& p) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, 128, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int DP>
+cudaError_t launch_bwd_dq(const BwdParams& p, cudaStream_t stream) {
+  using Tiles = DqTiles<DP>;
+  const dim3 grid(p.batch * p.heads, (p.num_query + Tiles::kBlockM - 1) / Tiles::kBlockM);
+  return launch_with_smem(bwd_dq_kernel<T, DP>, grid, Tiles::kSmemElems * sizeof(T), stream, p);
+}
+
+template <typename T, int DP>
+cudaError_t launch_bwd_dkdv(const BwdParams& p, cudaStream_t stream) {
+  using Tiles = DkdvTiles<DP>;
+  const dim3 grid(p.num_key_tiles, p.heads / p.group);
+  return launch_with_smem(bwd_dkdv_kernel<T, DP>, grid,
+                          Tiles::kSmemElems * sizeof(T) + Tiles::kSmemFloats * sizeof(float), stream, p);
+}
+
+}  // namespace ccam

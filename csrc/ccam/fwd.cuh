@@ -1,0 +1,163 @@
+// Forward kernel: one CTA per (sample x head, query tile[, key split]), 4 warps of 16 query rows.
+//
+// A query tile's rows see non-decreasing key prefixes: keys below the first row's limit `lo` are
+// live for every row (no mask), keys from there to the last row's limit `hi` are masked per row
+// from the rule, and nothing past `hi` is loaded. K/V tiles stream through a two-stage cp.async
+// pipeline; the scores stay in registers (online softmax in float32, log2 domain) and feed the
+// P V product as mma A fragments. With splits, each CTA takes a share of the key tiles and
+// writes float32 partials and their LSE, merged by log-sum-exp on the host.
+#pragma once
+
+#include <cfloat>
+
+#include "params.h"
+#include "tile.cuh"
+
+namespace ccam {
+
+template <int DP>
+struct FwdTiles {
+  static constexpr int kBlockM = 64, kBlockN = kFwdBlockN, kThreads = 128;
+  static constexpr int kQ = kBlockM * kPitch<DP>, kKV = kBlockN * kPitch<DP>;
+  static constexpr int kSmemElems = kQ + 4 * kKV;  // Q, K x 2 stages, V x 2 stages
+};
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(128) fwd_kernel(const FwdParams p) {
+  using Tiles = FwdTiles<DP>;
+  constexpr int BM = Tiles::kBlockM, BN = Tiles::kBlockN;
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  T* s_q = reinterpret_cast<T*>(smem_bytes);
+  T* s_k = s_q + Tiles::kQ;
+  T* s_v = s_k + 2 * Tiles::kKV;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads, hk = h / p.group;
+  const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;  // longest tiles (last rows) start first
+  const int64_t N = p.num_query, P = p.tokens_per_frame, T_b = p.frames[b];
+  const int64_t lo = (m0 * T_b / N + 1) * P;
+  const int64_t hi = ((min(int64_t(m0 + BM), N) - 1) * T_b / N + 1) * P;
+
+  int64_t key_lo = 0, key_hi = hi;
+  if (p.num_splits > 1) {
+    const int64_t tiles = (hi + BN - 1) / BN, per_split = (tiles + p.num_splits - 1) / p.num_splits;
+    key_lo = min(int64_t(blockIdx.z) * per_split, tiles) * BN;
+    key_hi = min(key_lo + per_split * BN, hi);
+  }
+  const int n_tiles = key_hi > key_lo ? static_cast<int>((key_hi - key_lo + BN - 1) / BN) : 0;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
+  const T* k = static_cast<const T*>(p.k) + p.key_start[b] * p.k_stride_l + hk * p.k_stride_h;
+  const T* v = static_cast<const T*>(p.v) + p.key_start[b] * p.v_stride_l + hk * p.v_stride_h;
+  const T* safe = static_cast<const T*>(p.q);
+
+  auto load_kv = [&](int t) {
+    const int64_t s0 = key_lo + int64_t(t) * BN;
+    load_tile<BN, DP, 128>(s_k + (t & 1) * Tiles::kKV, k + s0 * p.k_stride_l, p.k_stride_l, key_hi - s0, p.head_dim, safe);
+    load_tile<BN, DP, 128>(s_v + (t & 1) * Tiles::kKV, v + s0 * p.v_stride_l, p.v_stride_l, key_hi - s0, p.head_dim, safe);
+  };
+  load_tile<BM, DP, 128>(s_q, q + m0 * p.q_stride_n, p.q_stride_n, N - m0, p.head_dim, safe);
+  if (n_tiles > 0) load_kv(0);
+  cp_async_commit();
+
+  // This thread's two rows (g and g + 8 of its warp's strip) and their visible-key limits.
+  const int64_t row0 = m0 + warp * 16 + lane / 4;
+  const int64_t limit[2] = {(row0 * T_b / N + 1) * P, ((row0 + 8) * T_b / N + 1) * P};
+  float o[DP / 8][4];
+  zero(o);
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  uint32_t q_frag[DP / 16][4];
+
+  for (int t = 0; t < n_tiles; ++t) {
+    if (t + 1 < n_tiles) load_kv(t + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    if (t == 0) {
+#pragma unroll
+      for (int kc = 0; kc < DP / 16; ++kc) load_a<DP>(q_frag[kc], s_q, warp * 16, kc);
+    }
+    const int64_t s0 = key_lo + int64_t(t) * BN;
+    float s[BN / 8][4];
+    zero(s);
+    gemm_abt<T, DP, BN>(s, [&](int kc, uint32_t(&a)[4]) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = q_frag[kc][i];
+    }, s_k + (t & 1) * Tiles::kKV);
+
+    const bool masked = s0 + BN > lo;  // straddles some row's limit (or runs past hi)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          float x = s[j][e] * p.scale_log2;
+          if (masked && s0 + j * 8 + 2 * (lane % 4) + (e & 1) >= limit[half]) x = -INFINITY;
+          s[j][e] = x;
+          mx = fmaxf(mx, x);
+        }
+      const float m_new = fmaxf(m_run[half], quad_max(mx));
+      // A row with nothing live yet (only in a split that does not start at key 0): subtract 0
+      // instead of -inf, so its probabilities and rescale factor are 0, not NaN.
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = exp2_approx(m_run[half] - m_use);
+      m_run[half] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          s[j][e] = exp2_approx(s[j][e] - m_use);
+          sum += s[j][e];
+        }
+      l_run[half] = l_run[half] * alpha + sum;  // per-thread partial: alpha is uniform per row
+#pragma unroll
+      for (int j = 0; j < DP / 8; ++j) {
+        o[j][2 * half] *= alpha;
+        o[j][2 * half + 1] *= alpha;
+      }
+    }
+    gemm_pb<T, DP, BN>(o, s, s_v + (t & 1) * Tiles::kKV);
+    __syncthreads();  // this stage is refilled by the next iteration's prefetch
+  }
+  cp_async_wait<0>();
+
+  // Without splits every row saw key 0, so l > 0; a split may have seen nothing live for a row:
+  // its partial is then 0 with LSE -inf (weight 0 in the merge).
+  float inv[2], lse[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float l = quad_sum(l_run[half]);
+    inv[half] = l > 0.f ? 1.f / l : 0.f;
+    lse[half] = l > 0.f ? (m_run[half] + __log2f(l)) * 0.6931471805599453f : -INFINITY;
+  }
+  const int64_t strip = m0 + warp * 16;
+  if (p.num_splits > 1) {
+    const int64_t split_elems = int64_t(p.batch) * p.o_stride_b;
+    float* out = p.out_partial + blockIdx.z * split_elems + b * p.o_stride_b + h * p.o_stride_h;
+    store_strip<float, DP>(out, p.o_stride_n, strip, N, p.head_dim, o, inv[0], inv[1]);
+  } else {
+    T* out = static_cast<T*>(p.out) + b * p.o_stride_b + h * p.o_stride_h;
+    store_strip<T, DP>(out, p.o_stride_n, strip, N, p.head_dim, o, inv[0], inv[1]);
+  }
+  if (lane % 4 == 0) {
+    float* lse_row = p.lse + (int64_t(blockIdx.z) * gridDim.x + bh) * N;
+    if (row0 < N) lse_row[row0] = lse[0];
+    if (row0 + 8 < N) lse_row[row0 + 8] = lse[1];
+  }
+}
+
+template <typename T, int DP>
+cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  using Tiles = FwdTiles<DP>;
+  constexpr int smem = Tiles::kSmemElems * sizeof(T);
+  cudaError_t err = cudaFuncSetAttribute(fwd_kernel<T, DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(p.batch * p.heads, (p.num_query + Tiles::kBlockM - 1) / Tiles::kBlockM, p.num_splits);
+  fwd_kernel<T, DP><<<grid, Tiles::kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace ccam

@@ -1,0 +1,66 @@
+// Launch parameters of the block-causal cross-attention kernels, and the launchers' declarations.
+//
+// Plain C++ (no torch, no CUDA headers beyond the runtime types): the host-side registration
+// (ccam_attention.cpp) fills these from tensors, and every instantiation file (one dtype x head
+// dim x kernel per .cu) compiles against this header alone, so the kernel files build fast and in
+// parallel.
+//
+// The mask rule (SPEC 1.1), as the kernels use it: row i of a sample with T frames sees the
+// keys [0, (floor(i*T/N) + 1) * P) of its sample; a key of frame f is seen by rows
+// i >= ceil(f*N/T). Everything else (B, key offsets) comes from two per-sample int64 arrays.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+namespace ccam {
+
+// Strides are in elements. q may be shared by the batch: q_stride_b == 0.
+struct AttentionShape {
+  const int64_t* frames;     // (B,)  frames T_b of each sample
+  const int64_t* key_start;  // (B,)  first key of each sample in the packed (L, Hkv, D) k/v
+  int batch, num_query, heads, group, tokens_per_frame, head_dim;  // B, N, H, H/Hkv, P, D
+  int64_t q_stride_b, q_stride_n, q_stride_h;
+  int64_t k_stride_l, k_stride_h, v_stride_l, v_stride_h;
+  float scale_log2;  // softmax scale * log2(e): the kernels work in the log2 domain
+};
+
+struct FwdParams : AttentionShape {
+  const void *q, *k, *v;
+  // num_splits == 1: out (B, N, H, D) in the inputs' dtype, lse (B, H, N) float32 (natural log).
+  // num_splits > 1: out_partial (S, B, N, H, D) float32 and lse (S, B, H, N), merged by the host.
+  void* out;
+  float* out_partial;
+  float* lse;
+  int64_t o_stride_b, o_stride_n, o_stride_h;  // of out or of one split of out_partial
+  int num_splits;
+};
+
+struct BwdParams : AttentionShape {
+  const void *q, *k, *v, *dout;
+  const float *lse, *delta;  // (B, H, N) float32: natural-log LSE, rowsum(dO * O)
+  int64_t do_stride_b, do_stride_n, do_stride_h;
+  float scale;
+  // dQ pass: dq_rows (B, N, H, D) float32 contiguous, one slab per sample (summed by the host
+  // for a shared q).
+  float* dq_rows;
+  // dK/dV pass: one program per (key tile, kv head); tiles listed by the host.
+  const int64_t *tile_sample, *tile_start;
+  int num_key_tiles;
+  void *dk, *dv;
+  int64_t dk_stride_l, dk_stride_h, dv_stride_l, dv_stride_h;
+};
+
+// Head dims run in kernels built for a padded width DP in {32, 64, 96, 128}: the columns
+// D..DP-1 are zero-filled on load and never stored.
+constexpr int padded_head_dim(int d) { return d <= 32 ? 32 : d <= 64 ? 64 : d <= 96 ? 96 : 128; }
+
+// Key-tile width of the forward and dK/dV passes (the host's tile plan uses it too).
+constexpr int kFwdBlockN = 64;
+constexpr int kBwdKeyTile = 64;
+
+template <typename T, int DP> cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream);
+template <typename T, int DP> cudaError_t launch_bwd_dq(const BwdParams& p, cudaStream_t stream);
+template <typename T, int DP> cudaError_t launch_bwd_dkdv(const BwdParams& p, cudaStream_t stream);
+
+}  // namespace ccam

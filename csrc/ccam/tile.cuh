@@ -1,0 +1,113 @@
+// Shared-memory tiles and the warp-level GEMM steps every kernel is built from.
+//
+// A tile holds ROWS rows of DP (padded head dim) 16-bit elements with a row pitch of DP + 8
+// elements: the 16-byte pad puts the 8 rows an ldmatrix reads in 8 different bank groups, so
+// fragment loads are conflict-free for every DP in {32, 64, 96, 128}. Each warp computes a
+// 16-row strip; see mma.cuh for the fragment layouts.
+#pragma once
+
+#include "mma.cuh"
+
+namespace ccam {
+
+template <int DP>
+constexpr int kPitch = DP + 8;
+
+// Asynchronously copy rows [0, ROWS) of a (rows, head_dim) slab into a tile: rows >= valid_rows
+// and columns >= head_dim (the pad up to DP) are zero-filled and never read from global memory.
+// head_dim is a multiple of 8, so every 16-byte chunk is wholly in or out.
+template <int ROWS, int DP, int THREADS, typename T>
+__device__ __forceinline__ void load_tile(T* tile, const T* rows, int64_t row_stride, int64_t valid_rows,
+                                          int head_dim, const T* safe) {
+  constexpr int kChunks = DP / 8;
+  static_assert((ROWS * kChunks) % THREADS == 0, "tile chunks must split evenly over the threads");
+#pragma unroll
+  for (int i = 0; i < ROWS * kChunks / THREADS; ++i) {
+    const int c = threadIdx.x + i * THREADS;
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const bool valid = r < valid_rows && col < head_dim;
+    cp_async_16(tile + r * kPitch<DP> + col, valid ? rows + r * row_stride + col : safe, valid);
+  }
+}
+
+// A fragment (16 x 16) of a row-major tile: rows row0.., columns 16*kc...
+template <int DP, typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int kc) {
+  const int lane = threadIdx.x % 32;
+  ldmatrix_x4(a, tile + (row0 + lane % 8 + ((lane / 8) % 2) * 8) * kPitch<DP> + kc * 16 + (lane / 16) * 8);
+}
+
+// acc (16 x NC) += A (16 x DP) * B^T, with B an (NC x DP) tile stored [n][k] (e.g. keys x head
+// dim: S = Q K^T). a_frag(kc, a) supplies A's k-chunk kc (from registers or from a tile).
+template <typename T, int DP, int NC, typename AFrag>
+__device__ __forceinline__ void gemm_abt(float (&acc)[NC / 8][4], AFrag a_frag, const T* b_tile) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int kc = 0; kc < DP / 16; ++kc) {
+    uint32_t a[4];
+    a_frag(kc, a);
+#pragma unroll
+    for (int np = 0; np < NC / 16; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4(b, b_tile + (np * 16 + lane % 8 + (lane / 16) * 8) * kPitch<DP> + kc * 16 + ((lane / 8) % 2) * 8);
+      Mma<T>::run(acc[2 * np], a, b[0], b[1]);
+      Mma<T>::run(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc (16 x DP) += P (16 x NK, float C fragments, rounded to T) * B, with B an (NK x DP) tile
+// stored [k][n] (e.g. keys x head dim: O += P V), read transposed by ldmatrix.trans.
+template <typename T, int DP, int NK>
+__device__ __forceinline__ void gemm_pb(float (&acc)[DP / 8][4], const float (&p)[NK / 8][4], const T* b_tile) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int kc = 0; kc < NK / 16; ++kc) {
+    const uint32_t a[4] = {Mma<T>::pack(p[2 * kc][0], p[2 * kc][1]), Mma<T>::pack(p[2 * kc][2], p[2 * kc][3]),
+                           Mma<T>::pack(p[2 * kc + 1][0], p[2 * kc + 1][1]),
+                           Mma<T>::pack(p[2 * kc + 1][2], p[2 * kc + 1][3])};
+#pragma unroll
+    for (int dp = 0; dp < DP / 16; ++dp) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, b_tile + (kc * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kPitch<DP> + dp * 16 + (lane / 16) * 8);
+      Mma<T>::run(acc[2 * dp], a, b[0], b[1]);
+      Mma<T>::run(acc[2 * dp + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+template <int R, int C>
+__device__ __forceinline__ void zero(float (&x)[R][C]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int j = 0; j < C; ++j) x[i][j] = 0.f;
+}
+
+// Store a warp's 16 x DP float accumulator strip, times `mul`, as pairs of elements: rows
+// row0 + g and row0 + g + 8 (skipped at or past row_end), columns < head_dim.
+template <typename Out, int DP>
+__device__ __forceinline__ void store_strip(Out* base, int64_t row_stride, int64_t row0, int64_t row_end,
+                                            int head_dim, const float (&acc)[DP / 8][4], float mul0, float mul1) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t row = row0 + lane / 4 + half * 8;
+    if (row >= row_end) continue;
+    const float mul = half ? mul1 : mul0;
+#pragma unroll
+    for (int j = 0; j < DP / 8; ++j) {
+      const int col = j * 8 + 2 * (lane % 4);
+      if (col >= head_dim) continue;
+      const float x0 = acc[j][2 * half] * mul, x1 = acc[j][2 * half + 1] * mul;
+      Out* dst = base + row * row_stride + col;
+      if constexpr (sizeof(Out) == 4) {
+        *reinterpret_cast<float2*>(dst) = make_float2(x0, x1);
+      } else {
+        *reinterpret_cast<uint32_t*>(dst) = Mma<Out>::pack(x0, x1);
+      }
+    }
+  }
+}
+
+}  // namespace ccam

@@ -14,7 +14,7 @@ import torch
 from .checks import ALL_DTYPES, KERNEL_DTYPES, AttentionProblem, check_attention_args
 from .backends.reference import ccam_attention_reference
 from .backends.torch_prefix import ccam_attention_torch
-from .backends import triton_backend
+from .backends import cuda_backend, tiling, triton_backend
 
 __all__ = ["ccam_attention", "available_backends", "BACKENDS"]
 
@@ -63,19 +63,17 @@ class Backend:
         return self.refuses_inputs(q, problem)
 
 
-def _not_yet(what: str, issue: str) -> Callable[[], str]:
-    return lambda: f"{what} are not implemented in this version of ccam_kernels (planned: {issue})"
-
-
 BACKENDS = {
     "reference": Backend("reference", ccam_attention_reference, lambda: None, ALL_DTYPES, dropout=True),
     "torch": Backend("torch", ccam_attention_torch, lambda: None, ALL_DTYPES, dropout=True),
     "triton": Backend("triton", triton_backend.ccam_attention_triton, triton_backend.why_unusable,
                       devices_fn=triton_backend.devices, auto_devices=("cuda",),
-                      refuses_inputs=triton_backend.refuses_inputs,
+                      refuses_inputs=tiling.refuses_head_dim,
                       refuses_dtype_on=triton_backend.refuses_dtype_on),
-    "cuda": Backend("cuda", None, _not_yet("the CUDA kernels of csrc/", "the CUDA kernels issue"),
-                    devices_fn=lambda: ("cuda",), auto_devices=("cuda",)),
+    "cuda": Backend("cuda", cuda_backend.ccam_attention_cuda, cuda_backend.why_unusable,
+                    devices_fn=lambda: ("cuda",), auto_devices=("cuda",),
+                    refuses_inputs=tiling.refuses_head_dim,
+                    refuses_dtype_on=cuda_backend.refuses_dtype_on),
 }
 AUTO_ORDER = ("cuda", "triton", "torch")
 

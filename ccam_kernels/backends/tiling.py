@@ -9,6 +9,7 @@ kernels: the softmax backward's per-row constant and the merge of split-KV parti
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
@@ -67,3 +68,11 @@ def q_strides(q: torch.Tensor):
     if q.dim() == 3:
         return 0, q.stride(0), q.stride(1)
     return q.stride(0), q.stride(1), q.stride(2)
+
+
+def refuses_head_dim(q: torch.Tensor, problem) -> Optional[str]:
+    """The kernel backends' head-dim limit (SPEC 1.2's minimum): multiples of 8 from 16 to 128."""
+    d = problem.head_dim
+    if d % 8 or not 16 <= d <= 128:
+        return f"it supports head dims that are multiples of 8 from 16 to 128, got {d}"
+    return None

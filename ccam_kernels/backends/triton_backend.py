@@ -1,24 +1,21 @@
 """The "triton" backend: the Triton kernels as PyTorch custom ops.
 
 ``ccam_kernels::triton_attention`` (forward: out and the per-row log-sum-exp) and
-``ccam_kernels::triton_attention_backward`` are registered with ``torch.library.custom_op``,
-with fake (meta) implementations and an autograd formula, so torch.compile traces through
-them without a graph break. Frame counts travel as a list of ints: the ops' inputs describe
-the whole mask. CUDA graphs: capture after one eager call with the same head dim, dtype and
-frame counts (it builds the small per-batch plan tensors and runs Triton's autotuning, neither
+``ccam_kernels::triton_attention_backward`` are custom ops (attention_ops.py: fake
+implementations and an autograd formula, so torch.compile traces through them). CUDA graphs:
+capture after one eager call with the same head dim, dtype and frame counts (it builds the small per-batch plan tensors and runs Triton's autotuning, neither
 of which may happen during a capture); torch.compile's reduce-overhead mode warms up so.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 from typing import Optional
 
 import torch
 
-from ..checks import AttentionProblem
+from .attention_ops import define_attention_ops
 
 _TRITON = importlib.util.find_spec("triton") is not None
 
@@ -40,13 +37,6 @@ def devices() -> tuple:
     return ("cuda", "cpu") if interpreting() else ("cuda",)
 
 
-def refuses_inputs(q: torch.Tensor, problem: AttentionProblem) -> Optional[str]:
-    d = problem.head_dim
-    if d % 8 or not 16 <= d <= 128:
-        return f"it supports head dims that are multiples of 8 from 16 to 128, got {d}"
-    return None
-
-
 def refuses_dtype_on(device_type: str, dtype: torch.dtype) -> Optional[str]:
     if device_type == "cpu" and dtype == torch.bfloat16:
         # Seen with triton 3.9: the interpreter's tl.dot on bfloat16 returns garbage.
@@ -60,59 +50,15 @@ def _kernels():
     return triton_kernels
 
 
-def _on_device(x: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' device."""
-    if x.device.type == "cuda":
-        return torch.cuda.device(x.device)
-    return contextlib.nullcontext()
+def _forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float):
+    return _kernels().forward(q, k, v, frame_counts, tokens_per_frame, scale)
 
 
-@torch.library.custom_op("ccam_kernels::triton_attention", mutates_args=())
-def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_counts: list[int],
-                     tokens_per_frame: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (B, N, H, D) in q's dtype, lse (B, H, N) float32 (natural log)."""
-    with _on_device(q):
-        return _kernels().forward(q, k, v, tuple(frame_counts), tokens_per_frame, scale)
+def _backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int, scale: float):
+    return _kernels().backward(dout, q, k, v, out, lse, frame_counts, tokens_per_frame, scale)
 
 
-@triton_attention.register_fake
-def _(q, k, v, frame_counts, tokens_per_frame, scale):
-    n, h, d = q.shape[-3:]
-    b = len(frame_counts)
-    return q.new_empty(b, n, h, d), q.new_empty(b, h, n, dtype=torch.float32)
-
-
-@torch.library.custom_op("ccam_kernels::triton_attention_backward", mutates_args=())
-def triton_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              out: torch.Tensor, lse: torch.Tensor, frame_counts: list[int],
-                              tokens_per_frame: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) shaped like q, k, v."""
-    with _on_device(q):
-        return _kernels().backward(dout, q, k, v, out, lse, tuple(frame_counts), tokens_per_frame, scale)
-
-
-@triton_attention_backward.register_fake
-def _(dout, q, k, v, out, lse, frame_counts, tokens_per_frame, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, frame_counts, tokens_per_frame, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = (list(frame_counts), tokens_per_frame, scale)
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = triton_attention_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None
-
-
-triton_attention.register_autograd(_backward, setup_context=_setup_context)
-
-
-def ccam_attention_triton(q, k, v, problem: AttentionProblem) -> torch.Tensor:
-    out, _ = triton_attention(q, k, v, list(problem.frame_counts), problem.tokens_per_frame, float(problem.scale))
-    return out
+# ccam_kernels::triton_attention -> (out (B, N, H, D), lse (B, H, N) float32) and
+# ccam_kernels::triton_attention_backward -> (dq, dk, dv), with fakes and autograd.
+ccam_attention_triton = define_attention_ops("triton_attention", _forward, _backward)
+triton_attention = ccam_attention_triton.op

@@ -1,0 +1,125 @@
+"""The "cuda" backend: the hand-written CUDA kernels of csrc/ as PyTorch custom ops.
+
+The extension (``ccam_kernels._C``, built by setup.py with CCAM_BUILD_CUDA=1, or JIT-built at
+first use with CCAM_CUDA_JIT=1) registers three low-level ops that only check and launch:
+``ccam_kernels::cuda_fwd``, ``::cuda_bwd_dq`` and ``::cuda_bwd_dkdv``, writing into outputs
+allocated here. This module owns the rest: the tile plan and split-KV factor (tiling.py, shared
+with the Triton backend), the merge of split partials, the softmax-backward delta, and the
+custom ops ``ccam_kernels::cuda_attention`` / ``::cuda_attention_backward`` (attention_ops.py:
+fake implementations and autograd, so torch.compile traces through them).
+
+Kernels: mma.sync tensor cores with cp.async pipelines, float16 and bfloat16 (float32 is
+refused: it runs on "triton" or "torch"), head dims that are multiples of 8 from 16 to 128
+(run in kernels built for 32, 64, 96 or 128 columns, zero-padded), sm_80 and newer.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import os
+from typing import Optional
+
+import torch
+
+from . import tiling
+from .attention_ops import define_attention_ops
+
+# Tile sizes of the kernels, as in csrc/ccam/params.h and fwd.cuh (a test checks they agree):
+# the host's plans and split counts depend on them.
+FWD_BLOCK_M = 64
+FWD_BLOCK_N = 64  # ccam::kFwdBlockN
+BWD_KEY_TILE = 64  # ccam::kBwdKeyTile
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _load_error() -> Optional[str]:
+    """Load the extension once; None when its ops are registered, else why not."""
+    try:
+        importlib.import_module("ccam_kernels._C")
+        built = None
+    except ImportError as exc:
+        built = f"the CUDA extension is not built ({exc})"
+    if built and os.environ.get("CCAM_CUDA_JIT", "") == "1":
+        try:
+            from .. import cuda_build
+
+            cuda_build.load()
+            built = None
+        except Exception as exc:  # noqa: BLE001 - reported as the reason, with its message
+            return f"its JIT build (CCAM_CUDA_JIT=1) failed: {exc}"
+    if built:
+        return (built + "; build it with CCAM_BUILD_CUDA=1 pip install --no-build-isolation -e . "
+                "(needs nvcc and a CUDA build of torch), or set CCAM_CUDA_JIT=1 to compile it at first use")
+    for op in ("cuda_fwd", "cuda_bwd_dq", "cuda_bwd_dkdv"):  # they write their outputs in place
+        torch.library.register_fake(f"ccam_kernels::{op}")(lambda *args, **kwargs: None)
+    return None
+
+
+def why_unusable() -> Optional[str]:
+    if not torch.cuda.is_available():
+        return "no CUDA device (the CUDA kernels run on NVIDIA GPUs, sm_80 and newer)"
+    error = _load_error()
+    if error:
+        return error
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"its mma.sync kernels need an sm_80 or newer GPU, got sm_{major}{minor}"
+    return None
+
+
+def refuses_dtype_on(device_type: str, dtype: torch.dtype) -> Optional[str]:
+    if dtype not in DTYPES:
+        return f"its kernels run on 16-bit tensor cores (float16, bfloat16), got {dtype}; float32 runs on 'triton' or 'torch'"
+    return None
+
+
+def _rows_aligned(x: torch.Tensor) -> torch.Tensor:
+    """The kernels load rows with 16-byte cp.async: unit stride in the head dim, other strides
+    multiples of 8 elements, a 16-byte aligned start. Anything else is copied once, here."""
+    strides_ok = x.stride(-1) == 1 and all(s % 8 == 0 for s, n in zip(x.stride()[:-1], x.shape[:-1]) if n > 1)
+    if strides_ok and x.data_ptr() % 16 == 0:
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float):
+    """(out (B, N, H, D) in q's dtype, lse (B, H, N) float32)."""
+    q, k, v = (_rows_aligned(x) for x in (q, k, v))
+    B, (N, H, D) = len(frame_counts), q.shape[-3:]
+    frames, key_start, _, _ = tiling.plan(frame_counts, tokens_per_frame, FWD_BLOCK_N, q.device)
+    programs = B * H * math.ceil(N / FWD_BLOCK_M)
+    splits = tiling.num_splits(programs, frame_counts, tokens_per_frame, FWD_BLOCK_N, q.device)
+    out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
+    if splits > 1:  # float32 partials, merged by log-sum-exp
+        parts = torch.empty(splits, B, N, H, D, device=q.device, dtype=torch.float32)
+        lse_parts = torch.empty(splits, B, H, N, device=q.device, dtype=torch.float32)
+        torch.ops.ccam_kernels.cuda_fwd(q, k, v, frames, key_start, tokens_per_frame, scale, splits, parts, lse_parts)
+        return out, tiling.merge_splits(parts, lse_parts, out)
+    lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+    torch.ops.ccam_kernels.cuda_fwd(q, k, v, frames, key_start, tokens_per_frame, scale, 1, out, lse)
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int, scale: float):
+    """(dq, dk, dv) shaped like q, k, v. dq of a shared q sums the samples' contributions."""
+    q, k, v, dout = (_rows_aligned(x) for x in (q, k, v, dout))
+    B, (N, H, D) = len(frame_counts), q.shape[-3:]
+    frames, key_start, tile_sample, tile_start = tiling.plan(frame_counts, tokens_per_frame, BWD_KEY_TILE, q.device)
+    delta = tiling.softmax_delta(dout, out)
+    dq_rows = torch.empty(B, N, H, D, device=q.device, dtype=torch.float32)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    ops = torch.ops.ccam_kernels
+    ops.cuda_bwd_dq(dout, q, k, v, lse, delta, frames, key_start, tokens_per_frame, scale, dq_rows)
+    ops.cuda_bwd_dkdv(dout, q, k, v, lse, delta, frames, key_start, tile_sample, tile_start,
+                      tokens_per_frame, scale, dk, dv)
+    dq = dq_rows.sum(0) if q.dim() == 3 else dq_rows
+    return dq.to(q.dtype), dk, dv
+
+
+# ccam_kernels::cuda_attention -> (out, lse) and ccam_kernels::cuda_attention_backward -> (dq, dk, dv).
+ccam_attention_cuda = define_attention_ops("cuda_attention", forward, backward)
+cuda_attention = ccam_attention_cuda.op

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ccam_kernels import CCAMConfig, CCAMProjector, available_backends, ccam_attention
+from ccam_kernels.attention import BACKENDS
 from conftest import rel_err
 from oracle import attention_oracle
 
@@ -15,8 +16,10 @@ pytestmark = pytest.mark.gpu
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def _gpu_backends():
-    return [b for b in ("torch", "triton", "cuda") if b in available_backends()]
+def _gpu_backends(dtype=None):
+    """Our backends usable here (for CUDA tensors of this dtype, when given)."""
+    return [b for b in ("torch", "triton", "cuda")
+            if b in available_backends() and BACKENDS[b].refuses_placement("cuda", dtype) is None]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -34,7 +37,7 @@ def test_attention_v12_shapes_on_gpu(dtype, counts):
     want = attention_oracle(q64, k64, v64, counts, P)
     want.backward(dout.double())
     want = want.detach()
-    for backend in _gpu_backends():
+    for backend in _gpu_backends(dtype):
         for x in (q, k, v):
             x.grad = None
         out = ccam_attention(q, k, v, counts, P, backend=backend)
@@ -52,7 +55,7 @@ def test_projector_bf16_on_gpu_matches_float64_module():
     with torch.no_grad():
         want = proj.double()(features.double(), [16, 9])
         proj = proj.to(torch.bfloat16)
-        for backend in _gpu_backends():
+        for backend in _gpu_backends(torch.bfloat16):
             proj.backend = backend
             got = proj(features.to(torch.bfloat16), [16, 9])
             assert rel_err(got, want) <= 2e-2, backend

@@ -11,6 +11,7 @@ from ccam_kernels import CCAMConfig, CCAMProjector, ccam_attention
 from ccam_kernels.backends import tiling, triton_backend
 from conftest import CUDA, rel_err
 from conftest import TRITON_DEVICE as DEVICE, TRITON_DTYPES as DTYPES, TRITON_TOLERANCE as TOLERANCE
+from kernel_cases import CASES, check_against_oracle, make_inputs
 from oracle import attention_oracle
 
 pytest.importorskip("triton", reason="triton is not installed")
@@ -25,38 +26,12 @@ def triton_here():
     assert triton_backend.why_unusable() is None
 
 
-# (N, H, Hkv, D, frame counts, P, shared q)
-CASES = [
-    pytest.param(37, 4, 2, 16, (5, 3, 9), 7, True, id="ragged-gqa-shared"),
-    pytest.param(37, 4, 2, 16, (5, 3, 9), 7, False, id="ragged-gqa-batched"),
-    pytest.param(20, 2, 2, 24, (3,), 5, True, id="T-not-dividing-N-D24"),
-    pytest.param(16, 2, 1, 40, (23, 2), 3, True, id="T-greater-than-N-D40"),
-    pytest.param(33, 3, 3, 64, (1, 1), 4, False, id="T1"),
-    pytest.param(64, 2, 2, 32, (6, 11), 13, True, id="several-tiles"),
-]
-
-
 def _inputs(N, H, Hkv, D, counts, P, shared, dtype, scale_q=1.0):
-    L, B = sum(counts) * P, len(counts)
-    q = torch.randn(*(() if shared else (B,)), N, H, D) * scale_q
-    k, v = torch.randn(L, Hkv, D), torch.randn(L, Hkv, D)
-    dout = torch.randn(B, N, H, D)
-    return [x.to(DEVICE, dtype) for x in (q, k, v, dout)]
+    return make_inputs(N, H, Hkv, D, counts, P, shared, dtype, DEVICE, scale_q)
 
 
 def _check(q, k, v, dout, counts, P, dtype):
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    out = ccam_attention(q, k, v, counts, P, backend="triton")
-    assert out.dtype == dtype and out.shape == (len(counts), *q.shape[-3:])
-    out.backward(dout)
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    want = attention_oracle(q64, k64, v64, counts, P)
-    want.backward(dout.double())
-    tol = TOLERANCE[dtype]
-    assert rel_err(out, want) <= tol
-    for name, got, ref in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
-        assert got.shape == ref.shape and got.dtype == dtype, name
-        assert rel_err(got, ref) <= 2 * tol, name
+    check_against_oracle("triton", q, k, v, dout, counts, P, dtype, TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

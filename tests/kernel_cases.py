@@ -1,0 +1,43 @@
+"""Cases and checks shared by the kernel backends' tests (test_triton.py, test_cuda.py): the
+same shapes, the same float64 oracle, forward and every gradient."""
+
+import pytest
+import torch
+
+from ccam_kernels import ccam_attention
+from conftest import rel_err
+from oracle import attention_oracle
+
+# (N, H, Hkv, D, frame counts, P, shared q)
+CASES = [
+    pytest.param(37, 4, 2, 16, (5, 3, 9), 7, True, id="ragged-gqa-shared"),
+    pytest.param(37, 4, 2, 16, (5, 3, 9), 7, False, id="ragged-gqa-batched"),
+    pytest.param(20, 2, 2, 24, (3,), 5, True, id="T-not-dividing-N-D24"),
+    pytest.param(16, 2, 1, 40, (23, 2), 3, True, id="T-greater-than-N-D40"),
+    pytest.param(33, 3, 3, 64, (1, 1), 4, False, id="T1"),
+    pytest.param(64, 2, 2, 32, (6, 11), 13, True, id="several-tiles"),
+]
+
+
+def make_inputs(N, H, Hkv, D, counts, P, shared, dtype, device, scale_q=1.0):
+    """Fresh random q (shared (N, H, D) or batched), packed k/v, and an upstream gradient."""
+    L, B = sum(counts) * P, len(counts)
+    q = torch.randn(*(() if shared else (B,)), N, H, D) * scale_q
+    k, v = torch.randn(L, Hkv, D), torch.randn(L, Hkv, D)
+    dout = torch.randn(B, N, H, D)
+    return [x.to(device, dtype) for x in (q, k, v, dout)]
+
+
+def check_against_oracle(backend, q, k, v, dout, counts, P, dtype, tol, scale=None):
+    """Output within tol and dq/dk/dv within 2*tol of the float64 oracle (relative norms)."""
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = ccam_attention(q, k, v, counts, P, scale=scale, backend=backend)
+    assert out.dtype == dtype and out.shape == (len(counts), *q.shape[-3:])
+    out.backward(dout)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    want = attention_oracle(q64, k64, v64, counts, P, scale=scale)
+    want.backward(dout.double())
+    assert rel_err(out, want) <= tol
+    for name, got, ref in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        assert got.shape == ref.shape and got.dtype == dtype, name
+        assert rel_err(got, ref) <= 2 * tol, name

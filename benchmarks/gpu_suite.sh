@@ -5,21 +5,26 @@
 #   benchmarks/gpu_suite.sh OUT_DIR [BENCH_MINUTES]
 #
 # Writes into OUT_DIR: env.txt (versions, nvidia-smi), install.log, tests.log + tests.xml,
-# bench.log, results.json / results.md / summary.md / *.png (ccam-bench), suite.log (step
-# timings), and SUITE.md, the short report, rewritten after every step. BENCH_MINUTES (default 5) is ccam-bench's time budget:
-# repeats shrink to fit it and cases past it become "skipped" rows; a hard limit of 90 s more
-# stops a run that overruns (its finished cases are on disk). Worst case: install 60 s (build
-# 420 s when csrc/ has kernels) + tests 150 s + bench 390 s; without a CUDA build the whole
-# call ends within 10 minutes, usually within 8. CCAM_SUITE_BENCH_ARGS replaces the benchmark sweep and
+# sanitizer.log, bench.log, results.json / results.md / summary.md / *.png (ccam-bench),
+# suite.log (step timings), and SUITE.md, the short report, rewritten after every step.
+#
+# Time: the whole call ends within CCAM_SUITE_SECONDS (default 540, inside the device tool's
+# 10-minute limit). Install 60 s (240 s when csrc/ has kernels: the CUDA extension is built),
+# GPU tests CCAM_GPU_TEST_SECONDS (default 150), compute-sanitizer memcheck + racecheck on a
+# small case of the cuda backend (60 s each, when the extension and the tool are there), then
+# the benchmarks get what is left: BENCH_MINUTES (default 5) or less, as ccam-bench's budget
+# (repeats shrink, then cases become "skipped" rows), with a hard stop 90 s later (finished
+# cases are on disk). CCAM_SUITE_BENCH_ARGS replaces the benchmark sweep,
 # CCAM_SUITE_SKIP_INSTALL=1 skips the install, CCAM_SUITE_REQUIRE_GPU=0 the GPU check (all
-# three for the CPU test of this script);
-# CCAM_GPU_TEST_SECONDS (default 150) limits the tests; MAX_JOBS (default 16) the build. Every step runs even if an earlier one failed (a failing test does
-# not hide the benchmark numbers); the exit status is that of the first failed step.
+# three for the CPU test of this script); MAX_JOBS (default 16) limits the build. Every step
+# runs even if an earlier one failed (a failing test does not hide the benchmark numbers);
+# the exit status is that of the first failed step.
 set -uo pipefail
 
 OUT=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR [BENCH_MINUTES]}
 MINUTES=${2:-5}
 TEST_SECONDS=${CCAM_GPU_TEST_SECONDS:-150}
+SUITE_SECONDS=${CCAM_SUITE_SECONDS:-540}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # resolved against the caller's directory, before the cd below
 cd "$(dirname "$0")/.."
@@ -83,7 +88,7 @@ if [ "${CCAM_SUITE_SKIP_INSTALL:-0}" = 1 ]; then
   say "install skipped (CCAM_SUITE_SKIP_INSTALL=1)"
 else
   say "installing (CCAM_BUILD_CUDA=$CCAM_BUILD_CUDA) ..."
-  timeout "$([ "$CCAM_BUILD_CUDA" = 1 ] && echo 420 || echo 60)" \
+  timeout "$([ "$CCAM_BUILD_CUDA" = 1 ] && echo 240 || echo 60)" \
     python -m pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1
   step "install (CCAM_BUILD_CUDA=$CCAM_BUILD_CUDA)" $?
 fi
@@ -96,13 +101,32 @@ if [ "${CCAM_SUITE_REQUIRE_GPU:-1}" = 1 ]; then
   step "torch sees a CUDA device" $?
 fi
 say "GPU tests (limit ${TEST_SECONDS} s) ..."
-timeout "$TEST_SECONDS" python -m pytest -q -m "gpu or triton" tests --junitxml="$OUT/tests.xml" \
+# With a CUDA build, the cuda backend's tests must run: a skip (extension missing) fails them.
+CCAM_REQUIRE_CUDA_BACKEND=$CCAM_BUILD_CUDA timeout "$TEST_SECONDS" python -m pytest -q -m "gpu or triton" tests --junitxml="$OUT/tests.xml" \
   -p no:cacheprovider > "$OUT/tests.log" 2>&1
 step "GPU tests (pytest -m 'gpu or triton')" $?
 tail -n 3 "$OUT/tests.log" | sed 's/^/    /' >&2
 
-# 4. The benchmark suite: our backends and every anchor, the ceilings measured in the run.
-say "benchmarks (budget ${MINUTES} min) ..."
+# 4. compute-sanitizer on a small case of the cuda backend (every tile cut short): memcheck
+#    without the caching allocator (each tensor its own allocation), then racecheck.
+if [ "$CCAM_BUILD_CUDA" = 1 ] && command -v compute-sanitizer > /dev/null; then
+  : > "$OUT/sanitizer.log"
+  for tool in memcheck racecheck; do
+    say "compute-sanitizer --tool $tool ..."
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 60 compute-sanitizer --tool "$tool" --error-exitcode 1 \
+      python benchmarks/sanitize_case.py >> "$OUT/sanitizer.log" 2>&1
+    step "compute-sanitizer $tool (cuda backend)" $?
+  done
+elif [ "$CCAM_BUILD_CUDA" = 1 ]; then
+  say "compute-sanitizer not found: sanitizer step not run"
+  STEPS+=("| compute-sanitizer | not run: the tool is not on the PATH | $(( $(date +%s) - T0 )) s |")
+fi
+
+# 5. The benchmark suite: our backends and every anchor, the ceilings measured in the run,
+#    in the time left (the hard stop ends the call inside SUITE_SECONDS).
+LEFT=$(( SUITE_SECONDS - ($(date +%s) - T0) - 20 ))
+MINUTES=$(awk -v m="$MINUTES" -v left="$LEFT" 'BEGIN { b = (left - 90) / 60; if (b > m) b = m; if (b < 0.5) b = 0.5; printf "%.1f", b }')
+say "benchmarks (budget ${MINUTES} min, ${LEFT} s left) ..."
 BENCH_ARGS=${CCAM_SUITE_BENCH_ARGS:-"--device cuda --bench attention,projector --pass fwd,fwd+bwd,bwd --frames 96,16,64,32 --batch 1,8 --ragged 16,96,33,64"}
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
 HARD_LIMIT=$(awk -v m="$MINUTES" 'BEGIN { printf "%d", m * 60 + 90 }')
@@ -110,7 +134,7 @@ timeout "$HARD_LIMIT" python -m ccam_kernels.bench $BENCH_ARGS \
   --max-minutes "$MINUTES" --out "$OUT" > "$OUT/bench.log" 2>&1
 step "ccam-bench" $?
 
-# 5. The short report.
+# 6. The short report.
 report
 say "done in $(( $(date +%s) - T0 )) s; report: $OUT/SUITE.md"
 exit "$STATUS"

@@ -10,6 +10,12 @@
 // The ops write into outputs the caller allocates ("Tensor(a!)"): Python owns allocation, the
 // tile plan and the split-KV merge, so the C++ side is only checks and launches. Every launch
 // runs on the current CUDA stream of the tensors' device.
+//
+// Checked here: ranks, shapes, dtypes, devices, head dim, H vs Hkv, alignment, output shapes.
+// Preconditions left to the caller (they live in device memory; checking them would cost a
+// synchronizing copy per call): frames >= 1, key_start and len(k) consistent with
+// frames * tokens_per_frame, and the key-tile list of tiling.plan(..., kBwdKeyTile). The
+// Python front end (ccam_attention) checks the frame counts before building them.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -80,6 +86,7 @@ AttentionShape check_problem(const at::Tensor& q, const at::Tensor& k, const at:
   for (auto* t : {&k, &v, &frames, &key_start}) check_on(*t, t == &k ? "k" : t == &v ? "v" : "frames/key_start", q);
   const int64_t B = frames.size(0), N = q.size(-3), H = q.size(-2), D = q.size(-1), Hkv = k.size(1);
   TORCH_CHECK_VALUE(B >= 1, "ccam_kernels cuda: frame_counts must not be empty");
+  TORCH_CHECK_VALUE(N >= 1, "ccam_kernels cuda: q must have at least one query, got shape ", q.sizes());
   TORCH_CHECK_VALUE(q.dim() == 3 || q.size(0) == B, "ccam_kernels cuda: q has batch ", q.size(0), " but frame_counts has ",
                     B, " samples");
   TORCH_CHECK_VALUE(k.size(2) == D, "ccam_kernels cuda: k and v head dim must equal q's (", D, "), got ", k.size(2));
@@ -216,7 +223,11 @@ void cuda_bwd_dkdv(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
     TORCH_CHECK_VALUE(g->sizes() == k.sizes() && g->scalar_type() == k.scalar_type(), "ccam_kernels cuda: ", name,
                       " must be shaped like k ", k.sizes(), ", got ", g->sizes());
     check_on(*g, name, q);
-    TORCH_CHECK_VALUE(g->stride(-1) == 1, "ccam_kernels cuda: ", name, " must have unit stride in the head dim");
+    // Stored as pairs of elements (32-bit stores).
+    TORCH_CHECK_VALUE(g->stride(-1) == 1 && g->stride(0) % 2 == 0 && g->stride(1) % 2 == 0 &&
+                          reinterpret_cast<uintptr_t>(g->data_ptr()) % 4 == 0,
+                      "ccam_kernels cuda: ", name, " must have unit stride in the head dim, even strides and a 4-byte "
+                      "aligned start, got strides ", g->strides());
   }
   p.tile_sample = tile_sample.data_ptr<int64_t>();
   p.tile_start = tile_start.data_ptr<int64_t>();

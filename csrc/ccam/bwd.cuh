@@ -85,13 +85,14 @@ __global__ void __launch_bounds__(128) bwd_dq_kernel(const BwdParams p) {
     gemm_abt<T, DP, BN>(s, [&](int kc, uint32_t(&a)[4]) { load_a<DP>(a, s_q, warp * 16, kc); }, kt);
     gemm_abt<T, DP, BN>(dp, [&](int kc, uint32_t(&a)[4]) { load_a<DP>(a, s_do, warp * 16, kc); }, vt);
     const bool masked = s0 + BN > lo;
+    const int cut[2] = {tile_cut(limit[0], s0, BN), tile_cut(limit[1], s0, BN)};
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int half = e / 2;
         float pr = exp2_approx(s[j][e] * p.scale_log2 - lse2[half]);
-        if (masked && s0 + j * 8 + 2 * (lane % 4) + (e & 1) >= limit[half]) pr = 0.f;
+        if (masked && j * 8 + 2 * (lane % 4) + (e & 1) >= cut[half]) pr = 0.f;
         s[j][e] = pr * (dp[j][e] - dlt[half]);  // dS
       }
     gemm_pb<T, DP, BN>(dq, s, kt);
@@ -188,13 +189,14 @@ __global__ void __launch_bounds__(128) bwd_dkdv_kernel(const BwdParams p) {
     gemm_abt<T, DP, BM>(pt, [&](int kc, uint32_t(&a)[4]) { load_a<DP>(a, s_k, warp * 16, kc); }, qt);
     gemm_abt<T, DP, BM>(dpt, [&](int kc, uint32_t(&a)[4]) { load_a<DP>(a, s_v, warp * 16, kc); }, dot);
     const bool masked = m0 < rows_full;
+    const int cut[2] = {tile_cut(seen_from[0], m0, BM), tile_cut(seen_from[1], m0, BM)};  // first row seeing the key
 #pragma unroll
     for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = j * 8 + 2 * (lane % 4) + (e & 1);
         float pr = exp2_approx(pt[j][e] * p.scale_log2 - s_lse[st * BM + col]);
-        if (masked && m0 + col < seen_from[e / 2]) pr = 0.f;
+        if (masked && col < cut[e / 2]) pr = 0.f;
         pt[j][e] = pr;
         dpt[j][e] = pr * (dpt[j][e] - s_delta[st * BM + col]);  // dS^T
       }

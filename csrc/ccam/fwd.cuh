@@ -88,13 +88,14 @@ __global__ void __launch_bounds__(128) fwd_kernel(const FwdParams p) {
     const bool masked = s0 + BN > lo;  // straddles some row's limit (or runs past hi)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
+      const int cut = tile_cut(limit[half], s0, BN);  // this row's first hidden column of the tile
       float mx = -INFINITY;
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
         for (int e = 2 * half; e < 2 * half + 2; ++e) {
           float x = s[j][e] * p.scale_log2;
-          if (masked && s0 + j * 8 + 2 * (lane % 4) + (e & 1) >= limit[half]) x = -INFINITY;
+          if (masked && j * 8 + 2 * (lane % 4) + (e & 1) >= cut) x = -INFINITY;
           s[j][e] = x;
           mx = fmaxf(mx, x);
         }

@@ -76,6 +76,13 @@ __device__ __forceinline__ void gemm_pb(float (&acc)[DP / 8][4], const float (&p
   }
 }
 
+// A 64-bit bound (a row's key limit, a key's first row) relative to a tile starting at `start`,
+// clamped to [-1, width]: the per-element mask compares 32-bit tile columns against it.
+__device__ __forceinline__ int tile_cut(int64_t bound, int64_t start, int width) {
+  const int64_t rel = bound - start;
+  return rel < 0 ? -1 : rel > width ? width : static_cast<int>(rel);
+}
+
 template <int R, int C>
 __device__ __forceinline__ void zero(float (&x)[R][C]) {
 #pragma unroll

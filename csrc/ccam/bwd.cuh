@@ -27,7 +27,7 @@ struct DqTiles {
 };
 
 template <typename T, int DP>
-__global__ void __launch_bounds__(128) bwd_dq_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(128, 2) bwd_dq_kernel(const BwdParams p) {
   using Tiles = DqTiles<DP>;
   constexpr int BM = Tiles::kBlockM, BN = Tiles::kBlockN;
   extern __shared__ __align__(16) unsigned char smem_bytes[];
@@ -112,7 +112,7 @@ struct DkdvTiles {
 };
 
 template <typename T, int DP>
-__global__ void __launch_bounds__(128) bwd_dkdv_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(128, 2) bwd_dkdv_kernel(const BwdParams p) {
   using Tiles = DkdvTiles<DP>;
   constexpr int BN = Tiles::kBlockN, BM = Tiles::kBlockM;
   extern __shared__ __align__(16) unsigned char smem_bytes[];

@@ -23,7 +23,7 @@ struct FwdTiles {
 };
 
 template <typename T, int DP>
-__global__ void __launch_bounds__(128) fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
   using Tiles = FwdTiles<DP>;
   constexpr int BM = Tiles::kBlockM, BN = Tiles::kBlockN;
   extern __shared__ __align__(16) unsigned char smem_bytes[];

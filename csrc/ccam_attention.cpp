@@ -24,6 +24,8 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "ccam/params.h"
 
 namespace ccam {
@@ -50,6 +52,18 @@ namespace {
       default: { constexpr int DP = 128; return __VA_ARGS__(); }                                \
     }                                                                                           \
   }()
+
+// Run launch(T{}, integral_constant<DP>{}, stream) for q's dtype and padded head dim, on q's
+// device and its current stream; a launch error raises.
+template <typename Launch>
+void launch_on(const at::Tensor& q, int head_dim, Launch launch) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaError_t err = CCAM_DTYPE_SWITCH(q.scalar_type(), T, [&] {
+    return CCAM_HEADDIM_SWITCH(head_dim, DP, [&] { return launch(T{}, std::integral_constant<int, DP>{}, stream); });
+  });
+  C10_CUDA_CHECK(err);
+}
 
 // 16-byte cp.async loads: rows must start on 16-byte boundaries.
 void check_rows_aligned(const at::Tensor& x, const char* name) {
@@ -154,12 +168,9 @@ void cuda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  const c10::cuda::CUDAGuard guard(q.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const cudaError_t err = CCAM_DTYPE_SWITCH(q.scalar_type(), T, [&] {
-    return CCAM_HEADDIM_SWITCH(p.head_dim, DP, [&] { return launch_fwd<T, DP>(p, stream); });
+  launch_on(q, p.head_dim, [&](auto dtype, auto width, cudaStream_t stream) {
+    return launch_fwd<decltype(dtype), decltype(width)::value>(p, stream);
   });
-  C10_CUDA_CHECK(err);
 }
 
 BwdParams bwd_params(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -196,12 +207,9 @@ void cuda_bwd_dq(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
   BwdParams p = bwd_params(dout, q, k, v, lse, delta, frames, key_start, tokens_per_frame, scale);
   check_output(dq_rows, "dq_rows", {p.batch, p.num_query, p.heads, p.head_dim}, at::kFloat, q);
   p.dq_rows = dq_rows.data_ptr<float>();
-  const c10::cuda::CUDAGuard guard(q.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const cudaError_t err = CCAM_DTYPE_SWITCH(q.scalar_type(), T, [&] {
-    return CCAM_HEADDIM_SWITCH(p.head_dim, DP, [&] { return launch_bwd_dq<T, DP>(p, stream); });
+  launch_on(q, p.head_dim, [&](auto dtype, auto width, cudaStream_t stream) {
+    return launch_bwd_dq<decltype(dtype), decltype(width)::value>(p, stream);
   });
-  C10_CUDA_CHECK(err);
 }
 
 // dk, dv: like k and v. tile_sample / tile_start: the (sample, first key) of every key tile of
@@ -239,12 +247,9 @@ void cuda_bwd_dkdv(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   p.dv_stride_l = dv.stride(0);
   p.dv_stride_h = dv.stride(1);
   if (p.num_key_tiles == 0) return;
-  const c10::cuda::CUDAGuard guard(q.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const cudaError_t err = CCAM_DTYPE_SWITCH(q.scalar_type(), T, [&] {
-    return CCAM_HEADDIM_SWITCH(p.head_dim, DP, [&] { return launch_bwd_dkdv<T, DP>(p, stream); });
+  launch_on(q, p.head_dim, [&](auto dtype, auto width, cudaStream_t stream) {
+    return launch_bwd_dkdv<decltype(dtype), decltype(width)::value>(p, stream);
   });
-  C10_CUDA_CHECK(err);
 }
 
 }  // namespace

@@ -6,7 +6,7 @@ import torch
 
 from ccam_kernels import ccam_attention
 from conftest import rel_err
-from oracle import attention_oracle
+from oracle import attention_oracle, oracle_visibility
 
 # (N, H, Hkv, D, frame counts, P, shared q)
 CASES = [
@@ -41,3 +41,27 @@ def check_against_oracle(backend, q, k, v, dout, counts, P, dtype, tol, scale=No
     for name, got, ref in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
         assert got.shape == ref.shape and got.dtype == dtype, name
         assert rel_err(got, ref) <= 2 * tol, name
+
+
+def check_deterministic(backend, q, k, v, dout, counts, P):
+    """Two backward passes on the same inputs give bitwise-equal gradients."""
+    grads = []
+    for _ in range(2):
+        x = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        ccam_attention(*x, counts, P, backend=backend).backward(dout)
+        grads.append([t.grad for t in x])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def check_lse(lse, q, k, counts, P, scale, tol):
+    """A forward op's saved LSE (B, H, N), for a shared q and one kv head, is the natural-log
+    log-sum-exp of each row's visible scaled scores (visibility from the oracle's rule)."""
+    N = q.shape[0]
+    offs = 0
+    for b, t in enumerate(counts):
+        s = torch.einsum("nhd,ld->hnl", q.double(), k[offs:offs + t * P, 0].double()) * scale
+        visible = oracle_visibility(N, t, P).to(s.device)
+        s = s.masked_fill(~visible[None], float("-inf"))
+        assert (lse[b].double() - torch.logsumexp(s, -1)).abs().max() < tol
+        offs += t * P

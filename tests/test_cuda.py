@@ -15,7 +15,7 @@ from ccam_kernels import CCAMConfig, CCAMProjector, ccam_attention
 from ccam_kernels.attention import BACKENDS
 from ccam_kernels.backends import cuda_backend, tiling
 from conftest import rel_err
-from kernel_cases import CASES, check_against_oracle, make_inputs
+from kernel_cases import CASES, check_against_oracle, check_deterministic, check_lse, make_inputs
 from oracle import attention_oracle
 
 pytestmark = pytest.mark.gpu
@@ -96,27 +96,14 @@ def test_cuda_custom_scale_strided_and_misaligned_inputs():
 
 
 def test_cuda_backward_is_deterministic():
-    q, k, v, dout = _inputs(140, 4, 2, 64, (5, 9, 2), 46, True, torch.bfloat16)
-    grads = []
-    for _ in range(2):
-        x = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        ccam_attention(*x, (5, 9, 2), 46, backend="cuda").backward(dout)
-        grads.append([t.grad for t in x])
-    for a, b in zip(*grads):
-        assert torch.equal(a, b)
+    check_deterministic("cuda", *_inputs(140, 4, 2, 64, (5, 9, 2), 46, True, torch.bfloat16), (5, 9, 2), 46)
 
 
 def test_cuda_lse_is_the_natural_log_sum_exp():
     N, H, D, counts, P = 90, 2, 64, (3, 5), 24
     q, k, v, _ = _inputs(N, H, 1, D, counts, P, True, torch.float16)
     _, lse = cuda_backend.cuda_attention(q, k, v, list(counts), P, D ** -0.5)
-    offs = 0
-    for b, t in enumerate(counts):
-        s = torch.einsum("nhd,ld->hnl", q.double(), k[offs:offs + t * P, 0].double()) * D ** -0.5
-        limit = ((torch.arange(N, device="cuda") * t) // N + 1) * P
-        s = s.masked_fill(torch.arange(t * P, device="cuda")[None, None, :] >= limit[None, :, None], float("-inf"))
-        assert (lse[b].double() - torch.logsumexp(s, -1)).abs().max() < 1e-3
-        offs += t * P
+    check_lse(lse, q, k, counts, P, D ** -0.5, 1e-3)
 
 
 def test_cuda_refuses_float32_and_odd_head_dims():

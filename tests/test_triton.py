@@ -11,7 +11,7 @@ from ccam_kernels import CCAMConfig, CCAMProjector, ccam_attention
 from ccam_kernels.backends import tiling, triton_backend
 from conftest import CUDA, rel_err
 from conftest import TRITON_DEVICE as DEVICE, TRITON_DTYPES as DTYPES, TRITON_TOLERANCE as TOLERANCE
-from kernel_cases import CASES, check_against_oracle, make_inputs
+from kernel_cases import CASES, check_against_oracle, check_deterministic, check_lse, make_inputs
 from oracle import attention_oracle
 
 pytest.importorskip("triton", reason="triton is not installed")
@@ -58,14 +58,7 @@ def test_triton_custom_scale_and_strided_inputs():
 
 
 def test_triton_backward_is_deterministic():
-    q, k, v, dout = _inputs(40, 4, 2, 16, (5, 9, 2), 6, True, torch.float32)
-    grads = []
-    for _ in range(2):
-        x = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        ccam_attention(*x, (5, 9, 2), 6, backend="triton").backward(dout)
-        grads.append([t.grad for t in x])
-    for a, b in zip(*grads):
-        assert torch.equal(a, b)
+    check_deterministic("triton", *_inputs(40, 4, 2, 16, (5, 9, 2), 6, True, torch.float32), (5, 9, 2), 6)
 
 
 def test_triton_refusals_are_clear():
@@ -127,11 +120,4 @@ def test_triton_lse_is_the_natural_log_sum_exp():
     N, H, D, counts, P = 21, 2, 16, (3, 5), 4
     q, k, v, _ = _inputs(N, H, 1, D, counts, P, True, torch.float32)
     _, lse = triton_backend.triton_attention(q, k, v, list(counts), P, D ** -0.5)
-    offs = 0
-    for b, t in enumerate(counts):
-        kk = k[offs:offs + t * P, 0].double()
-        s = torch.einsum("nhd,ld->hnl", q.double(), kk) * D ** -0.5
-        limit = ((torch.arange(N, device=s.device) * t) // N + 1) * P
-        s = s.masked_fill(torch.arange(t * P, device=s.device)[None, None, :] >= limit[None, :, None], float("-inf"))
-        assert (lse[b].double() - torch.logsumexp(s, -1)).abs().max() < 1e-5
-        offs += t * P
+    check_lse(lse, q, k, counts, P, D ** -0.5, 1e-5)

@@ -10,6 +10,7 @@
 #pragma once
 
 #include "params.h"
+#include "rule.cuh"
 #include "tile.cuh"
 
 namespace ccam {
@@ -37,11 +38,9 @@ __global__ void __launch_bounds__(128, 2) bwd_dq_kernel(const BwdParams p) {
   T* s_v = s_k + 2 * Tiles::kKV;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads, hk = h / p.group;
-  const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;
-  const int64_t N = p.num_query, P = p.tokens_per_frame, T_b = p.frames[b];
-  const int64_t lo = (m0 * T_b / N + 1) * P;
-  const int64_t hi = ((min(int64_t(m0 + BM), N) - 1) * T_b / N + 1) * P;
+  const QueryTile tile = query_tile(p, BM);
+  const int bh = tile.bh, b = tile.b, h = tile.h, hk = tile.hk;
+  const int64_t N = p.num_query, m0 = tile.m0, lo = tile.lo, hi = tile.hi;
   const int n_tiles = static_cast<int>((hi + BN - 1) / BN);
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
@@ -61,7 +60,7 @@ __global__ void __launch_bounds__(128, 2) bwd_dq_kernel(const BwdParams p) {
   cp_async_commit();
 
   const int64_t row0 = m0 + warp * 16 + lane / 4;
-  const int64_t limit[2] = {(row0 * T_b / N + 1) * P, ((row0 + 8) * T_b / N + 1) * P};
+  const int64_t limit[2] = {tile.sample.key_limit(row0), tile.sample.key_limit(row0 + 8)};
   // Rows past N: LSE +inf makes their probabilities 0.
   const float* lse = p.lse + int64_t(bh) * N;
   const float* delta = p.delta + int64_t(bh) * N;
@@ -126,11 +125,11 @@ __global__ void __launch_bounds__(128, 2) bwd_dkdv_kernel(const BwdParams p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int b = static_cast<int>(p.tile_sample[blockIdx.x]), hk = blockIdx.y;
   const int64_t start = p.tile_start[blockIdx.x];  // first key of the tile, within its sample
-  const int64_t N = p.num_query, P = p.tokens_per_frame, T_b = p.frames[b];
-  const int64_t n_keys = T_b * P;
-  auto first_row = [&](int64_t key) { return (key / P * N + T_b - 1) / T_b; };  // ceil(f*N/T)
-  const int64_t rows_from = first_row(start);
-  const int64_t rows_full = first_row(min(start + BN, n_keys) - 1);  // rows >= this see every key
+  const int64_t N = p.num_query;
+  const Sample sample = sample_of(p, b);
+  const int64_t n_keys = sample.num_keys();
+  const int64_t rows_from = sample.first_row(start);
+  const int64_t rows_full = sample.first_row(min(start + BN, n_keys) - 1);  // rows >= this see every key
   const int64_t m_begin = rows_from / BM * BM;
   const int n_row_tiles = static_cast<int>((N - m_begin + BM - 1) / BM);
 
@@ -143,7 +142,8 @@ __global__ void __launch_bounds__(128, 2) bwd_dkdv_kernel(const BwdParams p) {
 
   // This thread's two keys (rows g and g + 8 of its warp's strip) and the first query row of each.
   const int64_t key_a = start + warp * 16 + lane / 4;
-  const int64_t seen_from[2] = {key_a < n_keys ? first_row(key_a) : N, key_a + 8 < n_keys ? first_row(key_a + 8) : N};
+  const int64_t seen_from[2] = {key_a < n_keys ? sample.first_row(key_a) : N,
+                                key_a + 8 < n_keys ? sample.first_row(key_a + 8) : N};
 
   float dk[DP / 8][4], dv[DP / 8][4];
   zero(dk);

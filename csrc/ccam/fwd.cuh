@@ -11,6 +11,7 @@
 #include <cfloat>
 
 #include "params.h"
+#include "rule.cuh"
 #include "tile.cuh"
 
 namespace ccam {
@@ -32,11 +33,9 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
   T* s_v = s_k + 2 * Tiles::kKV;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads, hk = h / p.group;
-  const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;  // longest tiles (last rows) start first
-  const int64_t N = p.num_query, P = p.tokens_per_frame, T_b = p.frames[b];
-  const int64_t lo = (m0 * T_b / N + 1) * P;
-  const int64_t hi = ((min(int64_t(m0 + BM), N) - 1) * T_b / N + 1) * P;
+  const QueryTile tile = query_tile(p, BM);
+  const int bh = tile.bh, b = tile.b, h = tile.h, hk = tile.hk;
+  const int64_t N = p.num_query, m0 = tile.m0, lo = tile.lo, hi = tile.hi;
 
   int64_t key_lo = 0, key_hi = hi;
   if (p.num_splits > 1) {
@@ -62,7 +61,7 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
 
   // This thread's two rows (g and g + 8 of its warp's strip) and their visible-key limits.
   const int64_t row0 = m0 + warp * 16 + lane / 4;
-  const int64_t limit[2] = {(row0 * T_b / N + 1) * P, ((row0 + 8) * T_b / N + 1) * P};
+  const int64_t limit[2] = {tile.sample.key_limit(row0), tile.sample.key_limit(row0 + 8)};
   float o[DP / 8][4];
   zero(o);
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};

@@ -46,36 +46,27 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 template <typename T>
 struct Mma;
 
-template <>
-struct Mma<__half> {
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  // Two floats as one register: `lo` in the low 16 bits (the lower column index).
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-};
+// Mma<T>::run: c += a * b (m16n8k16, float32 accumulators); Mma<T>::pack: two floats as one
+// register, `lo` in the low 16 bits (the lower column index). One definition per 16-bit type.
+#define CCAM_DEFINE_MMA(CTYPE, PTX_TYPE, PAIR_TYPE, FLOATS_TO_PAIR)                                        \
+  template <>                                                                                          \
+  struct Mma<CTYPE> {                                                                                  \
+    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,      \
+                                               uint32_t b1) {                                          \
+      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX_TYPE "." PTX_TYPE                       \
+                   ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"             \
+                   : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                     \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                   \
+    }                                                                                                  \
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {                              \
+      PAIR_TYPE h = FLOATS_TO_PAIR(lo, hi);                                                            \
+      return *reinterpret_cast<uint32_t*>(&h);                                                         \
+    }                                                                                                  \
+  };
 
-template <>
-struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-};
+CCAM_DEFINE_MMA(__half, "f16", __half2, __floats2half2_rn)
+CCAM_DEFINE_MMA(__nv_bfloat16, "bf16", __nv_bfloat162, __floats2bfloat162_rn)
+#undef CCAM_DEFINE_MMA
 
 // 2^x with the SFU (ex2.approx: relative error ~2^-22; 2^-inf = +0).
 __device__ __forceinline__ float exp2_approx(float x) {

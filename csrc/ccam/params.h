@@ -5,9 +5,8 @@
 // dim x kernel per .cu) compiles against this header alone, so the kernel files build fast and in
 // parallel.
 //
-// The mask rule (SPEC 1.1), as the kernels use it: row i of a sample with T frames sees the
-// keys [0, (floor(i*T/N) + 1) * P) of its sample; a key of frame f is seen by rows
-// i >= ceil(f*N/T). Everything else (B, key offsets) comes from two per-sample int64 arrays.
+// The kernels read the mask rule (rule.cuh) from the per-sample frame counts; key offsets come
+// from a second per-sample int64 array.
 #pragma once
 
 #include <cstdint>

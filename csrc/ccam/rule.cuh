@@ -1,0 +1,50 @@
+// The mask rule (SPEC 1.1) in the kernels' terms, defined once for every kernel: row i of a
+// sample with T frames sees the keys [0, (floor(i*T/N) + 1) * P) of its sample; a key of frame
+// f is seen by the rows i >= ceil(f*N/T) (none when that is N: possible when T > N).
+#pragma once
+
+#include "params.h"
+
+namespace ccam {
+
+struct Sample {
+  int64_t num_query, tokens_per_frame, frames;  // N, P, T
+
+  __device__ __forceinline__ int64_t key_limit(int64_t row) const {
+    return (row * frames / num_query + 1) * tokens_per_frame;
+  }
+  __device__ __forceinline__ int64_t first_row(int64_t key) const {
+    return (key / tokens_per_frame * num_query + frames - 1) / frames;
+  }
+  __device__ __forceinline__ int64_t num_keys() const { return frames * tokens_per_frame; }
+};
+
+__device__ __forceinline__ Sample sample_of(const AttentionShape& p, int b) {
+  return Sample{p.num_query, p.tokens_per_frame, p.frames[b]};
+}
+
+// What a CTA of a (B*H, query tiles[, splits]) grid owns: its sample, head and kv head, its
+// first row m0, and the tile's key bounds: keys below `lo` are visible to every row of the
+// tile (no mask), keys in [lo, hi) to some rows (masked per row), none at or past `hi`.
+// Query tiles launch longest first: blocks start in linear order, so the grid's first row of
+// blocks takes the last tile, whose rows see the most keys.
+struct QueryTile {
+  int bh, b, h, hk;
+  int64_t m0, lo, hi;
+  Sample sample;
+};
+
+__device__ __forceinline__ QueryTile query_tile(const AttentionShape& p, int block_m) {
+  QueryTile t;
+  t.bh = blockIdx.x;
+  t.b = t.bh / p.heads;
+  t.h = t.bh % p.heads;
+  t.hk = t.h / p.group;
+  t.sample = sample_of(p, t.b);
+  t.m0 = int64_t(gridDim.y - 1 - blockIdx.y) * block_m;
+  t.lo = t.sample.key_limit(t.m0);
+  t.hi = t.sample.key_limit(min(t.m0 + block_m, int64_t(p.num_query)) - 1);
+  return t;
+}
+
+}  // namespace ccam

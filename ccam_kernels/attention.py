@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from .checks import ALL_DTYPES, KERNEL_DTYPES, AttentionProblem, check_attention_args
+from .backends.attention_ops import autocast_inputs
 from .backends.reference import ccam_attention_reference
 from .backends.torch_prefix import ccam_attention_torch
 from .backends import cuda_backend, tiling, triton_backend
@@ -22,7 +23,7 @@ __all__ = ["ccam_attention", "available_backends", "BACKENDS"]
 @dataclass(frozen=True)
 class Backend:
     name: str
-    run: Optional[Callable]  # (q, k, v, problem) -> (B, N, H, D)
+    run: Optional[Callable]  # (q, k, v, problem, *, seed=None, variant="") -> (B, N, H, D); attention_ops.py
     why_unusable: Callable[[], Optional[str]]  # None when usable on this machine
     dtypes: tuple = KERNEL_DTYPES
     devices_fn: Callable[[], tuple] = lambda: ("cpu", "cuda")  # noqa: E731 - device types it takes
@@ -122,7 +123,8 @@ def ccam_attention(q, k, v, frame_counts, tokens_per_frame, *, scale=None, dropo
         q: (B, N, H, D), or (N, H, D) shared by every sample (read in place, never copied per sample).
         k, v: (L, Hkv, D) with L = sum(frame_counts) * tokens_per_frame: all samples' keys packed
             sample by sample, frame by frame, no padding. H must be a multiple of Hkv (GQA).
-        frame_counts: B ints >= 1 (or an int64 tensor (B,)): frames T_b of each sample.
+        frame_counts: B ints >= 1, or an integer tensor (B,): frames T_b of each sample. Pass a
+            tensor to torch.compile'd code so that new frame counts never recompile.
         tokens_per_frame: P, keys per frame.
         scale: softmax scale, default 1 / sqrt(D).
         dropout_p: dropout on the attention probabilities (0 in inference). Backends
@@ -130,8 +132,15 @@ def ccam_attention(q, k, v, frame_counts, tokens_per_frame, *, scale=None, dropo
         backend: "auto", "reference", "torch", "triton" or "cuda".
 
     Returns:
-        (B, N, H, D) in q's dtype and on q's device; differentiable in q, k and v.
+        (B, N, H, D) in q's dtype and on q's device; differentiable in q, k and v (once: there
+        is no double backward). Under torch.autocast, q, k and v are cast to the autocast
+        dtype and the output is in it.
     """
+    if all(isinstance(x, torch.Tensor) for x in (q, k, v)):
+        # Under torch.autocast q, k and v run in the autocast dtype and so does the output,
+        # as autocast does for SDPA (float64 is left alone). The ops' autocast kernels do the
+        # same for direct calls.
+        q, k, v = autocast_inputs(q.device.type, q, k, v)
     problem = check_attention_args(q, k, v, frame_counts, tokens_per_frame, scale, dropout_p)
     chosen = resolve_backend(backend, q, problem)
     return chosen.run(q, k, v, problem)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -22,7 +23,9 @@ ALL_DTYPES = (torch.float64,) + KERNEL_DTYPES
 class AttentionProblem:
     """Validated, normalized description of one ``ccam_attention`` call."""
 
-    frame_counts: tuple[int, ...]  # T_b per sample
+    frame_counts: Optional[tuple]  # T_b per sample (ints, or SymInts while tracing); None
+    # while torch.compile traces a call whose frame counts came as a tensor (values unknown)
+    counts: torch.Tensor  # the same as an int64 CPU tensor (B,): what the ops take
     tokens_per_frame: int  # P
     num_query: int  # N
     num_heads: int  # H
@@ -34,7 +37,7 @@ class AttentionProblem:
 
     @property
     def batch(self) -> int:
-        return len(self.frame_counts)
+        return self.counts.shape[0]
 
     @property
     def group_size(self) -> int:
@@ -48,7 +51,11 @@ def _require_tensor(name: str, x) -> torch.Tensor:
 
 
 def as_int(name: str, value) -> int:
-    """``value`` as a Python int: ints and integer scalars (NumPy's too), never bools or floats."""
+    """``value`` as a Python int: ints and integer scalars (NumPy's too), never bools or floats.
+    A SymInt (a size torch.compile traces symbolically) passes through unchanged: turning it
+    into an int would specialize the compiled graph on its value."""
+    if isinstance(value, torch.SymInt):
+        return value
     if isinstance(value, (bool, torch.Tensor)):  # a tensor would mean a silent device sync
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     try:
@@ -127,16 +134,27 @@ def check_attention_args(q, k, v, frame_counts, tokens_per_frame, scale=None, dr
             f"the number of query heads H={num_heads} must be a multiple of the key/value heads Hkv={num_kv_heads}"
         )
     tokens_per_frame = check_int("tokens_per_frame", tokens_per_frame)
-    counts = normalize_frame_counts("frame_counts", frame_counts)
-    expected = sum(counts) * tokens_per_frame
-    if expected != length:
+    if isinstance(frame_counts, torch.Tensor) and torch.compiler.is_compiling():
+        # Traced by torch.compile/export: the values are data, unknown here; the op checks
+        # them when it runs (attention_ops.checked_counts). Shape and dtype are checked now.
+        if frame_counts.dtype.is_floating_point or frame_counts.dtype.is_complex or frame_counts.dtype == torch.bool:
+            raise TypeError(f"frame_counts must be an integer tensor (int64), got dtype {frame_counts.dtype}")
+        if frame_counts.dim() != 1:
+            raise ValueError(f"frame_counts must be 1-D (B,), got shape {tuple(frame_counts.shape)}")
+        counts, counts_tensor = None, frame_counts.to(device="cpu", dtype=torch.int64)
+    else:
+        counts = normalize_frame_counts("frame_counts", frame_counts)
+        expected = sum(counts) * tokens_per_frame
+        if expected != length:
+            raise ValueError(
+                f"frame_counts {list(counts)} * tokens_per_frame {tokens_per_frame} = {expected} keys, "
+                f"but k and v have L={length}"
+            )
+        counts_tensor = torch.tensor(counts, dtype=torch.int64)
+    batch = counts_tensor.shape[0]
+    if q.dim() == 4 and q.shape[0] != batch:
         raise ValueError(
-            f"frame_counts {list(counts)} * tokens_per_frame {tokens_per_frame} = {expected} keys, "
-            f"but k and v have L={length}"
-        )
-    if q.dim() == 4 and q.shape[0] != len(counts):
-        raise ValueError(
-            f"q has batch size {q.shape[0]} but frame_counts has {len(counts)} samples"
+            f"q has batch size {q.shape[0]} but frame_counts has {batch} samples"
         )
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
@@ -147,6 +165,7 @@ def check_attention_args(q, k, v, frame_counts, tokens_per_frame, scale=None, dr
     dropout_p = check_probability("dropout_p", dropout_p)
     return AttentionProblem(
         frame_counts=counts,
+        counts=counts_tensor,
         tokens_per_frame=tokens_per_frame,
         num_query=num_query,
         num_heads=num_heads,

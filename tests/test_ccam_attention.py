@@ -43,7 +43,8 @@ def run_backend(backend):
 def run_engine(engine, seed=None):
     def run(q, k, v, frame_counts, P, scale=None, dropout_p=0.0):
         problem = check_attention_args(q, k, v, frame_counts, P, scale, dropout_p)
-        return ccam_attention_torch(q, k, v, problem, engine=engine, seed=seed)
+        return ccam_attention_torch(q, k, v, problem, variant=engine,
+                                    seed=None if seed is None else torch.tensor(seed))
 
     return run
 
@@ -415,11 +416,16 @@ class LargestOutput(TorchDispatchMode):
 
 
 def _largest_tensor(impl):
+    """The largest tensor that a backend's forward and backward implementations create. They
+    are called directly: under a dispatch mode a custom op is one opaque call, its inside unseen."""
     case = Case(64, 8, (32,), 1, 1, 16)
     q, k, v, dout = make_inputs(case, torch.float32, shared=True)
-    with LargestOutput() as mode:
-        out = IMPLS[impl](q, k, v, list(case.T), case.P)
-        out.backward(dout)
+    backend, _, variant = impl.partition("-")
+    run = attention_module.BACKENDS[backend].run
+    scale = case.D ** -0.5
+    with torch.no_grad(), LargestOutput() as mode:
+        out, lse, _ = run.forward_impl(q, k, v, case.T, case.P, scale, 0.0, 0, False, variant)
+        run.backward_impl(dout, q, k, v, out, lse, case.T, case.P, scale, 0.0, 0, variant)
     return mode, case.N * case.L
 
 

@@ -102,7 +102,7 @@ def test_cuda_backward_is_deterministic():
 def test_cuda_lse_is_the_natural_log_sum_exp():
     N, H, D, counts, P = 90, 2, 64, (3, 5), 24
     q, k, v, _ = _inputs(N, H, 1, D, counts, P, True, torch.float16)
-    _, lse = cuda_backend.cuda_attention(q, k, v, list(counts), P, D ** -0.5)
+    _, lse, _ = cuda_backend.cuda_attention(q, k, v, torch.tensor(counts), P, D ** -0.5)
     check_lse(lse, q, k, counts, P, D ** -0.5, 1e-3)
 
 
@@ -139,7 +139,7 @@ def test_cuda_ops_check_their_arguments():
 def test_cuda_opcheck_custom_op():
     q, k, v, _ = _inputs(40, 2, 1, 64, (2, 3), 12, True, torch.float16)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    torch.library.opcheck(cuda_backend.cuda_attention, (q, k, v, [2, 3], 12, 0.125),
+    torch.library.opcheck(cuda_backend.cuda_attention, (q, k, v, torch.tensor([2, 3]), 12, 0.125),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

@@ -141,8 +141,8 @@ def test_fake_implementations_give_the_shapes():
     with FakeTensorMode():
         q = torch.empty(20, 4, 64, dtype=torch.float16)
         k = torch.empty(5 * 7, 2, 64, dtype=torch.float16)
-        out, lse = cuda_backend.cuda_attention(q, k, k, [2, 3], 7, 0.125)
+        out, lse, _ = cuda_backend.cuda_attention(q, k, k, torch.tensor([2, 3]), 7, 0.125)
         assert out.shape == (2, 20, 4, 64) and out.dtype == torch.float16
         assert lse.shape == (2, 4, 20) and lse.dtype == torch.float32
-        dq, dk, dv = torch.ops.ccam_kernels.cuda_attention_backward(out, q, k, k, out, lse, [2, 3], 7, 0.125)
+        dq, dk, dv = torch.ops.ccam_kernels.cuda_attention_backward(out, q, k, k, out, lse, torch.tensor([2, 3]), 7, 0.125)
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape

@@ -66,7 +66,7 @@ def run(impl, q, k, v, frame_counts, P):
     if impl in ("reference", "torch"):
         return ccam_attention(q, k, v, frame_counts, P, backend=impl)
     problem = check_attention_args(q, k, v, frame_counts, P)
-    return ccam_attention_torch(q, k, v, problem, engine=impl)
+    return ccam_attention_torch(q, k, v, problem, variant=impl)
 
 
 @SETTINGS

@@ -85,7 +85,7 @@ def test_auto_never_picks_triton_for_cpu_tensors(monkeypatch):
 def test_opcheck_custom_op():
     q, k, v, _ = _inputs(18, 2, 1, 16, (2, 3), 4, True, torch.float32)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    torch.library.opcheck(triton_backend.triton_attention, (q, k, v, [2, 3], 4, 0.25),
+    torch.library.opcheck(triton_backend.triton_attention, (q, k, v, torch.tensor([2, 3]), 4, 0.25),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -119,5 +119,5 @@ def test_triton_split_kv_forward(splits, dtype, monkeypatch):
 def test_triton_lse_is_the_natural_log_sum_exp():
     N, H, D, counts, P = 21, 2, 16, (3, 5), 4
     q, k, v, _ = _inputs(N, H, 1, D, counts, P, True, torch.float32)
-    _, lse = triton_backend.triton_attention(q, k, v, list(counts), P, D ** -0.5)
+    _, lse, _ = triton_backend.triton_attention(q, k, v, torch.tensor(counts), P, D ** -0.5)
     check_lse(lse, q, k, counts, P, D ** -0.5, 1e-5)

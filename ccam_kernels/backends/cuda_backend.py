@@ -85,33 +85,40 @@ def _rows_aligned(x: torch.Tensor) -> torch.Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
 
-def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float):
-    """(out (B, N, H, D) in q's dtype, lse (B, H, N) float32)."""
+def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, dropout_p: float = 0.0,
+            seed: int = 0, keep_acc: bool = False, variant: str = ""):
+    """(out (B, N, H, D) in q's dtype, lse (B, H, N) float32, acc): with ``keep_acc`` the kernel
+    writes float32 partials even without a split and ``acc`` is the float32 output (else None).
+    dropout_p is always 0 here (the dispatcher refuses dropout for this backend)."""
     q, k, v = (_rows_aligned(x) for x in (q, k, v))
     B, (N, H, D) = len(frame_counts), q.shape[-3:]
     frames, key_start, _, _ = tiling.plan(frame_counts, tokens_per_frame, FWD_BLOCK_N, q.device)
     programs = B * H * math.ceil(N / FWD_BLOCK_M)
     splits = tiling.num_splits(programs, frame_counts, tokens_per_frame, FWD_BLOCK_N, q.device)
     out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
-    if splits > 1:  # float32 partials, merged by log-sum-exp
+    if splits > 1 or keep_acc:  # float32 partials (out_partial mode), merged by log-sum-exp
         parts = torch.empty(splits, B, N, H, D, device=q.device, dtype=torch.float32)
         lse_parts = torch.empty(splits, B, H, N, device=q.device, dtype=torch.float32)
         torch.ops.ccam_kernels.cuda_fwd(q, k, v, frames, key_start, tokens_per_frame, scale, splits, parts, lse_parts)
-        return out, tiling.merge_splits(parts, lse_parts, out)
+        acc, lse = tiling.merge_splits(parts, lse_parts)
+        out.copy_(acc)
+        return out, lse, acc if keep_acc else None
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     torch.ops.ccam_kernels.cuda_fwd(q, k, v, frames, key_start, tokens_per_frame, scale, 1, out, lse)
-    return out, lse
+    return out, lse, None
 
 
-def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int, scale: float):
-    """(dq, dk, dv) shaped like q, k, v. dq of a shared q sums the samples' contributions."""
+def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int, scale: float,
+             dropout_p: float = 0.0, seed: int = 0, variant: str = ""):
+    """(dq, dk, dv) shaped like q, k, v, dense. dq of a shared q sums the samples'
+    contributions. ``out`` is the forward's float32 accumulator when it kept one."""
     q, k, v, dout = (_rows_aligned(x) for x in (q, k, v, dout))
     B, (N, H, D) = len(frame_counts), q.shape[-3:]
     frames, key_start, tile_sample, tile_start = tiling.plan(frame_counts, tokens_per_frame, BWD_KEY_TILE, q.device)
     delta = tiling.softmax_delta(dout, out)
     dq_rows = torch.empty(B, N, H, D, device=q.device, dtype=torch.float32)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     ops = torch.ops.ccam_kernels
     ops.cuda_bwd_dq(dout, q, k, v, lse, delta, frames, key_start, tokens_per_frame, scale, dq_rows)
     ops.cuda_bwd_dkdv(dout, q, k, v, lse, delta, frames, key_start, tile_sample, tile_start,
@@ -120,6 +127,6 @@ def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int
     return dq.to(q.dtype), dk, dv
 
 
-# ccam_kernels::cuda_attention -> (out, lse) and ccam_kernels::cuda_attention_backward -> (dq, dk, dv).
+# ccam_kernels::cuda_attention -> (out, lse, acc) and ccam_kernels::cuda_attention_backward -> (dq, dk, dv).
 ccam_attention_cuda = define_attention_ops("cuda_attention", forward, backward)
 cuda_attention = ccam_attention_cuda.op

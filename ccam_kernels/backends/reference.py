@@ -2,6 +2,10 @@
 
 Per sample: build the dense (N, T*P) boolean mask from the mask rule and hand it to
 ``torch.nn.functional.scaled_dot_product_attention``. Slow on purpose; never tuned.
+
+It runs as the custom op ``ccam_kernels::reference_attention`` like every backend (one op shape
+for autocast, torch.compile and torch.export; attention_ops.py). Its backward differentiates
+the same plain computation with autograd, redrawing the dropout masks from the forward's seed.
 """
 
 from __future__ import annotations
@@ -9,28 +13,72 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..checks import AttentionProblem
 from ..mask import dense_mask, key_offsets
+from .attention_ops import define_attention_ops, lse_dtype
 
 
-def ccam_attention_reference(q, k, v, problem: AttentionProblem) -> torch.Tensor:
-    """(B, N, H, D) or (N, H, D) queries, packed (L, Hkv, D) keys/values -> (B, N, H, D)."""
-    P = problem.tokens_per_frame
-    offsets = key_offsets(problem.frame_counts, P)
+def _attend(q, k, v, frame_counts: tuple, P: int, scale: float, dropout_p: float, seed: int):
+    """(B, N, H, D) output of the plain formula; differentiable by autograd."""
+    offsets = key_offsets(frame_counts, P)
+    num_query, num_heads = q.shape[-3], q.shape[-2]
     outs = []
-    for b, frames in enumerate(problem.frame_counts):
-        qb = q if problem.shared_query else q[b]
-        kb = k[offsets[b] : offsets[b + 1]]
-        vb = v[offsets[b] : offsets[b + 1]]
-        mask = dense_mask(problem.num_query, frames, P, device=q.device)
-        out = F.scaled_dot_product_attention(  # SDPA's own layout: (batch=1, heads, tokens, D)
-            qb.transpose(0, 1)[None],
-            kb.transpose(0, 1)[None],
-            vb.transpose(0, 1)[None],
-            attn_mask=mask,
-            dropout_p=problem.dropout_p,
-            scale=problem.scale,
-            enable_gqa=problem.num_heads != problem.num_kv_heads,
-        )
-        outs.append(out[0].transpose(0, 1))
+    # Dropout masks come from a generator state fixed by the seed, so the backward's
+    # recomputation draws exactly the forward's masks.
+    devices = [q.device] if q.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=dropout_p > 0):
+        if dropout_p > 0:
+            torch.manual_seed(seed)
+        for b, frames in enumerate(frame_counts):
+            qb = q if q.dim() == 3 else q[b]
+            kb, vb = k[offsets[b]:offsets[b + 1]], v[offsets[b]:offsets[b + 1]]
+            out = F.scaled_dot_product_attention(  # SDPA's own layout: (batch=1, heads, tokens, D)
+                qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None],
+                attn_mask=dense_mask(num_query, frames, P, device=q.device),
+                dropout_p=dropout_p, scale=scale, enable_gqa=num_heads != k.shape[1],
+            )
+            outs.append(out[0].transpose(0, 1))
     return torch.stack(outs)
+
+
+def _lse(q, k, frame_counts: tuple, P: int, scale: float) -> torch.Tensor:
+    """(B, H, N): log-sum-exp of each row's visible scores, from the dense masked scores."""
+    offsets = key_offsets(frame_counts, P)
+    num_query, num_heads = q.shape[-3], q.shape[-2]
+    group = num_heads // k.shape[1]
+    acc = lse_dtype(q.dtype)
+    lses = []
+    for b, frames in enumerate(frame_counts):
+        qb = (q if q.dim() == 3 else q[b]).to(acc)
+        kb = k[offsets[b]:offsets[b + 1]].to(acc).repeat_interleave(group, dim=1)
+        s = torch.einsum("nhd,lhd->hnl", qb, kb) * scale
+        s = s.masked_fill(~dense_mask(num_query, frames, P, device=q.device), float("-inf"))
+        lses.append(torch.logsumexp(s, dim=-1))
+    return torch.stack(lses)
+
+
+def _forward(q, k, v, frame_counts, P, scale, dropout_p, seed, keep_acc, variant):
+    with torch.no_grad():
+        return _attend(q, k, v, frame_counts, P, scale, dropout_p, seed), _lse(q, k, frame_counts, P, scale), None
+
+
+def _autograd_inside_op():
+    """Autograd, inside a custom op's implementation. The dispatcher runs an op's kernel with
+    the autograd keys excluded (it is below autograd); the reference backward differentiates the
+    plain formula, so it puts them back for its own recomputation, and turns grad mode on."""
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther):
+        excluded = excluded.remove(key)
+    guard = torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded)
+    return guard
+
+
+def _backward(dout, q, k, v, o, lse, frame_counts, P, scale, dropout_p, seed, variant):
+    with _autograd_inside_op(), torch.enable_grad():
+        inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = _attend(*inputs, frame_counts, P, scale, dropout_p, seed)
+        grads = torch.autograd.grad(out, inputs, dout)
+    return tuple(g.contiguous() for g in grads)
+
+
+# ccam_kernels::reference_attention -> (out, lse, acc) and its _backward -> (dq, dk, dv).
+ccam_attention_reference = define_attention_ops("reference_attention", _forward, _backward)

@@ -48,18 +48,20 @@ def num_splits(programs: int, frame_counts: tuple, tokens_per_frame: int, block_
     return max(1, min(MAX_SPLITS, -(-2 * sms // programs), key_tiles // 2))
 
 
-def merge_splits(o_parts: torch.Tensor, lse_parts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Merge split-KV partials by their log-sum-exp into ``out`` (B, N, H, D); returns the
-    merged LSE (B, H, N). o_parts: (S, B, N, H, D) float32, lse_parts: (S, B, H, N) float32,
-    -inf where a split saw nothing live for a row (its weight is then 0)."""
+def merge_splits(o_parts: torch.Tensor, lse_parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge split-KV partials by their log-sum-exp: (out (B, N, H, D) float32, lse (B, H, N)).
+    o_parts: (S, B, N, H, D) float32, lse_parts: (S, B, H, N) float32, -inf where a split saw
+    nothing live for a row (its weight is then 0). One split is returned as it is."""
+    if o_parts.shape[0] == 1:
+        return o_parts[0], lse_parts[0]
     lse = torch.logsumexp(lse_parts, dim=0)
     weight = torch.exp(lse_parts - lse).transpose(-1, -2).unsqueeze(-1)  # (S, B, N, H, 1)
-    out.copy_((weight * o_parts).sum(0))
-    return lse
+    return (weight * o_parts).sum(0), lse
 
 
 def softmax_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """delta = rowsum(dO * O) as (B, H, N) float32: the softmax backward's per-row constant."""
+    """delta = rowsum(dO * O) as (B, H, N) float32: the softmax backward's per-row constant.
+    ``out`` should be the forward's float32 accumulator for 16-bit inputs (attention_ops.py)."""
     return (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
 
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import AttentionProblem
 from ..mask import first_query_of_frame, key_offsets, mask_block
+from .attention_ops import define_attention_ops
 
 # Keys per segment. Large enough that each fused call streams a long K/V block (fewer
 # merges), small enough that the straddling rows stay a small fraction of the work.
@@ -128,7 +128,9 @@ class _FlashCPUEngine:
     @classmethod
     def backward(cls, dof, qf, kf, vf, of, lse, mask, scale, dropout):
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dof[None], qf[None], kf[None], vf[None], of[None], lse[None], 0.0, False, attn_mask=cls._additive(mask, qf.dtype), scale=scale,
+            # The fused kernel takes O in the inputs' dtype (it computes delta from it itself).
+            dof[None], qf[None], kf[None], vf[None], of.to(qf.dtype)[None], lse[None], 0.0, False,
+            attn_mask=cls._additive(mask, qf.dtype), scale=scale,
         )
         return dq[0], dk[0], dv[0]
 
@@ -222,7 +224,7 @@ def _block_mask(problem, frames, blk, device):
     return m.repeat_interleave(problem.group_size, dim=0)  # folded rows: query i -> rows i*G..i*G+G-1
 
 
-def _walk_blocks(problem: AttentionProblem, frames: int, key_offset: int, sample: int, seed: int, device):
+def _walk_blocks(problem: _Shape, frames: int, key_offset: int, sample: int, seed: int, device):
     """Per block of one sample: (folded row slice, packed key slice, mask or None, dropout or None)."""
     G = problem.group_size
     for i, blk in enumerate(plan_blocks(problem.num_query, frames, problem.tokens_per_frame)):
@@ -232,13 +234,51 @@ def _walk_blocks(problem: AttentionProblem, frames: int, key_offset: int, sample
         yield rows, keys, _block_mask(problem, frames, blk, device), dropout
 
 
-def _forward(q, k, v, problem: AttentionProblem, engine, seed):
-    B, N, H, D = problem.batch, problem.num_query, problem.num_heads, problem.head_dim
+@dataclass(frozen=True)
+class _Shape:
+    """What the block walk needs to know of a call (the op's arguments, without tensors)."""
+
+    frame_counts: tuple
+    tokens_per_frame: int
+    num_query: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    dropout_p: float
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+def _shape(q, k, frame_counts, P, scale, dropout_p) -> _Shape:
+    n, h, d = q.shape[-3:]
+    return _Shape(tuple(frame_counts), P, n, h, k.shape[1], d, scale, dropout_p)
+
+
+def _lse_heads(lse_folded: torch.Tensor, num_query: int) -> torch.Tensor:
+    """(B, Hkv, N * G) folded rows -> (B, H, N), head hk * G + g: the op's LSE layout."""
+    b, hkv, rows = lse_folded.shape
+    g = rows // num_query
+    return lse_folded.view(b, hkv, num_query, g).transpose(2, 3).reshape(b, hkv * g, num_query)
+
+
+def _lse_folded(lse: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(B, H, N) -> (B, Hkv, N * G), the inverse of :func:`_lse_heads`."""
+    b, h, n = lse.shape
+    g = h // num_kv_heads
+    return lse.view(b, num_kv_heads, g, n).transpose(2, 3).reshape(b, num_kv_heads, n * g)
+
+
+def _forward(q, k, v, problem: _Shape, engine, seed):
+    """(out (B, N, H, D) in q's dtype, lse (B, H, N), acc (B, N, H, D) in the accumulation dtype)."""
+    B, N, H, D = len(problem.frame_counts), problem.num_query, problem.num_heads, problem.head_dim
     Hkv, G = problem.num_kv_heads, problem.group_size
     acc = _accumulate_dtype(q.dtype)
-    out = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device)
+    out_acc = torch.empty(B, N, H, D, dtype=acc, device=q.device)
     lse_all = torch.empty(B, Hkv, N * G, dtype=acc, device=q.device)
-    qf_shared = _fold(q, Hkv) if problem.shared_query else None
+    qf_shared = _fold(q, Hkv) if q.dim() == 3 else None
     offsets = key_offsets(problem.frame_counts, problem.tokens_per_frame)
     for b, frames in enumerate(problem.frame_counts):
         qf = qf_shared if qf_shared is not None else _fold(q[b], Hkv)
@@ -254,21 +294,24 @@ def _forward(q, k, v, problem: AttentionProblem, engine, seed):
             w = torch.sigmoid(lse_blk - lse[:, rows])
             o_acc[:, rows].lerp_(o_blk.to(acc), w[..., None])
             lse[:, rows] = torch.logaddexp(lse[:, rows], lse_blk)
-        out[b] = _unfold(o_acc, N)
-    return out, lse_all
+        out_acc[b] = _unfold(o_acc, N)
+    return out_acc.to(q.dtype), _lse_heads(lse_all, N), out_acc
 
 
-def _backward(dout, q, k, v, out, lse_all, problem: AttentionProblem, engine, seed):
+def _backward(dout, q, k, v, o, lse_heads, problem: _Shape, engine, seed):
+    """o: the forward's output, in float32 when the inputs are 16-bit (the accumulator: delta =
+    rowsum(dO * O) must come from it, see attention_ops.py). Gradients dense, in q's dtype."""
     N, Hkv, G, P = problem.num_query, problem.num_kv_heads, problem.group_size, problem.tokens_per_frame
     acc = _accumulate_dtype(q.dtype)
+    lse_all = _lse_folded(lse_heads, Hkv)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-    qf_shared = _fold(q, Hkv) if problem.shared_query else None
+    qf_shared = _fold(q, Hkv) if q.dim() == 3 else None
     offsets = key_offsets(problem.frame_counts, P)
     for b, frames in enumerate(problem.frame_counts):
         qf = qf_shared if qf_shared is not None else _fold(q[b], Hkv)
-        dof, of = _fold(dout[b], Hkv), _fold(out[b], Hkv)
+        dof, of = _fold(dout[b], Hkv), _fold(o[b], Hkv)
         dqf = torch.zeros(Hkv, N * G, problem.head_dim, dtype=acc, device=q.device)
         for rows, keys, mask, dropout in _walk_blocks(problem, frames, offsets[b], b, seed, q.device):
             dq_blk, dk_blk, dv_blk = engine.backward(
@@ -278,38 +321,46 @@ def _backward(dout, q, k, v, out, lse_all, problem: AttentionProblem, engine, se
             dqf[:, rows] += dq_blk
             dk[keys] += dk_blk.transpose(0, 1)
             dv[keys] += dv_blk.transpose(0, 1)
-        if problem.shared_query:
+        if q.dim() == 3:
             dq += _unfold(dqf, N)  # the shared query's gradient sums over the samples
         else:
             dq[b] = _unfold(dqf, N)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _CCAMAttentionTorch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, problem, engine, seed):
-        out, lse = _forward(q, k, v, problem, engine, seed)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.problem, ctx.engine, ctx.seed = problem, engine, seed
-        return out
+def _engine(variant: str, device: torch.device, dropout_p: float, dtype: torch.dtype, *, needs_acc: bool):
+    """The engine of a call: the one named by ``variant``, else the best usable one. 16-bit
+    inputs whose float32 output feeds a backward (``needs_acc``) use the explicit engine: the
+    fused CPU kernel rounds each block's partial output to 16 bits, and the backward's delta
+    needs the unrounded one."""
+    if variant:
+        if variant not in ENGINES:
+            raise ValueError(f"torch backend variant must be one of {['', *ENGINES]}, got {variant!r}")
+        eng = ENGINES[variant]
+        if not eng.usable(device, dropout_p):
+            raise RuntimeError(f"torch backend engine {variant!r} cannot run on {device} with dropout_p={dropout_p}")
+        return eng
+    if needs_acc and dtype in (torch.float16, torch.bfloat16):
+        return _ExplicitEngine
+    return choose_engine(device, dropout_p)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(dout.contiguous(), q, k, v, out, lse, ctx.problem, ctx.engine, ctx.seed)
-        return dq, dk, dv, None, None, None
 
-
-def ccam_attention_torch(q, k, v, problem: AttentionProblem, *, engine: str | None = None, seed: int | None = None):
-    """Prefix-aware attention. ``engine``: None (best for the device), "flash" or "explicit".
-    ``seed`` fixes the dropout masks (drawn from torch's CPU generator when None)."""
-    eng = choose_engine(q.device, problem.dropout_p) if engine is None else ENGINES[engine]
-    if not eng.usable(q.device, problem.dropout_p):
-        raise RuntimeError(f"torch backend engine {engine!r} cannot run on {q.device} with dropout_p={problem.dropout_p}")
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if problem.dropout_p > 0 else 0
+def _op_forward(q, k, v, frame_counts, P, scale, dropout_p, seed, keep_acc, variant):
     # PyTorch's fused CPU kernel reads wrong values when the head dim is strided (seen with
     # torch 2.13): give every engine rows with unit stride, copying only tensors that lack it.
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    return _CCAMAttentionTorch.apply(q, k, v, problem, eng, seed)
+    eng = _engine(variant, q.device, dropout_p, q.dtype, needs_acc=keep_acc)
+    out, lse, out_acc = _forward(q, k, v, _shape(q, k, frame_counts, P, scale, dropout_p), eng, seed)
+    return out, lse, (out_acc.float() if keep_acc and out_acc.dtype != torch.float64 else None)
+
+
+def _op_backward(dout, q, k, v, o, lse, frame_counts, P, scale, dropout_p, seed, variant):
+    q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
+    eng = _engine(variant, q.device, dropout_p, q.dtype, needs_acc=True)
+    return _backward(dout, q, k, v, o, lse, _shape(q, k, frame_counts, P, scale, dropout_p), eng, seed)
+
+
+# ccam_kernels::torch_attention -> (out, lse, acc) and ccam_kernels::torch_attention_backward
+# -> (dq, dk, dv): custom ops (attention_ops.py), so the compiler sees one node per call.
+ccam_attention_torch = define_attention_ops("torch_attention", _op_forward, _op_backward)
+torch_attention = ccam_attention_torch.op

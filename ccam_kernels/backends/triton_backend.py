@@ -50,15 +50,18 @@ def _kernels():
     return triton_kernels
 
 
-def _forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float):
-    return _kernels().forward(q, k, v, frame_counts, tokens_per_frame, scale)
+def _forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, dropout_p: float, seed: int,
+             keep_acc: bool, variant: str):
+    # dropout_p is always 0 here (the dispatcher refuses dropout for this backend).
+    return _kernels().forward(q, k, v, frame_counts, tokens_per_frame, scale, keep_acc)
 
 
-def _backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int, scale: float):
+def _backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int, scale: float, dropout_p: float,
+              seed: int, variant: str):
     return _kernels().backward(dout, q, k, v, out, lse, frame_counts, tokens_per_frame, scale)
 
 
-# ccam_kernels::triton_attention -> (out (B, N, H, D), lse (B, H, N) float32) and
+# ccam_kernels::triton_attention -> (out (B, N, H, D), lse (B, H, N) float32, acc) and
 # ccam_kernels::triton_attention_backward -> (dq, dk, dv), with fakes and autograd.
 ccam_attention_triton = define_attention_ops("triton_attention", _forward, _backward)
 triton_attention = ccam_attention_triton.op

@@ -293,16 +293,18 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float):
-    """(out (B, N, H, D) in q's dtype, lse (B, H, N) float32)."""
+def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, keep_acc: bool = False):
+    """(out (B, N, H, D) in q's dtype, lse (B, H, N) float32, acc): with ``keep_acc`` the kernel
+    writes float32 partials even without a split, and ``acc`` is the float32 output (else None)."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     B, (N, H, D), Hkv = len(frame_counts), q.shape[-3:], k.shape[1]
     block_m, block_n, block_d = block_sizes(D)
     frames, key_start, _, _ = tiling.plan(frame_counts, tokens_per_frame, block_n, q.device)
     grid = (B * H, triton.cdiv(N, block_m))
     splits = tiling.num_splits(grid[0] * grid[1], frame_counts, tokens_per_frame, block_n, q.device)
+    partial = splits > 1 or keep_acc
     out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
-    if splits > 1:  # float32 partials, merged below
+    if partial:  # float32 partials, merged below
         o_dst = torch.empty(splits, B, N, H, D, device=q.device, dtype=torch.float32)
         lse_dst = torch.empty(splits, B, H, N, device=q.device, dtype=torch.float32)
     else:
@@ -312,23 +314,27 @@ def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float):
         q, k, v, o_dst, lse_dst, frames, key_start,
         *tiling.q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *o_strides,
         N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E.value, splits,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), SPLIT=splits > 1,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), SPLIT=partial,
     )
-    if splits == 1:
-        return out, lse_dst
-    return out, tiling.merge_splits(o_dst, lse_dst, out)
+    if not partial:
+        return out, lse_dst, None
+    acc, lse = tiling.merge_splits(o_dst, lse_dst)
+    out.copy_(acc)
+    return out, lse, acc if keep_acc else None
 
 
 def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int, scale: float):
-    """(dq, dk, dv) shaped like q, k, v. dq of a shared q sums the samples' contributions."""
+    """(dq, dk, dv) shaped like q, k, v and dense (an input may have any strides, even
+    overlapping ones: its gradient never inherits them). dq of a shared q sums the samples'
+    contributions. ``out`` is float32 for 16-bit inputs (the forward's accumulator)."""
     q, k, v, dout = (_last_dim_contiguous(x) for x in (q, k, v, dout))
     B, (N, H, D), Hkv = len(frame_counts), q.shape[-3:], k.shape[1]
     block_m, block_n, block_d = block_sizes(D)
     frames, key_start, tile_sample, tile_start = tiling.plan(frame_counts, tokens_per_frame, block_n, q.device)
     delta = tiling.softmax_delta(dout, out)
     dq_rows = torch.empty(B, N, H, D, device=q.device, dtype=torch.float32)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype))
     sizes = (N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E.value)
     strides = (*tiling.q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

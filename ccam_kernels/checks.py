@@ -52,9 +52,9 @@ def _require_tensor(name: str, x) -> torch.Tensor:
 
 def as_int(name: str, value) -> int:
     """``value`` as a Python int: ints and integer scalars (NumPy's too), never bools or floats.
-    A SymInt (a size torch.compile traces symbolically) passes through unchanged: turning it
-    into an int would specialize the compiled graph on its value."""
-    if isinstance(value, torch.SymInt):
+    An int (or a SymInt: an int that torch.compile traces symbolically) passes through
+    unchanged: operator.index on it would specialize the compiled graph on its value."""
+    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
         return value
     if isinstance(value, (bool, torch.Tensor)):  # a tensor would mean a silent device sync
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -101,6 +101,20 @@ def normalize_frame_counts(name: str, frame_counts) -> tuple[int, ...]:
     return counts
 
 
+def frame_counts_arg(name: str, frame_counts):
+    """Frame counts as a tuple of ints (see normalize_frame_counts); or, while torch.compile or
+    torch.export traces a call that got them as a tensor, that tensor as int64 on the CPU: its
+    values are data then, unknown here, and the op checks them when it runs
+    (attention_ops.checked_counts). Shape and dtype are checked in both cases."""
+    if isinstance(frame_counts, torch.Tensor) and torch.compiler.is_compiling():
+        if frame_counts.dtype.is_floating_point or frame_counts.dtype.is_complex or frame_counts.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor (int64), got dtype {frame_counts.dtype}")
+        if frame_counts.dim() != 1:
+            raise ValueError(f"{name} must be 1-D (B,), got shape {tuple(frame_counts.shape)}")
+        return frame_counts.to(device="cpu", dtype=torch.int64)
+    return normalize_frame_counts(name, frame_counts)
+
+
 def check_attention_args(q, k, v, frame_counts, tokens_per_frame, scale=None, dropout_p=0.0) -> AttentionProblem:
     """Validate a ``ccam_attention`` call; raise ValueError/TypeError naming the argument."""
     q = _require_tensor("q", q)
@@ -134,16 +148,10 @@ def check_attention_args(q, k, v, frame_counts, tokens_per_frame, scale=None, dr
             f"the number of query heads H={num_heads} must be a multiple of the key/value heads Hkv={num_kv_heads}"
         )
     tokens_per_frame = check_int("tokens_per_frame", tokens_per_frame)
-    if isinstance(frame_counts, torch.Tensor) and torch.compiler.is_compiling():
-        # Traced by torch.compile/export: the values are data, unknown here; the op checks
-        # them when it runs (attention_ops.checked_counts). Shape and dtype are checked now.
-        if frame_counts.dtype.is_floating_point or frame_counts.dtype.is_complex or frame_counts.dtype == torch.bool:
-            raise TypeError(f"frame_counts must be an integer tensor (int64), got dtype {frame_counts.dtype}")
-        if frame_counts.dim() != 1:
-            raise ValueError(f"frame_counts must be 1-D (B,), got shape {tuple(frame_counts.shape)}")
-        counts, counts_tensor = None, frame_counts.to(device="cpu", dtype=torch.int64)
+    counts = frame_counts_arg("frame_counts", frame_counts)
+    if isinstance(counts, torch.Tensor):
+        counts, counts_tensor = None, counts
     else:
-        counts = normalize_frame_counts("frame_counts", frame_counts)
         expected = sum(counts) * tokens_per_frame
         if expected != length:
             raise ValueError(

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import BACKENDS, ccam_attention
-from .checks import normalize_frame_counts
+from .checks import frame_counts_arg
 from .config import CCAMConfig
 
 _GATE_ACTS = {
@@ -179,8 +179,9 @@ class CCAMProjector(nn.Module):
         elif features.dim() == 3:
             if split_sizes is None:
                 raise ValueError("split_sizes is required when features is (F, P, Cv)")
-            split_sizes = normalize_frame_counts("split_sizes", split_sizes)
-            if sum(split_sizes) != features.shape[0]:
+            split_sizes = frame_counts_arg("split_sizes", split_sizes)
+            # (a tensor only while torch.compile traces: its values are checked by the op)
+            if not isinstance(split_sizes, torch.Tensor) and sum(split_sizes) != features.shape[0]:
                 raise ValueError(
                     f"split_sizes {list(split_sizes)} add up to {sum(split_sizes)} frames, "
                     f"but features has F={features.shape[0]}"
@@ -246,7 +247,7 @@ class CCAMProjector(nn.Module):
         cfg = self.config
         features, split_sizes = self._check_features(features, split_sizes)
         num_frames, tokens_per_frame = features.shape[:2]
-        batch = len(split_sizes)
+        batch = split_sizes.shape[0] if isinstance(split_sizes, torch.Tensor) else len(split_sizes)
 
         q = self.query_states()  # (N, H, D), shared by every sample
         k, v = self._keys_values(features.reshape(num_frames * tokens_per_frame, cfg.cross_hidden_size))

@@ -22,8 +22,10 @@ def atomic_path(path):
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         yield tmp
+        os.chmod(tmp, mode)  # a writer that recreates the file (safetensors does) may narrow it
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

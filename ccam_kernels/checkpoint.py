@@ -7,6 +7,10 @@ library's names: a dict {checkpoint_key: our_key} (keys not in it keep their nam
 callable checkpoint_key -> our_key. Mapping a key to None drops it on purpose (e.g. the LLM's
 weights in a full Video-CCAM checkpoint). Any other key that is not ours, and any of our
 parameters left unfilled, is a ValueError that names it.
+
+Nothing is guessed: a weights file that cannot be parsed, a key found in two shards, or an
+integer/bool tensor for a floating-point parameter is a ValueError naming the file or key.
+Saving is atomic per file (see :mod:`ccam_kernels.atomic_file`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 
 import torch
 
+from .atomic_file import atomic_path
 from .config import CONFIG_FILE, CCAMConfig
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -32,21 +37,40 @@ def _weight_files(path: str) -> list[str]:
     raise FileNotFoundError(f"no weights in {path!r}: expected {SAFETENSORS_FILE}, *.safetensors or a torch state dict")
 
 
-def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """All tensors of a weights file, or of every weights file of a directory (shards)."""
-    state = {}
-    for file in _weight_files(os.fspath(path)):
-        if file.endswith(".safetensors"):
+def _read_file(file: str) -> dict:
+    safetensors = file.endswith(".safetensors")
+    with open(file, "rb"):  # a file we may not open keeps its OSError (it names the file)
+        pass
+    try:
+        if safetensors:
             from safetensors.torch import load_file
 
             part = load_file(file)
         else:
             part = torch.load(file, map_location="cpu", weights_only=True)
-            if isinstance(part, dict) and set(part) == {"state_dict"}:
-                part = part["state_dict"]
-        if not isinstance(part, dict):
-            raise ValueError(f"{file!r} does not hold a state dict (got {type(part).__name__})")
-        state.update(part)
+    except Exception as exc:  # noqa: BLE001 - parsers raise many types for a damaged file (OSError too)
+        kind = "safetensors" if safetensors else "torch state dict"
+        raise ValueError(f"cannot read weights file {file!r}: truncated, corrupt or not a {kind} file "
+                         f"({type(exc).__name__}: {exc})") from exc
+    if isinstance(part, dict) and set(part) == {"state_dict"}:
+        part = part["state_dict"]
+    if not isinstance(part, dict):
+        raise ValueError(f"{file!r} does not hold a state dict (got {type(part).__name__})")
+    for key, value in part.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{file!r} holds {type(value).__name__} under key {key!r}; expected only tensors")
+    return part
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """All tensors of a weights file, or of every weights file of a directory (shards).
+    A key in two shards is a ValueError naming both files: which copy wins would be arbitrary."""
+    state, origin = {}, {}
+    for file in _weight_files(os.fspath(path)):
+        for key, value in _read_file(file).items():
+            if key in origin:
+                raise ValueError(f"key {key!r} is in two weights files: {origin[key]!r} and {file!r}")
+            state[key], origin[key] = value, file
     return state
 
 
@@ -86,12 +110,40 @@ def check_keys(module: torch.nn.Module, state: dict) -> None:
         if tuple(state[key].shape) != tuple(ours[key].shape):
             problems.append(f"shape mismatch for {key!r}: checkpoint {tuple(state[key].shape)}, "
                             f"model {tuple(ours[key].shape)}")
+        # load_state_dict would cast silently; integer or bool weights mean a wrong tensor.
+        if ours[key].is_floating_point() and not state[key].is_floating_point():
+            problems.append(f"dtype mismatch for {key!r}: checkpoint {state[key].dtype}, model parameter is "
+                            f"floating point (integer, bool and complex tensors are not converted)")
     if problems:
         raise ValueError("cannot load checkpoint: " + "; ".join(problems))
 
 
-def load_projector(cls, path, *, key_map=None, config=None, backend="auto", dtype=None, device=None):
+def _check_load_args(path, dtype, device):
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype or None, got {type(dtype).__name__}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must be a torch.device or a device string, got {device!r} ({exc})") from None
+        if device.type == "meta":
+            # Meta tensors hold no data: "loading" would silently discard every weight read.
+            raise ValueError("device='meta' is refused: meta tensors hold no data, so the checkpoint's weights "
+                             "would be discarded; for a weightless module build CCAMProjector(config) under "
+                             "`with torch.device('meta'):`")
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
+    return path, device
+
+
+def load_projector(cls, path, *, key_map=None, config=None, backend="auto", dtype=None, device=None):
+    path, device = _check_load_args(path, dtype, device)
     if config is None:
         config_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
         config_path = os.path.join(config_dir, CONFIG_FILE)
@@ -112,10 +164,16 @@ def load_projector(cls, path, *, key_map=None, config=None, backend="auto", dtyp
 
 
 def save_projector(module, path) -> None:
+    """config.json and model.safetensors, each staged in a temporary file beside it and renamed
+    only after both are written: a failure leaves the old files (or none) and no partial file."""
     from safetensors.torch import save_file
 
     path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"save_pretrained needs a directory, but {path!r} is an existing file")
     os.makedirs(path, exist_ok=True)
-    module.config.to_json_file(os.path.join(path, CONFIG_FILE))
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(state, os.path.join(path, SAFETENSORS_FILE), metadata={"format": "pt"})
+    with atomic_path(os.path.join(path, CONFIG_FILE)) as config_tmp, \
+            atomic_path(os.path.join(path, SAFETENSORS_FILE)) as weights_tmp:
+        save_file(state, weights_tmp, metadata={"format": "pt"})
+        module.config.to_json_file(config_tmp)

@@ -80,18 +80,35 @@ def check_probability(name: str, value) -> float:
 
 
 def normalize_frame_counts(name: str, frame_counts) -> tuple[int, ...]:
-    """A sequence of ints or a 1-D integer tensor -> tuple of ints, each >= 1, not empty."""
+    """frame_counts -> tuple of Python ints, each >= 1, not empty.
+
+    Accepted: a list/tuple/range of ints (NumPy integer scalars too), a 1-D NumPy integer
+    array, or a 1-D integer tensor of any integer dtype (int64, int32, int16, int8, uint8, ...)
+    on any device except meta (the values are read to the host). Refused with ``name`` in
+    the message: bool and floating-point arrays or tensors, arrays and tensors that are not
+    1-D (0-d included), meta tensors (they hold no values), and any other type.
+    """
     if isinstance(frame_counts, torch.Tensor):
-        if frame_counts.dtype.is_floating_point or frame_counts.dtype.is_complex or frame_counts.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor (int64), got dtype {frame_counts.dtype}")
+        dtype = frame_counts.dtype
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor (int64, int32, int16, int8 or uint8), got dtype {dtype}")
         if frame_counts.dim() != 1:
-            raise ValueError(f"{name} must be 1-D (B,), got shape {tuple(frame_counts.shape)}")
+            raise ValueError(f"{name} must be 1-D (B,), got a tensor of shape {tuple(frame_counts.shape)}")
+        if frame_counts.is_meta:
+            raise ValueError(f"{name} must hold values, got a meta tensor (meta tensors have no data)")
         counts = tuple(int(t) for t in frame_counts.tolist())
-    elif isinstance(frame_counts, (list, tuple, range, np.ndarray)):
+    elif isinstance(frame_counts, np.ndarray):
+        if frame_counts.dtype.kind not in "iu":  # b: bool, f: float, ...
+            raise TypeError(f"{name} must be an integer array, got a NumPy array of dtype {frame_counts.dtype}")
+        if frame_counts.ndim != 1:
+            raise ValueError(f"{name} must be 1-D (B,), got a NumPy array of shape {frame_counts.shape}")
+        counts = tuple(int(t) for t in frame_counts.tolist())
+    elif isinstance(frame_counts, (list, tuple, range)):
         counts = tuple(as_int(f"{name} element", t) for t in frame_counts)
     else:
         raise TypeError(
-            f"{name} must be a sequence of ints or an int64 tensor, got {type(frame_counts).__name__}"
+            f"{name} must be a sequence of ints, a 1-D integer array or an integer tensor, "
+            f"got {type(frame_counts).__name__}"
         )
     if len(counts) == 0:
         raise ValueError(f"{name} must not be empty (one frame count per sample)")

@@ -15,6 +15,7 @@ Explicit flags override what --quick and --full choose.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -22,6 +23,7 @@ import torch
 from ..config import CCAMConfig
 from ..attention import BACKENDS
 from .contestants import ATTENTION_CONTESTANTS, PROJECTOR_CONTESTANTS, SDPA_ANCHORS, default_contestants
+from .out_dir import check_out_dir
 from .report import build_result, format_table, git_commit, write_outputs
 from .runner import BENCHES, PASSES, BenchCase, Settings, run_suite
 
@@ -57,8 +59,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not (value > 0 and math.isfinite(value)):  # nan and inf would disable the budget
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
     return value
 
 
@@ -182,6 +184,11 @@ def main(argv=None) -> int:
         return 2
     try:
         contestants = choose_contestants(args, device, sorted({c.bench for c in cases}, key=BENCHES.index))
+    except ValueError as exc:
+        print(f"ccam-bench: {exc}", file=sys.stderr)
+        return 2
+    try:
+        check_out_dir(args.out)
     except ValueError as exc:
         print(f"ccam-bench: {exc}", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 which backend won each benchmark row.
 
     python benchmarks/suite_table.py merge OUT.json RUN1.json [RUN2.json ...]
-    python benchmarks/suite_table.py winners results.json     # markdown table on stdout
+    python benchmarks/suite_table.py winners results.json     # markdown table on stdout, and
+                                                              # the name to commit the run under
 
 The suite runs ccam-bench once per benchmark (attention rows, projector rows: the cross
 product of one call's flags would time rows nobody needs); ``merge`` joins their rows into one
@@ -16,6 +17,7 @@ and the fastest anchor (the reference included), with the ratio of the two.
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 CASE_KEYS = ("bench", "pass", "frame_counts", "batch", "dtype")
@@ -74,6 +76,12 @@ def winners(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def results_stem(doc: dict) -> str:
+    """benchmarks/results/ naming: <device>_<date>_<commit>, e.g. h200_2026-11-21_8bdbce1."""
+    device = re.sub(r"[^a-z0-9]+", "-", doc.get("device", "unknown").lower().replace("nvidia", "")).strip("-")
+    return f"{device}_{str(doc.get('date', ''))[:10]}_{str(doc.get('commit', 'unknown'))[:7]}"
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) >= 3 and argv[0] == "merge":
@@ -82,7 +90,11 @@ def main(argv=None) -> int:
         return 0
     if len(argv) == 2 and argv[0] == "winners":
         with open(argv[1]) as f:
-            print(winners(json.load(f)))
+            doc = json.load(f)
+        stem = results_stem(doc)
+        print(winners(doc))
+        print(f"\nCommit this run as benchmarks/results/{stem}.json (this results.json) and "
+              f"benchmarks/results/{stem}.md (this SUITE.md).")
         return 0
     print(__doc__.split("\n\n")[1], file=sys.stderr)
     return 2

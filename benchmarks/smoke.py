@@ -4,7 +4,7 @@ the build (about a minute, most of it Triton's first compile): a backend that is
 real shape shows here before any benchmark is timed.
 
     python benchmarks/smoke.py [--device cuda] [--dtype bfloat16] [--frames 16] [--batch 1]
-                               [--require triton,cuda] [--json smoke.json] [--tiny]
+                               [--require triton,cuda] [--backends ...] [--json smoke.json] [--tiny]
 
 Prints one markdown table (backend, output and gradient errors, verdict) and exits 1 when a
 backend is off by more than the tolerance, raises, or gives NaN/inf, or a --require'd backend
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--require", default="", help="comma-separated backends that must be usable")
+    p.add_argument("--backends", default="", help="comma-separated: check only these (default every usable one)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--tiny", action="store_true", help="a small shape instead of v1.2's")
     args = p.parse_args(argv)
@@ -96,7 +97,8 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
 
     usable = available_backends()
-    backends = [b for b in usable if b != "reference" and BACKENDS[b].refuses_placement(device.type, dtype) is None]
+    backends = [b for b in usable if b != "reference" and BACKENDS[b].refuses_placement(device.type, dtype) is None
+                and (not args.backends or b in args.backends.split(","))]
     problems = [f"{b}: required but not usable here: {BACKENDS[b].why_unusable() or 'refuses ' + str(dtype)}"
                 for b in args.require.split(",") if b and b not in backends]
     q, k, v, dout = inputs(shape, counts, dtype, device)

@@ -4,6 +4,7 @@ step as the real ones would, or hang): what each step is asked to run, at most 6
 the deadline enforced on a step that hangs. The helpers the script calls (smoke.py,
 suite_table.py, suite_env.py) are tested here for real, at small sizes."""
 
+import importlib.util
 import json
 import os
 import re
@@ -150,33 +151,40 @@ def test_deadline_holds_when_a_step_hangs_and_no_gpu_is_a_failure(tmp_path):
     assert re.search(r"^\| tests \| - \| not run: \d+ s left", report, re.M)
 
 
-def test_smoke_script_on_cpu(tmp_path):
-    """The smoke at a small shape on CPU (torch; triton's interpreter off to keep it quick): the
-    errors are measured and within the float32 limits, and a backend that is required but not
-    usable here (cuda) fails the smoke with its reason, after the usable ones ran."""
+def _load(script):
+    """A benchmarks/ script as a module, to call its main() in this process (torch is imported
+    once for the session, not once per subprocess)."""
+    spec = importlib.util.spec_from_file_location(f"_suite_{script}", ROOT / "benchmarks" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_script_on_cpu(tmp_path, capsys):
+    """The smoke at a small shape on CPU (torch only, to keep it quick): the errors are measured
+    and within the float32 limits, and a backend that is required but not usable here (cuda)
+    fails the smoke with its reason, after the usable ones ran."""
     out = tmp_path / "smoke.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "smoke.py"), "--tiny", "--frames", "3",
-                           "--batch", "2", "--json", str(out), "--require", "torch,cuda"],
-                          capture_output=True, text=True, timeout=120, env=dict(env, PYTHONPATH=str(ROOT)), cwd=ROOT)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "cuda: required but not usable here" in proc.stdout
+    code = _load("smoke").main(["--tiny", "--frames", "3", "--batch", "2", "--backends", "torch", "--json", str(out),
+                                "--require", "torch,cuda"])
+    printed = capsys.readouterr().out
+    assert code == 1 and "cuda: required but not usable here" in printed
     doc = json.loads(out.read_text())
     assert [r["backend"] for r in doc["rows"]] == ["torch"]
     row = doc["rows"][0]
     assert row["ok"] and all(0 < row[g] <= 2e-5 for g in ("out", "dq", "dk", "dv")), row
-    assert "| torch |" in proc.stdout and len(doc["problems"]) == 1
+    assert "| torch |" in printed and len(doc["problems"]) == 1
+    assert _load("smoke").main(["--tiny", "--frames", "1", "--backends", "torch", "--require", "torch"]) == 0
 
 
-def test_env_step_without_a_gpu_exits_3_and_writes_the_environment(tmp_path):
+def test_env_step_without_a_gpu_exits_3_and_writes_the_environment(tmp_path, capsys, monkeypatch):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("checks the no-GPU answer")
     env_txt = tmp_path / "env.txt"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "suite_env.py"), str(env_txt)],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                          cwd=ROOT)
-    assert proc.returncode == 3 and proc.stdout == ""
+    monkeypatch.chdir(ROOT)
+    assert _load("suite_env").main([str(env_txt)]) == 3
+    assert capsys.readouterr().out == ""
     text = env_txt.read_text()
     assert "torch sees no CUDA device" in text and "torch " in text and "commit: " in text

@@ -29,7 +29,7 @@
 # Settings (environment): CCAM_SUITE_SECONDS total deadline (default 420, so a device call
 # with timeout_s=480 leaves room for the machine's start-up); CCAM_SUITE_DRY_RUN=1 prints the
 # plan (each step's limit if every step before it used its whole limit) and runs nothing;
-# CCAM_SUITE_SKIP_INSTALL=1 skips the build (a warm machine that has it); MAX_JOBS (default
+# CCAM_SUITE_PYTHON the interpreter (default python3); CCAM_SUITE_SKIP_INSTALL=1 skips the build (a warm machine that has it); MAX_JOBS (default
 # 16) parallel compiles.
 set -uo pipefail
 
@@ -45,6 +45,10 @@ MIN_STEP=$(( BUDGET / 40 )); (( MIN_STEP < 1 )) && MIN_STEP=1
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # resolved against the caller's directory, before the cd below
 cd "$(dirname "$0")/.."
+# Every step imports this tree's ccam_kernels (the env step runs before the install).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The image's python3 holds torch; CCAM_SUITE_PYTHON names another interpreter.
+PYTHON=${CCAM_SUITE_PYTHON:-$(command -v python3 || command -v python || echo python3)}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ccam-gpu-suite.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 SECONDS=0
@@ -115,7 +119,7 @@ publish() {  # SUITE.md and logs.tar.gz in OUT, rewritten after every step (atom
     echo
     echo "## Correctness smoke (v1.2 shape)"
     echo
-    if [ -f "$WORK/smoke.log" ]; then grep -E '^(\||Smoke|cuda|triton|torch|no backend)' "$WORK/smoke.log"; else echo "(not run yet)"; fi
+    if [ -f "$WORK/smoke.log" ]; then grep -E '^(\||Smoke|cuda:|triton:|torch:|no backend)' "$WORK/smoke.log"; else echo "(not run yet)"; fi
     echo
     echo "## Benchmarks: the fastest backend of each row"
     echo
@@ -137,7 +141,7 @@ if [ "$DRY" = 1 ]; then
 fi
 
 # 1. The machine, and the one architecture to build.
-run_step env 30 env-step.log python benchmarks/suite_env.py "$WORK/env.txt"
+run_step env 30 env-step.log "$PYTHON" benchmarks/suite_env.py "$WORK/env.txt"
 ARCH=$( [ -f "$WORK/env.txt" ] && grep -o 'build arch [0-9a-z]*' "$WORK/env.txt" | awk '{print $3}')
 
 # 2. Build: install without network, the CUDA extension when csrc/ holds kernels.
@@ -149,14 +153,14 @@ if [ "${CCAM_SUITE_SKIP_INSTALL:-0}" = 1 ]; then
   CUDA_BUILT=$CUDA_WANTED
 else
   run_step build 150 build.log env CCAM_BUILD_CUDA="$CUDA_WANTED" ${ARCH:+CCAM_CUDA_ARCHS="$ARCH"} MAX_JOBS="${MAX_JOBS:-16}" \
-    python -m pip install --no-build-isolation --no-deps -e .
+    "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
   if [ "$RC" = 0 ]; then CUDA_BUILT=$CUDA_WANTED; fi
 fi
 
 # 3. Correctness smoke; the backends the suite is there to measure must be usable.
 REQUIRE=torch,triton
 if [ "$CUDA_BUILT" = 1 ]; then REQUIRE=$REQUIRE,cuda; fi
-run_step smoke 60 smoke.log python benchmarks/smoke.py --require "$REQUIRE" --json "$WORK/smoke.json"
+run_step smoke 60 smoke.log "$PYTHON" benchmarks/smoke.py --require "$REQUIRE" --json "$WORK/smoke.json"
 
 # 4. The benchmark rows the targets need: two ccam-bench runs (one call's flags multiply).
 bench_minutes() { awk -v s="$1" 'BEGIN { m = (s - 30) / 60; if (m < 0.5) m = 0.5; printf "%.1f", m }'; }
@@ -165,7 +169,7 @@ bench() {  # bench NAME CAP ARGS...
   shift 2
   limit=$(( BUDGET - RESERVE - HOLD - $(elapsed) ))
   (( limit > cap )) && limit=$cap
-  run_step "bench-$name" "$cap" "bench-$name.log" python -m ccam_kernels.bench --device cuda --bench "$name" "$@" \
+  run_step "bench-$name" "$cap" "bench-$name.log" "$PYTHON" -m ccam_kernels.bench --device cuda --bench "$name" "$@" \
     --max-minutes "$(bench_minutes "$limit")" --out "$WORK/bench-$name"
 }
 HOLD=$(( BUDGET / 28 )); (( HOLD > 15 )) && HOLD=15
@@ -179,8 +183,8 @@ for part in "$WORK"/bench-attention/results.json "$WORK"/bench-projector/results
   [ -f "$part" ] && PARTS+=("$part")
 done
 if [ "${#PARTS[@]}" -gt 0 ] || [ "$DRY" = 1 ]; then
-  run_step results 15 results.log bash -c 'python benchmarks/suite_table.py merge "$1/results.json" "${@:3}" &&
-    python benchmarks/suite_table.py winners "$1/results.json" > "$2/winners.md"' _ "$OUT" "$WORK" "${PARTS[@]}"
+  run_step results 15 results.log bash -c '"$0" benchmarks/suite_table.py merge "$1/results.json" "${@:3}" &&
+    "$0" benchmarks/suite_table.py winners "$1/results.json" > "$2/winners.md"' "$PYTHON" "$OUT" "$WORK" "${PARTS[@]}"
 else
   skip_step results "not run: no benchmark run wrote results"
 fi
@@ -188,7 +192,7 @@ fi
 # 6. The rest of the GPU tests. With a CUDA build, the cuda backend's tests must run: a skip
 #    (extension missing) fails them.
 run_step tests 150 tests.log env CCAM_REQUIRE_CUDA_BACKEND="$CUDA_BUILT" \
-  python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_cuda.py --junitxml="$WORK/tests.xml"
+  "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_cuda.py --junitxml="$WORK/tests.xml"
 
 # 7. compute-sanitizer on a small case of the cuda backend: memcheck without the caching
 #    allocator (each tensor its own allocation, so an access past one is seen), then racecheck.
@@ -198,13 +202,13 @@ elif [ "$DRY" != 1 ] && ! command -v compute-sanitizer > /dev/null; then
   skip_step sanitizer "not run: compute-sanitizer is not on the PATH"
 else
   run_step memcheck 60 sanitizer-memcheck.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitize_case.py
+    compute-sanitizer --tool memcheck --error-exitcode 1 "$PYTHON" benchmarks/sanitize_case.py
   run_step racecheck 60 sanitizer-racecheck.log \
-    compute-sanitizer --tool racecheck --error-exitcode 1 python benchmarks/sanitize_case.py
+    compute-sanitizer --tool racecheck --error-exitcode 1 "$PYTHON" benchmarks/sanitize_case.py
 fi
 
 # 8. The Triton kernels' tests, compiled on the GPU, in what is left.
-run_step triton 150 tests-triton.log python -m pytest -q -p no:cacheprovider -m triton tests \
+run_step triton 150 tests-triton.log "$PYTHON" -m pytest -q -p no:cacheprovider -m triton tests \
   --junitxml="$WORK/tests-triton.xml"
 
 if [ "$DRY" = 1 ]; then

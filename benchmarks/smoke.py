@@ -97,10 +97,22 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
 
     usable = available_backends()
-    backends = [b for b in usable if b != "reference" and BACKENDS[b].refuses_placement(device.type, dtype) is None
-                and (not args.backends or b in args.backends.split(","))]
+    # Quickest first: Triton's first compile (and autotuning) takes most of the minute, and
+    # a smoke stopped at its time limit should still have measured the others.
+    backends = sorted((b for b in usable if b != "reference" and BACKENDS[b].refuses_placement(device.type, dtype) is None
+                       and (not args.backends or b in args.backends.split(","))), key=("torch", "cuda", "triton").index)
     problems = [f"{b}: required but not usable here: {BACKENDS[b].why_unusable() or 'refuses ' + str(dtype)}"
                 for b in args.require.split(",") if b and b not in backends]
+    if not backends:
+        problems.append("no backend besides the reference is usable here")
+    shape_text = (f"N={shape['num_query']} H={shape['num_heads']} Hkv={shape['num_kv_heads']} D={shape['head_dim']} "
+                  f"P={P} frames={counts} {str(dtype).replace('torch.', '')} on {device}")
+    # Printed as it goes (flushed): the suite keeps whatever a run stopped at its limit printed.
+    print(f"Smoke ({shape_text}), against the float32 reference; limits {TOLERANCE[dtype]:g} (out), "
+          f"{2 * TOLERANCE[dtype]:g} (grads). Usable backends: {usable}", flush=True)
+    for line in problems:
+        print(line, flush=True)
+    print("\n| backend | out | dq | dk | dv | s | verdict |\n|---|---|---|---|---|---|---|", flush=True)
     q, k, v, dout = inputs(shape, counts, dtype, device)
     start = time.perf_counter()
     want = run("reference", *(x.float() for x in (q, k, v, dout)), counts, P)
@@ -112,27 +124,14 @@ def main(argv=None) -> int:
             errors = [rel_err(g, w) for g, w in zip(got, want)]
             limits = [TOLERANCE[dtype]] + [2 * TOLERANCE[dtype]] * 3
             ok = all(e <= lim for e, lim in zip(errors, limits))
-            rows.append(dict(backend=backend, out=errors[0], dq=errors[1], dk=errors[2], dv=errors[3],
-                             ok=ok, error=None, seconds=time.perf_counter() - t0))
+            row = dict(backend=backend, out=errors[0], dq=errors[1], dk=errors[2], dv=errors[3], ok=ok, error=None,
+                       seconds=time.perf_counter() - t0)
+            print(f"| {backend} | {row['out']:.1e} | {row['dq']:.1e} | {row['dk']:.1e} | {row['dv']:.1e} | "
+                  f"{row['seconds']:.1f} | {'ok' if ok else 'TOO FAR OFF'} |", flush=True)
         except Exception as exc:  # noqa: BLE001 - one broken backend must not hide the others
-            rows.append(dict(backend=backend, ok=False, error=f"{type(exc).__name__}: {exc}",
-                             seconds=time.perf_counter() - t0))
-    shape_text = (f"N={shape['num_query']} H={shape['num_heads']} Hkv={shape['num_kv_heads']} D={shape['head_dim']} "
-                  f"P={P} frames={counts} {str(dtype).replace('torch.', '')} on {device}")
-    print(f"Smoke ({shape_text}), against the float32 reference; limits {TOLERANCE[dtype]:g} (out), "
-          f"{2 * TOLERANCE[dtype]:g} (grads). Usable backends: {usable}\n")
-    print("| backend | out | dq | dk | dv | s | verdict |\n|---|---|---|---|---|---|---|")
-    for r in rows:
-        if r["error"]:
-            print(f"| {r['backend']} | | | | | {r['seconds']:.1f} | ERROR {r['error'][:200]} |")
-        else:
-            print(f"| {r['backend']} | {r['out']:.1e} | {r['dq']:.1e} | {r['dk']:.1e} | {r['dv']:.1e} | "
-                  f"{r['seconds']:.1f} | {'ok' if r['ok'] else 'TOO FAR OFF'} |")
-    for line in problems:
-        print(f"\n{line}")
-    if not rows:
-        problems.append("no backend besides the reference is usable here")
-        print("\nno backend besides the reference is usable here")
+            row = dict(backend=backend, ok=False, error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0)
+            print(f"| {backend} | | | | | {row['seconds']:.1f} | ERROR {row['error'][:300]} |", flush=True)
+        rows.append(row)
     print(f"\n({time.perf_counter() - start:.1f} s)")
     if args.json:
         with open(args.json, "w") as f:

@@ -189,3 +189,15 @@ def test_env_step_without_a_gpu_exits_3_and_writes_the_environment(tmp_path, cap
     assert capsys.readouterr().out == ""
     text = env_txt.read_text()
     assert "torch sees no CUDA device" in text and "torch " in text and "commit: " in text
+
+
+def test_merge_refuses_runs_of_different_commits_and_skips_missing_ones(tmp_path, capsys):
+    table = _load("suite_table")
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(RESULTS))
+    b.write_text(json.dumps(dict(RESULTS, commit="fedcba9876543210")))
+    with pytest.raises(SystemExit, match="differ in commit"):
+        table.merge([str(a), str(b)])
+    merged = table.merge([str(a), str(tmp_path / "missing.json")])
+    assert merged["rows"] == RESULTS["rows"] and "leaving out" in capsys.readouterr().err
+    assert table.results_stem(merged) == "h200_2026-12-01_0123456"

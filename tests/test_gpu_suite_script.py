@@ -88,7 +88,8 @@ def _run_suite(tmp_path, budget=420, **stub_env):
                CCAM_SUITE_PYTHON=str(bin_dir / "python3"),
                STUB_CALLS=str(tmp_path / "calls.txt"), STUB_REAL_PYTHON=sys.executable,
                STUB_RESULTS=str(tmp_path / "fixture.json"), **stub_env)
-    env.pop("CCAM_SUITE_DRY_RUN", None)
+    for name in ("CCAM_SUITE_DRY_RUN", "CCAM_SUITE_SKIP_INSTALL"):
+        env.pop(name, None)
     start = time.monotonic()
     proc = subprocess.run(["bash", str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=120)
     return proc, out, time.monotonic() - start, (tmp_path / "calls.txt").read_text()

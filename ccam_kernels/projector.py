@@ -85,7 +85,8 @@ class CCAMProjector(nn.Module):
     forward(features, split_sizes=None):
         features: (F, P, Cv) frames of all samples, packed, with split_sizes = [T_1 .. T_B]
             (a sequence of ints or an int64 tensor summing to F); or (B, T, P, Cv) with
-            split_sizes=None. dtype and device must match the module's parameters.
+            split_sizes=None. device must match the module's parameters, and dtype too
+            (or, inside torch.autocast, be the autocast dtype).
         returns: (B, N, output_size).
 
     No state beyond the parameters: every call computes the query side (query_norm + q_proj

@@ -1,140 +1,220 @@
 #!/usr/bin/env bash
-# One-command GPU suite: install, build, GPU tests, benchmarks, summary. For a fresh GPU
-# machine with no network (torch, triton, pytest, matplotlib already there).
+# The GPU suite: one call on a lent GPU machine (no network; torch, triton, pytest there) that
+# builds, checks and measures, within a total deadline, and leaves three files:
 #
-#   benchmarks/gpu_suite.sh OUT_DIR [BENCH_MINUTES]
+#   benchmarks/gpu_suite.sh OUT_DIR
 #
-# Writes into OUT_DIR: env.txt (versions, nvidia-smi), install.log, tests.log + tests.xml,
-# sanitizer.log, bench.log, results.json / results.md / summary.md / *.png (ccam-bench),
-# suite.log (step timings), and SUITE.md, the short report, rewritten after every step.
+#   OUT_DIR/SUITE.md      the report: machine, each step's limit and outcome, the smoke table,
+#                         the fastest backend of each benchmark row, test counts; what to commit
+#   OUT_DIR/results.json  the benchmark rows (ccam-bench's format; the suite's runs merged)
+#   OUT_DIR/logs.tar.gz   every log, plot and test report (env.txt, build.log, smoke.log,
+#                         bench-*/ with ccam-bench's outputs, tests*.log/xml, sanitizer logs)
 #
-# Time: the whole call ends within CCAM_SUITE_SECONDS (default 540, inside the device tool's
-# 10-minute limit). Install 60 s (240 s when csrc/ has kernels: the CUDA extension is built),
-# GPU tests CCAM_GPU_TEST_SECONDS (default 150), compute-sanitizer memcheck + racecheck on a
-# small case of the cuda backend (60 s each, when the extension and the tool are there), then
-# the benchmarks get what is left: BENCH_MINUTES (default 5) or less, as ccam-bench's budget
-# (repeats shrink, then cases become "skipped" rows), with a hard stop 90 s later (finished
-# cases are on disk). CCAM_SUITE_BENCH_ARGS replaces the benchmark sweep,
-# CCAM_SUITE_SKIP_INSTALL=1 skips the install, CCAM_SUITE_REQUIRE_GPU=0 the GPU check (all
-# three for the CPU test of this script); MAX_JOBS (default 16) limits the build. Every step
-# runs even if an earlier one failed (a failing test does not hide the benchmark numbers);
-# the exit status is that of the first failed step.
+# All three are rewritten after every step, so a call cut short still brings back what ran.
+# Steps, in order of the evidence they give per minute (each under `timeout`, its limit the
+# smaller of its cap and what is left before the deadline; a step with too little time left
+# is reported as not run):
+#   env       versions, GPU, the one architecture to build (benchmarks/suite_env.py)
+#   build     pip install -e . with the CUDA extension for that architecture only
+#   smoke     every backend at the v1.2 shape, forward and backward (benchmarks/smoke.py)
+#   bench     attention fwd, bwd at 96 and 16 frames, B 1 and 8; projector fwd, fwd+bwd at
+#             96 frames (ccam-bench, its --max-minutes sized from the limit)
+#   results   merge the bench runs, table the winners (benchmarks/suite_table.py)
+#   tests     tests/test_gpu.py and tests/test_cuda.py
+#   sanitizer compute-sanitizer memcheck and racecheck on benchmarks/sanitize_case.py
+#   triton    the triton-marked tests, compiled on the GPU, in what time is left
+# Every step runs even if an earlier one failed (a failing test does not hide the benchmark
+# numbers); the exit status is that of the first failed step.
+#
+# Settings (environment): CCAM_SUITE_SECONDS total deadline (default 420, so a device call
+# with timeout_s=480 leaves room for the machine's start-up); CCAM_SUITE_DRY_RUN=1 prints the
+# plan (each step's limit if every step before it used its whole limit) and runs nothing;
+# CCAM_SUITE_PYTHON the interpreter (default python3); CCAM_SUITE_SKIP_INSTALL=1 skips the build (a warm machine that has it); MAX_JOBS (default
+# 16) parallel compiles.
 set -uo pipefail
 
-OUT=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR [BENCH_MINUTES]}
-MINUTES=${2:-5}
-TEST_SECONDS=${CCAM_GPU_TEST_SECONDS:-150}
-SUITE_SECONDS=${CCAM_SUITE_SECONDS:-540}
+OUT=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}
+BUDGET=${CCAM_SUITE_SECONDS:-420}
+DRY=${CCAM_SUITE_DRY_RUN:-0}
+GRACE=5  # after its limit a step gets TERM, and KILL this much later
+# Kept free at the end for the last report and archive and a killed step's grace; and the
+# least time worth starting a step with. Both scale down for short budgets (the CPU test).
+RESERVE=$(( BUDGET / 20 )); (( RESERVE > 20 )) && RESERVE=20; (( RESERVE < 2 )) && RESERVE=2
+MIN_STEP=$(( BUDGET / 40 )); (( MIN_STEP < 1 )) && MIN_STEP=1
+
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # resolved against the caller's directory, before the cd below
 cd "$(dirname "$0")/.."
-T0=$(date +%s)
+# Every step imports this tree's ccam_kernels (the env step runs before the install).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The image's python3 holds torch; CCAM_SUITE_PYTHON names another interpreter.
+PYTHON=${CCAM_SUITE_PYTHON:-$(command -v python3 || command -v python || echo python3)}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/ccam-gpu-suite.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+SECONDS=0
+SIM=0  # the dry run's clock
+HOLD=0  # seconds a step leaves to the steps after it (the benchmarks leave the merge its time)
 STATUS=0
 STEPS=()
 
-say() { echo "[gpu-suite +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/suite.log" >&2; }
-report() {  # SUITE.md, rewritten after every step: a call cut short still leaves one
+elapsed() { if [ "$DRY" = 1 ]; then echo "$SIM"; else echo "$SECONDS"; fi; }
+say() { [ "$DRY" = 1 ] || echo "[gpu-suite +${SECONDS}s] $*" | tee -a "$WORK/suite.log" >&2; }
+
+# run_step NAME CAP LOG COMMAND...: run COMMAND under its limit, output to $WORK/LOG; sets RC
+# (-1 when not run) and LIMIT.
+run_step() {
+  local name=$1 cap=$2 log=$3 start outcome
+  shift 3
+  LIMIT=$(( BUDGET - RESERVE - HOLD - $(elapsed) ))
+  (( LIMIT > cap )) && LIMIT=$cap
+  if (( LIMIT < MIN_STEP )); then
+    skip_step "$name" "not run: $(( LIMIT < 0 ? 0 : LIMIT )) s left before the deadline"
+    return
+  fi
+  if [ "$DRY" = 1 ]; then
+    SIM=$(( SIM + LIMIT + GRACE ))
+    printf 'step %-16s limit %4d s (cap %4d s), done by %4d s at the latest\n' "$name" "$LIMIT" "$cap" "$SIM"
+    RC=0
+    return
+  fi
+  say "$name (limit ${LIMIT} s): $*"
+  start=$SECONDS
+  timeout --kill-after="$GRACE" "$LIMIT" "$@" > "$WORK/$log" 2>&1
+  RC=$?
+  case $RC in
+    0) outcome=ok ;;
+    124 | 137) outcome="TIMED OUT (limit ${LIMIT} s)" ;;
+    *) outcome="FAILED (exit $RC)" ;;
+  esac
+  if [ "$RC" -ne 0 ] && [ "$STATUS" -eq 0 ]; then STATUS=$RC; fi
+  STEPS+=("| $name | $LIMIT | $outcome | $(( SECONDS - start )) | $SECONDS |")
+  say "$name: $outcome"
+  publish
+}
+
+skip_step() {  # skip_step NAME WHY
+  RC=-1
+  if [ "$DRY" = 1 ]; then printf 'step %-16s %s\n' "$1" "$2"; return; fi
+  STEPS+=("| $1 | - | $2 | - | $SECONDS |")
+  say "$1: $2"
+  publish
+}
+
+summary() {  # summary LOG PATTERN: the last line of LOG matching PATTERN (a tool's verdict)
+  if [ ! -f "$WORK/$1" ]; then echo "not run"; return; fi
+  grep -E "$2" "$WORK/$1" | tail -n 1 | grep . || echo "no summary line (see $1)"
+}
+
+publish() {  # SUITE.md and logs.tar.gz in OUT, rewritten after every step (atomically)
   {
     echo "# GPU suite"
     echo
-    sed -n '1,7p' "$OUT/env.txt" 2>/dev/null | sed 's/^/    /'
+    sed -n '1,6p' "$WORK/env.txt" 2>/dev/null | sed 's/^/    /'
     echo
-    echo "| step | outcome | at |"
-    echo "|---|---|---|"
+    echo "Deadline ${BUDGET} s; ${SECONDS} s so far; exit status so far ${STATUS}."
+    echo
+    echo "| step | limit s | outcome | took s | at s |"
+    echo "|---|---|---|---|---|"
     printf '%s\n' "${STEPS[@]}"
     echo
-    if [ -f "$OUT/tests.log" ]; then
-      echo "Tests: $(grep -Eo '[0-9]+ (passed|failed|skipped|error)[^=]*' "$OUT/tests.log" | tail -n 1)"
-      echo
-    fi
-    if [ -f "$OUT/summary.md" ]; then cat "$OUT/summary.md"; else echo "(no benchmark summary yet: see bench.log)"; fi
-  } > "$OUT/SUITE.md"
-}
-step() {  # step NAME RC
-  STEPS+=("| $1 | $([ "$2" -eq 0 ] && echo ok || echo "FAILED (exit $2)") | $(( $(date +%s) - T0 )) s |")
-  if [ "$2" -ne 0 ] && [ "$STATUS" -eq 0 ]; then STATUS=$2; fi
-  say "$1: exit $2"
-  report
+    echo "## Correctness smoke (v1.2 shape)"
+    echo
+    if [ -f "$WORK/smoke.log" ]; then grep -E '^(\||Smoke|cuda:|triton:|torch:|no backend)' "$WORK/smoke.log"; else echo "(not run yet)"; fi
+    echo
+    echo "## Benchmarks: the fastest backend of each row"
+    echo
+    if [ -f "$WORK/winners.md" ]; then cat "$WORK/winners.md"; else echo "(no results yet: see bench-*.log)"; fi
+    echo
+    echo "## Tests"
+    echo
+    echo "- tests/test_gpu.py, tests/test_cuda.py: $(summary tests.log '[0-9]+ (passed|failed|error|skipped)')"
+    echo "- compute-sanitizer: memcheck $(summary sanitizer-memcheck.log 'ERROR SUMMARY'); racecheck $(summary sanitizer-racecheck.log 'ERROR SUMMARY|RACECHECK SUMMARY')"
+    echo "- triton-marked tests: $(summary tests-triton.log '[0-9]+ (passed|failed|error|skipped)')"
+    echo
+    echo "Every log, plot and test report is in logs.tar.gz."
+  } > "$OUT/SUITE.md.tmp" && mv "$OUT/SUITE.md.tmp" "$OUT/SUITE.md"
+  tar -czf "$OUT/logs.tar.gz.tmp" -C "$WORK" . && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"
 }
 
-# 1. What machine and software this is.
-{
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (dirty tree)')"
-  python - <<'EOF'
-import sys, torch
-print("python", sys.version.split()[0])
-print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
-try:
-    import triton
-    print("triton", triton.__version__)
-except ImportError:
-    print("triton: not installed")
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    print("gpu", p.name, f"{p.total_memory / 2**30:.0f} GiB", f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs")
-else:
-    print("gpu: torch sees no CUDA device")
-EOF
-  echo "C compiler (Triton needs one): $(command -v gcc || command -v cc || echo NONE)"
-  nvidia-smi 2>&1 || echo "nvidia-smi: not available"
-} > "$OUT/env.txt" 2>&1
-say "environment written to env.txt"
+if [ "$DRY" = 1 ]; then
+  echo "plan: deadline ${BUDGET} s, ${RESERVE} s kept for the report, steps need at least ${MIN_STEP} s, kill grace ${GRACE} s"
+fi
 
-# 2. Install (no build isolation, no dependencies: the machine has no network). The CUDA
-#    extension is built, and must build, when csrc/ holds kernels.
-if find csrc -name '*.cu' 2>/dev/null | grep -q .; then export CCAM_BUILD_CUDA=1; else export CCAM_BUILD_CUDA=0; fi
-export MAX_JOBS=${MAX_JOBS:-16}
+# 1. The machine, and the one architecture to build.
+run_step env 30 env-step.log "$PYTHON" benchmarks/suite_env.py "$WORK/env.txt"
+ARCH=$( [ -f "$WORK/env.txt" ] && grep -o 'build arch [0-9a-z]*' "$WORK/env.txt" | awk '{print $3}')
+
+# 2. Build: install without network, the CUDA extension when csrc/ holds kernels.
+CUDA_WANTED=0
+if find csrc -name '*.cu' 2>/dev/null | grep -q .; then CUDA_WANTED=1; fi
+CUDA_BUILT=0
 if [ "${CCAM_SUITE_SKIP_INSTALL:-0}" = 1 ]; then
-  say "install skipped (CCAM_SUITE_SKIP_INSTALL=1)"
+  skip_step build "skipped (CCAM_SUITE_SKIP_INSTALL=1)"
+  CUDA_BUILT=$CUDA_WANTED
 else
-  say "installing (CCAM_BUILD_CUDA=$CCAM_BUILD_CUDA) ..."
-  timeout "$([ "$CCAM_BUILD_CUDA" = 1 ] && echo 240 || echo 60)" \
-    python -m pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1
-  step "install (CCAM_BUILD_CUDA=$CCAM_BUILD_CUDA)" $?
-fi
-python -c "import ccam_kernels; print('usable backends:', ccam_kernels.available_backends())" >> "$OUT/env.txt" 2>&1
-
-# 3. The GPU tests (marked gpu, and the Triton kernels' tests, compiled there), with a hard time limit. Without a visible GPU they would all
-#    skip and pass: that is a failed step here, not a green one.
-if [ "${CCAM_SUITE_REQUIRE_GPU:-1}" = 1 ]; then
-  python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)"
-  step "torch sees a CUDA device" $?
-fi
-say "GPU tests (limit ${TEST_SECONDS} s) ..."
-# With a CUDA build, the cuda backend's tests must run: a skip (extension missing) fails them.
-CCAM_REQUIRE_CUDA_BACKEND=$CCAM_BUILD_CUDA timeout "$TEST_SECONDS" python -m pytest -q -m "gpu or triton" tests --junitxml="$OUT/tests.xml" \
-  -p no:cacheprovider > "$OUT/tests.log" 2>&1
-step "GPU tests (pytest -m 'gpu or triton')" $?
-tail -n 3 "$OUT/tests.log" | sed 's/^/    /' >&2
-
-# 4. compute-sanitizer on a small case of the cuda backend (every tile cut short): memcheck
-#    without the caching allocator (each tensor its own allocation), then racecheck.
-if [ "$CCAM_BUILD_CUDA" = 1 ] && command -v compute-sanitizer > /dev/null; then
-  : > "$OUT/sanitizer.log"
-  for tool in memcheck racecheck; do
-    say "compute-sanitizer --tool $tool ..."
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 60 compute-sanitizer --tool "$tool" --error-exitcode 1 \
-      python benchmarks/sanitize_case.py >> "$OUT/sanitizer.log" 2>&1
-    step "compute-sanitizer $tool (cuda backend)" $?
-  done
-elif [ "$CCAM_BUILD_CUDA" = 1 ]; then
-  say "compute-sanitizer not found: sanitizer step not run"
-  STEPS+=("| compute-sanitizer | not run: the tool is not on the PATH | $(( $(date +%s) - T0 )) s |")
+  run_step build 150 build.log env CCAM_BUILD_CUDA="$CUDA_WANTED" ${ARCH:+CCAM_CUDA_ARCHS="$ARCH"} MAX_JOBS="${MAX_JOBS:-16}" \
+    "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
+  if [ "$RC" = 0 ]; then CUDA_BUILT=$CUDA_WANTED; fi
 fi
 
-# 5. The benchmark suite: our backends and every anchor, the ceilings measured in the run,
-#    in the time left (the hard stop ends the call inside SUITE_SECONDS).
-LEFT=$(( SUITE_SECONDS - ($(date +%s) - T0) - 20 ))
-MINUTES=$(awk -v m="$MINUTES" -v left="$LEFT" 'BEGIN { b = (left - 90) / 60; if (b > m) b = m; if (b < 0.5) b = 0.5; printf "%.1f", b }')
-say "benchmarks (budget ${MINUTES} min, ${LEFT} s left) ..."
-BENCH_ARGS=${CCAM_SUITE_BENCH_ARGS:-"--device cuda --bench attention,projector --pass fwd,fwd+bwd,bwd --frames 96,16,64,32 --batch 1,8 --ragged 16,96,33,64"}
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
-HARD_LIMIT=$(awk -v m="$MINUTES" 'BEGIN { printf "%d", m * 60 + 90 }')
-timeout "$HARD_LIMIT" python -m ccam_kernels.bench $BENCH_ARGS \
-  --max-minutes "$MINUTES" --out "$OUT" > "$OUT/bench.log" 2>&1
-step "ccam-bench" $?
+# 3. Correctness smoke; the backends the suite is there to measure must be usable.
+REQUIRE=torch,triton
+if [ "$CUDA_BUILT" = 1 ]; then REQUIRE=$REQUIRE,cuda; fi
+run_step smoke 60 smoke.log "$PYTHON" benchmarks/smoke.py --require "$REQUIRE" --json "$WORK/smoke.json"
 
-# 6. The short report.
-report
-say "done in $(( $(date +%s) - T0 )) s; report: $OUT/SUITE.md"
+# 4. The benchmark rows the targets need: two ccam-bench runs (one call's flags multiply).
+bench_minutes() { awk -v s="$1" 'BEGIN { m = (s - 30) / 60; if (m < 0.5) m = 0.5; printf "%.1f", m }'; }
+bench() {  # bench NAME CAP ARGS...
+  local name=$1 cap=$2 limit
+  shift 2
+  limit=$(( BUDGET - RESERVE - HOLD - $(elapsed) ))
+  (( limit > cap )) && limit=$cap
+  run_step "bench-$name" "$cap" "bench-$name.log" "$PYTHON" -m ccam_kernels.bench --device cuda --bench "$name" "$@" \
+    --max-minutes "$(bench_minutes "$limit")" --out "$WORK/bench-$name"
+}
+HOLD=$(( BUDGET / 28 )); (( HOLD > 15 )) && HOLD=15
+bench attention 120 --pass fwd,bwd --frames 96,16 --batch 1,8
+bench projector 60 --pass fwd,fwd+bwd --frames 96 --batch 1
+HOLD=0
+
+# 5. One results.json, and which backend won each row.
+PARTS=()
+for part in "$WORK"/bench-attention/results.json "$WORK"/bench-projector/results.json; do
+  [ -f "$part" ] && PARTS+=("$part")
+done
+if [ "${#PARTS[@]}" -gt 0 ] || [ "$DRY" = 1 ]; then
+  run_step results 15 results.log bash -c '"$0" benchmarks/suite_table.py merge "$1/results.json" "${@:3}" &&
+    "$0" benchmarks/suite_table.py winners "$1/results.json" > "$2/winners.md"' "$PYTHON" "$OUT" "$WORK" "${PARTS[@]}"
+else
+  skip_step results "not run: no benchmark run wrote results"
+fi
+
+# 6. The rest of the GPU tests. With a CUDA build, the cuda backend's tests must run: a skip
+#    (extension missing) fails them.
+run_step tests 150 tests.log env CCAM_REQUIRE_CUDA_BACKEND="$CUDA_BUILT" \
+  "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_cuda.py --junitxml="$WORK/tests.xml"
+
+# 7. compute-sanitizer on a small case of the cuda backend: memcheck without the caching
+#    allocator (each tensor its own allocation, so an access past one is seen), then racecheck.
+if [ "$CUDA_BUILT" != 1 ]; then
+  skip_step sanitizer "not run: no CUDA extension built"
+elif [ "$DRY" != 1 ] && ! command -v compute-sanitizer > /dev/null; then
+  skip_step sanitizer "not run: compute-sanitizer is not on the PATH"
+else
+  run_step memcheck 60 sanitizer-memcheck.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    compute-sanitizer --tool memcheck --error-exitcode 1 "$PYTHON" benchmarks/sanitize_case.py
+  run_step racecheck 60 sanitizer-racecheck.log \
+    compute-sanitizer --tool racecheck --error-exitcode 1 "$PYTHON" benchmarks/sanitize_case.py
+fi
+
+# 8. The Triton kernels' tests, compiled on the GPU, in what is left.
+run_step triton 150 tests-triton.log "$PYTHON" -m pytest -q -p no:cacheprovider -m triton tests \
+  --junitxml="$WORK/tests-triton.xml"
+
+if [ "$DRY" = 1 ]; then
+  echo "plan ends by ${SIM} s at the latest (deadline ${BUDGET} s)"
+  exit 0
+fi
+say "done in ${SECONDS} s (exit status ${STATUS}); report: $OUT/SUITE.md"
+publish
 exit "$STATUS"

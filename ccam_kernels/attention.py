@@ -1,7 +1,8 @@
 """``ccam_attention``: argument checks, then dispatch to a backend.
 
 Backends register here with a function and a reason they cannot run (None when usable).
-"auto" takes the first usable one in the order of AUTO_ORDER that supports the inputs.
+"auto" takes the first usable one that supports the inputs, in the order of
+backends/device_order.py for the inputs' device (on GPUs, per compute capability).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from .checks import ALL_DTYPES, KERNEL_DTYPES, AttentionProblem, check_attention
 from .backends.attention_ops import autocast_inputs
 from .backends.reference import ccam_attention_reference
 from .backends.torch_prefix import ccam_attention_torch
-from .backends import cuda_backend, tiling, triton_backend
+from .backends import cuda_backend, device_order, tiling, triton_backend
 
 __all__ = ["ccam_attention", "available_backends", "BACKENDS"]
 
@@ -76,14 +77,14 @@ BACKENDS = {
                     refuses_inputs=tiling.refuses_head_dim,
                     refuses_dtype_on=cuda_backend.refuses_dtype_on),
 }
-AUTO_ORDER = ("cuda", "triton", "torch")
 
 
 def available_backends() -> list[str]:
-    """Backends usable on this machine, in "auto" preference order, then "reference".
+    """Backends usable on this machine, in "auto" preference order (for the current CUDA device
+    when there is one), then "reference".
     ("triton" counts as usable on CPU under TRITON_INTERPRET=1, for tests; "auto" still never
     picks it for CPU tensors.)"""
-    usable = [name for name in AUTO_ORDER if BACKENDS[name].why_unusable() is None]
+    usable = [name for name in device_order.auto_order() if BACKENDS[name].why_unusable() is None]
     return usable + ["reference"]
 
 
@@ -93,7 +94,7 @@ def resolve_backend(backend: str, q: torch.Tensor, problem: AttentionProblem) ->
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend == "auto":
         reasons = []
-        for name in AUTO_ORDER:
+        for name in device_order.auto_order(q.device):
             why = BACKENDS[name].refuses(q, problem, auto=True)
             if why is None:
                 return BACKENDS[name]

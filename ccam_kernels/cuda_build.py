@@ -8,7 +8,8 @@
 The check needs nvcc only, not a GPU nor a CUDA build of torch: it compiles, and never links
 (torch's CPU build has no CUDA libraries to link against). The kernel files include no torch
 header, so each compiles in seconds; the host file (ccam_attention.cpp) compiles against
-torch's headers. `--arch 80,90a` picks the architectures, `--jobs N` the parallel compiles.
+torch's headers. `--arch 80,90a` picks the architectures (machine code for each, and PTX of
+the oldest plain one for newer GPUs: gencode_flags), `--jobs N` the parallel compiles.
 The installed build is setup.py's (CCAM_BUILD_CUDA=1, see the README); the JIT build is for
 development. Both need a source checkout (csrc/ is not part of the installed package).
 """
@@ -49,7 +50,23 @@ def host_sources() -> list[pathlib.Path]:
 
 
 def gencode_flags(archs) -> list[str]:
-    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    """Machine code for each arch, plus PTX of the oldest plain (not "a"/"f") one, which the
+    driver compiles for GPUs newer than every listed arch (sm_100, sm_120 for the default
+    list) instead of failing with "no kernel image". The kernels use no arch-specific
+    instruction, so PTX for sm_80 is the same code. That PTX is the front end's output for
+    its machine code anyway, so embedding it costs no extra compile pass."""
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    plain = [a for a in archs if a.isdigit()]
+    if plain:
+        oldest = min(plain, key=int)
+        flags.append(f"-gencode=arch=compute_{oldest},code=compute_{oldest}")
+    return flags
+
+
+def arch_for_capability(major: int, minor: int) -> str:
+    """The one arch to build for a GPU of this compute capability (the GPU suite builds only
+    that): sm_90a on Hopper, as in DEFAULT_ARCHS, else the plain sm_XY."""
+    return "90a" if (major, minor) == (9, 0) else f"{major}{minor}"
 
 
 def parse_archs(text: str | None) -> tuple[str, ...]:

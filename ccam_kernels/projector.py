@@ -50,6 +50,13 @@ class CCAMMLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(u)) * self.up_proj(u))
 
 
+def _autocast_dtype(device_type: str):
+    """The dtype torch.autocast runs for tensors of this device type, or None outside it."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 _DROPOUT_WARNED = False
 
 
@@ -78,14 +85,18 @@ class CCAMProjector(nn.Module):
     forward(features, split_sizes=None):
         features: (F, P, Cv) frames of all samples, packed, with split_sizes = [T_1 .. T_B]
             (a sequence of ints or an int64 tensor summing to F); or (B, T, P, Cv) with
-            split_sizes=None. dtype and device must match the module's parameters.
+            split_sizes=None. device must match the module's parameters, and dtype too
+            (or, inside torch.autocast, be the autocast dtype).
         returns: (B, N, output_size).
 
-    In eval mode the query side (query_norm + q_proj of the learnable queries) does not depend
-    on the input; it is computed once and reused until one of its parameters changes (in place
-    too: optimizer steps and load_state_dict are seen) or the module moves device or dtype.
-    Changes are seen through each tensor's version counter, which writes through ``p.data``
-    bypass: after such a write call :meth:`invalidate_query_cache`.
+    No state beyond the parameters: every call computes the query side (query_norm + q_proj
+    of the learnable queries, 2*N*C^2 FLOPs, well under 1% of a forward) and reads W_k and W_v
+    as they are, so an output never depends on what ran before (optimizer steps of any kind,
+    load_state_dict, replaced parameters, writes through ``p.data``, dtype round trips).
+
+    Under ``torch.autocast`` the features may also be in the autocast dtype (bf16 features
+    into a float32 module under ``autocast("cpu", torch.bfloat16)``); the projections and the
+    attention then run in that dtype, as autocast decides for each op.
     """
 
     def __init__(self, config: CCAMConfig | dict = None, backend="auto"):
@@ -112,54 +123,24 @@ class CCAMProjector(nn.Module):
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.output_size, bias=True)
         self.dropout = nn.Dropout(cfg.dropout)
         nn.init.normal_(self.query, std=0.02)
-        self._query_cache = None  # (key, (N, H, D) tensor); never part of the state_dict
-        self._kv_cache = None  # (key, ([W_k; W_v], [b_k; b_v])) for the fused projection, eval only
 
     # -- query side ------------------------------------------------------------------------
 
-    def _query_side_params(self):
-        return (self.query, self.query_norm.weight, self.query_norm.bias, *self.attn.q_proj.parameters())
-
-    @staticmethod
-    def _cache_key(tensors):
-        """Identifies the contents of ``tensors`` for the eval-mode caches: address, version
-        counter, dtype, device. An inference tensor has no version counter; it also cannot be
-        changed in place outside inference mode, so its address identifies it well enough."""
-        params = tuple(
-            (p.data_ptr(), None if p.is_inference() else p._version, p.dtype, p.device)
-            for p in tensors
-            if p is not None
-        )
-        return params + (torch.is_inference_mode_enabled(),)
-
-    def _apply(self, fn, *args, **kwargs):
-        # .to() / .half() / .cuda() replace parameter storage; a freed address can be reused
-        # by the new storage with the old version count, so forget the cache outright.
-        self._query_cache = None
-        self._kv_cache = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def _compute_query_states(self) -> torch.Tensor:
+    def query_states(self) -> torch.Tensor:
+        """(N, H, D): q_proj(query_norm(query)), computed on every call (nothing is cached)."""
         cfg = self.config
         q = self.attn.q_proj(self.query_norm(self.query))
         return q.view(cfg.num_query, cfg.num_heads, cfg.head_dim)
 
     def invalidate_query_cache(self) -> None:
-        """Forget the cached query side and fused K/V weights (needed only after writes
-        through ``param.data``)."""
-        self._query_cache = None
-        self._kv_cache = None
-
-    def query_states(self) -> torch.Tensor:
-        """(N, H, D): q_proj(query_norm(query)), cached in eval mode when no gradient is needed."""
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._query_side_params())
-        if self.training or needs_grad:
-            return self._compute_query_states()
-        key = self._cache_key(self._query_side_params())
-        if self._query_cache is None or self._query_cache[0] != key:
-            with torch.no_grad():
-                self._query_cache = (key, self._compute_query_states())
-        return self._query_cache[1]
+        """Deprecated no-op, kept so that code written for earlier versions still runs: the
+        projector no longer caches anything, so there is nothing to invalidate."""
+        warnings.warn(
+            "CCAMProjector.invalidate_query_cache() does nothing: the projector keeps no cache "
+            "(every forward reads the parameters as they are); remove the call",
+            DeprecationWarning,
+            stacklevel=2,
+        )
 
     # -- forward ---------------------------------------------------------------------------
 
@@ -195,8 +176,11 @@ class CCAMProjector(nn.Module):
         if min(features.shape) < 1:
             raise ValueError(f"features must not be empty, got shape {tuple(features.shape)}")
         param = self.query
-        if features.dtype != param.dtype:
-            raise ValueError(f"features dtype must match the module's ({param.dtype}), got {features.dtype}")
+        if features.dtype != param.dtype and features.dtype != _autocast_dtype(features.device.type):
+            raise ValueError(
+                f"features dtype must match the module's ({param.dtype}), or the autocast dtype inside "
+                f"torch.autocast, got {features.dtype}"
+            )
         if features.device != param.device:
             raise ValueError(f"features device must match the module's ({param.device}), got {features.device}")
         return features, split_sizes
@@ -207,26 +191,9 @@ class CCAMProjector(nn.Module):
         own placement rules."""
         if callable(self.backend) or self.backend not in ("triton", "auto"):
             return False
-        return BACKENDS["triton"].refuses_placement(x.device.type, x.dtype, auto=self.backend == "auto") is None
-
-    def _kv_weight(self):
-        """[W_k; W_v] and [b_k; b_v] for the fused kernel. A few MB: rebuilt per call when
-        gradients may flow, cached (like the query side) in eval mode without grad."""
-        kp, vp = self.attn.k_proj, self.attn.v_proj
-        tensors = [t for t in (kp.weight, vp.weight, kp.bias, vp.bias) if t is not None]
-
-        def build():
-            weight = torch.cat([kp.weight, vp.weight])
-            bias = torch.cat([kp.bias, vp.bias]) if kp.bias is not None else weight.new_zeros(weight.shape[0])
-            return weight, bias
-
-        if self.training or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-            return build()
-        key = self._cache_key(tensors)
-        if self._kv_cache is None or self._kv_cache[0] != key:
-            with torch.no_grad():
-                self._kv_cache = (key, build())
-        return self._kv_cache[1]
+        # Under autocast the projections (and so the attention) run in the autocast dtype.
+        dtype = _autocast_dtype(x.device.type) or x.dtype
+        return BACKENDS["triton"].refuses_placement(x.device.type, dtype, auto=self.backend == "auto") is None
 
     def _keys_values(self, x: torch.Tensor):
         """(M, Cv) packed features -> k, v (M, Hkv, D): LayerNorm, then the K and V projections."""
@@ -237,9 +204,9 @@ class CCAMProjector(nn.Module):
             return self.attn.k_proj(z).view(shape), self.attn.v_proj(z).view(shape)
         from .backends.triton_projection import layernorm_kv
 
-        weight, bias = self._kv_weight()
-        kv = layernorm_kv(x, self.feature_norm.weight, self.feature_norm.bias, weight, bias, self.feature_norm.eps)
-        width = self.attn.k_proj.weight.shape[0]
+        kp, vp, norm = self.attn.k_proj, self.attn.v_proj, self.feature_norm
+        kv = layernorm_kv(x, norm.weight, norm.bias, kp.weight, vp.weight, kp.bias, vp.bias, norm.eps)
+        width = kp.weight.shape[0]
         # Halves of the (M, 2C) result viewed in place: rows of stride 2C, what the kernels read.
         return kv[:, :width].view(shape), kv[:, width:].view(shape)
 

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from . import tiling
+from .. import cuda_archs
 from .attention_ops import define_attention_ops
 
 # Tile sizes of the kernels, as in csrc/ccam/params.h and fwd.cuh (a test checks they agree):
@@ -67,7 +68,8 @@ def why_unusable() -> Optional[str]:
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
         return f"its mma.sync kernels need an sm_80 or newer GPU, got sm_{major}{minor}"
-    return None
+    # A GPU the build has neither machine code nor PTX for would fail at the first launch.
+    return cuda_archs.why_not_built_for((major, minor))
 
 
 def refuses_dtype_on(device_type: str, dtype: torch.dtype) -> Optional[str]:

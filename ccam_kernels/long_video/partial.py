@@ -222,6 +222,21 @@ def _lse_fold(lse: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return lse.view(num_kv_heads, g, n).permute(0, 2, 1).reshape(num_kv_heads, n * g)
 
 
+def _merge_blocks_into(qf, k, v, problem: PartialProblem, b: int, engine, o_acc, lse):
+    """Merge sample b's blocks into its running folded state, in place: o_acc (Hkv, N*G, D),
+    lse (Hkv, N*G), both in the accumulation dtype; (0, -inf) is the empty state."""
+    acc = o_acc.dtype
+    for rows, keys, mask in _walk(problem, b, qf.device):
+        o_blk, lse_blk = engine.forward(
+            qf[:, rows], k[keys].transpose(0, 1), v[keys].transpose(0, 1), mask, problem.scale, None
+        )
+        lse_blk = lse_blk.to(acc)
+        # w = exp(lse_blk) / (exp(lse_old) + exp(lse_blk)); exactly 1 when lse_old = -inf.
+        w = torch.sigmoid(lse_blk - lse[:, rows])
+        o_acc[:, rows].lerp_(o_blk.to(acc), w[..., None])
+        lse[:, rows] = torch.logaddexp(lse[:, rows], lse_blk)
+
+
 def _partial_forward(q, k, v, problem: PartialProblem, engine):
     B, N, H, D = len(problem.frame_counts), problem.num_query, problem.num_heads, problem.head_dim
     Hkv = problem.num_kv_heads
@@ -232,18 +247,38 @@ def _partial_forward(q, k, v, problem: PartialProblem, engine):
         qf = _fold(q if problem.shared_query else q[b], Hkv)
         o_acc = torch.zeros(Hkv, qf.shape[1], D, dtype=acc, device=q.device)
         lse = torch.full((Hkv, qf.shape[1]), float("-inf"), dtype=acc, device=q.device)
-        for rows, keys, mask in _walk(problem, b, q.device):
-            o_blk, lse_blk = engine.forward(
-                qf[:, rows], k[keys].transpose(0, 1), v[keys].transpose(0, 1), mask, problem.scale, None
-            )
-            lse_blk = lse_blk.to(acc)
-            # w = exp(lse_blk) / (exp(lse_old) + exp(lse_blk)); exactly 1 when lse_old = -inf.
-            w = torch.sigmoid(lse_blk - lse[:, rows])
-            o_acc[:, rows].lerp_(o_blk.to(acc), w[..., None])
-            lse[:, rows] = torch.logaddexp(lse[:, rows], lse_blk)
+        _merge_blocks_into(qf, k, v, problem, b, engine, o_acc, lse)
         out[b] = _unfold(o_acc, N)
         lse_out[b] = _lse_unfold(lse, N)
     return out, lse_out
+
+
+class RunningPartial:
+    """The running (out, LSE) of one video's queries over the frame ranges added so far,
+    merged in place block by block (torch backend, no autograd): what a stream keeps.
+
+    q: (N, H, D). ``add(k, v, total_frames, tokens_per_frame, (f0, f1))`` takes the keys of
+    frames [f0, f1); ``result()`` -> (out (1, N, H, D), lse (1, H, N)) in the accumulation dtype.
+    """
+
+    def __init__(self, q: torch.Tensor, num_kv_heads: int):
+        self.q = q if q.stride(-1) == 1 else q.contiguous()
+        self.num_kv_heads = num_kv_heads
+        self.qf = _fold(self.q, num_kv_heads)
+        acc = accumulate_dtype(q.dtype)
+        self.out = torch.zeros(num_kv_heads, self.qf.shape[1], q.shape[-1], dtype=acc, device=q.device)
+        self.lse = torch.full(self.out.shape[:2], float("-inf"), dtype=acc, device=q.device)
+        self.engine = choose_engine(q.device, 0.0)
+
+    def add(self, k, v, total_frames: int, tokens_per_frame: int, frame_range) -> None:
+        problem = check_partial_args(self.q, k, v, (total_frames,), tokens_per_frame, [frame_range], None)
+        k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+        with torch.no_grad():
+            _merge_blocks_into(self.qf, k, v, problem, 0, self.engine, self.out, self.lse)
+
+    def result(self):
+        n = self.q.shape[0]
+        return _unfold(self.out, n)[None], _lse_unfold(self.lse, n)[None]
 
 
 def _partial_backward(dout, dlse, q, k, v, out, lse_all, problem: PartialProblem):

@@ -16,7 +16,7 @@ import torch
 
 from ..checks import check_int
 from .parts import head, keys_values, partial_backend_of, query_heads
-from .partial import accumulate_dtype, ccam_partial_attention, merge_partials
+from .partial import RunningPartial, accumulate_dtype, ccam_partial_attention, merge_partials
 
 USABLE = "the stream is unchanged and still usable"
 
@@ -42,8 +42,12 @@ class ProjectorStream:
         with torch.no_grad():
             self._q = query_heads(proj)
         self._versions = self._param_versions()
-        self._out = torch.zeros(1, cfg.num_query, cfg.num_heads, cfg.head_dim, dtype=acc, device=param.device)
-        self._lse = torch.full((1, cfg.num_heads, cfg.num_query), float("-inf"), dtype=acc, device=param.device)
+        if self._backend == "torch":  # merged in place, block by block
+            self._running = RunningPartial(self._q, cfg.num_key_value_heads)
+        else:  # the plain path: one partial per chunk, merged with the state
+            self._running = None
+            self._out = torch.zeros(1, cfg.num_query, cfg.num_heads, cfg.head_dim, dtype=acc, device=param.device)
+            self._lse = torch.full((1, cfg.num_heads, cfg.num_query), float("-inf"), dtype=acc, device=param.device)
         self.frames_done = 0
         self._tokens_per_frame = None  # fixed by the first chunk
         self._closed = False
@@ -107,9 +111,12 @@ class ProjectorStream:
         first = self.frames_done
         with torch.no_grad():
             k, v = keys_values(self._proj, chunk.reshape(t * p, width))
-            part = ccam_partial_attention(self._q, k, v, (self.total_frames,), p, [(first, first + t)],
-                                          backend=self._backend)
-            self._out, self._lse = merge_partials([(self._out, self._lse), part])
+            if self._running is not None:
+                self._running.add(k, v, self.total_frames, p, (first, first + t))
+            else:
+                part = ccam_partial_attention(self._q, k, v, (self.total_frames,), p, [(first, first + t)],
+                                              backend=self._backend)
+                self._out, self._lse = merge_partials([(self._out, self._lse), part])
         self._tokens_per_frame = p
         self.frames_done = first + t
 
@@ -119,10 +126,11 @@ class ProjectorStream:
         if self.frames_done != self.total_frames:
             raise RuntimeError(f"finish() after {self.frames_done} of total_frames={self.total_frames} frames: "
                                f"push the remaining {self.total_frames - self.frames_done} first; {USABLE}")
+        out = self._running.result()[0] if self._running is not None else self._out
         with torch.no_grad():
-            y = head(self._proj, self._out.to(self._dtype))
+            y = head(self._proj, out.to(self._dtype))
         self._closed = True
-        self._out = self._lse = self._q = None
+        self._out = self._lse = self._q = self._running = None
         return y
 
     def __repr__(self) -> str:

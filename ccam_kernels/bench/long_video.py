@@ -73,7 +73,7 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", choices=[LONG], required=True)
     p.add_argument("--frames", type=_int_list, default=DEFAULT_FRAMES, help=f"default {DEFAULT_FRAMES}")
-    p.add_argument("--chunk", type=_int_list, default=(CHUNK_FRAMES,), help=f"frames per push (default {CHUNK_FRAMES})")
+    p.add_argument("--chunk", type=int, default=CHUNK_FRAMES, help=f"frames per push (default {CHUNK_FRAMES})")
     p.add_argument("--procs", type=_int_list, default=DEFAULT_PROCS, help=f"frame-parallel world sizes (default {DEFAULT_PROCS})")
     p.add_argument("--parallel-frames", type=int, default=PARALLEL_FRAMES, help=f"frames of the frame-parallel video (default {PARALLEL_FRAMES})")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per point (default 3)")
@@ -158,6 +158,7 @@ class _Peak:
 
 
 def _memory_worker(spec: dict) -> dict:
+    """One fresh process, one mode: warm up, then the peak memory of one call."""
     device = spec["device"]
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -166,26 +167,40 @@ def _memory_worker(spec: dict) -> dict:
     _run(mode, proj, cfg, dtype, tokens, min(frames, WARMUP_FRAMES), chunk, device)  # warm-up
     with _Peak(device) as peak:
         y = _run(mode, proj, cfg, dtype, tokens, frames, chunk, device)
-    times = []
-    for _ in range(spec["repeats"]):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        _run(mode, proj, cfg, dtype, tokens, frames, chunk, device)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
     torch.save(y.float().cpu(), spec["output"])
-    return {"peak_mem_mb": peak.peak_mb, "times_ms": times, "tokens_per_frame": tokens,
-            "config": cfg.to_dict(), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
+    return {"peak_mem_mb": peak.peak_mb, "tokens_per_frame": tokens, "config": cfg.to_dict(),
+            "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
+
+
+def _timing_worker(spec: dict) -> dict:
+    """One process, both modes alternating call by call, so load on a shared machine hits
+    both alike: {mode: [ms, ...]}."""
+    device = spec["device"]
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    proj, cfg, dtype, tokens = _setup(device)
+    times = {mode: [] for mode in spec["modes"]}
+    for i in range(spec["repeats"] + 1):  # round 0 warms up
+        for mode in spec["modes"]:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            _run(mode, proj, cfg, dtype, tokens, spec["frames"], spec["chunk"], device)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                times[mode].append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def _spawn_point(spec: dict) -> dict:
     cmd = [sys.executable, "-m", "ccam_kernels.bench.long_video", "--worker", json.dumps(spec)]
-    # A fixed glibc mmap threshold makes every allocation of 64 KiB or more its own mapping,
-    # unmapped on free: the resident set then follows the live tensors instead of the heap's
-    # high-water mark, for both modes alike.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    # For memory points, a fixed glibc mmap threshold makes every allocation of 64 KiB or more
+    # its own mapping, unmapped on free: the resident set then follows the live tensors instead
+    # of the heap's high-water mark, for both modes alike. Timing runs with the default malloc.
+    env = dict(os.environ)
+    if "modes" not in spec:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
@@ -308,34 +323,41 @@ def main(argv=None) -> int:
     commit, dirty = git_commit()
     started = time.perf_counter()
     rows, settings = [], {}
+    chunk = args.chunk
     with tempfile.TemporaryDirectory() as tmp:
         for frames in args.frames:
-            outputs = {}
-            for mode, chunk in [("one-shot", max(args.chunk))] + [("stream", c) for c in args.chunk]:
-                spec = {"mode": mode, "frames": frames, "chunk": chunk, "device": device, "repeats": args.repeats,
-                        "threads": args.threads,
-                        "output": os.path.join(tmp, f"{mode}-{chunk}-{frames}.pt")}
-                print(f"long: {mode} T={frames} chunk={chunk} ...", file=sys.stderr, flush=True)
-                got = _spawn_point(spec)
-                if "error" in got:
-                    status = "oom" if "out of memory" in got["error"].lower() else "error"
-                    rows.append(_row(mode=mode, frames=frames, chunk_frames=chunk, status=status, reason=got["error"]))
-                    continue
-                settings = {"tokens_per_frame": got["tokens_per_frame"], "config": got["config"],
-                            "dtype": got["dtype"], "threads": got["threads"], "repeats": args.repeats}
-                outputs[(mode, chunk)] = torch.load(spec["output"])
+            outputs, points = {}, {}
+            for mode in ("one-shot", "stream"):
+                spec = {"mode": mode, "frames": frames, "chunk": chunk, "device": device, "threads": args.threads,
+                        "output": os.path.join(tmp, f"{mode}-{frames}.pt")}
+                print(f"long: {mode} T={frames}: peak memory ...", file=sys.stderr, flush=True)
+                points[mode] = _spawn_point(spec)
+                if "error" not in points[mode]:
+                    outputs[mode] = torch.load(spec["output"])
+                    settings = {key: points[mode][key] for key in ("tokens_per_frame", "config", "dtype", "threads")}
+            live = [m for m in ("one-shot", "stream") if "error" not in points[m]]
+            print(f"long: T={frames}: timing {', '.join(live)} alternately ...", file=sys.stderr, flush=True)
+            times = _spawn_point({"modes": live, "frames": frames, "chunk": chunk, "device": device,
+                                  "threads": args.threads, "repeats": args.repeats}) if live else {}
+            for mode in ("one-shot", "stream"):
                 row = _row(mode=mode, frames=frames, chunk_frames=chunk if mode == "stream" else None,
-                           dtype=got["dtype"], median_ms=statistics.median(got["times_ms"]),
-                           times_ms=got["times_ms"], peak_mem_mb=got["peak_mem_mb"])
-                one_shot = outputs.get(("one-shot", max(args.chunk)))
-                if mode == "stream" and one_shot is not None:
-                    y = outputs[(mode, chunk)]
-                    row["max_rel_err"] = ((y - one_shot).norm() / one_shot.norm()).item()
-                    base = next(r for r in rows if r["mode"] == "one-shot" and r["frames"] == frames)
-                    if base["status"] == "ok":
-                        row["time_vs_one_shot"] = row["median_ms"] / base["median_ms"]
+                           dtype=settings.get("dtype"))
+                got = points[mode]
+                if "error" in got or "error" in times:
+                    why = got.get("error") or times["error"]
+                    row.update(status="oom" if "out of memory" in why.lower() else "error", reason=why)
+                    rows.append(row)
+                    continue
+                row.update(median_ms=statistics.median(times[mode]), times_ms=times[mode],
+                           peak_mem_mb=got["peak_mem_mb"])
+                if mode == "stream" and "one-shot" in outputs:
+                    y, ref = outputs["stream"], outputs["one-shot"]
+                    row["max_rel_err"] = ((y - ref).norm() / ref.norm()).item()
+                    if "one-shot" in times:
+                        row["time_vs_one_shot"] = row["median_ms"] / statistics.median(times["one-shot"])
                 rows.append(row)
-                print(f"long:   {row['median_ms']:.0f} ms, peak {row['peak_mem_mb']:.1f} MB", file=sys.stderr, flush=True)
+                print(f"long:   {mode}: {row['median_ms']:.0f} ms, peak {row['peak_mem_mb']:.1f} MB",
+                      file=sys.stderr, flush=True)
     if device == "cpu":
         for world in args.procs:
             print(f"long: frame-parallel on {world} processes, T={args.parallel_frames} ...", file=sys.stderr, flush=True)
@@ -357,7 +379,7 @@ def main(argv=None) -> int:
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "device": device_name(torch.device(device)), "torch": torch.__version__,
            "triton": _version("triton"), "cuda": torch.version.cuda,
-           "settings": {**settings, "chunk_frames": list(args.chunk), "procs": list(args.procs),
+           "settings": {**settings, "chunk_frames": args.chunk, "repeats": args.repeats, "procs": list(args.procs),
                         "parallel_frames": args.parallel_frames},
            "elapsed_s": time.perf_counter() - started, "rows": rows}
     os.makedirs(args.out, exist_ok=True)
@@ -397,6 +419,7 @@ def format_table(rows) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        print(json.dumps(_memory_worker(json.loads(sys.argv[2]))))
+        job = json.loads(sys.argv[2])
+        print(json.dumps(_timing_worker(job) if "modes" in job else _memory_worker(job)))
         sys.exit(0)
     sys.exit(main())

@@ -80,6 +80,11 @@ class CCAMProjector(nn.Module):
             (a sequence of ints or an int64 tensor summing to F); or (B, T, P, Cv) with
             split_sizes=None. dtype and device must match the module's parameters.
         returns: (B, N, output_size).
+        group: a torch.distributed process group: this rank's ``features`` are its consecutive
+            frames of each video (split_sizes may hold zeros) and every rank returns the whole
+            batch's output (ccam_kernels.long_video.distributed).
+
+    stream(total_frames): one video pushed chunk by chunk, inference only (long_video.stream).
 
     In eval mode the query side (query_norm + q_proj of the learnable queries) does not depend
     on the input; it is computed once and reused until one of its parameters changes (in place

@@ -320,6 +320,8 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)  # what the points run with, so the device name says it
     commit, dirty = git_commit()
     started = time.perf_counter()
     rows, settings = [], {}

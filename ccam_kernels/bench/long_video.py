@@ -350,7 +350,7 @@ def main(argv=None) -> int:
                     row.update(status="oom" if "out of memory" in why.lower() else "error", reason=why)
                     rows.append(row)
                     continue
-                row.update(median_ms=statistics.median(times[mode]), times_ms=times[mode],
+                row.update(median_ms=statistics.median(times[mode]), min_ms=min(times[mode]), times_ms=times[mode],
                            peak_mem_mb=got["peak_mem_mb"])
                 if mode == "stream" and "one-shot" in outputs:
                     y, ref = outputs["stream"], outputs["one-shot"]

@@ -18,14 +18,13 @@ gradient of the output *and* of the LSE). "auto" means "torch".
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
 from ..checks import ALL_DTYPES, as_int, check_int, normalize_frame_counts
-from ..mask import first_query_of_frame, mask_block
+from ..mask import frame_of_query, mask_block
 from ..backends.torch_prefix import _fold, _unfold, choose_engine
 
 __all__ = ["ccam_partial_attention", "merge_partials", "PARTIAL_BACKENDS"]
@@ -175,19 +174,31 @@ class Block:
     masked: bool  # rows that straddle a frame boundary inside the block
 
 
-@functools.lru_cache(maxsize=4096)
-def plan_partial_blocks(num_query: int, num_frames: int, tokens_per_frame: int, f0: int, f1: int):
+def plan_partial_blocks(num_query: int, num_frames: int, tokens_per_frame: int, f0: int, f1: int,
+                        cap_by_frames: bool = True):
     """Blocks covering exactly the visible pairs of queries x frames [f0, f1) of a video with
     ``num_frames`` frames (plus masked pairs inside straddling blocks). Queries are ordered by
     frame, so segment [fa, fb) is seen whole by rows ``[first[fb-1], N)`` and in part by rows
-    ``[first[fa], first[fb-1])``, whose frames lie in [fa, fb-1)."""
+    ``[first[fa], first[fb-1])``, whose frames lie in [fa, fb-1).
+
+    Host work and memory are O(N + blocks), never O(num_frames): a stream of an hour-long
+    video plans each chunk from the chunk's own frames (and nothing is cached per chunk).
+
+    ``cap_by_frames=False`` drops the T / 8 cap on a block's frames, so block sizes (and peak
+    memory) depend on the range and P only, not on T: what a stream wants. Measured on CPU
+    (bench long config, 32-frame chunks): the same stream time at 96 and 512 frames either way."""
     N, T, P = num_query, num_frames, tokens_per_frame
-    frames_per_segment = max(1, min(math.ceil(SEGMENT_KEYS / P), T // MIN_SEGMENTS))
-    first = first_query_of_frame(N, T)
+    frames_per_segment = max(1, math.ceil(SEGMENT_KEYS / P))
+    if cap_by_frames:
+        frames_per_segment = max(1, min(frames_per_segment, T // MIN_SEGMENTS))
+    starts = list(range(f0, f1, frames_per_segment))
+    ends = [min(f1, fa + frames_per_segment) for fa in starts]
+    # first query whose frame is >= f, for the frames needed only (mask.frame_of_query is the rule).
+    wanted = torch.tensor(starts + [fb - 1 for fb in ends], dtype=torch.int64)
+    first = torch.searchsorted(frame_of_query(N, T), wanted, side="left").tolist()
     blocks = []
-    for fa in range(f0, f1, frames_per_segment):
-        fb = min(f1, fa + frames_per_segment)
-        row_first, row_full = first[fa], first[fb - 1]
+    for i, (fa, fb) in enumerate(zip(starts, ends)):
+        row_first, row_full = first[i], first[len(starts) + i]
         if row_full < N:
             blocks.append(Block(row_full, N, (fa - f0) * P, (fb - f0) * P, masked=False))
         if row_first < row_full:
@@ -195,12 +206,12 @@ def plan_partial_blocks(num_query: int, num_frames: int, tokens_per_frame: int, 
     return tuple(blocks)
 
 
-def _walk(problem: PartialProblem, b: int, device):
+def _walk(problem: PartialProblem, b: int, device, cap_by_frames: bool = True):
     """(folded rows, packed key slice, mask or None) of every block of sample b."""
     N, P, G = problem.num_query, problem.tokens_per_frame, problem.group_size
     total, (f0, f1) = problem.frame_counts[b], problem.frame_ranges[b]
     base = problem.key_offsets()[b]
-    for blk in plan_partial_blocks(N, total, P, f0, f1):
+    for blk in plan_partial_blocks(N, total, P, f0, f1, cap_by_frames):
         mask = None
         if blk.masked:
             mask = mask_block(N, total, P, (blk.q0, blk.q1), (f0 * P + blk.k0, f0 * P + blk.k1), device=device)
@@ -222,11 +233,11 @@ def _lse_fold(lse: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return lse.view(num_kv_heads, g, n).permute(0, 2, 1).reshape(num_kv_heads, n * g)
 
 
-def _merge_blocks_into(qf, k, v, problem: PartialProblem, b: int, engine, o_acc, lse):
+def _merge_blocks_into(qf, k, v, problem: PartialProblem, b: int, engine, o_acc, lse, cap_by_frames=True):
     """Merge sample b's blocks into its running folded state, in place: o_acc (Hkv, N*G, D),
     lse (Hkv, N*G), both in the accumulation dtype; (0, -inf) is the empty state."""
     acc = o_acc.dtype
-    for rows, keys, mask in _walk(problem, b, qf.device):
+    for rows, keys, mask in _walk(problem, b, qf.device, cap_by_frames):
         o_blk, lse_blk = engine.forward(
             qf[:, rows], k[keys].transpose(0, 1), v[keys].transpose(0, 1), mask, problem.scale, None
         )
@@ -274,7 +285,7 @@ class RunningPartial:
         problem = check_partial_args(self.q, k, v, (total_frames,), tokens_per_frame, [frame_range], None)
         k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
         with torch.no_grad():
-            _merge_blocks_into(self.qf, k, v, problem, 0, self.engine, self.out, self.lse)
+            _merge_blocks_into(self.qf, k, v, problem, 0, self.engine, self.out, self.lse, cap_by_frames=False)
 
     def result(self):
         n = self.q.shape[0]

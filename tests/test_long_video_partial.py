@@ -204,3 +204,17 @@ def test_bad_ranges(ranges, match):
     q, k, v = make_inputs(4, 2, 2, 8, 2, (3,))
     with pytest.raises(ValueError, match=match):
         ccam_partial_attention(q, k, v, (3,), 2, ranges)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_low_precision_cover(dtype, tol, seed):
+    """16-bit inputs, torch backend: merged partials within SPEC 3's bound, or 3x plain PyTorch's
+    own error in that precision on the same inputs where that is larger."""
+    N, H, Hkv, D, P, counts = 21, 4, 2, 16, 5, (9, 2)
+    rng = random.Random(seed)
+    q, k, v = make_inputs(N, H, Hkv, D, P, counts, dtype=dtype, shared=False)
+    out, lse = run_cover(q, k, v, counts, P, [random_cover(t, rng) for t in counts], "torch")
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    ref = attention_oracle(q, k, v, counts, P)
+    plain = attention_oracle(q, k, v, counts, P, compute_dtype=dtype)
+    assert rel_err(out, ref) <= max(tol, 3 * rel_err(plain, ref))

@@ -370,13 +370,11 @@ def main(argv=None) -> int:
                                  status="error", reason=str(exc).strip().splitlines()[-1]))
                 continue
             for pass_ in ("fwd", "fwd+bwd"):
-                rows.append(_row(mode="frame-parallel", pass_=None, procs=world, frames=args.parallel_frames,
+                rows.append(_row(mode="frame-parallel", procs=world, frames=args.parallel_frames, **{"pass": pass_},
                                  dtype=settings.get("dtype", "float32"), median_ms=statistics.median(got[pass_]),
                                  times_ms=got[pass_], max_rel_err=got["max_rel_err"] if pass_ == "fwd" else None,
                                  frames_per_rank=got["shares"], allreduce_bytes=got["allreduce_bytes"],
                                  threads_per_rank=got["threads_per_rank"]))
-                rows[-1]["pass"] = pass_
-                del rows[-1]["pass_"]
     doc = {"schema": 1, "commit": commit, "commit_dirty": dirty,
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "device": device_name(torch.device(device)), "torch": torch.__version__,

@@ -88,6 +88,11 @@ class CCAMProjector(nn.Module):
             split_sizes=None. device must match the module's parameters, and dtype too
             (or, inside torch.autocast, be the autocast dtype).
         returns: (B, N, output_size).
+        group: a torch.distributed process group: this rank's ``features`` are its consecutive
+            frames of each video (split_sizes may hold zeros) and every rank returns the whole
+            batch's output (ccam_kernels.long_video.distributed).
+
+    stream(total_frames): one video pushed chunk by chunk, inference only (long_video.stream).
 
     No state beyond the parameters: every call computes the query side (query_norm + q_proj
     of the learnable queries, 2*N*C^2 FLOPs, well under 1% of a forward) and reads W_k and W_v
@@ -210,7 +215,11 @@ class CCAMProjector(nn.Module):
         # Halves of the (M, 2C) result viewed in place: rows of stride 2C, what the kernels read.
         return kv[:, :width].view(shape), kv[:, width:].view(shape)
 
-    def forward(self, features: torch.Tensor, split_sizes=None) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, split_sizes=None, *, group=None) -> torch.Tensor:
+        if group is not None:  # frame-parallel over a process group: see long_video/distributed.py
+            from .long_video.distributed import frame_parallel_forward
+
+            return frame_parallel_forward(self, features, split_sizes, group)
         cfg = self.config
         features, split_sizes = self._check_features(features, split_sizes)
         num_frames, tokens_per_frame = features.shape[:2]
@@ -233,6 +242,14 @@ class CCAMProjector(nn.Module):
         h = self.query + self.dropout(self.attn.o_proj(attn.reshape(batch, cfg.num_query, cfg.hidden_size)))
         h = h + self.dropout(self.mlp(self.mlp_norm(h)))
         return self.out_proj(self.out_norm(h))
+
+    def stream(self, total_frames: int):
+        """A :class:`~ccam_kernels.long_video.stream.ProjectorStream` for one video of
+        ``total_frames`` frames (inference only): ``push((t, P, Cv))`` chunks, then ``finish()``
+        -> (1, N, O), equal to ``self(all_frames, [total_frames])``."""
+        from .long_video.stream import ProjectorStream
+
+        return ProjectorStream(self, total_frames)
 
     # -- checkpoints -----------------------------------------------------------------------
 

@@ -171,6 +171,10 @@ def main(argv=None) -> int:
         from .compare import main as compare_main
 
         return compare_main(argv[1:])
+    from .long_video import is_long_request, main as long_main
+
+    if is_long_request(argv):  # its own runner and flags: see bench/long_video.py
+        return long_main(argv)
     args = build_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

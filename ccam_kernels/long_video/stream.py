@@ -1,0 +1,138 @@
+"""Streaming projector: one video pushed chunk by chunk, memory independent of its length.
+
+    s = proj.stream(total_frames)
+    s.push(chunk)            # (t, P, Cv): the next t >= 1 frames
+    y = s.finish()           # (1, N, O) == proj(all_frames, [total_frames])
+
+The state between pushes is the running partial attention of every query over the frames
+pushed so far, merged by log-sum-exp (``partial.merge_partials``): an (N, H, D) accumulator
+and an (H, N) LSE in float32 (float64 for a float64 module), plus the (N, H, D) query heads,
+computed once. The mask rule needs the video's total frame count, hence ``total_frames``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..checks import check_int
+from .parts import head, keys_values, partial_backend_of, query_heads
+from .partial import RunningPartial, accumulate_dtype, ccam_partial_attention, merge_partials
+
+USABLE = "the stream is unchanged and still usable"
+
+
+class ProjectorStream:
+    """Inference-only streaming of one video through a :class:`CCAMProjector` (see module doc).
+
+    Errors say whether the stream is still usable: a bad chunk (wrong rank, width, dtype,
+    device, tokens per frame, or more frames than remain) is a ValueError/TypeError and
+    changes nothing; ``finish()`` before every frame arrived is a RuntimeError and changes
+    nothing; after ``finish()``, or once the module's parameters changed, the stream is closed.
+    """
+
+    def __init__(self, proj, total_frames: int):
+        self._proj = proj
+        self.total_frames = check_int("total_frames", total_frames)
+        self._check_eval()
+        self._backend = partial_backend_of(proj)
+        cfg = proj.config
+        param = proj.query
+        self._dtype, self._device = param.dtype, param.device
+        acc = accumulate_dtype(param.dtype)
+        with torch.no_grad():
+            self._q = query_heads(proj)
+        self._versions = self._param_versions()
+        if self._backend == "torch":  # merged in place, block by block
+            self._running = RunningPartial(self._q, cfg.num_key_value_heads)
+        else:  # the plain path: one partial per chunk, merged with the state
+            self._running = None
+            self._out = torch.zeros(1, cfg.num_query, cfg.num_heads, cfg.head_dim, dtype=acc, device=param.device)
+            self._lse = torch.full((1, cfg.num_heads, cfg.num_query), float("-inf"), dtype=acc, device=param.device)
+        self.frames_done = 0
+        self._tokens_per_frame = None  # fixed by the first chunk
+        self._closed = False
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def _param_versions(self):
+        # Inference tensors have no version counter, and cannot change outside inference mode.
+        return [None if p.is_inference() else p._version for p in self._proj.parameters()]
+
+    def _check_eval(self):
+        if self._proj.training:
+            raise RuntimeError(
+                "proj.stream() is for inference only and the projector is in training mode (dropout "
+                "would differ from one chunk to the next); call proj.eval() first"
+                + ("" if not hasattr(self, "_closed") else f"; {USABLE}")
+            )
+
+    def _check_open(self, what: str):
+        if self._closed:
+            raise RuntimeError(f"{what}: this stream is closed (finished, or its parameters changed); "
+                               "start a new one with proj.stream(total_frames)")
+        if self._param_versions() != self._versions:
+            self._closed = True
+            raise RuntimeError(f"{what}: the projector's parameters changed since proj.stream() started, "
+                               "so the frames pushed so far used other weights; this stream is closed, "
+                               "start a new one")
+        self._check_eval()
+
+    def _check_chunk(self, chunk):
+        cfg = self._proj.config
+        if not isinstance(chunk, torch.Tensor):
+            raise TypeError(f"chunk must be a torch.Tensor (t, P, Cv), got {type(chunk).__name__}; {USABLE}")
+        if chunk.dim() != 3:
+            raise ValueError(f"chunk must be (t, P, Cv), got shape {tuple(chunk.shape)}; {USABLE}")
+        t, p, width = chunk.shape
+        if width != cfg.cross_hidden_size:
+            raise ValueError(f"chunk width must equal cross_hidden_size={cfg.cross_hidden_size}, "
+                             f"got {width}; {USABLE}")
+        if t < 1 or p < 1:
+            raise ValueError(f"chunk must hold t >= 1 frames of P >= 1 tokens, got shape {tuple(chunk.shape)}; {USABLE}")
+        if self._tokens_per_frame is not None and p != self._tokens_per_frame:
+            raise ValueError(f"chunk must have the P={self._tokens_per_frame} tokens per frame of the "
+                             f"earlier chunks, got {p}; {USABLE}")
+        if chunk.dtype != self._dtype:
+            raise ValueError(f"chunk dtype must match the module's ({self._dtype}), got {chunk.dtype}; {USABLE}")
+        if chunk.device != self._device:
+            raise ValueError(f"chunk device must match the module's ({self._device}), got {chunk.device}; {USABLE}")
+        left = self.total_frames - self.frames_done
+        if t > left:
+            raise ValueError(f"chunk has {t} frames but only {left} of total_frames={self.total_frames} "
+                             f"remain; {USABLE}")
+
+    # -- API ---------------------------------------------------------------------------------
+
+    def push(self, chunk: torch.Tensor) -> None:
+        """Add the next t frames, (t, P, Cv) in the module's dtype and device."""
+        self._check_open("push()")
+        self._check_chunk(chunk)
+        t, p, width = chunk.shape
+        first = self.frames_done
+        with torch.no_grad():
+            k, v = keys_values(self._proj, chunk.reshape(t * p, width))
+            if self._running is not None:
+                self._running.add(k, v, self.total_frames, p, (first, first + t))
+            else:
+                part = ccam_partial_attention(self._q, k, v, (self.total_frames,), p, [(first, first + t)],
+                                              backend=self._backend)
+                self._out, self._lse = merge_partials([(self._out, self._lse), part])
+        self._tokens_per_frame = p
+        self.frames_done = first + t
+
+    def finish(self) -> torch.Tensor:
+        """(1, N, O): the projector's output for the whole video. Closes the stream."""
+        self._check_open("finish()")
+        if self.frames_done != self.total_frames:
+            raise RuntimeError(f"finish() after {self.frames_done} of total_frames={self.total_frames} frames: "
+                               f"push the remaining {self.total_frames - self.frames_done} first; {USABLE}")
+        out = self._running.result()[0] if self._running is not None else self._out
+        with torch.no_grad():
+            y = head(self._proj, out.to(self._dtype))
+        self._closed = True
+        self._out = self._lse = self._q = self._running = None
+        return y
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self.frames_done}/{self.total_frames} frames"
+        return f"ProjectorStream({state})"

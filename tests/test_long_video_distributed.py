@@ -1,0 +1,104 @@
+"""Frame-parallel projector (proj(..., group=...)) with gloo on CPU, 2 and 3 processes spawned
+here: output and every gradient equal to one process running the whole batch (float64,
+<= 1e-10), uneven shards including a rank with no frame of some video and a rank with no frame
+at all; hidden dropout draws the same masks on every rank; a bad argument on one rank raises
+on every rank (no hang)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import rel_err
+from long_video_helpers import features, make_projector
+
+P = 3
+
+
+def local_slice(x, shards, rank):
+    """Rank ``rank``'s frames of each video from packed full features x; shards[r][b] = frames."""
+    counts = [sum(col) for col in zip(*shards)]
+    parts, start = [], 0
+    for b, total in enumerate(counts):
+        first = start + sum(s[b] for s in shards[:rank])
+        parts.append(x[first:first + shards[rank][b]])
+        start += total
+    return torch.cat(parts)
+
+
+def _check_rank(rank, shards, seed):
+    group = dist.group.WORLD
+    counts = [sum(col) for col in zip(*shards)]
+    ref = make_projector(seed=seed).train()
+    proj = make_projector(seed=seed).train()
+    x = features(sum(counts), P, seed=seed + 1).requires_grad_(True)
+    y_ref = ref(x, counts)
+    g = torch.randn(y_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 2))
+    (y_ref * g).sum().backward()
+
+    local = local_slice(x.detach(), shards, rank).clone().requires_grad_(True)
+    y = proj(local, shards[rank], group=group)
+    (y * g).sum().backward()
+    assert rel_err(y, y_ref) <= 1e-10, rel_err(y, y_ref)
+    ref_params = dict(ref.named_parameters())
+    for name, p in proj.named_parameters():
+        if name == "attn.k_proj.bias":
+            # A bias shared by all keys shifts a row's scores by a constant: its true gradient is 0,
+            # so both sides must be rounding noise next to the key weights' gradient.
+            scale = ref_params["attn.k_proj.weight"].grad.norm()
+            assert p.grad.norm() <= 1e-10 * scale and ref_params[name].grad.norm() <= 1e-10 * scale
+            continue
+        err = rel_err(p.grad, ref_params[name].grad)
+        assert err <= 1e-10, (rank, name, err)
+    want = local_slice(x.grad, shards, rank)
+    assert local.grad.shape == want.shape
+    if want.numel():
+        assert rel_err(local.grad, want) <= 1e-10, (rank, rel_err(local.grad, want))
+
+    with torch.no_grad():  # inference: no gradient machinery, same output
+        assert rel_err(proj.eval()(local, shards[rank], group=group), ref.eval()(x, counts)) <= 1e-10
+
+    # Hidden dropout in training: every rank must draw the same masks.
+    drop = make_projector(seed=seed, dropout=0.5).train()
+    torch.manual_seed(seed + 100 + rank)  # different RNG states per rank on purpose
+    with torch.no_grad():
+        y_drop = drop(local, shards[rank], group=group)
+        everyone = [torch.empty_like(y_drop) for _ in shards]
+        dist.all_gather(everyone, y_drop, group=group)
+        assert all(torch.equal(other, everyone[0]) for other in everyone)
+        assert not torch.equal(y_drop, drop.eval()(local, shards[rank], group=group))
+
+    # One rank's bad argument is every rank's error.
+    bad = local.detach().float() if rank == len(shards) - 1 else local.detach()
+    with pytest.raises(ValueError, match=f"rank {len(shards) - 1}: features dtype must match"):
+        proj(bad, shards[rank], group=group)
+
+
+def _worker(rank, world, init_file, shards, seed):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        _check_rank(rank, shards, seed)
+    finally:
+        dist.destroy_process_group()
+
+
+# shards[r][b]: frames of video b on rank r (rank order = frame order).
+SHARDS = {
+    2: [[2, 0, 7], [3, 1, 0]],  # videos of 5, 1, 7 frames; each rank misses a video
+    3: [[1, 1, 3], [0, 0, 0], [4, 0, 14]],  # rank 1 has no frame at all; T = 17 > N = 13
+}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_frame_parallel_equals_one_process(world, tmp_path, seed):
+    mp.spawn(_worker, args=(world, str(tmp_path / "store"), SHARDS[world], seed % 2**31), nprocs=world, join=True)
+
+
+def test_needs_an_initialized_group():
+    proj = make_projector()
+    x = features(2, P)
+    with pytest.raises(RuntimeError, match="initialized process group"):
+        proj(x, [2], group=object())

@@ -9,6 +9,7 @@
 //   dV += P^T dO, dK += dS^T Q. Each key belongs to one CTA: no atomics, deterministic.
 #pragma once
 
+#include "launch.cuh"
 #include "params.h"
 #include "rule.cuh"
 #include "tile.cuh"
@@ -45,8 +46,8 @@ __global__ void __launch_bounds__(128, 2) bwd_dq_kernel(const BwdParams p) {
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
   const T* dout = static_cast<const T*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h;
-  const T* k = static_cast<const T*>(p.k) + p.key_start[b] * p.k_stride_l + hk * p.k_stride_h;
-  const T* v = static_cast<const T*>(p.v) + p.key_start[b] * p.v_stride_l + hk * p.v_stride_h;
+  const T* k = static_cast<const T*>(p.k) + load(p.key_start + b) * p.k_stride_l + hk * p.k_stride_h;
+  const T* v = static_cast<const T*>(p.v) + load(p.key_start + b) * p.v_stride_l + hk * p.v_stride_h;
   const T* safe = static_cast<const T*>(p.q);
 
   auto load_kv = [&](int t) {
@@ -64,9 +65,9 @@ __global__ void __launch_bounds__(128, 2) bwd_dq_kernel(const BwdParams p) {
   // Rows past N: LSE +inf makes their probabilities 0.
   const float* lse = p.lse + int64_t(bh) * N;
   const float* delta = p.delta + int64_t(bh) * N;
-  const float lse2[2] = {row0 < N ? lse[row0] * 1.4426950408889634f : INFINITY,
-                         row0 + 8 < N ? lse[row0 + 8] * 1.4426950408889634f : INFINITY};
-  const float dlt[2] = {row0 < N ? delta[row0] : 0.f, row0 + 8 < N ? delta[row0 + 8] : 0.f};
+  const float lse2[2] = {row0 < N ? load(lse + row0) * 1.4426950408889634f : INFINITY,
+                         row0 + 8 < N ? load(lse + row0 + 8) * 1.4426950408889634f : INFINITY};
+  const float dlt[2] = {row0 < N ? load(delta + row0) : 0.f, row0 + 8 < N ? load(delta + row0 + 8) : 0.f};
 
   float dq[DP / 8][4];
   zero(dq);
@@ -123,8 +124,8 @@ __global__ void __launch_bounds__(128, 2) bwd_dkdv_kernel(const BwdParams p) {
   float* s_delta = s_lse + 2 * BM;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int b = static_cast<int>(p.tile_sample[blockIdx.x]), hk = blockIdx.y;
-  const int64_t start = p.tile_start[blockIdx.x];  // first key of the tile, within its sample
+  const int b = static_cast<int>(load(p.tile_sample + blockIdx.x)), hk = blockIdx.y;
+  const int64_t start = load(p.tile_start + blockIdx.x);  // first key of the tile, within its sample
   const int64_t N = p.num_query;
   const Sample sample = sample_of(p, b);
   const int64_t n_keys = sample.num_keys();
@@ -133,7 +134,7 @@ __global__ void __launch_bounds__(128, 2) bwd_dkdv_kernel(const BwdParams p) {
   const int64_t m_begin = rows_from / BM * BM;
   const int n_row_tiles = static_cast<int>((N - m_begin + BM - 1) / BM);
 
-  const int64_t key0 = p.key_start[b] + start;
+  const int64_t key0 = load(p.key_start + b) + start;
   const T* safe = static_cast<const T*>(p.q);
   load_tile<BN, DP, 128>(s_k, static_cast<const T*>(p.k) + key0 * p.k_stride_l + hk * p.k_stride_h, p.k_stride_l,
                          n_keys - start, p.head_dim, safe);
@@ -165,9 +166,9 @@ __global__ void __launch_bounds__(128, 2) bwd_dkdv_kernel(const BwdParams p) {
       const int r = i % BM;
       const bool valid = m0 + r < N;
       if (i < BM) {
-        s_lse[st * BM + r] = valid ? p.lse[row_base + r] * 1.4426950408889634f : INFINITY;
+        store(s_lse + st * BM + r, valid ? load(p.lse + row_base + r) * 1.4426950408889634f : INFINITY);
       } else {
-        s_delta[st * BM + r] = valid ? p.delta[row_base + r] : 0.f;
+        store(s_delta + st * BM + r, valid ? load(p.delta + row_base + r) : 0.f);
       }
     }
   };
@@ -195,10 +196,10 @@ __global__ void __launch_bounds__(128, 2) bwd_dkdv_kernel(const BwdParams p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = j * 8 + 2 * (lane % 4) + (e & 1);
-        float pr = exp2_approx(pt[j][e] * p.scale_log2 - s_lse[st * BM + col]);
+        float pr = exp2_approx(pt[j][e] * p.scale_log2 - load(s_lse + st * BM + col));
         if (masked && col < cut[e / 2]) pr = 0.f;
         pt[j][e] = pr;
-        dpt[j][e] = pr * (dpt[j][e] - s_delta[st * BM + col]);  // dS^T
+        dpt[j][e] = pr * (dpt[j][e] - load(s_delta + st * BM + col));  // dS^T
       }
     gemm_pb<T, DP, BM>(dv, pt, dot);
     gemm_pb<T, DP, BM>(dk, dpt, qt);
@@ -206,33 +207,34 @@ __global__ void __launch_bounds__(128, 2) bwd_dkdv_kernel(const BwdParams p) {
   }
   cp_async_wait<0>();
   const int64_t strip = start + warp * 16;
-  T* dk_out = static_cast<T*>(p.dk) + p.key_start[b] * p.dk_stride_l + hk * p.dk_stride_h;
-  T* dv_out = static_cast<T*>(p.dv) + p.key_start[b] * p.dv_stride_l + hk * p.dv_stride_h;
+  T* dk_out = static_cast<T*>(p.dk) + load(p.key_start + b) * p.dk_stride_l + hk * p.dk_stride_h;
+  T* dv_out = static_cast<T*>(p.dv) + load(p.key_start + b) * p.dv_stride_l + hk * p.dv_stride_h;
   store_strip<T, DP>(dk_out, p.dk_stride_l, strip, n_keys, p.head_dim, dk, p.scale, p.scale);
   store_strip<T, DP>(dv_out, p.dv_stride_l, strip, n_keys, p.head_dim, dv, 1.f, 1.f);
 }
 
-template <typename Kernel>
-static cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int smem, cudaStream_t stream, const BwdParams& p) {
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, 128, smem, stream>>>(p);
-  return cudaGetLastError();
+template <typename T, int DP>
+constexpr Geometry dq_geometry(const BwdParams& p) {
+  using Tiles = DqTiles<DP>;
+  return {"bwd_dq_kernel", unsigned(p.batch * p.heads), unsigned((p.num_query + Tiles::kBlockM - 1) / Tiles::kBlockM),
+          1u, 128, int(Tiles::kSmemElems * sizeof(T))};
+}
+
+template <typename T, int DP>
+constexpr Geometry dkdv_geometry(const BwdParams& p) {
+  using Tiles = DkdvTiles<DP>;
+  return {"bwd_dkdv_kernel", unsigned(p.num_key_tiles), unsigned(p.heads / p.group), 1u, 128,
+          int(Tiles::kSmemElems * sizeof(T) + Tiles::kSmemFloats * sizeof(float))};
 }
 
 template <typename T, int DP>
 cudaError_t launch_bwd_dq(const BwdParams& p, cudaStream_t stream) {
-  using Tiles = DqTiles<DP>;
-  const dim3 grid(p.batch * p.heads, (p.num_query + Tiles::kBlockM - 1) / Tiles::kBlockM);
-  return launch_with_smem(bwd_dq_kernel<T, DP>, grid, Tiles::kSmemElems * sizeof(T), stream, p);
+  return launch(bwd_dq_kernel<T, DP>, dq_geometry<T, DP>(p), stream, p);
 }
 
 template <typename T, int DP>
 cudaError_t launch_bwd_dkdv(const BwdParams& p, cudaStream_t stream) {
-  using Tiles = DkdvTiles<DP>;
-  const dim3 grid(p.num_key_tiles, p.heads / p.group);
-  return launch_with_smem(bwd_dkdv_kernel<T, DP>, grid,
-                          Tiles::kSmemElems * sizeof(T) + Tiles::kSmemFloats * sizeof(float), stream, p);
+  return launch(bwd_dkdv_kernel<T, DP>, dkdv_geometry<T, DP>(p), stream, p);
 }
 
 }  // namespace ccam

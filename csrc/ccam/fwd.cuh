@@ -10,6 +10,7 @@
 
 #include <cfloat>
 
+#include "launch.cuh"
 #include "params.h"
 #include "rule.cuh"
 #include "tile.cuh"
@@ -46,8 +47,8 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
   const int n_tiles = key_hi > key_lo ? static_cast<int>((key_hi - key_lo + BN - 1) / BN) : 0;
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
-  const T* k = static_cast<const T*>(p.k) + p.key_start[b] * p.k_stride_l + hk * p.k_stride_h;
-  const T* v = static_cast<const T*>(p.v) + p.key_start[b] * p.v_stride_l + hk * p.v_stride_h;
+  const T* k = static_cast<const T*>(p.k) + load(p.key_start + b) * p.k_stride_l + hk * p.k_stride_h;
+  const T* v = static_cast<const T*>(p.v) + load(p.key_start + b) * p.v_stride_l + hk * p.v_stride_h;
   const T* safe = static_cast<const T*>(p.q);
 
   auto load_kv = [&](int t) {
@@ -144,20 +145,21 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
   }
   if (lane % 4 == 0) {
     float* lse_row = p.lse + (int64_t(blockIdx.z) * gridDim.x + bh) * N;
-    if (row0 < N) lse_row[row0] = lse[0];
-    if (row0 + 8 < N) lse_row[row0 + 8] = lse[1];
+    if (row0 < N) store(lse_row + row0, lse[0]);
+    if (row0 + 8 < N) store(lse_row + row0 + 8, lse[1]);
   }
 }
 
 template <typename T, int DP>
-cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+constexpr Geometry fwd_geometry(const FwdParams& p) {
   using Tiles = FwdTiles<DP>;
-  constexpr int smem = Tiles::kSmemElems * sizeof(T);
-  cudaError_t err = cudaFuncSetAttribute(fwd_kernel<T, DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(p.batch * p.heads, (p.num_query + Tiles::kBlockM - 1) / Tiles::kBlockM, p.num_splits);
-  fwd_kernel<T, DP><<<grid, Tiles::kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return {"fwd_kernel", unsigned(p.batch * p.heads), unsigned((p.num_query + Tiles::kBlockM - 1) / Tiles::kBlockM),
+          unsigned(p.num_splits), Tiles::kThreads, int(Tiles::kSmemElems * sizeof(T))};
+}
+
+template <typename T, int DP>
+cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  return launch(fwd_kernel<T, DP>, fwd_geometry<T, DP>(p), stream, p);
 }
 
 }  // namespace ccam

@@ -1,5 +1,7 @@
 // Thin wrappers over the PTX the kernels use: cp.async (16-byte, zero-filling), ldmatrix,
-// mma.sync m16n8k16 with float32 accumulators (fp16 and bf16 operands, sm_80 and up), ex2.
+// mma.sync m16n8k16 with float32 accumulators (fp16 and bf16 operands, sm_80 and up), ex2,
+// and plain loads / stores (load, store). With CCAM_EMULATE the same names come from the CPU
+// emulator's models (csrc/emu/ptx.h); the code after the #endif is shared by both builds.
 //
 // Fragment layouts of mma.m16n8k16 (lane = threadIdx.x % 32, g = lane / 4, c = lane % 4):
 //   A (16x16, row-major) 4 regs: (g, 2c..2c+1), (g+8, 2c..), (g, 2c+8..), (g+8, 2c+8..)
@@ -10,6 +12,11 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
+
+#ifdef CCAM_EMULATE
+#include "../emu/ptx.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -43,29 +50,22 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(smem_addr(smem)));
 }
 
+// c += a * b (m16n8k16, float32 accumulators), one definition per 16-bit operand type.
 template <typename T>
-struct Mma;
+__device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 
-// Mma<T>::run: c += a * b (m16n8k16, float32 accumulators); Mma<T>::pack: two floats as one
-// register, `lo` in the low 16 bits (the lower column index). One definition per 16-bit type.
-#define CCAM_DEFINE_MMA(CTYPE, PTX_TYPE, PAIR_TYPE, FLOATS_TO_PAIR)                                        \
+#define CCAM_DEFINE_MMA(CTYPE, PTX_TYPE)                                                                   \
   template <>                                                                                          \
-  struct Mma<CTYPE> {                                                                                  \
-    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,      \
-                                               uint32_t b1) {                                          \
-      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX_TYPE "." PTX_TYPE                       \
-                   ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"             \
-                   : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                     \
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                   \
-    }                                                                                                  \
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {                              \
-      PAIR_TYPE h = FLOATS_TO_PAIR(lo, hi);                                                            \
-      return *reinterpret_cast<uint32_t*>(&h);                                                         \
-    }                                                                                                  \
-  };
+  __device__ __forceinline__ void mma_m16n8k16<CTYPE>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,  \
+                                                      uint32_t b1) {                                   \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX_TYPE "." PTX_TYPE                         \
+                 ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"               \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                       \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                     \
+  }
 
-CCAM_DEFINE_MMA(__half, "f16", __half2, __floats2half2_rn)
-CCAM_DEFINE_MMA(__nv_bfloat16, "bf16", __nv_bfloat162, __floats2bfloat162_rn)
+CCAM_DEFINE_MMA(__half, "f16")
+CCAM_DEFINE_MMA(__nv_bfloat16, "bf16")
 #undef CCAM_DEFINE_MMA
 
 // 2^x with the SFU (ex2.approx: relative error ~2^-22; 2^-inf = +0).
@@ -74,6 +74,39 @@ __device__ __forceinline__ float exp2_approx(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
+
+// Plain loads and stores of global or shared memory: the emulator checks each one.
+template <typename V>
+__device__ __forceinline__ V load(const V* p) {
+  return *p;
+}
+template <typename V>
+__device__ __forceinline__ void store(V* p, V value) {
+  *p = value;
+}
+
+}  // namespace ccam
+#endif  // CCAM_EMULATE
+
+namespace ccam {
+
+// Mma<T>::run: c += a * b; Mma<T>::pack: two floats as one register, `lo` in the low 16 bits
+// (the lower column index).
+template <typename T>
+struct Mma {
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    mma_m16n8k16<T>(c, a, b0, b1);
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    if constexpr (std::is_same_v<T, __half>) {
+      __half2 h = __floats2half2_rn(lo, hi);
+      return *reinterpret_cast<uint32_t*>(&h);
+    } else {
+      __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+      return *reinterpret_cast<uint32_t*>(&h);
+    }
+  }
+};
 
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));

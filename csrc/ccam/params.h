@@ -10,7 +10,12 @@
 #pragma once
 
 #include <cstdint>
+
+#ifdef CCAM_EMULATE
+#include "../emu/shim.h"  // the CPU emulation build (csrc/emu): device names for g++
+#else
 #include <cuda_runtime_api.h>
+#endif
 
 namespace ccam {
 
@@ -57,6 +62,15 @@ constexpr int padded_head_dim(int d) { return d <= 32 ? 32 : d <= 64 ? 64 : d <=
 // Key-tile width of the forward and dK/dV passes (the host's tile plan uses it too).
 constexpr int kFwdBlockN = 64;
 constexpr int kBwdKeyTile = 64;
+
+// A kernel's launch: grid, threads per block, dynamic shared memory. Computed by one constexpr
+// helper per kernel (fwd_geometry, dq_geometry, dkdv_geometry) that the launchers call in both
+// the GPU and the emulation build (launch.cuh), so the two cannot drift.
+struct Geometry {
+  const char* kernel;
+  unsigned grid_x, grid_y, grid_z;
+  int threads, smem_bytes;
+};
 
 template <typename T, int DP> cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream);
 template <typename T, int DP> cudaError_t launch_bwd_dq(const BwdParams& p, cudaStream_t stream);

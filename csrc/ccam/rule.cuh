@@ -3,6 +3,7 @@
 // f is seen by the rows i >= ceil(f*N/T) (none when that is N: possible when T > N).
 #pragma once
 
+#include "mma.cuh"
 #include "params.h"
 
 namespace ccam {
@@ -20,7 +21,7 @@ struct Sample {
 };
 
 __device__ __forceinline__ Sample sample_of(const AttentionShape& p, int b) {
-  return Sample{p.num_query, p.tokens_per_frame, p.frames[b]};
+  return Sample{p.num_query, p.tokens_per_frame, load(p.frames + b)};
 }
 
 // What a CTA of a (B*H, query tiles[, splits]) grid owns: its sample, head and kv head, its

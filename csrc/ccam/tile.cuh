@@ -109,9 +109,9 @@ __device__ __forceinline__ void store_strip(Out* base, int64_t row_stride, int64
       const float x0 = acc[j][2 * half] * mul, x1 = acc[j][2 * half + 1] * mul;
       Out* dst = base + row * row_stride + col;
       if constexpr (sizeof(Out) == 4) {
-        *reinterpret_cast<float2*>(dst) = make_float2(x0, x1);
+        store(reinterpret_cast<float2*>(dst), make_float2(x0, x1));
       } else {
-        *reinterpret_cast<uint32_t*>(dst) = Mma<Out>::pack(x0, x1);
+        store(reinterpret_cast<uint32_t*>(dst), Mma<Out>::pack(x0, x1));
       }
     }
   }

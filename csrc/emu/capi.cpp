@@ -1,0 +1,283 @@
+// A C interface to the emulator for tests without torch (tests/emu_lib.py loads it with
+// ctypes): the three kernels on raw buffers, each emulated instruction on its own, and probes
+// that must make the emulator report an error. Built by g++ alone (seconds), so the mutation
+// tests can compile a changed copy of the kernel sources cheaply.
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../ccam/bwd.cuh"
+#include "../ccam/fwd.cuh"
+#include "runtime.h"
+
+extern "C" {
+
+struct EmuTensor {
+  void* data;
+  int64_t elem_size;
+  int32_t ndim;
+  int32_t writable;
+  int64_t sizes[5];
+  int64_t strides[5];
+};
+
+struct EmuProblem {
+  int32_t bf16, batch, num_query, heads, group, tokens_per_frame, head_dim, num_splits, schedule;
+  float scale;
+  uint64_t seed;
+};
+
+}  // extern "C"
+
+namespace {
+
+int report(const std::exception& e, char* err, int errlen) {
+  std::snprintf(err, errlen, "%s", e.what());
+  return 1;
+}
+
+std::vector<ccam_emu::Region> regions(const EmuTensor* t, int n, const char* const* names) {
+  std::vector<ccam_emu::Region> out;
+  for (int i = 0; i < n; ++i) {
+    ccam_emu::Region r;
+    r.name = names[i];
+    r.data = t[i].data;
+    r.elem_size = t[i].elem_size;
+    r.sizes.assign(t[i].sizes, t[i].sizes + t[i].ndim);
+    r.strides.assign(t[i].strides, t[i].strides + t[i].ndim);
+    r.writable = t[i].writable;
+    out.push_back(r);
+    if (r.writable) {  // outputs start NaN (contiguous outputs only)
+      int64_t numel = 1;
+      for (int d = 0; d < t[i].ndim; ++d) numel *= t[i].sizes[d];
+      std::memset(t[i].data, 0xFF, numel * t[i].elem_size);
+    }
+  }
+  return out;
+}
+
+ccam::AttentionShape shape_of(const EmuProblem& pb, const EmuTensor& q, const EmuTensor& k, const EmuTensor& v,
+                              const EmuTensor& frames, const EmuTensor& key_start) {
+  ccam::AttentionShape s{};
+  s.frames = static_cast<const int64_t*>(frames.data);
+  s.key_start = static_cast<const int64_t*>(key_start.data);
+  s.batch = pb.batch, s.num_query = pb.num_query, s.heads = pb.heads, s.group = pb.group;
+  s.tokens_per_frame = pb.tokens_per_frame, s.head_dim = pb.head_dim;
+  const int d = q.ndim;
+  s.q_stride_b = d == 4 ? q.strides[0] : 0;
+  s.q_stride_n = q.strides[d - 3], s.q_stride_h = q.strides[d - 2];
+  s.k_stride_l = k.strides[0], s.k_stride_h = k.strides[1];
+  s.v_stride_l = v.strides[0], s.v_stride_h = v.strides[1];
+  s.scale_log2 = static_cast<float>(pb.scale * 1.4426950408889634);
+  return s;
+}
+
+template <typename F>
+cudaError_t dispatch(const EmuProblem& pb, F f) {
+  const int dp = ccam::padded_head_dim(pb.head_dim);
+  auto by_dim = [&](auto t) -> cudaError_t {
+    using T = decltype(t);
+    switch (dp) {
+      case 32: return f(T{}, std::integral_constant<int, 32>{});
+      case 64: return f(T{}, std::integral_constant<int, 64>{});
+#ifndef CCAM_EMU_HEAD_DIMS_32_64
+      case 96: return f(T{}, std::integral_constant<int, 96>{});
+      case 128: return f(T{}, std::integral_constant<int, 128>{});
+#endif
+      default: throw ccam_emu::Error("this emulator build has no kernels for head dim " + std::to_string(pb.head_dim));
+    }
+  };
+  return pb.bf16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});
+}
+
+ccam_emu::Schedule schedule_of(const EmuProblem& pb) { return {pb.schedule, pb.seed}; }
+
+}  // namespace
+
+extern "C" {
+
+// Tensors: q, k, v, frames, key_start, out, lse.
+int ccam_emu_fwd(const EmuProblem* pb, const EmuTensor* t, char* err, int errlen) {
+  try {
+    static const char* names[] = {"q", "k", "v", "frames", "key_start", "out", "lse"};
+    ccam::FwdParams p{};
+    static_cast<ccam::AttentionShape&>(p) = shape_of(*pb, t[0], t[1], t[2], t[3], t[4]);
+    p.q = t[0].data, p.k = t[1].data, p.v = t[2].data;
+    const int64_t N = pb->num_query, H = pb->heads, D = pb->head_dim;
+    p.o_stride_b = N * H * D, p.o_stride_n = H * D, p.o_stride_h = D;
+    p.num_splits = pb->num_splits;
+    if (p.num_splits > 1)
+      p.out_partial = static_cast<float*>(t[5].data);
+    else
+      p.out = t[5].data;
+    p.lse = static_cast<float*>(t[6].data);
+    ccam_emu::LaunchScope scope(regions(t, 7, names), schedule_of(*pb));
+    dispatch(*pb, [&](auto dtype, auto width) { return ccam::launch_fwd<decltype(dtype), decltype(width)::value>(p, nullptr); });
+    return 0;
+  } catch (const std::exception& e) {
+    return report(e, err, errlen);
+  }
+}
+
+ccam::BwdParams bwd_params(const EmuProblem& pb, const EmuTensor* t) {
+  ccam::BwdParams p{};
+  static_cast<ccam::AttentionShape&>(p) = shape_of(pb, t[1], t[2], t[3], t[6], t[7]);
+  p.dout = t[0].data, p.q = t[1].data, p.k = t[2].data, p.v = t[3].data;
+  p.do_stride_b = t[0].strides[0], p.do_stride_n = t[0].strides[1], p.do_stride_h = t[0].strides[2];
+  p.lse = static_cast<const float*>(t[4].data), p.delta = static_cast<const float*>(t[5].data);
+  p.scale = pb.scale;
+  return p;
+}
+
+// Tensors: dout, q, k, v, lse, delta, frames, key_start, dq_rows.
+int ccam_emu_bwd_dq(const EmuProblem* pb, const EmuTensor* t, char* err, int errlen) {
+  try {
+    static const char* names[] = {"dout", "q", "k", "v", "lse", "delta", "frames", "key_start", "dq_rows"};
+    ccam::BwdParams p = bwd_params(*pb, t);
+    p.dq_rows = static_cast<float*>(t[8].data);
+    ccam_emu::LaunchScope scope(regions(t, 9, names), schedule_of(*pb));
+    dispatch(*pb, [&](auto dtype, auto width) { return ccam::launch_bwd_dq<decltype(dtype), decltype(width)::value>(p, nullptr); });
+    return 0;
+  } catch (const std::exception& e) {
+    return report(e, err, errlen);
+  }
+}
+
+// Tensors: dout, q, k, v, lse, delta, frames, key_start, tile_sample, tile_start, dk, dv.
+int ccam_emu_bwd_dkdv(const EmuProblem* pb, const EmuTensor* t, char* err, int errlen) {
+  try {
+    static const char* names[] = {"dout", "q", "k", "v", "lse", "delta", "frames", "key_start", "tile_sample",
+                                  "tile_start", "dk", "dv"};
+    ccam::BwdParams p = bwd_params(*pb, t);
+    p.tile_sample = static_cast<const int64_t*>(t[8].data), p.tile_start = static_cast<const int64_t*>(t[9].data);
+    p.num_key_tiles = static_cast<int>(t[8].sizes[0]);
+    p.dk = t[10].data, p.dv = t[11].data;
+    p.dk_stride_l = t[10].strides[0], p.dk_stride_h = t[10].strides[1];
+    p.dv_stride_l = t[11].strides[0], p.dv_stride_h = t[11].strides[1];
+    ccam_emu::LaunchScope scope(regions(t, 12, names), schedule_of(*pb));
+    if (p.num_key_tiles == 0) return 0;
+    dispatch(*pb, [&](auto dtype, auto width) { return ccam::launch_bwd_dkdv<decltype(dtype), decltype(width)::value>(p, nullptr); });
+    return 0;
+  } catch (const std::exception& e) {
+    return report(e, err, errlen);
+  }
+}
+
+// ---- single instructions, each run by one warp (a 32-thread CTA) ----
+
+static int one_warp(int smem_bytes, const std::function<void()>& body, char* err, int errlen) {
+  try {
+    ccam_emu::run_grid({"probe", 1, 1, 1, 32, smem_bytes}, {}, {}, body);
+    return 0;
+  } catch (const std::exception& e) {
+    return report(e, err, errlen);
+  }
+}
+
+// a: (32, 4) registers, b: (32, 2), c: (32, 4) floats in, d: (32, 4) floats out.
+int ccam_emu_mma(int bf16, const uint32_t* a, const uint32_t* b, const float* c, float* d, char* err, int errlen) {
+  return one_warp(0, [&] {
+    const int l = threadIdx.x;
+    const uint32_t ar[4] = {a[4 * l], a[4 * l + 1], a[4 * l + 2], a[4 * l + 3]};
+    float acc[4] = {c[4 * l], c[4 * l + 1], c[4 * l + 2], c[4 * l + 3]};
+    if (bf16)
+      ccam::Mma<__nv_bfloat16>::run(acc, ar, b[2 * l], b[2 * l + 1]);
+    else
+      ccam::Mma<__half>::run(acc, ar, b[2 * l], b[2 * l + 1]);
+    std::memcpy(d + 4 * l, acc, 16);
+  }, err, errlen);
+}
+
+// smem: n 16-bit words stored into shared memory (by the warp, then a barrier); offsets: the
+// element offset of each lane's row address; out: (32, 4) registers.
+int ccam_emu_ldmatrix(int trans, const uint16_t* smem, int n, const int32_t* offsets, uint32_t* out, char* err,
+                      int errlen) {
+  return one_warp(2 * n, [&] {
+    const int l = threadIdx.x;
+    auto* s = reinterpret_cast<uint16_t*>(ccam::smem_bytes);
+    for (int i = l; i < n; i += 32) ccam::store(s + i, smem[i]);
+    __syncthreads();
+    uint32_t r[4];
+    if (trans)
+      ccam::ldmatrix_x4_trans(r, s + offsets[l]);
+    else
+      ccam::ldmatrix_x4(r, s + offsets[l]);
+    std::memcpy(out + 4 * l, r, 16);
+  }, err, errlen);
+}
+
+// Lane 0 copies `groups` chunks of 8 halves from src (valid[g] == 0: a zero-fill copy), one
+// commit_group per chunk, then waits with cp.async.wait_group `pending` and reads every chunk
+// back into seen. The other lanes do nothing.
+int ccam_emu_cp_async(const uint16_t* src, const int32_t* valid, int groups, int pending, uint16_t* seen, char* err,
+                      int errlen) {
+  std::vector<ccam_emu::Region> regs(1);
+  regs[0].name = "src", regs[0].data = src, regs[0].elem_size = 2, regs[0].sizes = {groups, 8}, regs[0].strides = {8, 1};
+  try {
+    ccam_emu::run_grid({"probe", 1, 1, 1, 32, 16 * groups}, regs, {}, [&] {
+      if (threadIdx.x != 0) return;
+      auto* s = reinterpret_cast<uint16_t*>(ccam::smem_bytes);
+      for (int g = 0; g < groups; ++g) {
+        ccam::cp_async_16(s + 8 * g, src + 8 * g, valid[g] != 0);
+        ccam::cp_async_commit();
+      }
+      switch (pending) {
+        case 0: ccam::cp_async_wait<0>(); break;
+        case 1: ccam::cp_async_wait<1>(); break;
+        case 2: ccam::cp_async_wait<2>(); break;
+        default: ccam::cp_async_wait<3>(); break;
+      }
+      for (int i = 0; i < 8 * groups; ++i) seen[i] = ccam::load(s + i);
+    });
+    return 0;
+  } catch (const std::exception& e) {
+    return report(e, err, errlen);
+  }
+}
+
+int ccam_emu_ex2(const float* x, float* y, int n) {
+  for (int i = 0; i < n; ++i) y[i] = ccam::exp2_approx(x[i]);
+  return 0;
+}
+
+// op 0: __shfl_xor_sync(full, x, lane_mask); 1: quad_max; 2: quad_sum. x, y: 32 floats.
+int ccam_emu_shuffle(int op, int lane_mask, const float* x, float* y, char* err, int errlen) {
+  return one_warp(0, [&] {
+    const int l = threadIdx.x;
+    y[l] = op == 0 ? __shfl_xor_sync(0xffffffffu, x[l], lane_mask) : op == 1 ? ccam::quad_max(x[l]) : ccam::quad_sum(x[l]);
+  }, err, errlen);
+}
+
+// Kernels that break a rule; each must end in an emulator error:
+// 0 two threads write one shared word with no barrier between; 1 a write then another
+// thread's read in the same barrier interval; 2 a read past the dynamic shared memory; 3 a
+// global read outside every tensor; 4 lanes of one warp at different collectives; 5 half the
+// CTA at a barrier, half exited; 6 a write into a read-only tensor; 7 a shuffle with a partial mask.
+int ccam_emu_fault(int which, char* err, int errlen) {
+  static float input[4] = {1, 2, 3, 4};
+  std::vector<ccam_emu::Region> regs(1);
+  regs[0].name = "input", regs[0].data = input, regs[0].elem_size = 4, regs[0].sizes = {4}, regs[0].strides = {1};
+  try {
+    ccam_emu::run_grid({"fault", 1, 1, 1, 64, 256}, regs, {}, [&] {
+      auto* s = reinterpret_cast<float*>(ccam::smem_bytes);
+      const int t = threadIdx.x;
+      switch (which) {
+        case 0: if (t == 3 || t == 40) ccam::store(s + 5, float(t)); break;
+        case 1: if (t == 1) ccam::store(s, 1.f); if (t == 2) (void)ccam::load(s); break;
+        case 2: if (t == 0) (void)ccam::load(s + 64); break;
+        case 3: if (t == 0) (void)ccam::load(input + 4); break;
+        case 4: if (t % 32 < 16) (void)__shfl_xor_sync(0xffffffffu, 1.f, 1); else (void)ccam::quad_sum(1.f); break;
+        case 5: if (t < 32) __syncthreads(); break;
+        case 6: if (t == 0) ccam::store(input + 1, 5.f); break;
+        case 7: (void)__shfl_xor_sync(0xffffu, 1.f, 1); break;
+        default: break;
+      }
+    });
+    return 0;
+  } catch (const std::exception& e) {
+    return report(e, err, errlen);
+  }
+}
+
+}  // extern "C"

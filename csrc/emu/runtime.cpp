@@ -1,0 +1,508 @@
+// The emulator's machine (see runtime.h): fibers, the CTA scheduler, barriers, warp
+// collectives, the memory checks and the shared-memory race checker.
+#include "runtime.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <numeric>
+#include <random>
+#include <sstream>
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+// The kernels' `extern __shared__ unsigned char smem_bytes[]`: one buffer, reused by every CTA
+// (they run one after another).
+namespace ccam {
+alignas(128) unsigned char smem_bytes[ccam_emu::kMaxSmemBytes];
+}
+
+namespace ccam_emu {
+
+Thread* g_current_thread = nullptr;
+Cta g_cta;
+
+namespace {
+
+// ---- fibers ------------------------------------------------------------------------------
+// x86-64: a minimal switch (callee-saved registers, MXCSR and the x87 control word, then the
+// stack pointer): glibc's swapcontext makes a system call per switch, and a kernel run makes
+// millions. Other architectures use ucontext.
+#if defined(__x86_64__)
+extern "C" void ccam_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+.text
+.p2align 4
+.globl ccam_emu_switch
+.hidden ccam_emu_switch
+.type ccam_emu_switch,@function
+ccam_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $16, %rsp
+  stmxcsr (%rsp)
+  fnstcw 8(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 8(%rsp)
+  addq $16, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size ccam_emu_switch, .-ccam_emu_switch
+)");
+
+struct Context {
+  void* sp = nullptr;
+};
+void make_context(Context& c, unsigned char* stack, size_t size, void (*entry)()) {
+  auto top = reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t(15);
+  auto* frame = reinterpret_cast<uint64_t*>(top - 80);  // 16-byte aligned: see the layout below
+  std::memset(frame, 0, 80);
+  uint32_t mxcsr;
+  uint16_t fpucw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  std::memcpy(&frame[0], &mxcsr, 4);
+  std::memcpy(&frame[1], &fpucw, 2);
+  // frame[2..7]: r15 r14 r13 r12 rbx rbp (zero); frame[8]: where `ret` goes; frame[9]: a null
+  // return address for the entry function, which never returns.
+  frame[8] = reinterpret_cast<uint64_t>(entry);
+  c.sp = frame;
+}
+void swap_context(Context& from, Context& to) { ccam_emu_switch(&from.sp, to.sp); }
+#else
+struct Context {
+  ucontext_t uc;
+};
+void make_context(Context& c, unsigned char* stack, size_t size, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+void swap_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+constexpr size_t kStackBytes = 256 << 10;
+
+unsigned char* new_stack() {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  void* mem = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (mem == MAP_FAILED) throw Error("ccam emulator: cannot map a fiber stack");
+  mprotect(mem, page, PROT_NONE);  // guard page: an overflow faults instead of corrupting
+  return static_cast<unsigned char*>(mem) + page;
+}
+
+// ---- CTA state -----------------------------------------------------------------------------
+enum class State { Runnable, Blocked, Done };
+
+struct Copy {
+  unsigned char* dst;
+  unsigned char data[16];
+};
+
+struct ThreadState : Thread {
+  Context ctx;
+  unsigned char* stack = nullptr;
+  State state = State::Runnable;
+  const char* waiting_at = "";
+  std::vector<Copy> open;                 // cp.async issued since the last commit_group
+  std::deque<std::vector<Copy>> groups;   // committed, oldest first
+};
+
+struct Warp {
+  int arrived = 0;
+  const char* kind = nullptr;
+  int param = 0;
+  int first_lane = 0;
+  unsigned char in[32][detail::kMaxIn];
+  unsigned char out[32][detail::kMaxOut];
+};
+
+// Race-checker shadow of one shared byte: the last writer and the readers in the current
+// barrier interval (epoch). Epochs are unique per CTA and per barrier, so nothing is reset.
+struct Shadow {
+  uint64_t w_epoch = 0, r_epoch = 0;
+  int32_t w_tid = -1, r_tid = -1, r_other = -1;
+  const char *w_what = "", *r_what = "";
+};
+
+struct Machine {
+  std::vector<ThreadState> threads;
+  std::vector<Warp> warps;
+  Context main;
+  const Geometry* geometry = nullptr;
+  const std::vector<Region>* regions = nullptr;
+  const std::function<void()>* body = nullptr;
+  int barrier_arrived = 0;
+  uint64_t epoch = 0;
+  std::string error;
+  int error_tid = -1;
+  std::vector<Shadow> shadow = std::vector<Shadow>(kMaxSmemBytes);
+};
+
+Machine M;
+std::mutex g_launch_mutex;
+std::vector<Region> g_regions;
+Schedule g_schedule;
+bool g_in_scope = false;
+
+ThreadState& cur() { return *static_cast<ThreadState*>(g_current_thread); }
+
+void yield_to_scheduler(ThreadState& t) { swap_context(t.ctx, M.main); }
+
+std::string dim_str(const Dim3& d) {
+  return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " + std::to_string(d.z) + ")";
+}
+
+[[noreturn]] void fail(const std::string& msg) { throw Error(msg); }
+
+void fiber_main() {
+  ThreadState& t = cur();
+  try {
+    (*M.body)();
+  } catch (const std::exception& e) {
+    if (M.error.empty()) {
+      M.error = e.what();
+      M.error_tid = t.tid;
+    }
+  }
+  t.state = State::Done;
+  if (M.error.empty()) {
+    const Warp& w = M.warps[t.tid / 32];
+    if (w.arrived > 0) {
+      M.error = "thread " + std::to_string(t.tid) + " exited while lanes of its warp wait at " + w.kind;
+      M.error_tid = t.tid;
+    } else if (M.barrier_arrived > 0) {
+      M.error = "thread " + std::to_string(t.tid) + " exited while " + std::to_string(M.barrier_arrived) +
+                " threads wait at __syncthreads";
+      M.error_tid = t.tid;
+    }
+  }
+  swap_context(t.ctx, M.main);
+  std::abort();  // never resumed
+}
+
+// Thread ids grouped by where they wait, for a deadlock message.
+std::string waiting_summary() {
+  std::ostringstream os;
+  const char* last = nullptr;
+  int from = -1;
+  auto flush = [&](int to) {
+    if (from >= 0) os << " threads " << from << "-" << to << " at " << last << ";";
+  };
+  for (auto& t : M.threads) {
+    const char* at = t.state == State::Done ? "exit" : t.waiting_at;
+    if (from < 0 || at != last) {
+      flush(t.tid - 1);
+      from = t.tid;
+      last = at;
+    }
+  }
+  flush(static_cast<int>(M.threads.size()) - 1);
+  return os.str();
+}
+
+void run_cta(const std::vector<int>& order) {
+  const int n = static_cast<int>(M.threads.size());
+  std::memset(ccam::smem_bytes, 0xFF, M.geometry->smem_bytes);  // NaN in fp16, bf16 and fp32
+  ++M.epoch;
+  M.barrier_arrived = 0;
+  for (auto& w : M.warps) w.arrived = 0;
+  for (auto& t : M.threads) {
+    t.state = State::Runnable;
+    t.waiting_at = "";
+    t.open.clear();
+    t.groups.clear();
+    make_context(t.ctx, t.stack, kStackBytes, fiber_main);
+  }
+  int done = 0;
+  while (done < n) {
+    bool ran = false;
+    for (int i : order) {
+      ThreadState& t = M.threads[i];
+      if (t.state != State::Runnable) continue;
+      g_current_thread = &t;
+      swap_context(M.main, t.ctx);
+      g_current_thread = nullptr;
+      ran = true;
+      if (!M.error.empty()) {
+        fail("ccam emulator: " + std::string(M.geometry->kernel) + " block " + dim_str(g_cta.block) + " thread " +
+             std::to_string(M.error_tid) + ": " + M.error);
+      }
+      if (t.state == State::Done) ++done;
+    }
+    if (!ran) {
+      fail("ccam emulator: " + std::string(M.geometry->kernel) + " block " + dim_str(g_cta.block) +
+           ": deadlock:" + waiting_summary());
+    }
+  }
+}
+
+}  // namespace
+
+Schedule schedule_from_env() {
+  Schedule s;
+  const char* env = std::getenv("CCAM_EMU_SCHEDULE");
+  if (!env || !*env || !std::strcmp(env, "linear")) return s;
+  const std::string v(env);
+  if (v == "reverse") {
+    s.order = 1;
+  } else if (v.rfind("random", 0) == 0) {
+    s.order = 2;
+    s.seed = v.size() > 7 && v[6] == ':' ? std::stoull(v.substr(7)) : 0;
+  } else {
+    fail("CCAM_EMU_SCHEDULE must be linear, reverse, random or random:SEED, got '" + v + "'");
+  }
+  return s;
+}
+
+void run_grid(const Geometry& g, const std::vector<Region>& regions, const Schedule& schedule,
+              const std::function<void()>& body) {
+  const std::string k = std::string("ccam emulator: ") + g.kernel + ": ";
+  if (g.threads <= 0 || g.threads > 1024 || g.threads % 32 != 0)
+    fail(k + "threads per block must be a multiple of 32 in 32..1024, got " + std::to_string(g.threads));
+  if (g.smem_bytes < 0 || g.smem_bytes > kMaxSmemBytes)
+    fail(k + "dynamic shared memory " + std::to_string(g.smem_bytes) + " B exceeds sm_80's " +
+         std::to_string(kMaxSmemBytes) + " B");
+  if (g.grid_x < 1 || g.grid_y < 1 || g.grid_z < 1 || g.grid_x > 0x7fffffffu || g.grid_y > 65535 ||
+      g.grid_z > 65535)
+    fail(k + "invalid grid (" + std::to_string(g.grid_x) + ", " + std::to_string(g.grid_y) + ", " +
+         std::to_string(g.grid_z) + ")");
+  M.geometry = &g;
+  M.regions = &regions;
+  M.body = &body;
+  M.error.clear();
+  M.error_tid = -1;
+  static std::vector<unsigned char*> stacks;  // kept for the process: one per thread ever used
+  while (static_cast<int>(stacks.size()) < g.threads) stacks.push_back(new_stack());
+  M.threads.resize(g.threads);
+  for (int i = 0; i < g.threads; ++i) {
+    M.threads[i].tid = i;
+    M.threads[i].idx = Dim3{unsigned(i), 0, 0};
+    M.threads[i].stack = stacks[i];
+  }
+  M.warps.assign(g.threads / 32, Warp{});
+
+  std::vector<Dim3> blocks;
+  blocks.reserve(size_t(g.grid_x) * g.grid_y * g.grid_z);
+  for (unsigned z = 0; z < g.grid_z; ++z)
+    for (unsigned y = 0; y < g.grid_y; ++y)
+      for (unsigned x = 0; x < g.grid_x; ++x) blocks.push_back(Dim3{x, y, z});
+  std::vector<int> order(g.threads);
+  std::iota(order.begin(), order.end(), 0);
+  std::mt19937_64 rng(schedule.seed);
+  if (schedule.order == 1) {
+    std::reverse(blocks.begin(), blocks.end());
+    std::reverse(order.begin(), order.end());
+  } else if (schedule.order == 2) {
+    std::shuffle(blocks.begin(), blocks.end(), rng);
+  }
+  g_cta.grid = Dim3{g.grid_x, g.grid_y, g.grid_z};
+  g_cta.block_dim = Dim3{unsigned(g.threads), 1, 1};
+  for (const Dim3& b : blocks) {
+    g_cta.block = b;
+    if (schedule.order == 2) std::shuffle(order.begin(), order.end(), rng);
+    run_cta(order);
+  }
+}
+
+LaunchScope::LaunchScope(std::vector<Region> regions, Schedule schedule) {
+  g_launch_mutex.lock();
+  g_regions = std::move(regions);
+  g_schedule = schedule;
+  g_in_scope = true;
+}
+LaunchScope::~LaunchScope() {
+  g_in_scope = false;
+  g_regions.clear();
+  g_launch_mutex.unlock();
+}
+
+void run_launch(const Geometry& g, const std::function<void()>& body) {
+  if (!g_in_scope) fail(std::string("ccam emulator: ") + g.kernel + " launched outside a LaunchScope");
+  run_grid(g, g_regions, g_schedule, body);
+}
+
+bool is_shared(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p), base = reinterpret_cast<uintptr_t>(ccam::smem_bytes);
+  return a >= base && a < base + kMaxSmemBytes;
+}
+
+namespace detail {
+
+int current_tid() { return cur().tid; }
+
+void shared_access(const void* p, size_t bytes, bool write, int tid, const char* what) {
+  const auto off = reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(ccam::smem_bytes);
+  if (!is_shared(p) || off + bytes > size_t(M.geometry->smem_bytes))
+    fail(std::string(what) + ": shared access of " + std::to_string(bytes) + " B at offset " +
+         std::to_string(static_cast<intptr_t>(off)) + " is outside the launch's " +
+         std::to_string(M.geometry->smem_bytes) + " B of dynamic shared memory");
+  if (reinterpret_cast<uintptr_t>(p) % std::min<size_t>(bytes, 16) != 0)
+    fail(std::string(what) + ": misaligned shared access of " + std::to_string(bytes) + " B at offset " +
+         std::to_string(off));
+  const uint64_t e = M.epoch;
+  for (size_t i = off; i < off + bytes; ++i) {
+    Shadow& s = M.shadow[i];
+    int other = -1;
+    const char *mine = write ? "write" : "read", *theirs = nullptr, *their_what = nullptr;
+    if (s.w_epoch == e && s.w_tid != tid) {
+      other = s.w_tid, theirs = "write", their_what = s.w_what;
+    } else if (write && s.r_epoch == e && (s.r_tid != tid || s.r_other >= 0)) {
+      other = s.r_tid != tid ? s.r_tid : s.r_other, theirs = "read", their_what = s.r_what;
+    }
+    if (other >= 0) {
+      fail("race on shared byte " + std::to_string(i) + ": thread " + std::to_string(other) + " " + theirs + " (" +
+           their_what + ") and thread " + std::to_string(tid) + " " + mine + " (" + what +
+           ") with no __syncthreads between");
+    }
+    if (write) {
+      s.w_epoch = e, s.w_tid = tid, s.w_what = what;
+    } else if (s.r_epoch != e) {
+      s.r_epoch = e, s.r_tid = tid, s.r_other = -1, s.r_what = what;
+    } else if (s.r_tid != tid) {
+      s.r_other = tid;
+    }
+  }
+}
+
+void global_access(const void* p, size_t bytes, bool write, const char* what) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  for (const Region& r : *M.regions) {
+    const auto base = reinterpret_cast<uintptr_t>(r.data);
+    if (a < base) continue;
+    const uintptr_t off = a - base;
+    if (off % r.elem_size) continue;
+    // Decompose the element offset over the dims, largest stride first.
+    int64_t rest = static_cast<int64_t>(off / r.elem_size), inner_index = -1, inner_size = 0;
+    std::vector<int> dims(r.sizes.size());
+    std::iota(dims.begin(), dims.end(), 0);
+    std::sort(dims.begin(), dims.end(), [&](int x, int y) { return r.strides[x] > r.strides[y]; });
+    bool ok = true;
+    for (int d : dims) {
+      if (r.sizes[d] <= 0) ok = false;
+      if (!ok || r.strides[d] <= 0 || r.sizes[d] == 1) continue;
+      const int64_t i = rest / r.strides[d];
+      if (i >= r.sizes[d]) ok = false;
+      rest -= i * r.strides[d];
+      if (r.strides[d] == 1) inner_index = i, inner_size = r.sizes[d];
+    }
+    if (!ok || rest != 0) continue;
+    const int64_t n = static_cast<int64_t>(bytes) / r.elem_size;
+    if (n > 1 && (inner_index < 0 || inner_index + n > inner_size))
+      fail(std::string(what) + ": " + std::to_string(bytes) + " B access runs past the end of a row of " + r.name);
+    if (a % std::min<size_t>(bytes, 16) != 0)
+      fail(std::string(what) + ": misaligned " + std::to_string(bytes) + " B access into " + r.name);
+    if (write && !r.writable) fail(std::string(what) + ": write into the read-only input " + r.name);
+    return;
+  }
+  fail(std::string(what) + ": " + (write ? "write" : "read") + " of " + std::to_string(bytes) +
+       " B at an address that is no element of any tensor of the launch");
+}
+
+void collective(const char* kind, int param, const void* in, size_t in_bytes, void* out, size_t out_bytes,
+                Compute compute) {
+  ThreadState& t = cur();
+  const int wi = t.tid / 32, lane = t.tid % 32;
+  Warp& w = M.warps[wi];
+  if (w.arrived == 0) {
+    w.kind = kind, w.param = param, w.first_lane = lane;
+  } else if (std::strcmp(w.kind, kind) != 0 || w.param != param) {
+    fail("divergent warp " + std::to_string(wi) + ": lane " + std::to_string(lane) + " is at " + kind + " (" +
+         std::to_string(param) + ") while lane " + std::to_string(w.first_lane) + " is at " + w.kind + " (" +
+         std::to_string(w.param) + ")");
+  }
+  std::memcpy(w.in[lane], in, in_bytes);
+  if (++w.arrived < 32) {
+    t.state = State::Blocked;
+    t.waiting_at = kind;
+    yield_to_scheduler(t);
+  } else {
+    compute(w.in, w.out, param);
+    w.arrived = 0;
+    for (int l = 0; l < 32; ++l)
+      if (l != lane) M.threads[wi * 32 + l].state = State::Runnable;
+  }
+  std::memcpy(out, w.out[lane], out_bytes);
+}
+
+}  // namespace detail
+
+void access(const void* p, size_t bytes, bool write, const char* what) {
+  if (is_shared(p))
+    detail::shared_access(p, bytes, write, cur().tid, what);
+  else
+    detail::global_access(p, bytes, write, what);
+}
+
+void syncthreads() {
+  ThreadState& t = cur();
+  if (++M.barrier_arrived < static_cast<int>(M.threads.size())) {
+    t.state = State::Blocked;
+    t.waiting_at = "__syncthreads";
+    yield_to_scheduler(t);
+  } else {
+    M.barrier_arrived = 0;
+    ++M.epoch;
+    for (auto& o : M.threads)
+      if (&o != &t) o.state = State::Runnable;
+  }
+}
+
+// ---- cp.async (PTX ISA 9.7.9.25 "cp.async", 9.7.9.26 cp.async.commit_group,
+// 9.7.9.27 cp.async.wait_group) ----
+// The copy is a write by the issuing thread both when issued (the destination is undefined
+// from then on: it holds NaN here) and when it lands, which is at the first wait_group that
+// covers its group, run by the same thread.
+void cp_async(void* smem, const void* gmem, bool valid) {
+  ThreadState& t = cur();
+  detail::shared_access(smem, 16, true, t.tid, "cp.async");
+  Copy c;
+  c.dst = static_cast<unsigned char*>(smem);
+  if (valid) {
+    detail::global_access(gmem, 16, false, "cp.async");
+    std::memcpy(c.data, gmem, 16);
+  } else {
+    std::memset(c.data, 0, 16);  // src-size 0: nothing read, zeros written
+  }
+  std::memset(smem, 0xFF, 16);
+  t.open.push_back(c);
+}
+
+void cp_async_commit() {
+  ThreadState& t = cur();
+  t.groups.push_back(std::move(t.open));
+  t.open.clear();
+}
+
+void cp_async_wait(int pending) {
+  ThreadState& t = cur();
+  while (static_cast<int>(t.groups.size()) > pending) {
+    for (const Copy& c : t.groups.front()) {
+      detail::shared_access(c.dst, 16, true, t.tid, "cp.async landing at wait_group");
+      std::memcpy(c.dst, c.data, 16);
+    }
+    t.groups.pop_front();
+  }
+}
+
+}  // namespace ccam_emu

@@ -1,0 +1,167 @@
+"""The CPU emulator's C interface (csrc/emu/capi.cpp) through ctypes, for the emulator's own
+tests: build a library from a copy of csrc/ (possibly mutated), run each kernel on torch CPU
+tensors, run single instructions and fault probes. No torch headers: a build takes seconds."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import torch
+
+from ccam_kernels.backends import tiling
+
+CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = ("emu/capi.cpp", "emu/runtime.cpp", "emu/ptx.cpp")
+
+
+class EmuTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("elem_size", ctypes.c_int64), ("ndim", ctypes.c_int32),
+                ("writable", ctypes.c_int32), ("sizes", ctypes.c_int64 * 5), ("strides", ctypes.c_int64 * 5)]
+
+
+class EmuProblem(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int32) for n in ("bf16", "batch", "num_query", "heads", "group", "tokens_per_frame",
+                                                "head_dim", "num_splits", "schedule")] + [
+        ("scale", ctypes.c_float), ("seed", ctypes.c_uint64)]
+
+
+def csrc_copy(dest: pathlib.Path, replace: dict | None = None) -> pathlib.Path:
+    """Copy csrc/ccam and csrc/emu to dest; replace: {relative path: (old, new)}, each old text
+    must occur (a mutation that no longer applies fails loudly)."""
+    for sub in ("ccam", "emu"):
+        shutil.copytree(CSRC / sub, dest / sub, dirs_exist_ok=True)
+    for rel, (old, new) in (replace or {}).items():
+        path = dest / rel
+        text = path.read_text()
+        assert old in text, f"mutation target not found in {rel}: {old!r}"
+        path.write_text(text.replace(old, new, 1))
+    return dest
+
+
+def build(src: pathlib.Path, out: pathlib.Path, small: bool = True) -> pathlib.Path:
+    """g++ the C interface from src (a csrc-like tree); small: head dims 32 and 64 only."""
+    flags = ["-std=c++20", "-O1", "-DCCAM_EMULATE", "-shared", "-fPIC"] + (["-DCCAM_EMU_HEAD_DIMS_32_64"] if small else [])
+    subprocess.run([os.environ.get("CXX", "g++"), *flags, *(str(src / s) for s in SOURCES), "-o", str(out)],
+                   check=True, capture_output=True, text=True)
+    return out
+
+
+def cached_library(small: bool = True) -> "Emu":
+    """The unmutated library, built once per source state (keyed by a hash of the sources)."""
+    digest = hashlib.sha256()
+    for sub in ("ccam", "emu"):
+        for p in sorted((CSRC / sub).iterdir()):
+            digest.update(p.name.encode() + p.read_bytes())
+    cache = pathlib.Path(os.environ.get("CCAM_EMU_CACHE", pathlib.Path(tempfile.gettempdir()) / "ccam_emu_capi"))
+    cache.mkdir(parents=True, exist_ok=True)
+    lib = cache / f"libccam_emu_{digest.hexdigest()[:16]}_{int(small)}.so"
+    if not lib.exists():
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        build(CSRC, tmp, small)
+        tmp.replace(lib)
+    return Emu(lib)
+
+
+def _tensor(x: torch.Tensor, writable: bool = False) -> EmuTensor:
+    t = EmuTensor()
+    t.data, t.elem_size, t.ndim, t.writable = x.data_ptr(), x.element_size(), x.dim(), int(writable)
+    for i, (n, s) in enumerate(zip(x.shape, x.stride())):
+        t.sizes[i], t.strides[i] = n, s
+    return t
+
+
+class EmulatorError(RuntimeError):
+    pass
+
+
+class Emu:
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        self.lib = ctypes.CDLL(str(path))
+
+    def _call(self, fn, *args):
+        err = ctypes.create_string_buffer(4096)
+        if getattr(self.lib, fn)(*args, err, len(err)):
+            raise EmulatorError(err.value.decode())
+
+    def _problem(self, q, k, counts, P, scale, splits, schedule, seed):
+        N, H, D = q.shape[-3:]
+        return EmuProblem(bf16=int(q.dtype == torch.bfloat16), batch=len(counts), num_query=N, heads=H,
+                          group=H // k.shape[1], tokens_per_frame=P, head_dim=D, num_splits=splits,
+                          schedule=schedule, scale=scale, seed=seed)
+
+    def _run(self, fn, pb, tensors):
+        arr = (EmuTensor * len(tensors))(*(_tensor(x, w) for x, w in tensors))
+        self._call(fn, ctypes.byref(pb), arr)
+
+    def forward(self, q, k, v, counts, P, scale, splits=1, schedule=0, seed=0):
+        """(out (B, N, H, D) in q's dtype or (S, B, N, H, D) float32 partials, lse)."""
+        N, H, D = q.shape[-3:]
+        B = len(counts)
+        frames, key_start, _, _ = tiling.plan(counts, P, 64, q.device)
+        out = torch.empty(*((splits,) if splits > 1 else ()), B, N, H, D,
+                          dtype=torch.float32 if splits > 1 else q.dtype)
+        lse = torch.empty(*((splits,) if splits > 1 else ()), B, H, N)
+        pb = self._problem(q, k, counts, P, scale, splits, schedule, seed)
+        self._run("ccam_emu_fwd", pb, [(q, 0), (k, 0), (v, 0), (frames, 0), (key_start, 0), (out, 1), (lse, 1)])
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, counts, P, scale, schedule=0, seed=0):
+        """(dq_rows (B, N, H, D) float32, dk, dv)."""
+        frames, key_start, tile_sample, tile_start = tiling.plan(counts, P, 64, q.device)
+        delta = tiling.softmax_delta(dout, out)
+        dq_rows = torch.empty(len(counts), *q.shape[-3:])
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        pb = self._problem(q, k, counts, P, scale, 1, schedule, seed)
+        common = [(dout, 0), (q, 0), (k, 0), (v, 0), (lse, 0), (delta, 0), (frames, 0), (key_start, 0)]
+        self._run("ccam_emu_bwd_dq", pb, common + [(dq_rows, 1)])
+        self._run("ccam_emu_bwd_dkdv", pb, common + [(tile_sample, 0), (tile_start, 0), (dk, 1), (dv, 1)])
+        return dq_rows, dk, dv
+
+    # single instructions
+    def mma(self, a, b, c, bf16):
+        """a: (32, 4) uint32 registers as int64, b: (32, 2), c: (32, 4) float32 -> d (32, 4)."""
+        a32 = (ctypes.c_uint32 * 128)(*a.flatten().tolist())
+        b32 = (ctypes.c_uint32 * 64)(*b.flatten().tolist())
+        c = c.float().contiguous()
+        d = torch.empty(32, 4)
+        self._call("ccam_emu_mma", int(bf16), a32, b32, ctypes.c_void_p(c.data_ptr()), ctypes.c_void_p(d.data_ptr()))
+        return d
+
+    def ldmatrix(self, smem_words, offsets, trans):
+        """smem_words: list of 16-bit ints; offsets: 32 element offsets -> (32, 4) registers."""
+        n = len(smem_words)
+        words = (ctypes.c_uint16 * n)(*smem_words)
+        offs = (ctypes.c_int32 * 32)(*offsets)
+        out = (ctypes.c_uint32 * 128)()
+        self._call("ccam_emu_ldmatrix", int(trans), words, n, offs, out)
+        return [list(out[4 * l:4 * l + 4]) for l in range(32)]
+
+    def cp_async(self, src_words, valid, pending):
+        groups = len(valid)
+        src = torch.tensor(src_words, dtype=torch.int16)
+        vals = (ctypes.c_int32 * groups)(*valid)
+        seen = (ctypes.c_uint16 * (8 * groups))()
+        self._call("ccam_emu_cp_async", ctypes.c_void_p(src.data_ptr()), vals, groups, pending, seen)
+        return list(seen)
+
+    def ex2(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().contiguous()
+        y = torch.empty_like(x)
+        self.lib.ccam_emu_ex2(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr()), x.numel())
+        return y
+
+    def shuffle(self, op, lane_mask, x):
+        x = x.float().contiguous()
+        y = torch.empty(32)
+        self._call("ccam_emu_shuffle", op, lane_mask, ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(y.data_ptr()))
+        return y
+
+    def fault(self, which):
+        self._call("ccam_emu_fault", which)

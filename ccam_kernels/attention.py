@@ -73,7 +73,7 @@ BACKENDS = {
                       refuses_inputs=tiling.refuses_head_dim,
                       refuses_dtype_on=triton_backend.refuses_dtype_on),
     "cuda": Backend("cuda", cuda_backend.ccam_attention_cuda, cuda_backend.why_unusable,
-                    devices_fn=lambda: ("cuda",), auto_devices=("cuda",),
+                    devices_fn=cuda_backend.devices, auto_devices=("cuda",),
                     refuses_inputs=tiling.refuses_head_dim,
                     refuses_dtype_on=cuda_backend.refuses_dtype_on),
 }
@@ -82,8 +82,8 @@ BACKENDS = {
 def available_backends() -> list[str]:
     """Backends usable on this machine, in "auto" preference order (for the current CUDA device
     when there is one), then "reference".
-    ("triton" counts as usable on CPU under TRITON_INTERPRET=1, for tests; "auto" still never
-    picks it for CPU tensors.)"""
+    ("triton" counts as usable on CPU under TRITON_INTERPRET=1, and "cuda" under
+    CCAM_CUDA_EMULATE=1, for tests; "auto" never picks either for CPU tensors.)"""
     usable = [name for name in device_order.auto_order() if BACKENDS[name].why_unusable() is None]
     return usable + ["reference"]
 

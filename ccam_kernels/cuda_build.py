@@ -236,6 +236,27 @@ def load(archs=None, verbose: bool = False):
              is_python_module=False, verbose=verbose)
 
 
+EMULATOR_SOURCES = ("emu/ccam_attention_emu.cpp", "emu/kernels.cpp", "emu/runtime.cpp", "emu/ptx.cpp")
+
+
+def load_emulator(verbose: bool = False):
+    """Build (once; cached in torch's default extension dir, rebuilt when a source changes)
+    and load the CPU emulation build of the kernels (csrc/emu): the ops cuda_fwd, cuda_bwd_dq
+    and cuda_bwd_dkdv for CPU tensors. g++ only, no CUDA; about a minute the first time."""
+    from torch.utils.cpp_extension import load as cpp_load
+
+    root = csrc_dir()
+    # The headers are not sources: name them in the flags' hash so that editing one rebuilds.
+    headers = sorted((root / "ccam").glob("*")) + sorted((root / "emu").glob("*.h")) + [root / "ccam_ops.h",
+                                                                                         root / "ccam_dispatch.h"]
+    import hashlib
+
+    digest = hashlib.sha256(b"".join(h.read_bytes() for h in headers)).hexdigest()[:16]
+    cpp_load(name="ccam_kernels_cuda_emulator", sources=[str(root / s) for s in EMULATOR_SOURCES],
+             extra_cflags=["-O2", "-std=c++20", "-DCCAM_EMULATE", f"-DCCAM_EMU_HEADERS={digest}"],
+             is_python_module=False, verbose=verbose)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ccam_kernels.cuda_build", description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="compile every source, no link; exit 1 on any error")

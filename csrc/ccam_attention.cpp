@@ -1,5 +1,6 @@
-// Host side of the "cuda" backend: argument checks, the dtype / head-dim dispatch to the
-// instantiated kernels, and the op registrations.
+// Host side of the "cuda" backend on the GPU: the CUDA Device (guard, stream, launch errors) for
+// the shared checks and op bodies of ccam_ops.h, and the op registrations. The CPU emulation
+// build (emu/ccam_attention_emu.cpp) pairs the same ccam_ops.h with an emulated Device.
 //
 // Registration: TORCH_LIBRARY_FRAGMENT (namespace ccam_kernels, shared with the Python-defined
 // ops), not pybind11: the ops go through the dispatcher with a schema, so torch.compile and
@@ -27,245 +28,33 @@
 #include <type_traits>
 
 #include "ccam/params.h"
+#include "ccam_dispatch.h"
 
 namespace ccam {
 namespace {
 
-#define CCAM_DTYPE_SWITCH(DTYPE, CTYPE, ...)                                                   \
-  [&] {                                                                                         \
-    if ((DTYPE) == at::kHalf) {                                                                 \
-      using CTYPE = __half;                                                                     \
-      return __VA_ARGS__();                                                                     \
-    }                                                                                           \
-    TORCH_CHECK_VALUE((DTYPE) == at::kBFloat16,                                                 \
-                      "ccam_kernels cuda: q must be float16 or bfloat16, got ", (DTYPE));       \
-    using CTYPE = __nv_bfloat16;                                                                \
-    return __VA_ARGS__();                                                                       \
-  }()
+struct Device {
+  static constexpr const char* kName = "CUDA";
+  static bool holds(const at::Tensor& x) { return x.is_cuda(); }
 
-#define CCAM_HEADDIM_SWITCH(HEAD_DIM, DP, ...)                                                 \
-  [&] {                                                                                         \
-    switch (padded_head_dim(HEAD_DIM)) {                                                        \
-      case 32: { constexpr int DP = 32; return __VA_ARGS__(); }                                 \
-      case 64: { constexpr int DP = 64; return __VA_ARGS__(); }                                 \
-      case 96: { constexpr int DP = 96; return __VA_ARGS__(); }                                 \
-      default: { constexpr int DP = 128; return __VA_ARGS__(); }                                \
-    }                                                                                           \
-  }()
-
-// Run launch(T{}, integral_constant<DP>{}, stream) for q's dtype and padded head dim, on q's
-// device and its current stream; a launch error raises.
-template <typename Launch>
-void launch_on(const at::Tensor& q, int head_dim, Launch launch) {
-  const c10::cuda::CUDAGuard guard(q.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const cudaError_t err = CCAM_DTYPE_SWITCH(q.scalar_type(), T, [&] {
-    return CCAM_HEADDIM_SWITCH(head_dim, DP, [&] { return launch(T{}, std::integral_constant<int, DP>{}, stream); });
-  });
-  C10_CUDA_CHECK(err);
-}
-
-// 16-byte cp.async loads: rows must start on 16-byte boundaries.
-void check_rows_aligned(const at::Tensor& x, const char* name) {
-  TORCH_CHECK_VALUE(x.stride(-1) == 1, "ccam_kernels cuda: ", name, " must have unit stride in the head dim, got strides ",
-                    x.strides());
-  for (int i = 0; i + 1 < x.dim(); ++i) {
-    TORCH_CHECK_VALUE(x.size(i) == 1 || x.stride(i) % 8 == 0, "ccam_kernels cuda: ", name,
-                      " strides must be multiples of 8 elements (16-byte aligned rows), got strides ", x.strides());
+  // Run launch(T{}, integral_constant<DP>{}, stream) for q's dtype and padded head dim, on q's
+  // device and its current stream; a launch error raises.
+  template <typename Launch>
+  static void launch(const at::Tensor& q, int head_dim, std::initializer_list<Buffer>, Launch launch) {
+    const c10::cuda::CUDAGuard guard(q.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const cudaError_t err = CCAM_DTYPE_SWITCH(q.scalar_type(), T, [&] {
+      return CCAM_HEADDIM_SWITCH(head_dim, DP, [&] { return launch(T{}, std::integral_constant<int, DP>{}, stream); });
+    });
+    C10_CUDA_CHECK(err);
   }
-  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "ccam_kernels cuda: ", name,
-                    " must start on a 16-byte boundary");
-}
+};
 
-void check_on(const at::Tensor& x, const char* name, const at::Tensor& q) {
-  TORCH_CHECK_VALUE(x.device() == q.device(), "ccam_kernels cuda: ", name, " must be on ", q.device(), " like q, got ",
-                    x.device());
-}
-
-// Checks shared by every op; fills the shape part of the parameters.
-AttentionShape check_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& frames,
-                             const at::Tensor& key_start, int64_t tokens_per_frame, double scale) {
-  TORCH_CHECK_VALUE(q.is_cuda(), "ccam_kernels cuda: q must be a CUDA tensor, got ", q.device());
-  TORCH_CHECK_VALUE(q.dim() == 3 || q.dim() == 4, "ccam_kernels cuda: q must be (B, N, H, D) or (N, H, D), got shape ",
-                    q.sizes());
-  TORCH_CHECK_VALUE(k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes(),
-                    "ccam_kernels cuda: k and v must both be (L, Hkv, D), got shapes ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK_VALUE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-                    "ccam_kernels cuda: q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
-                    ", ", v.scalar_type());
-  TORCH_CHECK_VALUE(frames.scalar_type() == at::kLong && key_start.scalar_type() == at::kLong && frames.dim() == 1 &&
-                        key_start.sizes() == frames.sizes(),
-                    "ccam_kernels cuda: frames and key_start must be int64 (B,), got ", frames.scalar_type(),
-                    frames.sizes(), " and ", key_start.scalar_type(), key_start.sizes());
-  for (auto* t : {&k, &v, &frames, &key_start}) check_on(*t, t == &k ? "k" : t == &v ? "v" : "frames/key_start", q);
-  const int64_t B = frames.size(0), N = q.size(-3), H = q.size(-2), D = q.size(-1), Hkv = k.size(1);
-  TORCH_CHECK_VALUE(B >= 1, "ccam_kernels cuda: frame_counts must not be empty");
-  TORCH_CHECK_VALUE(N >= 1, "ccam_kernels cuda: q must have at least one query, got shape ", q.sizes());
-  TORCH_CHECK_VALUE(q.dim() == 3 || q.size(0) == B, "ccam_kernels cuda: q has batch ", q.size(0), " but frame_counts has ",
-                    B, " samples");
-  TORCH_CHECK_VALUE(k.size(2) == D, "ccam_kernels cuda: k and v head dim must equal q's (", D, "), got ", k.size(2));
-  TORCH_CHECK_VALUE(D % 8 == 0 && D >= 16 && D <= 128,
-                    "ccam_kernels cuda: head dim must be a multiple of 8 from 16 to 128, got ", D);
-  TORCH_CHECK_VALUE(Hkv >= 1 && H % Hkv == 0, "ccam_kernels cuda: H (", H, ") must be a multiple of Hkv (", Hkv, ")");
-  TORCH_CHECK_VALUE(tokens_per_frame >= 1, "ccam_kernels cuda: tokens_per_frame must be >= 1, got ", tokens_per_frame);
-  TORCH_CHECK_VALUE(B * H <= INT32_MAX && N <= 65535 * 64, "ccam_kernels cuda: too many samples x heads or queries");
-  check_rows_aligned(q, "q");
-  check_rows_aligned(k, "k");
-  check_rows_aligned(v, "v");
-
-  AttentionShape s{};
-  s.frames = frames.data_ptr<int64_t>();
-  s.key_start = key_start.data_ptr<int64_t>();
-  s.batch = static_cast<int>(B);
-  s.num_query = static_cast<int>(N);
-  s.heads = static_cast<int>(H);
-  s.group = static_cast<int>(H / Hkv);
-  s.tokens_per_frame = static_cast<int>(tokens_per_frame);
-  s.head_dim = static_cast<int>(D);
-  s.q_stride_b = q.dim() == 4 ? q.stride(0) : 0;  // a shared q is read in place by every sample
-  s.q_stride_n = q.stride(-3);
-  s.q_stride_h = q.stride(-2);
-  s.k_stride_l = k.stride(0);
-  s.k_stride_h = k.stride(1);
-  s.v_stride_l = v.stride(0);
-  s.v_stride_h = v.stride(1);
-  s.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  return s;
-}
-
-void check_output(const at::Tensor& x, const char* name, at::IntArrayRef shape, at::ScalarType dtype,
-                  const at::Tensor& q) {
-  TORCH_CHECK_VALUE(x.sizes() == shape && x.scalar_type() == dtype, "ccam_kernels cuda: ", name, " must be ", dtype,
-                    shape, ", got ", x.scalar_type(), x.sizes());
-  TORCH_CHECK_VALUE(x.is_contiguous(), "ccam_kernels cuda: ", name, " must be contiguous");
-  check_on(x, name, q);
-}
-
-// out: (B, N, H, D) in q's dtype, or (S, B, N, H, D) float32 partials when num_splits > 1;
-// lse: (B, H, N), or (S, B, H, N), float32.
-void cuda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& frames,
-              const at::Tensor& key_start, int64_t tokens_per_frame, double scale, int64_t num_splits, at::Tensor& out,
-              at::Tensor& lse) {
-  FwdParams p{};
-  static_cast<AttentionShape&>(p) = check_problem(q, k, v, frames, key_start, tokens_per_frame, scale);
-  TORCH_CHECK_VALUE(num_splits >= 1 && num_splits <= 64, "ccam_kernels cuda: num_splits must be in 1..64, got ",
-                    num_splits);
-  const int64_t B = p.batch, N = p.num_query, H = p.heads, D = p.head_dim;
-  if (num_splits == 1) {
-    check_output(out, "out", {B, N, H, D}, q.scalar_type(), q);
-    check_output(lse, "lse", {B, H, N}, at::kFloat, q);
-    p.out = out.data_ptr();
-  } else {
-    check_output(out, "out", {num_splits, B, N, H, D}, at::kFloat, q);
-    check_output(lse, "lse", {num_splits, B, H, N}, at::kFloat, q);
-    p.out_partial = out.data_ptr<float>();
-  }
-  p.o_stride_b = N * H * D;
-  p.o_stride_n = H * D;
-  p.o_stride_h = D;
-  p.lse = lse.data_ptr<float>();
-  p.num_splits = static_cast<int>(num_splits);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  launch_on(q, p.head_dim, [&](auto dtype, auto width, cudaStream_t stream) {
-    return launch_fwd<decltype(dtype), decltype(width)::value>(p, stream);
-  });
-}
-
-BwdParams bwd_params(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& frames,
-                     const at::Tensor& key_start, int64_t tokens_per_frame, double scale) {
-  BwdParams p{};
-  static_cast<AttentionShape&>(p) = check_problem(q, k, v, frames, key_start, tokens_per_frame, scale);
-  const int64_t B = p.batch, N = p.num_query, H = p.heads, D = p.head_dim;
-  TORCH_CHECK_VALUE(dout.dim() == 4 && dout.sizes() == at::IntArrayRef({B, N, H, D}) &&
-                        dout.scalar_type() == q.scalar_type(),
-                    "ccam_kernels cuda: dout must be ", q.scalar_type(), " (B, N, H, D) = ", at::IntArrayRef({B, N, H, D}),
-                    ", got ", dout.scalar_type(), dout.sizes());
-  check_on(dout, "dout", q);
-  check_rows_aligned(dout, "dout");
-  check_output(lse, "lse", {B, H, N}, at::kFloat, q);
-  check_output(delta, "delta", {B, H, N}, at::kFloat, q);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.dout = dout.data_ptr();
-  p.do_stride_b = dout.stride(0);
-  p.do_stride_n = dout.stride(1);
-  p.do_stride_h = dout.stride(2);
-  p.lse = lse.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.scale = static_cast<float>(scale);
-  return p;
-}
-
-// dq_rows: (B, N, H, D) float32, each sample's contribution (the caller sums them for a shared q).
-void cuda_bwd_dq(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& frames, const at::Tensor& key_start,
-                 int64_t tokens_per_frame, double scale, at::Tensor& dq_rows) {
-  BwdParams p = bwd_params(dout, q, k, v, lse, delta, frames, key_start, tokens_per_frame, scale);
-  check_output(dq_rows, "dq_rows", {p.batch, p.num_query, p.heads, p.head_dim}, at::kFloat, q);
-  p.dq_rows = dq_rows.data_ptr<float>();
-  launch_on(q, p.head_dim, [&](auto dtype, auto width, cudaStream_t stream) {
-    return launch_bwd_dq<decltype(dtype), decltype(width)::value>(p, stream);
-  });
-}
-
-// dk, dv: like k and v. tile_sample / tile_start: the (sample, first key) of every key tile of
-// kBwdKeyTile keys (ccam_kernels.backends.tiling.plan).
-void cuda_bwd_dkdv(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& frames,
-                   const at::Tensor& key_start, const at::Tensor& tile_sample, const at::Tensor& tile_start,
-                   int64_t tokens_per_frame, double scale, at::Tensor& dk, at::Tensor& dv) {
-  BwdParams p = bwd_params(dout, q, k, v, lse, delta, frames, key_start, tokens_per_frame, scale);
-  TORCH_CHECK_VALUE(tile_sample.scalar_type() == at::kLong && tile_start.scalar_type() == at::kLong &&
-                        tile_sample.dim() == 1 && tile_start.sizes() == tile_sample.sizes(),
-                    "ccam_kernels cuda: tile_sample and tile_start must be int64 (tiles,), got ",
-                    tile_sample.scalar_type(), tile_sample.sizes(), " and ", tile_start.scalar_type(),
-                    tile_start.sizes());
-  check_on(tile_sample, "tile_sample", q);
-  check_on(tile_start, "tile_start", q);
-  for (auto* g : {&dk, &dv}) {
-    const char* name = g == &dk ? "dk" : "dv";
-    TORCH_CHECK_VALUE(g->sizes() == k.sizes() && g->scalar_type() == k.scalar_type(), "ccam_kernels cuda: ", name,
-                      " must be shaped like k ", k.sizes(), ", got ", g->sizes());
-    check_on(*g, name, q);
-    // Stored as pairs of elements (32-bit stores).
-    TORCH_CHECK_VALUE(g->stride(-1) == 1 && g->stride(0) % 2 == 0 && g->stride(1) % 2 == 0 &&
-                          reinterpret_cast<uintptr_t>(g->data_ptr()) % 4 == 0,
-                      "ccam_kernels cuda: ", name, " must have unit stride in the head dim, even strides and a 4-byte "
-                      "aligned start, got strides ", g->strides());
-  }
-  p.tile_sample = tile_sample.data_ptr<int64_t>();
-  p.tile_start = tile_start.data_ptr<int64_t>();
-  p.num_key_tiles = static_cast<int>(tile_sample.size(0));
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.dk_stride_l = dk.stride(0);
-  p.dk_stride_h = dk.stride(1);
-  p.dv_stride_l = dv.stride(0);
-  p.dv_stride_h = dv.stride(1);
-  if (p.num_key_tiles == 0) return;
-  launch_on(q, p.head_dim, [&](auto dtype, auto width, cudaStream_t stream) {
-    return launch_bwd_dkdv<decltype(dtype), decltype(width)::value>(p, stream);
-  });
-}
+#include "ccam_ops.h"
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(ccam_kernels, m) {
-  m.def(
-      "cuda_fwd(Tensor q, Tensor k, Tensor v, Tensor frames, Tensor key_start, int tokens_per_frame, float scale, "
-      "int num_splits, Tensor(a!) out, Tensor(b!) lse) -> ()");
-  m.def(
-      "cuda_bwd_dq(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, Tensor frames, "
-      "Tensor key_start, int tokens_per_frame, float scale, Tensor(a!) dq_rows) -> ()");
-  m.def(
-      "cuda_bwd_dkdv(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, Tensor frames, "
-      "Tensor key_start, Tensor tile_sample, Tensor tile_start, int tokens_per_frame, float scale, "
-      "Tensor(a!) dk, Tensor(b!) dv) -> ()");
-}
+TORCH_LIBRARY_FRAGMENT(ccam_kernels, m) { CCAM_DEFINE_OPS(m); }
 
 TORCH_LIBRARY_IMPL(ccam_kernels, CUDA, m) {
   m.impl("cuda_fwd", &cuda_fwd);

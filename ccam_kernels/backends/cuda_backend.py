@@ -11,6 +11,12 @@ fake implementations and autograd, so torch.compile traces through them).
 Kernels: mma.sync tensor cores with cp.async pipelines, float16 and bfloat16 (float32 is
 refused: it runs on "triton" or "torch"), head dims that are multiples of 8 from 16 to 128
 (run in kernels built for 32, 64, 96 or 128 columns, zero-padded), sm_80 and newer.
+
+With CCAM_CUDA_EMULATE=1 the same ops run on CPU tensors instead, on the CPU emulation build of
+the same kernel sources (csrc/emu, JIT-built with g++ at first use): every thread, barrier,
+warp collective and cp.async of the kernels is executed and checked. A correctness tool: slow,
+never picked by "auto", never timed by ccam-bench. It replaces the GPU build in that process
+(the two register the same op names).
 """
 
 from __future__ import annotations
@@ -35,6 +41,38 @@ BWD_KEY_TILE = 64  # ccam::kBwdKeyTile
 DTYPES = (torch.float16, torch.bfloat16)
 
 
+EMULATE_ENV = "CCAM_CUDA_EMULATE"
+
+
+def emulating() -> bool:
+    """CCAM_CUDA_EMULATE=1: the ops run on CPU tensors, on the CPU emulation build of the same
+    kernel sources (csrc/emu; a correctness tool: slow, never picked by "auto", never timed)."""
+    return os.environ.get(EMULATE_ENV, "") == "1"
+
+
+def devices() -> tuple:
+    return ("cpu",) if emulating() else ("cuda",)
+
+
+@functools.cache
+def _register_fakes() -> None:
+    for op in ("cuda_fwd", "cuda_bwd_dq", "cuda_bwd_dkdv"):  # they write their outputs in place
+        torch.library.register_fake(f"ccam_kernels::{op}")(lambda *args, **kwargs: None)
+
+
+@functools.cache
+def _emulator_error() -> Optional[str]:
+    """Build and load the emulation build once; None when its ops are registered, else why not."""
+    try:
+        from .. import cuda_build
+
+        cuda_build.load_emulator()
+    except Exception as exc:  # noqa: BLE001 - reported as the reason, with its message
+        return f"its CPU emulation build ({EMULATE_ENV}=1) failed: {exc}"
+    _register_fakes()
+    return None
+
+
 @functools.cache
 def _load_error() -> Optional[str]:
     """Load the extension once; None when its ops are registered, else why not."""
@@ -54,12 +92,13 @@ def _load_error() -> Optional[str]:
     if built:
         return (built + "; build it with CCAM_BUILD_CUDA=1 pip install --no-build-isolation -e . "
                 "(needs nvcc and a CUDA build of torch), or set CCAM_CUDA_JIT=1 to compile it at first use")
-    for op in ("cuda_fwd", "cuda_bwd_dq", "cuda_bwd_dkdv"):  # they write their outputs in place
-        torch.library.register_fake(f"ccam_kernels::{op}")(lambda *args, **kwargs: None)
+    _register_fakes()
     return None
 
 
 def why_unusable() -> Optional[str]:
+    if emulating():
+        return _emulator_error()
     if not torch.cuda.is_available():
         return "no CUDA device (the CUDA kernels run on NVIDIA GPUs, sm_80 and newer)"
     error = _load_error()

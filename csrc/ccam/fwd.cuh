@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
     lse[half] = l > 0.f ? (m_run[half] + __log2f(l)) * 0.6931471805599453f : -INFINITY;
   }
   const int64_t strip = m0 + warp * 16;
-  if (p.num_splits > 1) {
+  if (p.out_partial) {
     const int64_t split_elems = int64_t(p.batch) * p.o_stride_b;
     float* out = p.out_partial + blockIdx.z * split_elems + b * p.o_stride_b + h * p.o_stride_h;
     store_strip<float, DP>(out, p.o_stride_n, strip, N, p.head_dim, o, inv[0], inv[1]);

@@ -31,8 +31,9 @@ struct AttentionShape {
 
 struct FwdParams : AttentionShape {
   const void *q, *k, *v;
-  // num_splits == 1: out (B, N, H, D) in the inputs' dtype, lse (B, H, N) float32 (natural log).
-  // num_splits > 1: out_partial (S, B, N, H, D) float32 and lse (S, B, H, N), merged by the host.
+  // out (B, N, H, D) in the inputs' dtype, lse (B, H, N) float32 (natural log); or, when
+  // out_partial is set (always for num_splits > 1), out_partial (S, B, N, H, D) float32 and lse
+  // (S, B, H, N), merged by the host.
   void* out;
   float* out_partial;
   float* lse;

@@ -107,7 +107,7 @@ int ccam_emu_fwd(const EmuProblem* pb, const EmuTensor* t, char* err, int errlen
     const int64_t N = pb->num_query, H = pb->heads, D = pb->head_dim;
     p.o_stride_b = N * H * D, p.o_stride_n = H * D, p.o_stride_h = D;
     p.num_splits = pb->num_splits;
-    if (p.num_splits > 1)
+    if (t[5].ndim == 5)  // float32 partials (S, B, N, H, D)
       p.out_partial = static_cast<float*>(t[5].data);
     else
       p.out = t[5].data;

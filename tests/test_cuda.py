@@ -1,10 +1,15 @@
 """The "cuda" backend (csrc/ kernels) against the float64 oracle: forward and every gradient,
 the same cases as the Triton backend's tests, plus what is specific to these kernels (every
-padded head-dim instantiation, the 16-byte row alignment path, the C++ argument checks).
+padded head-dim instantiation, the 16-byte row alignment path, the C++ argument checks, block
+and thread schedules, the real geometry).
 
-Marked ``gpu``: they need a CUDA device and the built extension. Where the extension is not
-built they skip with the reason, unless CCAM_REQUIRE_CUDA_BACKEND=1 (the GPU suite sets it),
-which turns that skip into a failure."""
+Where there is no GPU, every test here runs on CPU tensors under the emulator
+(CCAM_CUDA_EMULATE=1, set per test: csrc/emu, built with g++ at first use), which executes
+every thread of the same kernel sources and checks barriers, warp collectives, cp.async
+waits, bounds and shared-memory races; an emulator that cannot be built fails these tests.
+On a GPU they run on the device and need the built extension: where it is not built they skip
+with the reason, unless CCAM_REQUIRE_CUDA_BACKEND=1 (the GPU suite sets it), which turns that
+skip into a failure."""
 
 import os
 
@@ -18,23 +23,29 @@ from conftest import rel_err
 from kernel_cases import CASES, check_against_oracle, check_deterministic, check_lse, make_inputs
 from oracle import attention_oracle
 
-pytestmark = pytest.mark.gpu
-
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
 DTYPES = [torch.float16, torch.bfloat16]
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # SPEC 3; gradients within twice that
 
 
 @pytest.fixture(autouse=True)
-def cuda_backend_here():
+def cuda_backend_here(monkeypatch):
+    if not GPU:
+        monkeypatch.setenv(cuda_backend.EMULATE_ENV, "1")
+        why = BACKENDS["cuda"].why_unusable()
+        if why:
+            pytest.fail(f"the cuda backend's CPU emulation is unusable: {why}")
+        return
     why = BACKENDS["cuda"].why_unusable()
-    if why and torch.cuda.is_available():
+    if why:
         if os.environ.get("CCAM_REQUIRE_CUDA_BACKEND") == "1":
             pytest.fail(f"the cuda backend is required here but unusable: {why}")
         pytest.skip(f"cuda backend unusable: {why}")
 
 
 def _inputs(N, H, Hkv, D, counts, P, shared, dtype, scale_q=1.0):
-    return make_inputs(N, H, Hkv, D, counts, P, shared, dtype, "cuda", scale_q)
+    return make_inputs(N, H, Hkv, D, counts, P, shared, dtype, DEVICE, scale_q)
 
 
 def _check(q, k, v, dout, counts, P, dtype, scale=None):
@@ -56,11 +67,34 @@ def test_cuda_every_head_dim(D):
     _check(*_inputs(150, 4, 2, D, counts, P, D % 16 == 0, torch.bfloat16), counts, P, torch.bfloat16)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_v12_shape(dtype):
-    """The v1.2 attention shape at 16 frames (N=1024, H=16, D=64, P=729) and a ragged pair."""
-    for counts in [(16,), (5, 12)]:
-        _check(*_inputs(1024, 16, 16, 64, counts, 729, True, dtype), counts, 729, dtype)
+def test_cuda_real_geometry_forward():
+    """One forward at the real geometry: N=1024 queries, P=729 tokens, D=64, 16 frames, one
+    head (test_gpu.py runs all 16 heads and the gradients on a GPU)."""
+    counts, P = (16,), 729
+    q, k, v, _ = _inputs(1024, 1, 1, 64, counts, P, True, torch.bfloat16)
+    out = ccam_attention(q, k, v, counts, P, backend="cuda")
+    assert rel_err(out, attention_oracle(q.double(), k.double(), v.double(), counts, P)) <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("schedule", ["reverse", "random:1", "random:2"])
+def test_cuda_block_and_thread_orders(schedule, monkeypatch):
+    """Other block orders (reversed, shuffled) and thread interleavings give the same bits as
+    the linear order, and pass the oracle. Emulator only: a GPU picks its own order."""
+    if GPU:
+        pytest.skip("the block and thread order is the emulator's choice (CCAM_EMU_SCHEDULE); a GPU has its own")
+    counts, P = (5, 3, 9), 11
+    q, k, v, dout = _inputs(70, 4, 2, 40, counts, P, False, torch.float16)
+    runs = []
+    for order in ("linear", schedule):
+        monkeypatch.setenv("CCAM_EMU_SCHEDULE", order)
+        if order != "linear":
+            _check(q.clone(), k.clone(), v.clone(), dout, counts, P, torch.float16)
+        x = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = ccam_attention(*x, counts, P, backend="cuda")
+        out.backward(dout)
+        runs.append([out.detach()] + [t.grad for t in x])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def test_cuda_large_logits():
@@ -83,13 +117,13 @@ def test_cuda_custom_scale_strided_and_misaligned_inputs():
     and k/v halves of one projection (the projector's layout) are read in place."""
     N, H, D, counts, P = 70, 2, 32, (3, 4), 6
     L = sum(counts) * P
-    q = torch.randn(H, N, D, device="cuda", dtype=torch.float16).transpose(0, 1)
-    kv = torch.randn(L, H, 2 * D, device="cuda", dtype=torch.float16)
+    q = torch.randn(H, N, D, device=DEVICE, dtype=torch.float16).transpose(0, 1)
+    kv = torch.randn(L, H, 2 * D, device=DEVICE, dtype=torch.float16)
     k, v = kv[..., :D], kv[..., D:]
     assert cuda_backend._rows_aligned(k) is k and cuda_backend._rows_aligned(v) is v
-    dout = torch.randn(len(counts), N, H, D, device="cuda", dtype=torch.float16)
+    dout = torch.randn(len(counts), N, H, D, device=DEVICE, dtype=torch.float16)
     _check(q, k, v, dout, counts, P, torch.float16, scale=0.3)
-    odd = torch.randn(L * H * D + 3, device="cuda", dtype=torch.float16)[3:].view(L, H, D)  # 6-byte offset
+    odd = torch.randn(L * H * D + 3, device=DEVICE, dtype=torch.float16)[3:].view(L, H, D)  # 6-byte offset
     assert cuda_backend._rows_aligned(odd) is not odd
     want = attention_oracle(q.double(), odd.double(), odd.double(), counts, P)
     assert rel_err(ccam_attention(q, odd, odd, counts, P, backend="cuda"), want) <= 2e-3
@@ -107,8 +141,8 @@ def test_cuda_lse_is_the_natural_log_sum_exp():
 
 
 def test_cuda_refuses_float32_and_odd_head_dims():
-    q = torch.randn(8, 2, 16, device="cuda")
-    k = torch.randn(6, 2, 16, device="cuda")
+    q = torch.randn(8, 2, 16, device=DEVICE)
+    k = torch.randn(6, 2, 16, device=DEVICE)
     with pytest.raises(RuntimeError, match="16-bit tensor cores"):
         ccam_attention(q, k, k, (2,), 3, backend="cuda")
     q, k = q[..., :12].half(), k[..., :12].half()
@@ -120,8 +154,8 @@ def test_cuda_ops_check_their_arguments():
     """The C++ ops check before launching (SPEC 4 style: the argument, the expectation, the value)."""
     q, k, v, _ = _inputs(32, 2, 2, 64, (2,), 8, True, torch.float16)
     frames, starts, _, _ = tiling.plan((2,), 8, 64, q.device)
-    out = torch.empty(1, 32, 2, 64, device="cuda", dtype=torch.float16)
-    lse = torch.empty(1, 2, 32, device="cuda")
+    out = torch.empty(1, 32, 2, 64, device=DEVICE, dtype=torch.float16)
+    lse = torch.empty(1, 2, 32, device=DEVICE)
     ops = torch.ops.ccam_kernels
     with pytest.raises(ValueError, match="k and v must both be"):
         ops.cuda_fwd(q, k[:, :, :32], v, frames, starts, 8, 0.1, 1, out, lse)
@@ -129,11 +163,16 @@ def test_cuda_ops_check_their_arguments():
         ops.cuda_fwd(q, k.bfloat16(), v, frames, starts, 8, 0.1, 1, out, lse)
     with pytest.raises(ValueError, match="lse must be"):
         ops.cuda_fwd(q, k, v, frames, starts, 8, 0.1, 1, out, lse[:, :1])
-    padded = torch.randn(k.shape[0], 2, 68, device="cuda", dtype=torch.float16)[..., :64]  # row stride 68
+    padded = torch.randn(k.shape[0], 2, 68, device=DEVICE, dtype=torch.float16)[..., :64]  # row stride 68
     with pytest.raises(ValueError, match="multiples of 8 elements"):
         ops.cuda_fwd(q, padded, padded, frames, starts, 8, 0.1, 1, out, lse)
-    with pytest.raises(ValueError, match="CUDA tensor"):
-        ops.cuda_fwd(q.cpu(), k, v, frames, starts, 8, 0.1, 1, out, lse)
+    with pytest.raises(ValueError, match="num_splits must be in 1..64"):
+        ops.cuda_fwd(q, k, v, frames, starts, 8, 0.1, 0, out, lse)
+    with pytest.raises(ValueError, match="head dim must be a multiple of 8"):
+        ops.cuda_fwd(q[..., :12], k[..., :12], v[..., :12], frames, starts, 8, 0.1, 1, out, lse)
+    if GPU:  # (under emulation a tensor on another device dispatches elsewhere: nothing to check)
+        with pytest.raises(ValueError, match="CUDA tensor"):
+            ops.cuda_fwd(q.cpu(), k, v, frames, starts, 8, 0.1, 1, out, lse)
 
 
 def test_cuda_opcheck_custom_op():
@@ -146,10 +185,10 @@ def test_cuda_opcheck_custom_op():
 def test_projector_compiles_through_cuda_without_graph_breaks():
     cfg = CCAMConfig(num_query=64, hidden_size=128, cross_hidden_size=96, num_heads=2, num_key_value_heads=2,
                      intermediate_size=192, output_size=80, attention_dropout=0.0, dropout=0.0)
-    proj = CCAMProjector(cfg, backend="cuda").cuda().half()
-    want = CCAMProjector(cfg, backend="reference").cuda().half()
+    proj = CCAMProjector(cfg, backend="cuda").to(DEVICE).half()
+    want = CCAMProjector(cfg, backend="reference").to(DEVICE).half()
     want.load_state_dict(proj.state_dict())
-    features = torch.randn(5, 11, 96, device="cuda", dtype=torch.float16, requires_grad=True)
+    features = torch.randn(5, 11, 96, device=DEVICE, dtype=torch.float16, requires_grad=True)
     compiled = torch.compile(proj, fullgraph=True, backend="aot_eager")  # fullgraph: a break raises
     out = compiled(features, [2, 3])
     assert rel_err(out, want(features, [2, 3])) <= 1e-2

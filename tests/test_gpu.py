@@ -138,3 +138,17 @@ def test_bench_case_on_cuda_every_contestant():
                 if row["status"] == "ok":
                     assert row["max_rel_err"] < 2e-2, row
                     assert row["median_ms"] > 0 and row["peak_mem_mb"] is not None and row["repeats"] == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_v12_shape_on_gpu(dtype):
+    """The cuda backend at the v1.2 attention shape at 16 frames (N=1024, H=16, D=64, P=729)
+    and a ragged pair, forward and gradients (moved from test_cuda.py, which runs on the CPU
+    emulator where there is no GPU: this size is for the device)."""
+    from kernel_cases import check_against_oracle, make_inputs
+
+    if "cuda" not in available_backends():
+        pytest.skip("the cuda backend is not built here")
+    for counts in [(16,), (5, 12)]:
+        q, k, v, dout = make_inputs(1024, 16, 16, 64, counts, 729, True, dtype, "cuda")
+        check_against_oracle("cuda", q, k, v, dout, counts, 729, dtype, TOLERANCE[dtype])

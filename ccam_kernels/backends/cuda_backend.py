@@ -60,17 +60,21 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"ccam_kernels::{op}")(lambda *args, **kwargs: None)
 
 
-@functools.cache
+_EMULATOR_STATE: dict = {}  # "error": the build's outcome, once (a plain dict: torch.compile traces through it)
+
+
 def _emulator_error() -> Optional[str]:
     """Build and load the emulation build once; None when its ops are registered, else why not."""
-    try:
-        from .. import cuda_build
+    if "error" not in _EMULATOR_STATE:
+        try:
+            from .. import cuda_build
 
-        cuda_build.load_emulator()
-    except Exception as exc:  # noqa: BLE001 - reported as the reason, with its message
-        return f"its CPU emulation build ({EMULATE_ENV}=1) failed: {exc}"
-    _register_fakes()
-    return None
+            cuda_build.load_emulator()
+            _register_fakes()
+            _EMULATOR_STATE["error"] = None
+        except Exception as exc:  # noqa: BLE001 - reported as the reason, with its message
+            _EMULATOR_STATE["error"] = f"its CPU emulation build ({EMULATE_ENV}=1) failed: {exc}"
+    return _EMULATOR_STATE["error"]
 
 
 @functools.cache

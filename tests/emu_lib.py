@@ -44,23 +44,53 @@ def csrc_copy(dest: pathlib.Path, replace: dict | None = None) -> pathlib.Path:
     return dest
 
 
+FLAGS = ["-std=c++20", "-O1", "-DCCAM_EMULATE", "-fPIC"]
+
+
+def _cache_dir() -> pathlib.Path:
+    cache = pathlib.Path(os.environ.get("CCAM_EMU_CACHE", pathlib.Path(tempfile.gettempdir()) / "ccam_emu_capi"))
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
+
+
+def _digest(*trees) -> str:
+    digest = hashlib.sha256()
+    for tree in trees:
+        for p in sorted(tree.iterdir()):
+            digest.update(p.name.encode() + p.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _gxx(args):
+    proc = subprocess.run([os.environ.get("CXX", "g++"), *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError("g++ failed:\n" + proc.stderr[-4000:])
+
+
+def machine_objects() -> list[pathlib.Path]:
+    """runtime.o and ptx.o of the real csrc/emu (the machine itself, never mutated), cached."""
+    out = []
+    for name in SOURCES[1:]:
+        obj = _cache_dir() / f"{pathlib.Path(name).stem}_{_digest(CSRC / 'emu')}.o"
+        if not obj.exists():
+            tmp = obj.with_suffix(f".{os.getpid()}.tmp")
+            _gxx([*FLAGS, "-c", str(CSRC / name), "-o", str(tmp)])
+            tmp.replace(obj)
+        out.append(obj)
+    return out
+
+
 def build(src: pathlib.Path, out: pathlib.Path, small: bool = True) -> pathlib.Path:
-    """g++ the C interface from src (a csrc-like tree); small: head dims 32 and 64 only."""
-    flags = ["-std=c++20", "-O1", "-DCCAM_EMULATE", "-shared", "-fPIC"] + (["-DCCAM_EMU_HEAD_DIMS_32_64"] if small else [])
-    subprocess.run([os.environ.get("CXX", "g++"), *flags, *(str(src / s) for s in SOURCES), "-o", str(out)],
-                   check=True, capture_output=True, text=True)
+    """g++ the C interface of the kernels in src (a csrc-like tree, possibly mutated) and link
+    it with the machine objects; small: head dims 32 and 64 only (faster to compile)."""
+    _gxx([*FLAGS, "-shared", "-Wl,-Bsymbolic", *(["-DCCAM_EMU_HEAD_DIMS_32_64"] if small else []), str(src / SOURCES[0]),
+          *(str(o) for o in machine_objects()), "-o", str(out)])
     return out
 
 
 def cached_library(small: bool = True) -> "Emu":
-    """The unmutated library, built once per source state (keyed by a hash of the sources)."""
-    digest = hashlib.sha256()
-    for sub in ("ccam", "emu"):
-        for p in sorted((CSRC / sub).iterdir()):
-            digest.update(p.name.encode() + p.read_bytes())
-    cache = pathlib.Path(os.environ.get("CCAM_EMU_CACHE", pathlib.Path(tempfile.gettempdir()) / "ccam_emu_capi"))
-    cache.mkdir(parents=True, exist_ok=True)
-    lib = cache / f"libccam_emu_{digest.hexdigest()[:16]}_{int(small)}.so"
+    """The library of the real sources, built once per source state."""
+    lib = _cache_dir() / f"libccam_emu_{_digest(CSRC / 'ccam', CSRC / 'emu')}_{int(small)}.so"
     if not lib.exists():
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
         build(CSRC, tmp, small)

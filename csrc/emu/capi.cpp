@@ -253,7 +253,8 @@ int ccam_emu_shuffle(int op, int lane_mask, const float* x, float* y, char* err,
 // 0 two threads write one shared word with no barrier between; 1 a write then another
 // thread's read in the same barrier interval; 2 a read past the dynamic shared memory; 3 a
 // global read outside every tensor; 4 lanes of one warp at different collectives; 5 half the
-// CTA at a barrier, half exited; 6 a write into a read-only tensor; 7 a shuffle with a partial mask.
+// CTA at a barrier, half exited; 6 a write into a read-only tensor; 7 a shuffle with a partial
+// mask; 8 half a warp leaves while the other half waits at a shuffle.
 int ccam_emu_fault(int which, char* err, int errlen) {
   static float input[4] = {1, 2, 3, 4};
   std::vector<ccam_emu::Region> regs(1);
@@ -267,10 +268,11 @@ int ccam_emu_fault(int which, char* err, int errlen) {
         case 1: if (t == 1) ccam::store(s, 1.f); if (t == 2) (void)ccam::load(s); break;
         case 2: if (t == 0) (void)ccam::load(s + 64); break;
         case 3: if (t == 0) (void)ccam::load(input + 4); break;
-        case 4: if (t % 32 < 16) (void)__shfl_xor_sync(0xffffffffu, 1.f, 1); else (void)ccam::quad_sum(1.f); break;
+        case 4: (void)__shfl_xor_sync(0xffffffffu, 1.f, t % 32 < 16 ? 1 : 2); break;
         case 5: if (t < 32) __syncthreads(); break;
         case 6: if (t == 0) ccam::store(input + 1, 5.f); break;
         case 7: (void)__shfl_xor_sync(0xffffu, 1.f, 1); break;
+        case 8: if (t % 32 < 16) (void)__shfl_xor_sync(0xffffffffu, 1.f, 1); else (void)ccam::quad_sum(1.f); break;
         default: break;
       }
     });

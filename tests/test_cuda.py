@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from ccam_kernels import CCAMConfig, CCAMProjector, ccam_attention
+from ccam_kernels import CCAMConfig, CCAMProjector, available_backends, ccam_attention
 from ccam_kernels.attention import BACKENDS
 from ccam_kernels.backends import cuda_backend, tiling
 from conftest import rel_err
@@ -95,6 +95,24 @@ def test_cuda_block_and_thread_orders(schedule, monkeypatch):
         runs.append([out.detach()] + [t.grad for t in x])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_emulated_cuda_is_listed_but_never_auto_nor_timed():
+    """Under CCAM_CUDA_EMULATE=1 "cuda" is usable on CPU tensors when asked for by name, but
+    "auto" never picks it and ccam-bench never times it (even when named)."""
+    if GPU:
+        pytest.skip("about the CPU emulation only")
+    from ccam_kernels.attention import resolve_backend
+    from ccam_kernels.bench.contestants import default_contestants, never_timed
+    from ccam_kernels.checks import check_attention_args
+
+    assert "cuda" in available_backends()
+    q, k, v, _ = _inputs(20, 2, 2, 16, (2,), 5, True, torch.float16)
+    assert resolve_backend("auto", q, check_attention_args(q, k, v, (2,), 5)).name != "cuda"
+    for explicit in (False, True):
+        assert "cuda" not in default_contestants("attention", torch.device("cpu"), explicit=explicit)
+        assert "cuda" not in default_contestants("projector", torch.device("cpu"), explicit=explicit)
+    assert "emulator" in never_timed("cuda", "cpu") and never_timed("cuda", "cuda") is None
 
 
 def test_cuda_large_logits():

@@ -94,7 +94,8 @@ def test_setup_builds_every_source_it_checks():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU side")
-def test_cuda_backend_refuses_cleanly_without_a_gpu():
+def test_cuda_backend_refuses_cleanly_without_a_gpu(monkeypatch):
+    monkeypatch.delenv("CCAM_CUDA_EMULATE", raising=False)  # the emulator is a separate, opt-in path
     assert "cuda" not in available_backends()
     q = torch.randn(8, 2, 16, dtype=torch.float16)
     k = torch.randn(6, 2, 16, dtype=torch.float16)
@@ -103,7 +104,8 @@ def test_cuda_backend_refuses_cleanly_without_a_gpu():
     assert "torch" in str(info.value)
 
 
-def test_missing_extension_says_how_to_build_it():
+def test_missing_extension_says_how_to_build_it(monkeypatch):
+    monkeypatch.delenv("CCAM_CUDA_EMULATE", raising=False)
     if "cuda" in available_backends():
         pytest.skip("the extension is built here")
     cuda_backend._load_error.cache_clear()

@@ -49,6 +49,14 @@ def kind_of(name: str) -> str:
     return "reference" if name == "reference" else ("ours" if name in OURS else "anchor")
 
 
+def never_timed(name: str, device_type: str):
+    """Why a contestant is never timed on this device, or None: the "cuda" backend on CPU
+    tensors is its emulator (CCAM_CUDA_EMULATE=1), a correctness tool, not a kernel to time."""
+    if name == "cuda" and device_type != "cuda":
+        return "the cuda backend on CPU tensors is its emulator (CCAM_CUDA_EMULATE=1), a correctness tool: never timed"
+    return None
+
+
 def default_contestants(bench: str, device: torch.device, *, explicit: bool = False) -> list[str]:
     """Every contestant that can run on this device: usable backends of ours and the anchors.
     By default only where "auto" would use our backend (so not Triton's CPU interpreter, a
@@ -57,7 +65,7 @@ def default_contestants(bench: str, device: torch.device, *, explicit: bool = Fa
     out = []
     for name in names:
         if name in BACKENDS:
-            if BACKENDS[name].refuses_placement(device.type, auto=not explicit) is None:
+            if BACKENDS[name].refuses_placement(device.type, auto=not explicit) is None and not never_timed(name, device.type):
                 out.append(name)
         elif name in SDPA_ANCHORS:
             if device.type in SDPA_ANCHORS[name][1]:
@@ -188,7 +196,7 @@ class OursAttention(Contestant):
         super().prepare(inputs)
         s, case = inputs.sets[0], inputs.case
         problem = check_attention_args(s["q"], s["k"], s["v"], case.frame_counts, case.tokens_per_frame)
-        why = BACKENDS[self.name].refuses(s["q"], problem)
+        why = never_timed(self.name, s["q"].device.type) or BACKENDS[self.name].refuses(s["q"], problem)
         if why:
             raise Unsupported(why)
 
@@ -331,7 +339,8 @@ class ProjectorContestant(Contestant):
                 raise Unsupported("FlexAttention has no backward on CPU")
             self.attention = _FLEX
         else:
-            why = BACKENDS[self.name].refuses_placement(inputs.device.type, inputs.case.dtype)
+            why = never_timed(self.name, inputs.device.type) or BACKENDS[self.name].refuses_placement(
+                inputs.device.type, inputs.case.dtype)
             if why:
                 raise Unsupported(why)
             self.attention = self.name

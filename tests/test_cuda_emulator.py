@@ -10,7 +10,7 @@
   first row in the dK/dV walk, ...) are each caught, by the float64 oracle or by the emulator.
 
 These use the emulator's C interface through ctypes (tests/emu_lib.py): g++ only, no torch
-headers, head dims 32 and 64, so a mutant builds in seconds. Mutants build in parallel."""
+headers, fp16 kernels at head dim 32 only, so a mutant builds in seconds (two at a time)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 // The emulation build's instantiations: every launcher for fp16 and bf16 at the padded head
-// dims 32..128 (as csrc/instantiations/*.cu for the GPU). CCAM_EMU_HEAD_DIMS_32_64 limits them
-// to 32 and 64 (the mutation tests' small builds compile faster).
+// dims 32..128 (as csrc/instantiations/*.cu for the GPU).
 #include "../ccam/bwd.cuh"
 #include "../ccam/fwd.cuh"
 
@@ -13,9 +12,7 @@ CCAM_EMU_INSTANTIATE(__half, 32)
 CCAM_EMU_INSTANTIATE(__half, 64)
 CCAM_EMU_INSTANTIATE(__nv_bfloat16, 32)
 CCAM_EMU_INSTANTIATE(__nv_bfloat16, 64)
-#ifndef CCAM_EMU_HEAD_DIMS_32_64
 CCAM_EMU_INSTANTIATE(__half, 96)
 CCAM_EMU_INSTANTIATE(__half, 128)
 CCAM_EMU_INSTANTIATE(__nv_bfloat16, 96)
 CCAM_EMU_INSTANTIATE(__nv_bfloat16, 128)
-#endif

@@ -212,3 +212,29 @@ def test_projector_compiles_through_cuda_without_graph_breaks():
     assert rel_err(out, want(features, [2, 3])) <= 1e-2
     out.float().sum().backward()
     assert features.grad is not None and proj.query.grad is not None
+
+
+# A wider random sweep, opt-in: CCAM_CUDA_SWEEP=N adds N random shapes (defined only then, so
+# the default run neither runs nor skips it). Under emulation each draws its block order too.
+SWEEP = int(os.environ.get("CCAM_CUDA_SWEEP", "0") or 0)
+if SWEEP:
+
+    @pytest.mark.parametrize("case", range(SWEEP))
+    def test_cuda_random_sweep(case, seed, monkeypatch):
+        gen = torch.Generator().manual_seed(seed + case)
+
+        def pick(*options):
+            return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+        def draw(lo, hi):
+            return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+        Hkv = pick(1, 2)
+        H, D = Hkv * pick(1, 2, 3), 8 * draw(2, 16)
+        counts = tuple(draw(1, 12) for _ in range(draw(1, 4)))
+        N, P, shared, dtype = draw(1, 200), draw(1, 50), pick(True, False), pick(*DTYPES)
+        monkeypatch.setattr(tiling, "FORCE_SPLITS", pick(None, 2, 3, 7))
+        if not GPU:
+            monkeypatch.setenv("CCAM_EMU_SCHEDULE", pick("linear", "reverse", f"random:{seed + case}"))
+        print(dict(N=N, H=H, Hkv=Hkv, D=D, counts=counts, P=P, shared=shared, dtype=dtype))
+        _check(*_inputs(N, H, Hkv, D, counts, P, shared, dtype), counts, P, dtype)

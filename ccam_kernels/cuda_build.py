@@ -4,6 +4,7 @@
     python -m ccam_kernels.cuda_build --resources    # + registers, stack and spills of every kernel
     python -m ccam_kernels.cuda_build --sass         # + check every kernel's SASS holds tensor-core MMAs
     python -m ccam_kernels.cuda_build --jit          # build with ninja and load it (CUDA torch only)
+    python -m ccam_kernels.cuda_build --emulator     # build and load the CPU emulation build (g++, no CUDA)
 
 The check needs nvcc only, not a GPU nor a CUDA build of torch: it compiles, and never links
 (torch's CPU build has no CUDA libraries to link against). The kernel files include no torch
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import os
 import pathlib
 import re
@@ -249,8 +251,6 @@ def load_emulator(verbose: bool = False):
     # The headers are not sources: name them in the flags' hash so that editing one rebuilds.
     headers = sorted((root / "ccam").glob("*")) + sorted((root / "emu").glob("*.h")) + [root / "ccam_ops.h",
                                                                                          root / "ccam_dispatch.h"]
-    import hashlib
-
     digest = hashlib.sha256(b"".join(h.read_bytes() for h in headers)).hexdigest()[:16]
     cpp_load(name="ccam_kernels_cuda_emulator", sources=[str(root / s) for s in EMULATOR_SOURCES],
              extra_cflags=["-O2", "-std=c++20", "-DCCAM_EMULATE", f"-DCCAM_EMU_HEADERS={digest}"],
@@ -263,17 +263,22 @@ def main(argv=None) -> int:
     p.add_argument("--resources", action="store_true", help="also print registers / stack / spills per kernel")
     p.add_argument("--sass", action="store_true", help="also check that every kernel's SASS holds tensor-core MMAs")
     p.add_argument("--jit", action="store_true", help="build with ninja and load (CUDA torch only)")
+    p.add_argument("--emulator", action="store_true", help="build and load the CPU emulation build (csrc/emu)")
     p.add_argument("--arch", help=f"comma-separated, default $CCAM_CUDA_ARCHS or {','.join(DEFAULT_ARCHS)}")
     p.add_argument("--jobs", type=int, help="parallel compiles (default: CPU count)")
     p.add_argument("--out", help="where to keep the objects (default: a temp dir)")
     args = p.parse_args(argv)
     archs = parse_archs(args.arch)
+    if args.emulator:
+        load_emulator(verbose=True)
+        print("ccam_kernels cuda: CPU emulation build loaded (use it with CCAM_CUDA_EMULATE=1)")
+        return 0
     if args.jit:
         load(archs, verbose=True)
         print("ccam_kernels cuda: JIT build loaded")
         return 0
     if not (args.check or args.resources or args.sass):
-        p.error("nothing to do: give --check, --resources, --sass or --jit")
+        p.error("nothing to do: give --check, --resources, --sass, --jit or --emulator")
     print(f"compiling csrc/ for {', '.join('sm_' + a for a in archs)} ...")
     results = compile_all(archs, args.jobs, args.out)
     failed = [r for r in results if not r.ok]

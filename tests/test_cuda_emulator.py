@@ -163,6 +163,8 @@ FAULTS = {
     6: r"read-only input",
     7: r"full mask",
     8: r"exited while lanes of its warp wait at shfl",
+    9: r"store: writes an element of output that block 0 thread 0 wrote in this launch \(this is block 1 thread 0\)",
+    10: r"load: reads an element of output that block 0 thread 0 wrote",
 }
 
 

@@ -258,13 +258,16 @@ int ccam_emu_shuffle(int op, int lane_mask, const float* x, float* y, char* err,
 // thread's read in the same barrier interval; 2 a read past the dynamic shared memory; 3 a
 // global read outside every tensor; 4 lanes of one warp at different collectives; 5 half the
 // CTA at a barrier, half exited; 6 a write into a read-only tensor; 7 a shuffle with a partial
-// mask; 8 half a warp leaves while the other half waits at a shuffle.
+// mask; 8 half a warp leaves while the other half waits at a shuffle; 9 two blocks write one
+// output element; 10 a thread reads an output element another wrote.
 int ccam_emu_fault(int which, char* err, int errlen) {
-  static float input[4] = {1, 2, 3, 4};
-  std::vector<ccam_emu::Region> regs(1);
+  static float input[4] = {1, 2, 3, 4}, output[4];
+  std::vector<ccam_emu::Region> regs(2);
   regs[0].name = "input", regs[0].data = input, regs[0].elem_size = 4, regs[0].sizes = {4}, regs[0].strides = {1};
+  regs[1] = regs[0];
+  regs[1].name = "output", regs[1].data = output, regs[1].writable = true;
   try {
-    ccam_emu::run_grid({"fault", 1, 1, 1, 64, 256}, regs, {}, [&] {
+    ccam_emu::run_grid({"fault", which == 9 ? 2u : 1u, 1, 1, 64, 256}, regs, {}, [&] {
       auto* s = reinterpret_cast<float*>(ccam::smem_bytes);
       const int t = threadIdx.x;
       switch (which) {
@@ -277,6 +280,8 @@ int ccam_emu_fault(int which, char* err, int errlen) {
         case 6: if (t == 0) ccam::store(input + 1, 5.f); break;
         case 7: (void)__shfl_xor_sync(0xffffu, 1.f, 1); break;
         case 8: if (t % 32 < 16) (void)__shfl_xor_sync(0xffffffffu, 1.f, 1); else (void)ccam::quad_sum(1.f); break;
+        case 9: if (t == 0) ccam::store(output + 2, float(blockIdx.x)); break;
+        case 10: if (t == 0) ccam::store(output, 1.f); if (t == 33) (void)ccam::load(output); break;
         default: break;
       }
     });

@@ -13,6 +13,7 @@
 #include <numeric>
 #include <random>
 #include <sstream>
+#include <unordered_map>
 
 #if !defined(__x86_64__)
 #include <ucontext.h>
@@ -157,6 +158,10 @@ struct Machine {
   std::string error;
   int error_tid = -1;
   std::vector<Shadow> shadow = std::vector<Shadow>(kMaxSmemBytes);
+  // Writable tensors' elements written in this launch: element address -> (block, thread). A
+  // second writer, or a read by another thread of an element written in this launch, is an
+  // error: outputs are written once, by their owner, and never read back.
+  std::unordered_map<uintptr_t, std::pair<uint64_t, int>> written;
 };
 
 Machine M;
@@ -292,6 +297,7 @@ void run_grid(const Geometry& g, const std::vector<Region>& regions, const Sched
   M.body = &body;
   M.error.clear();
   M.error_tid = -1;
+  M.written.clear();
   static std::vector<unsigned char*> stacks;  // kept for the process: one per thread ever used
   while (static_cast<int>(stacks.size()) < g.threads) stacks.push_back(new_stack());
   M.threads.resize(g.threads);
@@ -413,6 +419,23 @@ void global_access(const void* p, size_t bytes, bool write, const char* what) {
     if (a % std::min<size_t>(bytes, 16) != 0)
       fail(std::string(what) + ": misaligned " + std::to_string(bytes) + " B access into " + r.name);
     if (write && !r.writable) fail(std::string(what) + ": write into the read-only input " + r.name);
+    if (r.writable) {
+      const Cta& c = g_cta;
+      const uint64_t block = (uint64_t(c.block.z) * c.grid.y + c.block.y) * c.grid.x + c.block.x;
+      const int tid = cur().tid;
+      for (int64_t e = 0; e < std::max<int64_t>(n, 1); ++e) {
+        const uintptr_t key = a + e * r.elem_size;
+        auto it = M.written.find(key);
+        if (it != M.written.end() && (it->second.first != block || it->second.second != tid)) {
+          const uint64_t ob = it->second.first;
+          fail(std::string(what) + ": " + (write ? "writes" : "reads") + " an element of " + r.name +
+               " that block " + std::to_string(ob) + " thread " + std::to_string(it->second.second) +
+               " wrote in this launch (this is block " + std::to_string(block) + " thread " + std::to_string(tid) +
+               "): outputs must have one writer and are not read back");
+        }
+        if (write) M.written[key] = {block, tid};
+      }
+    }
     return;
   }
   fail(std::string(what) + ": " + (write ? "write" : "read") + " of " + std::to_string(bytes) +

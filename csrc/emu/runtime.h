@@ -10,6 +10,8 @@
 //   - every global access must fall on an element of a tensor registered for the launch
 //     (Region: pointer, sizes, strides), inside its row for multi-element accesses, aligned,
 //     and writes only into tensors marked writable;
+//   - an element of a writable tensor is written once per launch, by one block and thread, and
+//     not read back (blocks run one at a time, so overlapping tiles would go unseen otherwise);
 //   - a race checker reports the first pair of accesses to one shared byte by two threads, at
 //     least one a write, with no barrier between them (the kernel, both threads, the offset).
 // Errors are ccam_emu::Error exceptions raised from the launch. One grid runs at a time (a

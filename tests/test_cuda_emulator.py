@@ -5,9 +5,10 @@
   without .trans, cp.async groups, ex2.approx.ftz, the shuffles);
 * every rule the emulator enforces makes it report an error (races, bounds, divergent warps,
   barriers not reached, read-only inputs);
-* mutation tests: deliberate breaks applied to a copy of the kernel sources (a mask off by
-  one, a removed __syncthreads, a cp.async wait that waits too little, a dropped .trans, a wrong
-  first row in the dK/dV walk, ...) are each caught, by the float64 oracle or by the emulator.
+* mutation tests: deliberate breaks applied to a copy of the kernel sources (masks off by one,
+  removed __syncthreads, a cp.async wait that waits too little, a dropped .trans, a wrong first
+  row in the dK/dV walk, a launch with too little shared memory) are each caught, by the
+  float64 oracle or by the emulator.
 
 These use the emulator's C interface through ctypes (tests/emu_lib.py): g++ only, no torch
 headers, fp16 kernels at head dim 32 only, so a mutant builds in seconds (two at a time)."""
@@ -185,6 +186,8 @@ MUTANTS = {
                              "const int64_t m_begin = rows_from / BM * BM + BM;"),
     "dkdv-mask-off-by-one": ("ccam/bwd.cuh", "if (masked && col < cut[e / 2]) pr = 0.f;",
                              "if (masked && col <= cut[e / 2]) pr = 0.f;"),
+    "dkdv-smem-without-lse-rows": ("ccam/bwd.cuh", "int(Tiles::kSmemElems * sizeof(T) + Tiles::kSmemFloats * sizeof(float))",
+                                   "int(Tiles::kSmemElems * sizeof(T))"),
     "dq-no-syncthreads-after-wait": ("ccam/bwd.cuh", "    cp_async_wait<1>();\n    __syncthreads();\n    const int64_t s0 = int64_t(t) * BN;",
                                      "    cp_async_wait<1>();\n    const int64_t s0 = int64_t(t) * BN;"),
 }

@@ -89,7 +89,7 @@ def available_backends() -> list[str]:
 
 
 def resolve_backend(backend: str, q: torch.Tensor, problem: AttentionProblem) -> Backend:
-    """The Backend that will run these inputs; raises per SPEC 4 when there is none."""
+    """The Backend that will run these inputs; raises as docs/reference.md §8.3 says when there is none."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend == "auto":

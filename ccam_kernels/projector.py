@@ -1,6 +1,6 @@
 """CCAMProjector: the Video-CCAM cross-attention projector, built on ``ccam_attention``.
 
-Shapes (SPEC 1.3): features (F, P, Cv) with split_sizes [T_1 .. T_B], or (B, T, P, Cv)
+Shapes (docs/reference.md §4.2): features (F, P, Cv) with split_sizes [T_1 .. T_B], or (B, T, P, Cv)
 -> (B, N, O). Parameter names are the state_dict keys of this library.
 """
 

@@ -208,7 +208,7 @@ def test_bad_ranges(ranges, match):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
 def test_low_precision_cover(dtype, tol, seed):
-    """16-bit inputs, torch backend: merged partials within SPEC 3's bound, or 3x plain PyTorch's
+    """16-bit inputs, torch backend: merged partials within the bound of docs/reference.md §7, or 3x plain PyTorch's
     own error in that precision on the same inputs where that is larger."""
     N, H, Hkv, D, P, counts = 21, 4, 2, 16, 5, (9, 2)
     rng = random.Random(seed)

@@ -73,7 +73,7 @@ def q_strides(q: torch.Tensor):
 
 
 def refuses_head_dim(q: torch.Tensor, problem) -> Optional[str]:
-    """The kernel backends' head-dim limit (SPEC 1.2's minimum): multiples of 8 from 16 to 128."""
+    """The kernel backends' head-dim limit (the minimum of docs/reference.md §3.1): multiples of 8 from 16 to 128."""
     d = problem.head_dim
     if d % 8 or not 16 <= d <= 128:
         return f"it supports head dims that are multiples of 8 from 16 to 128, got {d}"

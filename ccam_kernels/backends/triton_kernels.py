@@ -1,6 +1,6 @@
 """Triton kernels of the "triton" backend: block-causal cross-attention, forward and backward.
 
-Layout (SPEC 1.2): q (B, N, H, D) or (N, H, D) shared (batch stride 0: read in place for every
+Layout (docs/reference.md §3.1): q (B, N, H, D) or (N, H, D) shared (batch stride 0: read in place for every
 sample), k and v packed (L, Hkv, D), one launch for the whole ragged batch. Per-sample frame
 counts and key offsets are small int tensors the kernels read; nothing else describes the mask.
 

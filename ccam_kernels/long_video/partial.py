@@ -89,7 +89,7 @@ def _check_ranges(frame_ranges, counts) -> tuple[tuple[int, int], ...]:
 
 
 def check_partial_args(q, k, v, frame_counts, tokens_per_frame, frame_ranges, scale) -> PartialProblem:
-    """SPEC 4 checks of a partial call; k and v hold only the keys of the ranges."""
+    """The checks of a partial call (docs/reference.md §8.7); k and v hold only the keys of the ranges."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -1,4 +1,4 @@
-"""The projector's computation around the attention (SPEC 1.3), for the long-video paths.
+"""The projector's computation around the attention (docs/reference.md §4.2), for the long-video paths.
 
 The streaming and frame-parallel projectors split only the attention; everything around it is
 the same as ``CCAMProjector.forward``, written here from the module's own submodules (so no

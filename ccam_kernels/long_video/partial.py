@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable, Optional
 
 import torch
 
+from ..api_types import FrameCounts, FrameRanges
 from ..checks import ALL_DTYPES, as_int, check_int, normalize_frame_counts
 from ..mask import frame_of_query, mask_block
 from ..backends.torch_prefix import _fold, _unfold, choose_engine
@@ -373,7 +375,9 @@ def resolve_partial_backend(backend) -> str:
     raise ValueError(f"backend must be one of {['auto', *PARTIAL_BACKENDS, *_NO_PARTIAL]}, got {backend!r}")
 
 
-def ccam_partial_attention(q, k, v, frame_counts, tokens_per_frame, frame_ranges, *, scale=None, backend="auto"):
+def ccam_partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_counts: FrameCounts,
+                           tokens_per_frame: int, frame_ranges: FrameRanges, *, scale: Optional[float] = None,
+                           backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """CCAM attention of every query of each video over the keys of its frames [f0_b, f1_b) only.
 
     Args:
@@ -396,7 +400,7 @@ def ccam_partial_attention(q, k, v, frame_counts, tokens_per_frame, frame_ranges
     return PARTIAL_BACKENDS[resolve_partial_backend(backend)](q, k, v, problem)
 
 
-def merge_partials(partials):
+def merge_partials(partials: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge partials of disjoint frame ranges: a sequence of (out (B, N, H, D), lse (B, H, N))
     -> (out, lse) of the union of the ranges. Differentiable; -inf LSEs weigh 0, and a query
     that sees nothing in any of them keeps (0, -inf)."""

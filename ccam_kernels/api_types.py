@@ -6,7 +6,7 @@ Annotations only: nothing here is checked at run time (ccam_kernels/checks.py do
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -19,6 +19,8 @@ DeviceLike = Union[torch.device, str, int]
 PathLike = Union[str, os.PathLike]
 # An attention with ccam_attention's calling convention, for CCAMProjector(backend=...).
 AttentionFn = Callable[..., torch.Tensor]
+# (out, lse) pairs of partial attention over disjoint frame ranges (docs/reference.md §5.1).
+Partials = Iterable[tuple[torch.Tensor, torch.Tensor]]
 # Checkpoint key -> our key, or None to drop it (docs/reference.md §4.3).
 KeyMap = Union[dict, Callable[[str], Optional[str]]]
 
@@ -27,4 +29,4 @@ try:
 except ImportError:  # a PyTorch build without torch.distributed: group= is refused there anyway
     ProcessGroup = object
 
-__all__ = ["FrameCounts", "FrameRanges", "DeviceLike", "PathLike", "AttentionFn", "KeyMap", "ProcessGroup"]
+__all__ = ["FrameCounts", "FrameRanges", "DeviceLike", "PathLike", "AttentionFn", "KeyMap", "Partials", "ProcessGroup"]

@@ -259,7 +259,7 @@ STEMS = [
     "] must satisfy 0 <= first <= end <= frame_counts[",
     "k and v must both be (L, Hkv, D), got k",
     " must be a multiple of Hkv=",
-    "cannot run partial attention:",
+    "cannot run partial attention",
     ". Backends with partial attention:",
     "merge_partials needs at least one (out, lse) pair, got none",
     "long-video paths need partial attention, which a callable backend does not provide",

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional
 
 import torch
 
-from ..api_types import FrameCounts, FrameRanges
 from ..checks import ALL_DTYPES, as_int, check_int, normalize_frame_counts
 from ..mask import frame_of_query, mask_block
 from ..backends.torch_prefix import _fold, _unfold, choose_engine
+from ..api_types import FrameCounts, FrameRanges, Partials
 
 __all__ = ["ccam_partial_attention", "merge_partials", "PARTIAL_BACKENDS"]
 
@@ -376,7 +375,7 @@ def resolve_partial_backend(backend) -> str:
 
 
 def ccam_partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_counts: FrameCounts,
-                           tokens_per_frame: int, frame_ranges: FrameRanges, *, scale: Optional[float] = None,
+                           tokens_per_frame: int, frame_ranges: FrameRanges, *, scale: float | None = None,
                            backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """CCAM attention of every query of each video over the keys of its frames [f0_b, f1_b) only.
 
@@ -400,7 +399,7 @@ def ccam_partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fr
     return PARTIAL_BACKENDS[resolve_partial_backend(backend)](q, k, v, problem)
 
 
-def merge_partials(partials: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_partials(partials: Partials) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge partials of disjoint frame ranges: a sequence of (out (B, N, H, D), lse (B, H, N))
     -> (out, lse) of the union of the ranges. Differentiable; -inf LSEs weigh 0, and a query
     that sees nothing in any of them keeps (0, -inf)."""

@@ -108,7 +108,11 @@ def q_strides(q: torch.Tensor):
 
 def refuses_head_dim(q: torch.Tensor, problem) -> Optional[str]:
     """The kernel backends' head-dim limit (SPEC 1.2's minimum): multiples of 8 from 16 to 128."""
-    d = problem.head_dim
+    return refuses_head_dim_of(problem.head_dim)
+
+
+def refuses_head_dim_of(d: int) -> Optional[str]:
+    """``refuses_head_dim`` for a head dim alone (a projector's, before any call)."""
     if d % 8 or not 16 <= d <= 128:
         return f"it supports head dims that are multiples of 8 from 16 to 128, got {d}"
     return None

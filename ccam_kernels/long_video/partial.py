@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -32,7 +32,7 @@ from ..mask import frame_of_query, mask_block
 from ..backends import tiling, triton_backend
 from ..backends.torch_prefix import _fold, _unfold, choose_engine
 
-__all__ = ["ccam_partial_attention", "merge_partials", "PARTIAL_BACKENDS"]
+__all__ = ["ccam_partial_attention", "merge_partials", "PARTIAL_BACKENDS", "refuses_partial"]
 
 # Keys per block and the cap on frames per block (<= T / 8, so rows straddling a frame
 # boundary inside a block stay a small fraction): the torch backend's own choices.
@@ -357,14 +357,21 @@ def partial_torch(q, k, v, problem: PartialProblem):
 # kernel backends: their partial custom op (backends/partial_ops.py), float32 out and LSE.
 
 
+def refuses_partial(backend: str, device_type: str, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    """Why partial backend ``backend`` cannot take tensors like these, or None: a kernel
+    backend's own placement rules (device, dtype, an interpreter's gaps, as for ccam_attention)
+    and head-dim limit; "reference" and "torch" take any."""
+    if backend not in KERNEL_PARTIALS:
+        return None
+    return ATTENTION_BACKENDS[backend].refuses_placement(device_type, dtype) or tiling.refuses_head_dim_of(head_dim)
+
+
 def kernel_partial(name: str, run: Callable) -> Callable:
-    """The partial backend of kernel backend ``name``: its own placement rules (device, dtype,
-    an interpreter's gaps, as for ccam_attention) and head-dim limit, then its partial op
-    ``run(q, k, v, problem) -> (out, lse)`` (float32 both, also for 16-bit inputs)."""
+    """The partial backend of kernel backend ``name``: ``refuses_partial``'s checks, then its
+    partial op ``run(q, k, v, problem) -> (out, lse)`` (float32 both, also for 16-bit inputs)."""
 
     def partial_kernel(q, k, v, problem: PartialProblem):
-        why = (ATTENTION_BACKENDS[name].refuses_placement(q.device.type, q.dtype)
-               or tiling.refuses_head_dim(q, problem))
+        why = refuses_partial(name, q.device.type, q.dtype, problem.head_dim)
         if why:
             raise RuntimeError(f"backend {name!r} cannot run partial attention here: {why}")
         return run(q, k, v, problem)
@@ -372,10 +379,11 @@ def kernel_partial(name: str, run: Callable) -> Callable:
     return partial_kernel
 
 
+KERNEL_PARTIALS = {"triton": triton_backend.ccam_partial_attention_triton}
 PARTIAL_BACKENDS = {
     "reference": partial_reference,
     "torch": partial_torch,
-    "triton": kernel_partial("triton", triton_backend.ccam_partial_attention_triton),
+    **{name: kernel_partial(name, run) for name, run in KERNEL_PARTIALS.items()},
 }
 _NO_PARTIAL = {
     "cuda": "its kernels take no frame window yet; it plugs in like triton: a partial op from "

@@ -137,8 +137,10 @@ def test_single_partial_against_dense_formula(dtype, splits, nan_poison, monkeyp
 def test_gradients_through_output_and_lse(dtype):
     """The LSE's gradient (which the merges send) folded into the backward's delta: triton
     against float64 autograd through the reference backend, with rows that see nothing."""
-    N, H, Hkv, D, P, counts = 10, 4, 2, 16, 2, (7, 3)
-    ranges = [(2, 6), (0, 3)]
+    # N = 37: three row tiles of 16 in the interpreter, so rows before, straddling and past a
+    # key tile's frames all occur in the dK/dV pass.
+    N, H, Hkv, D, P, counts = 37, 4, 2, 16, 2, (13, 3)
+    ranges = [(5, 11), (0, 3)]
     q, k, v = make_inputs(N, H, Hkv, D, P, counts, dtype, shared=True)
     kr, vr = keys_of_ranges(k, counts, P, ranges), keys_of_ranges(v, counts, P, ranges)
     leaves = [x.detach().requires_grad_() for x in (q, kr, vr)]

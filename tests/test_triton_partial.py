@@ -222,6 +222,49 @@ def test_stream_equals_one_shot(dtype, total, seed):
     assert rel_err(got, want64) <= max(tol, 2 * rel_err(one_shot, want64))
 
 
+def _frame_parallel_rank(rank, world, init_file, shards, seed):
+    """One gloo rank: the float32 triton projector on this rank's frames against one process
+    running the whole batch in float64 on the reference backend, output and every gradient."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        counts = [sum(col) for col in zip(*shards)]
+        ref = make_projector(backend="reference", dtype=torch.float64, seed=seed, hidden_size=64).train()
+        proj = make_projector(backend="triton", dtype=torch.float32, seed=seed, hidden_size=64).train()
+        x = features(sum(counts), 3, dtype=torch.float64, seed=seed + 1).requires_grad_(True)
+        y_ref = ref(x, counts)
+        g = torch.randn(y_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 2))
+        (y_ref * g).sum().backward()
+        starts = [sum(counts[:b]) + sum(s[b] for s in shards[:rank]) for b in range(len(counts))]
+        local = torch.cat([x.detach()[f:f + t] for f, t in zip(starts, shards[rank])]).float().requires_grad_(True)
+        y = proj(local, shards[rank], group=dist.group.WORLD)
+        (y * g.float()).sum().backward()
+        assert rel_err(y, y_ref) <= 1e-5, rel_err(y, y_ref)
+        ref_grads = {name: p.grad for name, p in ref.named_parameters()}
+        for name, p in proj.named_parameters():
+            if name == "attn.k_proj.bias":  # true gradient 0 (a shift of every score of a row)
+                assert p.grad.norm() <= 1e-5 * ref_grads["attn.k_proj.weight"].norm()
+                continue
+            assert rel_err(p.grad, ref_grads[name]) <= 2e-5, (rank, name, rel_err(p.grad, ref_grads[name]))
+        want = torch.cat([x.grad[f:f + t] for f, t in zip(starts, shards[rank])])
+        if want.numel():
+            assert rel_err(local.grad, want) <= 2e-5, (rank, rel_err(local.grad, want))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(CUDA, reason="gloo ranks on CPU tensors, in the interpreter")
+def test_frame_parallel_projector_on_triton(tmp_path, seed):
+    """proj(..., group=) with backend="triton": 2 gloo processes, uneven shards, each rank
+    missing a video (so one rank's partial has an empty window)."""
+    import torch.multiprocessing as mp
+
+    shards = [[2, 0], [3, 4]]  # videos of 5 and 4 frames
+    mp.spawn(_frame_parallel_rank, args=(2, str(tmp_path / "store"), shards, seed % 2**31), nprocs=2, join=True)
+
+
 # -- GPU: compiled kernels at larger sizes, bfloat16 included ---------------------------------
 
 

@@ -155,8 +155,9 @@ def test_gradients_through_output_and_lse(dtype):
     want = torch.autograd.grad((want_out, torch.where(seen, want_lse, 0.0)), leaves64, (dout.double(), dlse.double()))
     for name, g, w in zip("qkv", got, want):
         assert torch.isfinite(g).all() and rel_err(g, w) <= 2 * TOLERANCE[dtype], (name, rel_err(g, w))
-    # The LSE term matters at this tolerance: without it dq is far off.
-    assert rel_err(no_lse, want[0]) > 100 * TOLERANCE[dtype]
+    # The LSE term matters: without it dq is off by 0.37 to 0.44 here (measured, 6 seeds), far
+    # beyond every dtype's tolerance.
+    assert rel_err(no_lse, want[0]) > 0.1
 
 
 def test_every_window_empty():
@@ -185,7 +186,7 @@ def test_refusals_name_the_reason():
     q, k, v = make_inputs(4, 2, 2, 16, 2, (3,), torch.float64, shared=True)
     with pytest.raises(RuntimeError, match="'triton' cannot run partial attention here: .*float64"):
         ccam_partial_attention(q, k, v, (3,), 2, [(0, 3)], backend="triton")
-    proj = make_projector(backend="triton", dtype=torch.float32).eval()  # head dim 8
+    proj = make_projector(backend="triton", dtype=torch.float32).to(DEVICE).eval()  # head dim 8
     with pytest.raises(RuntimeError, match="'triton' cannot run partial attention for this projector: .*head dims"):
         proj.stream(3)
 

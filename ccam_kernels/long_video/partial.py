@@ -424,8 +424,8 @@ def ccam_partial_attention(q, k, v, frame_counts, tokens_per_frame, frame_ranges
     Returns:
         (out, lse): out (B, N, H, D), the attention normalized over the range's visible keys,
         and lse (B, H, N), the log-sum-exp of those scores, both float32 (float64 for float64
-        inputs; the triton backend refuses float64). A query that sees no frame of its range has lse = -inf and out = 0.
-        Differentiable in q, k and v through both outputs.
+        inputs; the triton backend refuses float64). A query that sees no frame of its range
+        has lse = -inf and out = 0. Differentiable in q, k and v through both outputs.
     """
     problem = check_partial_args(q, k, v, frame_counts, tokens_per_frame, frame_ranges, scale)
     return PARTIAL_BACKENDS[resolve_partial_backend(backend)](q, k, v, problem)

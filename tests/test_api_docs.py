@@ -260,6 +260,8 @@ STEMS = [
     "k and v must both be (L, Hkv, D), got k",
     " must be a multiple of Hkv=",
     "cannot run partial attention",
+    "cannot run partial attention here:",
+    "cannot run partial attention for this projector:",
     ". Backends with partial attention:",
     "merge_partials needs at least one (out, lse) pair, got none",
     "long-video paths need partial attention, which a callable backend does not provide",

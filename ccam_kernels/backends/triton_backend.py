@@ -2,7 +2,9 @@
 
 ``ccam_kernels::triton_attention`` (forward: out and the per-row log-sum-exp) and
 ``ccam_kernels::triton_attention_backward`` are custom ops (attention_ops.py: fake
-implementations and an autograd formula, so torch.compile traces through them). CUDA graphs:
+implementations and an autograd formula, so torch.compile traces through them).
+``ccam_kernels::triton_partial_attention`` and its ``_backward`` are the same kernels over a
+frame window of each video (partial_ops.py; long_video/partial.py dispatches to them). CUDA graphs:
 capture after one eager call with the same head dim, dtype and frame counts (it builds the small per-batch plan tensors and runs Triton's autotuning, neither
 of which may happen during a capture); torch.compile's reduce-overhead mode warms up so.
 """
@@ -16,6 +18,7 @@ from typing import Optional
 import torch
 
 from .attention_ops import define_attention_ops
+from .partial_ops import define_partial_ops
 
 _TRITON = importlib.util.find_spec("triton") is not None
 
@@ -65,3 +68,19 @@ def _backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: in
 # ccam_kernels::triton_attention_backward -> (dq, dk, dv), with fakes and autograd.
 ccam_attention_triton = define_attention_ops("triton_attention", _forward, _backward)
 triton_attention = ccam_attention_triton.op
+
+
+def _partial_forward(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float):
+    return _kernels().partial_forward(q, k, v, frame_counts, frame_ranges, tokens_per_frame, scale)
+
+
+def _partial_backward(dout, dlse, q, k, v, out, lse, frame_counts: tuple, frame_ranges: tuple,
+                      tokens_per_frame: int, scale: float):
+    return _kernels().partial_backward(dout, dlse, q, k, v, out, lse, frame_counts, frame_ranges,
+                                       tokens_per_frame, scale)
+
+
+# ccam_kernels::triton_partial_attention -> (out (B, N, H, D) float32, lse (B, H, N) float32)
+# over frames [f0_b, f1_b) of each video, and its backward (gradients of both outputs).
+ccam_partial_attention_triton = define_partial_ops("triton_partial_attention", _partial_forward, _partial_backward)
+triton_partial_attention = ccam_partial_attention_triton.op

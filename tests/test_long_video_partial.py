@@ -127,7 +127,16 @@ def test_one_frame_chunks_large_logits(backend):
     dout = torch.randn_like(ref)
     (g,) = torch.autograd.grad(out, q, dout)
     (w,) = torch.autograd.grad(ref, q, dout)
-    assert torch.isfinite(g).all() and rel_err(g, w) <= 1e-10
+    assert torch.isfinite(g).all()
+    # Rows this sharp are one-hot to float64 precision: dq = scale * sum_j p_j (dp_j - delta) k_j
+    # cancels to almost nothing, so its relative error is unbounded for ANY two summation orders.
+    # Bound the error by what the terms weigh before cancelling instead: |dp_j|, |delta| <=
+    # |dO_i| max_j |v_j| and sum_j p_j = 1 give |term sum| <= 2 scale |dO_i| max|v| max|k| per row,
+    # and float64 rounding of logits in the thousands costs ~1e-15 of that (measured).
+    scale = D**-0.5
+    gross = 2 * scale * dout.norm(dim=-1) * v.norm(dim=-1).max() * k.norm(dim=-1).max()
+    err = (g - w).norm(dim=-1)
+    assert (err <= 1e-10 * w.norm(dim=-1) + 1e-13 * gross).all(), (err / gross).max()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -66,9 +66,14 @@ def test_estimate_scales_the_largest_finished_case_of_the_bench_and_adds_its_com
     assert p.seconds_left([FakeCase("attention", 8e9)]) == pytest.approx(8 * 10 + 16)
     p.finished(FakeCase("attention", 4e9), seconds=30.0, compile_s=6.0)  # the larger case is the base now
     assert p.seconds_left([FakeCase("attention", 8e9)]) == pytest.approx(2 * 24 + (16 + 6) / 2)
-    # A bench with no finished case: the seconds per FLOP of every finished case (56 s / 5e9).
-    assert p.seconds_left([FakeCase("projector", 1e9)]) == pytest.approx(56 / 5)
     assert p.note([FakeCase("attention", 8e9)]) == ", about 59 s left (from 2 finished cases)"
+    # A bench with no finished case gets no number (another bench's seconds per FLOP would be
+    # a guess): it is counted instead.
+    assert p.seconds_left([FakeCase("projector", 1e9)]) is None
+    remaining = [FakeCase("attention", 8e9), FakeCase("projector", 1e9), FakeCase("projector", 2e9)]
+    assert p.seconds_left(remaining) == pytest.approx(59)
+    assert p.note(remaining) == ", about 59 s left + 2 projector cases not yet measured (from 2 finished cases)"
+    assert p.note(remaining[1:2]) == ", 1 projector case not yet measured (from 2 finished cases)"
 
 
 def test_compile_seconds_are_clipped_to_the_case():
@@ -81,8 +86,9 @@ def test_run_suite_prints_estimates_from_the_measured_cases(monkeypatch):
     """Fake cases whose times the fake clock sets: the lines show elapsed time since the start
     (the ceilings included) and the estimate from the finished cases only."""
     clock = FakeClock()
-    durations = {"a1": (20.0, 15.0), "a2": (40.0, 0.0), "p1": (7.0, 0.0)}  # (seconds, compile seconds)
-    cases = [FakeCase("attention", 1.0, "a1"), FakeCase("attention", 4.0, "a2"), FakeCase("projector", 2.0, "p1")]
+    durations = {"a1": (20.0, 15.0), "a2": (40.0, 0.0), "p1": (7.0, 0.0), "p2": (1.0, 0.0)}  # (s, compile s)
+    cases = [FakeCase("attention", 1.0, "a1"), FakeCase("attention", 4.0, "a2"), FakeCase("projector", 2.0, "p1"),
+             FakeCase("projector", 4.0, "p2")]
 
     def ceilings(device, dtypes):
         clock.t += 30.0  # the ceilings take time that no case pays again
@@ -100,11 +106,13 @@ def test_run_suite_prints_estimates_from_the_measured_cases(monkeypatch):
     run_suite(cases, {"attention": ["reference"], "projector": ["reference"]}, "cpu", Settings(), log=log,
               clock=clock)
     heads = [line for line in log.lines if line.startswith("[")]
-    assert heads[0] == "[1/3] a1  (elapsed 30 s)"
-    # After a1: a2 = 4x a1's 5 s of work + a1's 15 s compile = 35; p1 = 20 s / 1 FLOP * 2 = 40.
-    assert heads[1] == "[2/3] a2  (elapsed 50 s, about 75 s left (from 1 finished case))"
-    # After a2 (the larger attention case): p1 = (20 + 40) s / 5 FLOP * 2 = 24.
-    assert heads[2] == "[3/3] p1  (elapsed 90 s, about 24 s left (from 2 finished cases))"
+    assert heads[0] == "[1/4] a1  (elapsed 30 s)"
+    # After a1: a2 = 4x a1's 5 s of work + a1's 15 s compile = 35; no projector case measured yet.
+    assert heads[1] == ("[2/4] a2  (elapsed 50 s, about 35 s left + 2 projector cases not yet measured "
+                        "(from 1 finished case))")
+    assert heads[2] == "[3/4] p1  (elapsed 90 s, 2 projector cases not yet measured (from 2 finished cases))"
+    # After p1: p2 = 2x p1's 7 s.
+    assert heads[3] == "[4/4] p2  (elapsed 97 s, about 14 s left (from 3 finished cases))"
 
 
 # -- compile lines ---------------------------------------------------------------------------

@@ -159,3 +159,13 @@ def test_ccam_bench_runs_and_notes_the_missing_triton(without_triton):
     # Asked for explicitly, triton is refused before any case runs, with the same hint.
     assert got["bench_triton_rc"] == 2
     assert "backends ['triton'] are not usable here" in stderr and 'pip install "ccam_kernels[triton]"' in stderr
+
+
+def test_pyproject_makes_triton_an_extra_in_test():
+    """`pip install .` pulls no triton; `.[triton]` and `.[test]` do (Linux x86_64 only)."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.split(";")[0].strip().startswith("triton")]
+    marker = "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"
+    extras = project["optional-dependencies"]
+    assert extras["triton"] == [marker] and marker in extras["test"]

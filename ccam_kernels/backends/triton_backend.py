@@ -20,7 +20,19 @@ import torch
 from .attention_ops import define_attention_ops
 from .partial_ops import define_partial_ops
 
-_TRITON = importlib.util.find_spec("triton") is not None
+# The "triton" extra: a CPU install goes without it (about 290 MB that no CPU path needs), and
+# this module never imports triton itself, so the package imports and runs without it.
+INSTALL_HINT = 'pip install "ccam_kernels[triton]" (Linux x86_64; a CUDA build of torch brings it)'
+
+
+def triton_installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or half-removed install counts as absent
+        return False
+
+
+_TRITON = triton_installed()
 
 
 def interpreting() -> bool:
@@ -29,7 +41,7 @@ def interpreting() -> bool:
 
 def why_unusable() -> Optional[str]:
     if not _TRITON:
-        return "triton is not installed (pip install triton; Linux x86_64 wheels)"
+        return f"triton is not installed: {INSTALL_HINT}"
     if not interpreting() and not torch.cuda.is_available():
         return "no CUDA device (the Triton kernels run on CUDA GPUs, or on CPU tensors under TRITON_INTERPRET=1)"
     return None

@@ -25,7 +25,7 @@ import torch
 from ccam_kernels import available_backends, ccam_attention
 from ccam_kernels.attention import BACKENDS
 
-# ||got - ref|| / ||ref|| against the float32 reference: the SPEC's bounds against float64,
+# ||got - ref|| / ||ref|| against the float32 reference: the bounds of docs/reference.md §7 against float64,
 # which the float32 reference is far inside of (about 1e-6); gradients get twice as much.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 V12 = dict(num_query=1024, num_heads=16, num_kv_heads=16, head_dim=64, tokens_per_frame=729)

@@ -7,7 +7,7 @@ which backend won each benchmark row.
 
 The suite runs ccam-bench once per benchmark (attention rows, projector rows: the cross
 product of one call's flags would time rows nobody needs); ``merge`` joins their rows into one
-document of the SPEC's result format (each run's own header is kept under "runs"). A missing
+document of the result format of docs/reference.md §9 (each run's own header is kept under "runs"). A missing
 or unreadable run is left out with a note on stderr: a run cut short still wrote its finished
 rows, and the rest must still be reported. ``winners`` groups the rows that were timed ("ok")
 by case (bench, pass, frames, batch, dtype) and names the fastest backend, the fastest of ours

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .api_types import FrameCounts
 from .checks import ALL_DTYPES, KERNEL_DTYPES, AttentionProblem, check_attention_args
 from .backends.attention_ops import autocast_inputs
 from .backends.reference import ccam_attention_reference
@@ -89,7 +90,7 @@ def available_backends() -> list[str]:
 
 
 def resolve_backend(backend: str, q: torch.Tensor, problem: AttentionProblem) -> Backend:
-    """The Backend that will run these inputs; raises per SPEC 4 when there is none."""
+    """The Backend that will run these inputs; raises as docs/reference.md §8.3 says when there is none."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend == "auto":
@@ -114,7 +115,9 @@ def resolve_backend(backend: str, q: torch.Tensor, problem: AttentionProblem) ->
     return chosen
 
 
-def ccam_attention(q, k, v, frame_counts, tokens_per_frame, *, scale=None, dropout_p=0.0, backend="auto"):
+def ccam_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_counts: FrameCounts,
+                   tokens_per_frame: int, *, scale: Optional[float] = None, dropout_p: float = 0.0,
+                   backend: str = "auto") -> torch.Tensor:
     """Block-causal cross-attention of N queries over the frames of each video.
 
     Query ``i`` of sample ``b`` attends to the keys of frames ``0 .. floor(i * T_b / N)`` of that
@@ -131,6 +134,11 @@ def ccam_attention(q, k, v, frame_counts, tokens_per_frame, *, scale=None, dropo
         dropout_p: dropout on the attention probabilities (0 in inference). Backends
             "reference" and "torch" implement it.
         backend: "auto", "reference", "torch", "triton" or "cuda".
+
+    Raises:
+        TypeError, ValueError: a bad argument, named in the message, before any kernel runs.
+        RuntimeError: a known backend that cannot run these inputs here, with the reason.
+        (Every message: docs/reference.md §8.1 to §8.3.)
 
     Returns:
         (B, N, H, D) in q's dtype and on q's device; differentiable in q, k and v (once: there

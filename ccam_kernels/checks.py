@@ -1,4 +1,4 @@
-"""Argument checks for every public entry point (SPEC 4), in one place.
+"""Argument checks for every public entry point (docs/reference.md §8), in one place.
 
 Every backend receives arguments that passed :func:`check_attention_args`, so a backend never
 re-validates. Messages name the argument, what was expected and what was given.

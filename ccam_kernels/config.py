@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .api_types import PathLike
 from .atomic_file import atomic_path
 from .checks import check_int, check_probability
 
@@ -85,6 +86,7 @@ class CCAMConfig:
 
     @property
     def head_dim(self) -> int:
+        """D = hidden_size // num_heads."""
         return self.hidden_size // self.num_heads
 
     @classmethod
@@ -100,7 +102,7 @@ class CCAMConfig:
         return cls(**values)
 
     @classmethod
-    def from_json_file(cls, path) -> "CCAMConfig":
+    def from_json_file(cls, path: PathLike) -> "CCAMConfig":
         """Read a config.json (a file, or a directory holding one). Besides from_dict's warning
         about unknown keys, warns naming each field the file does not set (it takes the
         default, which is Video-CCAM v1.2's value)."""
@@ -123,9 +125,10 @@ class CCAMConfig:
         return cls(**values)
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict: what config.json holds and ``from_dict`` reads back."""
         return dataclasses.asdict(self)
 
-    def to_json_file(self, path) -> None:
+    def to_json_file(self, path: PathLike) -> None:
         """Write config.json atomically: serialized first, then a temporary file beside
         ``path`` renamed over it, so a failure never leaves a half-written file."""
         text = json.dumps(self.to_dict(), indent=2) + "\n"

@@ -7,8 +7,11 @@ prefix of its sample's keys. Every other module asks this one; none re-derives t
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from .api_types import DeviceLike
 from .checks import check_int
 
 __all__ = [
@@ -22,7 +25,7 @@ __all__ = [
 ]
 
 
-def frame_of_query(num_query: int, num_frames: int, *, device=None) -> torch.Tensor:
+def frame_of_query(num_query: int, num_frames: int, *, device: Optional[DeviceLike] = None) -> torch.Tensor:
     """Frame of each query: ``floor(i * num_frames / num_query)`` for ``i = 0 .. num_query-1``.
 
     Returns an int64 tensor of shape ``(num_query,)``, non-decreasing, starting at 0.

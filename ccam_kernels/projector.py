@@ -1,20 +1,25 @@
 """CCAMProjector: the Video-CCAM cross-attention projector, built on ``ccam_attention``.
 
-Shapes (SPEC 1.3): features (F, P, Cv) with split_sizes [T_1 .. T_B], or (B, T, P, Cv)
+Shapes (docs/reference.md §4.2): features (F, P, Cv) with split_sizes [T_1 .. T_B], or (B, T, P, Cv)
 -> (B, N, O). Parameter names are the state_dict keys of this library.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .api_types import AttentionFn, DeviceLike, FrameCounts, KeyMap, PathLike, ProcessGroup
 from .attention import BACKENDS, ccam_attention
 from .checks import frame_counts_arg
 from .config import CCAMConfig
+
+if TYPE_CHECKING:  # imported where used: long_video builds on this module
+    from .long_video.stream import ProjectorStream
 
 _GATE_ACTS = {
     "swiglu": F.silu,
@@ -104,7 +109,8 @@ class CCAMProjector(nn.Module):
     attention then run in that dtype, as autocast decides for each op.
     """
 
-    def __init__(self, config: CCAMConfig | dict = None, backend="auto"):
+    def __init__(self, config: Union[CCAMConfig, dict, None] = None,
+                 backend: Union[str, AttentionFn] = "auto") -> None:
         super().__init__()
         if config is None:
             config = CCAMConfig()
@@ -215,7 +221,37 @@ class CCAMProjector(nn.Module):
         # Halves of the (M, 2C) result viewed in place: rows of stride 2C, what the kernels read.
         return kv[:, :width].view(shape), kv[:, width:].view(shape)
 
-    def forward(self, features: torch.Tensor, split_sizes=None, *, group=None) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, split_sizes: Optional[FrameCounts] = None, *,
+                group: Optional[ProcessGroup] = None) -> torch.Tensor:
+        """The projector's output for a batch of videos (docs/reference.md §4.2).
+
+        Args:
+            features: (F, P, Cv), the visual tokens of every frame of every video, packed video by
+                video (F = sum(split_sizes) frames of P tokens, Cv = cross_hidden_size); or
+                (B, T, P, Cv) when every video has T frames. On the module's device and in its
+                dtype, or, inside torch.autocast, in the autocast dtype (the projections and the
+                attention then run in that dtype).
+            split_sizes: frames T_b of each video, B ints >= 1 adding up to F: a sequence of ints,
+                a 1-D integer NumPy array or a 1-D integer tensor (a tensor never recompiles under
+                torch.compile). Required for 3-D features, None for 4-D ones.
+            group: a torch.distributed process group for the frame-parallel forward
+                (docs/reference.md §5.3): ``features`` are then this rank's consecutive frames of
+                each video, split_sizes may hold zeros, and every rank returns the whole batch's
+                output; when every rank backpropagates the same loss, every rank holds each
+                parameter's whole gradient.
+
+        Returns:
+            (B, N, output_size) in the module's dtype (the autocast dtype under torch.autocast).
+
+        Raises:
+            TypeError, ValueError: features that are not a tensor, of the wrong rank, width
+                (!= cross_hidden_size), dtype or device, or empty; split_sizes missing, given with
+                4-D features, of a wrong form, < 1, or not adding up to F (the message names
+                the argument; docs/reference.md §8.2, §8.5). With ``group``, the same on every
+                rank, naming the rank whose arguments were bad (§8.7).
+            RuntimeError: with ``group``, no initialized process group, attention dropout in
+                training, or a backend without partial attention ("triton", "cuda", a callable).
+        """
         if group is not None:  # frame-parallel over a process group: see long_video/distributed.py
             from .long_video.distributed import frame_parallel_forward
 
@@ -243,7 +279,7 @@ class CCAMProjector(nn.Module):
         h = h + self.dropout(self.mlp(self.mlp_norm(h)))
         return self.out_proj(self.out_norm(h))
 
-    def stream(self, total_frames: int):
+    def stream(self, total_frames: int) -> "ProjectorStream":
         """A :class:`~ccam_kernels.long_video.stream.ProjectorStream` for one video of
         ``total_frames`` frames (inference only): ``push((t, P, Cv))`` chunks, then ``finish()``
         -> (1, N, O), equal to ``self(all_frames, [total_frames])``."""
@@ -254,16 +290,19 @@ class CCAMProjector(nn.Module):
     # -- checkpoints -----------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, key_map=None, *, config=None, backend="auto", dtype=None, device=None):
+    def from_pretrained(cls, path: PathLike, key_map: Optional[KeyMap] = None, *,
+                        config: Union[CCAMConfig, dict, None] = None, backend: Union[str, AttentionFn] = "auto",
+                        dtype: Optional[torch.dtype] = None,
+                        device: Optional[DeviceLike] = None) -> "CCAMProjector":
         """Load a projector from a directory (config.json + model.safetensors or a torch state
         dict file) or from a weights file with ``config`` given. The module is returned in eval
         mode (dropout off), ready for inference; call ``.train()`` to fine-tune.
-        See :mod:`ccam_kernels.checkpoint`."""
+        See :mod:`ccam_kernels.checkpoint`; the format and every error: docs/reference.md §4.3, §8.6."""
         from .checkpoint import load_projector
 
         return load_projector(cls, path, key_map=key_map, config=config, backend=backend, dtype=dtype, device=device)
 
-    def save_pretrained(self, path) -> None:
+    def save_pretrained(self, path: PathLike) -> None:
         """Write config.json and model.safetensors into directory ``path`` (created if needed)."""
         from .checkpoint import save_projector
 

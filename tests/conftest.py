@@ -10,6 +10,9 @@
 * Without a CUDA device, Triton runs in its CPU interpreter (TRITON_INTERPRET=1) for the
   whole session, so the "triton" backend is tested everywhere: the variable must be set before
   triton is first imported (triton's own library functions are jitted at import).
+* Under pytest-xdist (the README's command runs `-n auto --dist loadfile`) each worker uses one
+  torch thread: the workers already fill the cores, and oversubscribed intra-op threads slow
+  every worker down.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import sys
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,4 +1,4 @@
-"""Independent float64 oracles of SPEC 1.1 / 1.2 / 1.3, written from the SPEC alone.
+"""Independent float64 oracles of docs/reference.md §2 / §3 / §4, written from that page alone.
 
 Nothing here imports ccam_kernels: the mask rule, the attention and the projector are
 re-derived from the contract so the package is checked against a second, plain formulation.
@@ -33,7 +33,7 @@ def _counts(frame_counts) -> list[int]:
 
 
 def attention_oracle(q, k, v, frame_counts, tokens_per_frame, scale=None, *, compute_dtype=torch.float64):
-    """SPEC 1.2 in float64.
+    """docs/reference.md §3.1 in float64.
 
     q: (N, H, D) shared by every sample, or (B, N, H, D); k, v: (L, Hkv, D) packed sample by
     sample, frame by frame. Head h reads kv head h // (H // Hkv). Returns (B, N, H, D) float64.
@@ -75,10 +75,10 @@ def _cfg(cfg, name):
 
 
 def projector_oracle(state: dict, cfg, features: torch.Tensor, split_sizes=None) -> torch.Tensor:
-    """SPEC 1.3 in float64, written functionally from a state dict (keys as in SPEC 1.3).
+    """docs/reference.md §4.2 in float64, written functionally from a state dict (keys as in §4.2).
 
     ``state`` values are cast with ``.to(torch.float64)`` (differentiable). ``cfg`` is a
-    CCAMConfig-like object or dict with the SPEC field names; only swiglu/silu gating.
+    CCAMConfig-like object or dict with the field names of docs/reference.md §4.1; only swiglu/silu gating.
     Dropout is the identity (evaluation).
     """
     assert _cfg(cfg, "hidden_act") in ("swiglu", "silu")

@@ -22,7 +22,7 @@ def make_row(backend, frames, *, bench="attention", pass_="fwd", dtype="bfloat16
     ok = status == "ok"
     return {
         "bench": bench, "pass": pass_, "backend": backend,
-        "kind": "reference" if backend == "reference" else "ours",
+        "kind": "reference" if backend == "reference" else "ours" if backend in ("torch", "triton", "cuda") else "anchor",
         "frames": frames, "frame_counts": counts, "batch": len(counts), "dtype": dtype, "gflop": 1.0,
         "status": status, "reason": None if ok else "CUDA out of memory",
         "median_ms": median_ms if ok else None, "min_ms": median_ms if ok else None,
@@ -108,13 +108,14 @@ def test_write_plots_panels_lines_and_colors(tmp_path, saved_figures):
     by_kind = dict(zip(paths, saved_figures))
     colors = backend_colors({"reference", "torch", "flex"})
     for kind, fig in by_kind.items():
-        assert fig._suptitle.get_text().endswith(" · NVIDIA H200 · 0123456789")
+        assert fig._suptitle.get_text().endswith(" · NVIDIA H200 · bfloat16 · 2025-01-02 · commit 0123456789")
         axes = fig.get_axes()
         # the ragged row (B=2) makes no panel; the oom row is not a point
         assert [ax.get_title() for ax in axes] == ["attention fwd, B=1, bfloat16", "projector fwd, B=1, bfloat16"]
         for ax in axes:
             assert ax.get_xlabel() == "frames per video"
-            lines = {ln.get_label(): ln for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+            lines = {ln.get_label().removesuffix(" (ours)"): ln for ln in ax.get_lines()
+                     if not ln.get_label().startswith("_")}
             assert set(lines) == {"reference", "torch", "flex"}
             for backend, line in lines.items():
                 assert line.get_color() == colors[backend]
@@ -123,7 +124,7 @@ def test_write_plots_panels_lines_and_colors(tmp_path, saved_figures):
                 assert list(line.get_xdata()) == expected_x
         assert axes[0].get_yscale() == ("log" if kind in ("latency", "peak_memory") else "linear")
     latency = {ln.get_label(): list(ln.get_ydata()) for ln in by_kind["latency"].get_axes()[1].get_lines()}
-    assert latency["torch"] == [2.0, 32.0, 64.0]
+    assert latency["torch (ours)"] == [2.0, 32.0, 64.0]
     dashed = [ln for ln in by_kind["speedup"].get_axes()[0].get_lines() if ln.get_linestyle() == "--"]
     assert len(dashed) == 1 and list(dashed[0].get_ydata()) == [1.0, 1.0]
     assert by_kind["latency"]._suptitle.get_text().startswith("median latency · ")

@@ -13,10 +13,10 @@ from ccam_kernels.bench import contestants as C
 from ccam_kernels.bench.runner import BenchCase
 
 CPU = torch.device("cpu")
-SMALL = CCAMConfig(num_query=64, hidden_size=64, cross_hidden_size=48, num_heads=4, num_key_value_heads=2,
+SMALL = CCAMConfig(num_query=24, hidden_size=64, cross_hidden_size=48, num_heads=4, num_key_value_heads=2,
                    intermediate_size=128, output_size=32)
-COUNTS = (4, 9)  # a ragged batch
-P = 16
+COUNTS = (2, 5)  # a ragged batch
+P = 8
 
 
 def _cases():

@@ -1,4 +1,4 @@
-"""ccam_attention (SPEC 1.2, 2, 3) against the independent float64 oracle of tests/oracle.py.
+"""ccam_attention (docs/reference.md §3, §6, §7) against the independent float64 oracle of tests/oracle.py.
 
 Implementations under test: the "reference" and "torch" backends through the public
 ``ccam_attention``, and the torch backend's two engines ("flash", "explicit") directly.
@@ -24,7 +24,7 @@ from ccam_kernels.checks import check_attention_args
 from conftest import rel_err
 from oracle import attention_oracle, oracle_frame_of_query
 
-# (dtype, tolerance on ||out - ref|| / ||ref||) from SPEC 3; gradients get twice that.
+# (dtype, tolerance on ||out - ref|| / ||ref||) from docs/reference.md §7; gradients get twice that.
 DTYPES = [
     pytest.param(torch.float64, 1e-10, id="float64"),
     pytest.param(torch.float32, 1e-5, id="float32"),
@@ -153,12 +153,12 @@ def test_output_and_gradients_match_oracle(impl, dtype, tol, case, shared, nan_p
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 @pytest.mark.parametrize("impl", IMPL_NAMES)
 def test_large_logits_stay_finite_and_accurate(impl, dtype, tol):
-    """Logits in the thousands (SPEC 3): no overflow in exp, no NaN, and accurate outputs.
+    """Logits in the thousands (docs/reference.md §7): no overflow in exp, no NaN, and accurate outputs.
 
     Rounding a logit s in the accumulation precision (unit roundoff u: 2**-24 for float32 and
     the 16-bit types, 2**-53 for float64) moves it by ~u*|s|, which changes the softmax weights
     by that much relatively: even an exact-but-for-that evaluation is off by ~u*max|s| (~4e-4
-    for float32 here). So out and dv are bounded by the SPEC tolerance plus u*max|s|. dq and dk
+    for float32 here). So out and dv are bounded by the tolerance of docs/reference.md §7 plus u*max|s|. dq and dk
     are ~0 on the (nearly one-hot) rows, so their relative error says nothing: finite only.
     """
     case = Case(37, 7, (5, 3, 9), 4, 2, 16)

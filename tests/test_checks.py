@@ -1,4 +1,4 @@
-"""Bad input (SPEC 4): the right exception type, raised before any kernel runs, with a message
+"""Bad input (docs/reference.md §8): the right exception type, raised before any kernel runs, with a message
 that names the argument."""
 
 from __future__ import annotations

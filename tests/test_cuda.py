@@ -26,7 +26,7 @@ from oracle import attention_oracle
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 DTYPES = [torch.float16, torch.bfloat16]
-TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # SPEC 3; gradients within twice that
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # docs/reference.md §7; gradients within twice that
 
 
 @pytest.fixture(autouse=True)
@@ -169,7 +169,7 @@ def test_cuda_refuses_float32_and_odd_head_dims():
 
 
 def test_cuda_ops_check_their_arguments():
-    """The C++ ops check before launching (SPEC 4 style: the argument, the expectation, the value)."""
+    """The C++ ops check before launching (docs/reference.md §8 style: the argument, the expectation, the value)."""
     q, k, v, _ = _inputs(32, 2, 2, 64, (2,), 8, True, torch.float16)
     frames, starts, _, _ = tiling.plan((2,), 8, 64, q.device)
     out = torch.empty(1, 32, 2, 64, device=DEVICE, dtype=torch.float16)

@@ -127,7 +127,16 @@ def test_one_frame_chunks_large_logits(backend):
     dout = torch.randn_like(ref)
     (g,) = torch.autograd.grad(out, q, dout)
     (w,) = torch.autograd.grad(ref, q, dout)
-    assert torch.isfinite(g).all() and rel_err(g, w) <= 1e-10
+    assert torch.isfinite(g).all()
+    # Rows this sharp are one-hot to float64 precision: dq = scale * sum_j p_j (dp_j - delta) k_j
+    # cancels to almost nothing, so its relative error is unbounded for ANY two summation orders.
+    # Bound the error by what the terms weigh before cancelling instead: |dp_j|, |delta| <=
+    # |dO_i| max_j |v_j| and sum_j p_j = 1 give |term sum| <= 2 scale |dO_i| max|v| max|k| per row,
+    # and float64 rounding of logits in the thousands costs ~1e-15 of that (measured).
+    scale = D**-0.5
+    gross = 2 * scale * dout.norm(dim=-1) * v.norm(dim=-1).max() * k.norm(dim=-1).max()
+    err = (g - w).norm(dim=-1)
+    assert (err <= 1e-10 * w.norm(dim=-1) + 1e-13 * gross).all(), (err / gross).max()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -184,7 +193,7 @@ def test_merge_of_nothing_seen_stays_finite():
 
 
 @pytest.mark.parametrize("backend,exc,match", [
-    ("triton", RuntimeError, "partial"),
+    ("triton", RuntimeError, "cannot run partial attention here: .*float64"),  # runs float32/16-bit only
     ("cuda", RuntimeError, "partial"),
     ("nope", ValueError, "backend must be one of"),
 ])
@@ -208,7 +217,7 @@ def test_bad_ranges(ranges, match):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
 def test_low_precision_cover(dtype, tol, seed):
-    """16-bit inputs, torch backend: merged partials within SPEC 3's bound, or 3x plain PyTorch's
+    """16-bit inputs, torch backend: merged partials within the bound of docs/reference.md §7, or 3x plain PyTorch's
     own error in that precision on the same inputs where that is larger."""
     N, H, Hkv, D, P, counts = 21, 4, 2, 16, 5, (9, 2)
     rng = random.Random(seed)

@@ -1,4 +1,4 @@
-"""The mask rule (SPEC 1.1) and the planning helpers of ccam_kernels.mask."""
+"""The mask rule (docs/reference.md §2) and the planning helpers of ccam_kernels.mask."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_frame_of_query_formula_and_properties(nt):
     assert int(fq.max()) <= T - 1 and int(fq.min()) >= 0
     assert fq.tolist() == [(i * T) // N for i in range(N)]
     assert torch.equal(fq, oracle_frame_of_query(N, T))
-    # Query N-1 sees every frame whenever T <= N (SPEC 1.1: "query N-1 sees every frame").
+    # Query N-1 sees every frame whenever T <= N (docs/reference.md §2: "query N-1 sees every frame").
     if T <= N:
         assert fq[-1].item() == T - 1
 
@@ -73,7 +73,7 @@ def test_frame_of_query_is_nearest_neighbour_resize_of_tril(nt):
 @pytest.mark.parametrize("nt", [(8, 2), (16, 4), (64, 16), (16, 64), (128, 32), (4, 4), (1024, 16)], ids=_id)
 def test_frame_of_query_matches_torch_nearest_interpolate(nt):
     """torch's 'nearest' resize uses floor(i * T / N) with a float scale; for powers of two the
-    scale is exact, so it must agree with the rule (the SPEC's 'nearest-neighbour resizing')."""
+    scale is exact, so it must agree with the rule (docs/reference.md §2: 'nearest-neighbour resizing')."""
     N, T = nt
     tril = torch.ones(T, T).tril()
     resized = F.interpolate(tril[None, None], size=(N, T), mode="nearest")[0, 0].bool()
@@ -165,7 +165,7 @@ def test_live_pairs_equals_dense_mask_sum(N, frame_counts, P):
 
 
 def test_about_half_the_pairs_are_masked_at_16_frames():
-    """SPEC 1.1: about half of the (query, key) pairs are masked at T >= 16."""
+    """docs/reference.md §2: about half of the (query, key) pairs are masked at T >= 16."""
     for T in (16, 32, 96):
         live = live_pairs(1024, [T], 729)
         total = 1024 * T * 729

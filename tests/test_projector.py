@@ -1,4 +1,4 @@
-"""CCAMProjector (SPEC 1.3) against the float64 functional oracle, its eval-mode query side,
+"""CCAMProjector (docs/reference.md §4) against the float64 functional oracle, its eval-mode query side,
 dropout, state_dict names, CCAMConfig and checkpoints."""
 
 from __future__ import annotations

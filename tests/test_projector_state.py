@@ -1,4 +1,4 @@
-"""No hidden state (issue 13.1, SPEC 3): after anything that changes the parameters, the
+"""No hidden state (issue 13.1, docs/reference.md §7): after anything that changes the parameters, the
 projector's eval output equals, bitwise, the output of a fresh module loaded with the same
 state_dict. The changes are those that defeated the old version-counter caches: fused,
 foreach and for-loop optimizer steps, load_state_dict (assign=True too), parameters replaced

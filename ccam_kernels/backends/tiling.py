@@ -1,15 +1,16 @@
 """Host-side launch planning shared by the kernel backends (triton, cuda).
 
-The kernels read the mask rule from two small per-sample tensors (frame counts and key
-offsets) and, for the dK/dV pass, from a list of key tiles (sample, first key); this module
-builds them, picks the split-KV factor, and does the two small float32 steps around the
-kernels: the softmax backward's per-row constant and the merge of split-KV partials.
+The kernels read the mask rule from small per-sample tensors (frame counts, key offsets and,
+for partial attention, the frame window [f0, f1) whose keys k/v hold) and, for the dK/dV pass,
+from a list of key tiles (sample, first key); this module builds them, picks the split-KV
+factor, and does the two small float32 steps around the kernels: the softmax backward's
+per-row constant and the merge of split-KV partials.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -17,26 +18,56 @@ FORCE_SPLITS = None  # tests (and tuning) set an exact number of key splits
 MAX_SPLITS = 8
 
 
+class WindowPlan(NamedTuple):
+    """int tensors the kernels read: per sample b, its frame count T_b, the offset of its first
+    given key in the packed k/v, its frame window [f0_b, f1_b); and per key tile of the given
+    keys, its sample and its first key counted from the window's first key."""
+
+    frames: torch.Tensor
+    key_start: torch.Tensor
+    first_frame: torch.Tensor
+    end_frame: torch.Tensor
+    tile_sample: torch.Tensor
+    tile_start: torch.Tensor
+
+
+def whole_videos(frame_counts: tuple) -> tuple:
+    """The frame windows of the whole-video op: [0, T_b) for every sample."""
+    return tuple((0, t) for t in frame_counts)
+
+
 @functools.lru_cache(maxsize=256)
-def plan(frame_counts: tuple, tokens_per_frame: int, block_n: int, device: torch.device, dtype=torch.int64):
-    """Per-sample frame counts and key offsets, and the (sample, start) of every key tile of
-    ``block_n`` keys, as ``dtype`` tensors on ``device``."""
+def window_plan(frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, block_n: int,
+                device: torch.device, dtype=torch.int64) -> WindowPlan:
+    """The plan of a call whose k/v hold, sample by sample, only the keys of frames
+    [f0_b, f1_b) of each video (partial attention; the whole-video op is the windows [0, T_b)).
+    The mask rule still needs T_b; the kernels count keys from the window's first key."""
     offsets, tile_sample, tile_start = [], [], []
     total = 0
-    for b, t in enumerate(frame_counts):
+    for b, (f0, f1) in enumerate(frame_ranges):
         offsets.append(total)
-        n_keys = t * tokens_per_frame
+        n_keys = (f1 - f0) * tokens_per_frame
         for start in range(0, n_keys, block_n):
             tile_sample.append(b)
             tile_start.append(start)
         total += n_keys
     as_tensor = functools.partial(torch.tensor, dtype=dtype, device=device)
-    return as_tensor(list(frame_counts)), as_tensor(offsets), as_tensor(tile_sample), as_tensor(tile_start)
+    return WindowPlan(as_tensor(list(frame_counts)), as_tensor(offsets), as_tensor([f0 for f0, _ in frame_ranges]),
+                      as_tensor([f1 for _, f1 in frame_ranges]), as_tensor(tile_sample), as_tensor(tile_start))
+
+
+@functools.lru_cache(maxsize=256)
+def plan(frame_counts: tuple, tokens_per_frame: int, block_n: int, device: torch.device, dtype=torch.int64):
+    """Per-sample frame counts and key offsets, and the (sample, start) of every key tile of
+    ``block_n`` keys, as ``dtype`` tensors on ``device``: the whole-video plan."""
+    p = window_plan(frame_counts, whole_videos(frame_counts), tokens_per_frame, block_n, device, dtype)
+    return p.frames, p.key_start, p.tile_sample, p.tile_start
 
 
 def num_splits(programs: int, frame_counts: tuple, tokens_per_frame: int, block_n: int, device) -> int:
     """Key splits per query tile: enough programs for two waves over the SMs, no more than
-    MAX_SPLITS, and at least two key tiles per split."""
+    MAX_SPLITS, and at least two key tiles per split. ``frame_counts``: the frames whose keys
+    each sample's programs may read (a partial call's window sizes)."""
     if FORCE_SPLITS is not None:
         return FORCE_SPLITS
     if device.type != "cuda":
@@ -55,7 +86,10 @@ def merge_splits(o_parts: torch.Tensor, lse_parts: torch.Tensor) -> tuple[torch.
     if o_parts.shape[0] == 1:
         return o_parts[0], lse_parts[0]
     lse = torch.logsumexp(lse_parts, dim=0)
-    weight = torch.exp(lse_parts - lse).transpose(-1, -2).unsqueeze(-1)  # (S, B, N, H, 1)
+    # A row no split saw (a partial's query before its frame window) keeps lse = -inf and
+    # output 0: shift by 0 there, so its weights are exp(-inf) = 0 rather than NaN.
+    shift = torch.where(torch.isneginf(lse), 0.0, lse)
+    weight = torch.exp(lse_parts - shift).transpose(-1, -2).unsqueeze(-1)  # (S, B, N, H, 1)
     return (weight * o_parts).sum(0), lse
 
 
@@ -73,8 +107,12 @@ def q_strides(q: torch.Tensor):
 
 
 def refuses_head_dim(q: torch.Tensor, problem) -> Optional[str]:
-    """The kernel backends' head-dim limit (SPEC 1.2's minimum): multiples of 8 from 16 to 128."""
-    d = problem.head_dim
+    """The kernel backends' head-dim limit (the minimum of docs/reference.md §3.1): multiples of 8 from 16 to 128."""
+    return refuses_head_dim_of(problem.head_dim)
+
+
+def refuses_head_dim_of(d: int) -> Optional[str]:
+    """``refuses_head_dim`` for a head dim alone (a projector's, before any call)."""
     if d % 8 or not 16 <= d <= 128:
         return f"it supports head dims that are multiples of 8 from 16 to 128, got {d}"
     return None

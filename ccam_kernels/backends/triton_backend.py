@@ -2,7 +2,9 @@
 
 ``ccam_kernels::triton_attention`` (forward: out and the per-row log-sum-exp) and
 ``ccam_kernels::triton_attention_backward`` are custom ops (attention_ops.py: fake
-implementations and an autograd formula, so torch.compile traces through them). CUDA graphs:
+implementations and an autograd formula, so torch.compile traces through them).
+``ccam_kernels::triton_partial_attention`` and its ``_backward`` are the same kernels over a
+frame window of each video (partial_ops.py; long_video/partial.py dispatches to them). CUDA graphs:
 capture after one eager call with the same head dim, dtype and frame counts (it builds the small per-batch plan tensors and runs Triton's autotuning, neither
 of which may happen during a capture); torch.compile's reduce-overhead mode warms up so.
 """
@@ -16,8 +18,21 @@ from typing import Optional
 import torch
 
 from .attention_ops import define_attention_ops
+from .partial_ops import define_partial_ops
 
-_TRITON = importlib.util.find_spec("triton") is not None
+# The "triton" extra: a CPU install goes without it (about 290 MB that no CPU path needs), and
+# this module never imports triton itself, so the package imports and runs without it.
+INSTALL_HINT = 'pip install "ccam_kernels[triton]" (Linux x86_64; a CUDA build of torch brings it)'
+
+
+def triton_installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or half-removed install counts as absent
+        return False
+
+
+_TRITON = triton_installed()
 
 
 def interpreting() -> bool:
@@ -26,7 +41,7 @@ def interpreting() -> bool:
 
 def why_unusable() -> Optional[str]:
     if not _TRITON:
-        return "triton is not installed (pip install triton; Linux x86_64 wheels)"
+        return f"triton is not installed: {INSTALL_HINT}"
     if not interpreting() and not torch.cuda.is_available():
         return "no CUDA device (the Triton kernels run on CUDA GPUs, or on CPU tensors under TRITON_INTERPRET=1)"
     return None
@@ -65,3 +80,19 @@ def _backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: in
 # ccam_kernels::triton_attention_backward -> (dq, dk, dv), with fakes and autograd.
 ccam_attention_triton = define_attention_ops("triton_attention", _forward, _backward)
 triton_attention = ccam_attention_triton.op
+
+
+def _partial_forward(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float):
+    return _kernels().partial_forward(q, k, v, frame_counts, frame_ranges, tokens_per_frame, scale)
+
+
+def _partial_backward(dout, dlse, q, k, v, out, lse, frame_counts: tuple, frame_ranges: tuple,
+                      tokens_per_frame: int, scale: float):
+    return _kernels().partial_backward(dout, dlse, q, k, v, out, lse, frame_counts, frame_ranges,
+                                       tokens_per_frame, scale)
+
+
+# ccam_kernels::triton_partial_attention -> (out (B, N, H, D) float32, lse (B, H, N) float32)
+# over frames [f0_b, f1_b) of each video, and its backward (gradients of both outputs).
+ccam_partial_attention_triton = define_partial_ops("triton_partial_attention", _partial_forward, _partial_backward)
+triton_partial_attention = ccam_partial_attention_triton.op

@@ -1,8 +1,15 @@
 """Triton kernels of the "triton" backend: block-causal cross-attention, forward and backward.
 
-Layout (SPEC 1.2): q (B, N, H, D) or (N, H, D) shared (batch stride 0: read in place for every
+Layout (docs/reference.md §3.1): q (B, N, H, D) or (N, H, D) shared (batch stride 0: read in place for every
 sample), k and v packed (L, Hkv, D), one launch for the whole ragged batch. Per-sample frame
-counts and key offsets are small int tensors the kernels read; nothing else describes the mask.
+counts, key offsets and frame windows are small int tensors the kernels read; nothing else
+describes the mask.
+
+Frame windows (partial attention, long_video/partial.py): k and v may hold only the keys of
+frames [f0, f1) of each video. The kernels count keys from the window's first key, so a row's
+limit becomes ``clamp(limit - f0*P, 0, (f1 - f0)*P)``: still non-decreasing in the row, so
+every tile argument below holds unchanged, and a row whose limit is 0 (its frame is before
+the window) sees nothing: output 0, LSE -inf. The whole-video op is the window [0, T).
 
 The mask rule, in the kernels' terms (the same rule as ccam_kernels.mask, which the tests
 check these kernels against): row i of a sample with T frames sees the keys
@@ -43,24 +50,35 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _query_tile(FRAMES, KEY_START, N, H, G, P, BLOCK_M: tl.constexpr):
+def _window_limit(rows, T, N, P, win0, n_keys):
+    """Keys [0, limit) of the window that rows see: the mask rule's limit counted from the
+    window's first key ``win0``, clamped to the window's ``n_keys`` keys."""
+    return tl.minimum(tl.maximum(((rows * T) // N + 1) * P - win0, 0), n_keys)
+
+
+@triton.jit
+def _query_tile(FRAMES, KEY_START, FIRST_FRAME, END_FRAME, N, H, G, P, BLOCK_M: tl.constexpr):
     """What a program of a (B*H, query tiles[, splits]) grid owns: its (sample, head, kv head),
     the sample's frame count and first key, its rows, each row's visible-key limit and the
-    tile's lowest/highest limit. Query tiles go longest first: the last tile sees the most keys
-    (up to twice the average), and blocks start in linear order, so the grid's first row of
-    blocks takes the last query tile. B*H is on axis 0, which has no 65535 limit."""
+    tile's lowest/highest limit (in keys of the sample's frame window). Query tiles go longest
+    first: the last tile sees the most keys (up to twice the average), and blocks start in
+    linear order, so the grid's first row of blocks takes the last query tile. B*H is on axis
+    0, which has no 65535 limit."""
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     T = tl.load(FRAMES + b).to(tl.int64)
     key0 = tl.load(KEY_START + b).to(tl.int64)
+    f0 = tl.load(FIRST_FRAME + b).to(tl.int64)
+    win0 = f0 * P
+    n_keys = tl.load(END_FRAME + b).to(tl.int64) * P - win0
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    limit = ((offs_m.to(tl.int64) * T) // N + 1) * P
+    limit = _window_limit(offs_m.to(tl.int64), T, N, P, win0, n_keys)
     first = (pid_m * BLOCK_M).to(tl.int64)
     last = tl.minimum(first + BLOCK_M, N) - 1
-    lo = ((first * T) // N + 1) * P
-    hi = ((last * T) // N + 1) * P
+    lo = _window_limit(first, T, N, P, win0, n_keys)
+    hi = _window_limit(last, T, N, P, win0, n_keys)
     return pid_bh, b.to(tl.int64), h, h // G, T, key0, offs_m, limit, lo, hi
 
 
@@ -80,7 +98,7 @@ _TUNE_KEY = ["D", "IEEE"]
 @triton.autotune(configs=_configs(), key=_TUNE_KEY + ["SPLIT"])
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, FRAMES, KEY_START,
+    Q, K, V, O, LSE, FRAMES, KEY_START, FIRST_FRAME, END_FRAME,
     stride_qb, stride_qn, stride_qh,
     stride_kl, stride_kh, stride_vl, stride_vh,
     stride_ob, stride_on, stride_oh,
@@ -90,8 +108,10 @@ def _fwd_kernel(
 ):
     """One (query tile, sample, head), or with SPLIT one share of its key tiles: then O and LSE
     are the split's partials (num_splits, B, N, H, D) and (num_splits, B, H, N), merged by
-    log-sum-exp afterwards, so that a batch with few query tiles still fills the GPU."""
-    pid_bh, b, h, hk, T, key0, offs_m, limit, lo, hi = _query_tile(FRAMES, KEY_START, N, H, G, P, BLOCK_M)
+    log-sum-exp afterwards, so that a batch with few query tiles still fills the GPU (and a
+    partial call gets float32 outputs)."""
+    pid_bh, b, h, hk, T, key0, offs_m, limit, lo, hi = _query_tile(
+        FRAMES, KEY_START, FIRST_FRAME, END_FRAME, N, H, G, P, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
     d_ok = offs_d < D
@@ -137,8 +157,8 @@ def _fwd_kernel(
         s = _dot(q, kt, IEEE) * qk_scale
         s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing live yet (only possible in a split not starting at key 0):
-        # subtract 0 instead of -inf, so its p and alpha are 0, not NaN.
+        # A row with nothing live yet (in a split not starting at key 0, or a row before its
+        # frame window): subtract 0 instead of -inf, so its p and alpha are 0, not NaN.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
@@ -147,8 +167,9 @@ def _fwd_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
 
-    # Without splits every valid row saw key 0 (frame 0), so l_i > 0; a split may have seen
-    # nothing live for a row: its partial is then 0 with LSE -inf (weight 0 in the merge).
+    # A whole video without splits: every valid row saw key 0 (frame 0), so l_i > 0. A split,
+    # or a window after a row's frame, may have seen nothing live for a row: its partial is
+    # then 0 with LSE -inf (weight 0 in the merge).
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     o_ptrs = O + b * stride_ob + offs_m[:, None].to(tl.int64) * stride_on + h * stride_oh + offs_d[None, :]
@@ -160,15 +181,17 @@ def _fwd_kernel(
 @triton.autotune(configs=_configs(), key=_TUNE_KEY)
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, FRAMES, KEY_START,
+    Q, K, V, DO, LSE, DELTA, DQ, FRAMES, KEY_START, FIRST_FRAME, END_FRAME,
     stride_qb, stride_qn, stride_qh,
     stride_kl, stride_kh, stride_vl, stride_vh,
     stride_db, stride_dn, stride_dh,
     N, H, G, P, D, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """dQ of one (sample, head, query tile), float32, into DQ (B, N, H, D) contiguous."""
-    pid_bh, b, h, hk, T, key0, offs_m, limit, lo, hi = _query_tile(FRAMES, KEY_START, N, H, G, P, BLOCK_M)
+    """dQ of one (sample, head, query tile), float32, into DQ (B, N, H, D) contiguous. A row
+    that sees nothing of its window must come with a finite LSE (its p is then 0)."""
+    pid_bh, b, h, hk, T, key0, offs_m, limit, lo, hi = _query_tile(
+        FRAMES, KEY_START, FIRST_FRAME, END_FRAME, N, H, G, P, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
     d_ok = offs_d < D
@@ -204,7 +227,7 @@ def _bwd_dq_kernel(
 @triton.autotune(configs=_configs(), key=_TUNE_KEY)
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, FRAMES, KEY_START, TILE_SAMPLE, TILE_START,
+    Q, K, V, DO, LSE, DELTA, DK, DV, FRAMES, KEY_START, FIRST_FRAME, END_FRAME, TILE_SAMPLE, TILE_START,
     stride_qb, stride_qn, stride_qh,
     stride_kl, stride_kh, stride_vl, stride_vh,
     stride_db, stride_dn, stride_dh,
@@ -213,14 +236,16 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):
     """dK, dV of one key tile of one sample and one kv head, summed over the heads of its group
-    and over the rows that see it (rows >= ceil(f*N/T) for a key of frame f)."""
+    and over the rows that see it (rows >= ceil(f*N/T) for a key of frame f). Keys and tile
+    starts count from the sample's frame window's first key (frame f0)."""
     pid_t = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.load(TILE_SAMPLE + pid_t).to(tl.int64)
     start = tl.load(TILE_START + pid_t).to(tl.int64)
     T = tl.load(FRAMES + b).to(tl.int64)
     key0 = tl.load(KEY_START + b).to(tl.int64)
-    n_keys = T * P
+    f0 = tl.load(FIRST_FRAME + b).to(tl.int64)
+    n_keys = (tl.load(END_FRAME + b).to(tl.int64) - f0) * P
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < n_keys
@@ -232,8 +257,8 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-    f_first = start // P
-    f_last = (tl.minimum(start + BLOCK_N, n_keys) - 1) // P
+    f_first = f0 + start // P
+    f_last = f0 + (tl.minimum(start + BLOCK_N, n_keys) - 1) // P
     first_row = (f_first * N + T - 1) // T  # the first row that sees any key of this tile
     full_row = (f_last * N + T - 1) // T  # from here on, rows see the whole tile
     m_begin = (first_row // BLOCK_M) * BLOCK_M
@@ -253,7 +278,7 @@ def _bwd_dkdv_kernel(
             # Padded rows load q = dO = 0: their p is finite and they add nothing to dK, dV.
             s = _dot(q, tl.trans(k), IEEE) * qk_scale
             if m0 < m_full:  # rows that straddle: each row's limit
-                limit = ((offs_m.to(tl.int64) * T) // N + 1) * P
+                limit = ((offs_m.to(tl.int64) * T) // N + 1 - f0) * P  # may be <= 0: masked
                 s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
             p = tl.exp2(s - lse2[:, None])
             dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
@@ -293,45 +318,63 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, keep_acc: bool = False):
-    """(out (B, N, H, D) in q's dtype, lse (B, H, N) float32, acc): with ``keep_acc`` the kernel
-    writes float32 partials even without a split, and ``acc`` is the float32 output (else None)."""
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+def _forward_launch(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float,
+                    out=None):
+    """The forward over each sample's frame window (k, v: the windows' keys). With ``out``
+    (B, N, H, D) and one split, the kernel writes ``out`` and this returns (out, lse);
+    otherwise the kernel writes float32 split partials: (merged float32 output, lse)."""
     B, (N, H, D), Hkv = len(frame_counts), q.shape[-3:], k.shape[1]
     block_m, block_n, block_d = block_sizes(D)
-    frames, key_start, _, _ = tiling.plan(frame_counts, tokens_per_frame, block_n, q.device)
+    p = tiling.window_plan(frame_counts, frame_ranges, tokens_per_frame, block_n, q.device)
     grid = (B * H, triton.cdiv(N, block_m))
-    splits = tiling.num_splits(grid[0] * grid[1], frame_counts, tokens_per_frame, block_n, q.device)
-    partial = splits > 1 or keep_acc
-    out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
-    if partial:  # float32 partials, merged below
+    spans = tuple(f1 - f0 for f0, f1 in frame_ranges)
+    splits = tiling.num_splits(grid[0] * grid[1], spans, tokens_per_frame, block_n, q.device)
+    split = splits > 1 or out is None
+    if split:  # float32 partials, merged below
         o_dst = torch.empty(splits, B, N, H, D, device=q.device, dtype=torch.float32)
         lse_dst = torch.empty(splits, B, H, N, device=q.device, dtype=torch.float32)
     else:
         o_dst, lse_dst = out, torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     o_strides = (o_dst.stride(-4), o_dst.stride(-3), o_dst.stride(-2))
     _fwd_kernel[(*grid, splits)](
-        q, k, v, o_dst, lse_dst, frames, key_start,
+        q, k, v, o_dst, lse_dst, p.frames, p.key_start, p.first_frame, p.end_frame,
         *tiling.q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *o_strides,
         N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E.value, splits,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), SPLIT=partial,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), SPLIT=split,
     )
-    if not partial:
-        return out, lse_dst, None
-    acc, lse = tiling.merge_splits(o_dst, lse_dst)
+    if not split:
+        return out, lse_dst
+    return tiling.merge_splits(o_dst, lse_dst)
+
+
+def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, keep_acc: bool = False):
+    """(out (B, N, H, D) in q's dtype, lse (B, H, N) float32, acc): with ``keep_acc`` the kernel
+    writes float32 partials even without a split, and ``acc`` is the float32 output (else None)."""
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    B, (N, H, D) = len(frame_counts), q.shape[-3:]
+    out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
+    acc, lse = _forward_launch(q, k, v, frame_counts, tiling.whole_videos(frame_counts), tokens_per_frame, scale,
+                               None if keep_acc else out)
+    if acc is out:
+        return out, lse, None
     out.copy_(acc)
     return out, lse, acc if keep_acc else None
 
 
-def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int, scale: float):
-    """(dq, dk, dv) shaped like q, k, v and dense (an input may have any strides, even
-    overlapping ones: its gradient never inherits them). dq of a shared q sums the samples'
-    contributions. ``out`` is float32 for 16-bit inputs (the forward's accumulator)."""
-    q, k, v, dout = (_last_dim_contiguous(x) for x in (q, k, v, dout))
+def partial_forward(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float):
+    """Partial attention (long_video/partial.py): every query of sample b over the keys of its
+    frames [f0_b, f1_b) only, which is all k and v hold. -> (out (B, N, H, D) float32, lse
+    (B, H, N) float32), out = 0 and lse = -inf for rows that see none of those frames."""
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    return _forward_launch(q, k, v, frame_counts, frame_ranges, tokens_per_frame, scale)
+
+
+def _backward_launch(dout, q, k, v, lse, delta, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int,
+                     scale: float):
+    """(dq, dk, dv) from the softmax's per-row (lse, delta), over each sample's frame window."""
     B, (N, H, D), Hkv = len(frame_counts), q.shape[-3:], k.shape[1]
     block_m, block_n, block_d = block_sizes(D)
-    frames, key_start, tile_sample, tile_start = tiling.plan(frame_counts, tokens_per_frame, block_n, q.device)
-    delta = tiling.softmax_delta(dout, out)
+    p = tiling.window_plan(frame_counts, frame_ranges, tokens_per_frame, block_n, q.device)
     dq_rows = torch.empty(B, N, H, D, device=q.device, dtype=torch.float32)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
@@ -339,10 +382,39 @@ def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int
     sizes = (N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E.value)
     strides = (*tiling.q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1), dout.stride(2))
+    windows = (p.frames, p.key_start, p.first_frame, p.end_frame)
     _bwd_dq_kernel[(B * H, triton.cdiv(N, block_m))](
-        q, k, v, dout, lse, delta, dq_rows, frames, key_start, *strides, *sizes, **common)
-    _bwd_dkdv_kernel[(tile_sample.numel(), Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, frames, key_start, tile_sample, tile_start, *strides,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *sizes, **common)
+        q, k, v, dout, lse, delta, dq_rows, *windows, *strides, *sizes, **common)
+    if p.tile_sample.numel():  # no key tile when every window is empty (k, v have no rows)
+        _bwd_dkdv_kernel[(p.tile_sample.numel(), Hkv)](
+            q, k, v, dout, lse, delta, dk, dv, *windows, p.tile_sample, p.tile_start, *strides,
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *sizes, **common)
     dq = dq_rows.sum(0) if q.dim() == 3 else dq_rows
     return dq.to(q.dtype), dk, dv
+
+
+def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int, scale: float):
+    """(dq, dk, dv) shaped like q, k, v and dense (an input may have any strides, even
+    overlapping ones: its gradient never inherits them). dq of a shared q sums the samples'
+    contributions. ``out`` is float32 for 16-bit inputs (the forward's accumulator)."""
+    q, k, v, dout = (_last_dim_contiguous(x) for x in (q, k, v, dout))
+    delta = tiling.softmax_delta(dout, out)
+    return _backward_launch(dout, q, k, v, lse, delta, frame_counts, tiling.whole_videos(frame_counts),
+                            tokens_per_frame, scale)
+
+
+def partial_backward(dout, dlse, q, k, v, out, lse, frame_counts: tuple, frame_ranges: tuple,
+                     tokens_per_frame: int, scale: float):
+    """Gradients of ``partial_forward``'s (out, lse) -> (dq, dk, dv). With p the window's
+    softmax, d lse / d s = p, so the LSE's gradient folds into the softmax backward's per-row
+    constant: ds = p * (dp - (delta - dlse)), and the whole-video kernels compute the rest.
+    Rows that see nothing of the window have p = 0: their LSE is read as 0 (not -inf, which
+    would make exp(s - lse) NaN) and their delta as 0 (whatever dlse holds there)."""
+    # The kernels' dots take one dtype: the upstream gradient in q's, and delta from it, so
+    # that delta matches the dp the kernels compute (as in the whole-video backward).
+    dout = _last_dim_contiguous(dout.to(q.dtype))
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    seen = torch.isfinite(lse)
+    delta = torch.where(seen, tiling.softmax_delta(dout, out) - dlse.float(), 0.0).contiguous()
+    lse = torch.where(seen, lse, 0.0).contiguous()
+    return _backward_launch(dout, q, k, v, lse, delta, frame_counts, frame_ranges, tokens_per_frame, scale)

@@ -22,7 +22,7 @@ import torch
 
 from ..config import CCAMConfig
 from ..attention import BACKENDS
-from .contestants import ATTENTION_CONTESTANTS, PROJECTOR_CONTESTANTS, SDPA_ANCHORS, default_contestants
+from .contestants import ATTENTION_CONTESTANTS, OURS, PROJECTOR_CONTESTANTS, SDPA_ANCHORS, default_contestants
 from .out_dir import check_out_dir
 from .report import build_result, format_table, git_commit, write_outputs
 from .runner import BENCHES, PASSES, BenchCase, Settings, run_suite
@@ -165,6 +165,14 @@ def choose_contestants(args, device: torch.device, benches) -> dict:
     return chosen
 
 
+def skipped_notes(contestants: dict, device: torch.device) -> list[str]:
+    """One line per backend of ours that no bench runs here, with the reason (e.g. triton not
+    installed, with the command that installs it), so a missing row is never a silent one."""
+    running = {n for names in contestants.values() for n in names}
+    return [f"ccam-bench: no {name} rows: {BACKENDS[name].refuses_placement(device.type, auto=True)}"
+            for name in OURS if name not in running and BACKENDS[name].refuses_placement(device.type, auto=True)]
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
@@ -205,6 +213,8 @@ def main(argv=None) -> int:
     summary = "; ".join(f"{bench}: {', '.join(names)}" for bench, names in contestants.items())
     print(f"ccam-bench: {len(cases)} cases on {device} ({summary}); {settings.rounds} rounds of up to "
           f"{settings.repeats} timed calls per row", file=sys.stderr)
+    for note in skipped_notes(contestants, device):
+        print(note, file=sys.stderr)
     commit = git_commit()  # the code measured is the code at the start
 
     def document(result):  # the problem measured goes with the numbers

@@ -175,6 +175,11 @@ class Contestant:
     def prepare(self, inputs) -> None:
         self.inputs = inputs
 
+    def compile_note(self) -> str | None:
+        """What its first call (after prepare) may compile, or None: the runner prints a line
+        when such a call starts and when it ends."""
+        return None
+
     def forward(self, i: int) -> torch.Tensor:
         raise NotImplementedError
 
@@ -199,6 +204,9 @@ class OursAttention(Contestant):
         why = never_timed(self.name, s["q"].device.type) or BACKENDS[self.name].refuses(s["q"], problem)
         if why:
             raise Unsupported(why)
+
+    def compile_note(self):
+        return _TRITON_JIT if self.name == "triton" and self.inputs.device.type == "cuda" else None
 
     def forward(self, i):
         s, case = self.inputs.sets[i], self.inputs.case
@@ -294,6 +302,8 @@ class SdpaAnchor(NativeLayoutAnchor):
 
 
 _FLEX = FlexCCAMAttention()  # one per process: block masks and compiled graphs are reused
+_FLEX_COMPILE = "torch.compile of FlexAttention for this shape"
+_TRITON_JIT = "Triton's JIT compile and autotuning"
 
 
 class FlexAnchor(NativeLayoutAnchor):
@@ -314,6 +324,9 @@ class FlexAnchor(NativeLayoutAnchor):
             dout = s["dout"].permute(2, 0, 1, 3).reshape(1, H, B * N, D)
             self.native.append(dict(q=q.contiguous().requires_grad_(grad), k=k, v=v, dout=dout))
         self.shape = (B, N, H, D)
+
+    def compile_note(self):
+        return _FLEX_COMPILE
 
     def forward(self, i):
         n = self.native[i]
@@ -344,6 +357,11 @@ class ProjectorContestant(Contestant):
             if why:
                 raise Unsupported(why)
             self.attention = self.name
+
+    def compile_note(self):
+        if self.name == "flex":
+            return _FLEX_COMPILE
+        return _TRITON_JIT if self.name == "triton" and self.inputs.device.type == "cuda" else None
 
     def forward(self, i):
         module = self.inputs.module

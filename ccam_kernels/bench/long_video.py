@@ -285,20 +285,28 @@ def _row(**fields):
     return row
 
 
-def write_plot(doc: dict, path: str) -> bool:
-    """Peak memory and time vs frames, one-shot against stream. False without matplotlib."""
+def long_figure(doc: dict):
+    """The Figure of peak memory and time vs frames, one-shot against stream (both modes of our
+    CCAMProjector, so both "(ours)"); None without matplotlib or without such rows."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
-        return False
+        return None
+    from .plots import figure_title, legend_label
+
     rows = [r for r in doc["rows"] if r["status"] == "ok" and r["mode"] in ("one-shot", "stream")]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    if not rows:
+        return None
+    fig = Figure(figsize=(10, 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
     for mode, color in (("one-shot", "#d62728"), ("stream", "#1f77b4")):
         mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["frames"])
-        label = mode if mode == "one-shot" else f"stream ({mine[0]['chunk_frames']} frames/push)" if mine else mode
+        if not mine:
+            continue
+        name = mode if mode == "one-shot" else f"stream, {mine[0]['chunk_frames']} frames/push"
+        label = legend_label(name, "ours")
         axes[0].plot([r["frames"] for r in mine], [r["peak_mem_mb"] for r in mine], "o-", color=color, label=label)
         axes[1].plot([r["frames"] for r in mine], [r["median_ms"] / 1e3 for r in mine], "o-", color=color, label=label)
     axes[0].set(xlabel="frames", ylabel="peak memory above start (MB)", title="peak memory")
@@ -307,11 +315,19 @@ def write_plot(doc: dict, path: str) -> bool:
         ax.grid(alpha=0.3)
         ax.legend()
     s = doc["settings"]
-    fig.suptitle(f"CCAMProjector on {doc['device']}: N={s['config']['num_query']}, C={s['config']['hidden_size']}, "
-                 f"P={s['tokens_per_frame']}, {s['dtype']}")
+    what = (f"CCAMProjector, N={s['config']['num_query']}, C={s['config']['hidden_size']}, "
+            f"P={s['tokens_per_frame']}")
+    fig.suptitle(figure_title(what, doc, [s["dtype"]]), fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def write_plot(doc: dict, path: str) -> bool:
+    """Save long_figure(doc) as a PNG. False without matplotlib (or nothing to plot)."""
+    fig = long_figure(doc)
+    if fig is None:
+        return False
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 

@@ -4,6 +4,11 @@ Every figure has one panel per (bench, pass, batch, dtype) combination, frames o
 and one line per backend; a backend keeps its colour across all figures of a document.
 Only rows with status "ok", an int ``frames`` (ragged batches are left to the tables) and a
 value for the plotted metric are drawn; a panel or figure without such rows is left out.
+
+Read at a glance: the legend marks this library's backends "(ours)" (the reference too; the
+anchors are unmarked), the title gives device, dtype, date and commit, and log axes carry
+plain-number labels (in the axis' unit) at 1-2-5 steps, denser when the data spans less, with
+unlabeled minor ticks, so no panel shows only minor labels or minor labels larger than major ones.
 """
 
 from __future__ import annotations
@@ -38,6 +43,68 @@ def backend_colors(backends) -> dict[str, str]:
     return colors
 
 
+OURS_KINDS = ("ours", "reference")
+_OUR_NAMES = ("reference", "torch", "triton", "cuda")  # for documents written before rows had a kind
+# Mantissas of log-axis ticks, sparsest first; the first set giving at least MIN_LOG_TICKS
+# labels inside the view wins.
+_MANTISSAS = ((1,), (1, 2, 5), (1, 2, 3, 5, 7), (1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9))
+MIN_LOG_TICKS = 4
+MAX_LOG_TICKS = 8
+
+
+def legend_label(backend: str, kind: str | None = None) -> str:
+    """"torch (ours)" for this library's backends and its reference; anchors as they are."""
+    ours = kind in OURS_KINDS if kind else backend in _OUR_NAMES
+    return f"{backend} (ours)" if ours else backend
+
+
+def plain_number(value: float) -> str:
+    """A tick label without exponents: 2000, 150, 0.5."""
+    text = f"{value:.6g}"
+    if "e" in text:
+        text = f"{value:.0f}" if abs(value) >= 1 else f"{value:.12f}".rstrip("0").rstrip(".")
+    return text
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Tick values for a log axis showing [lo, hi] (0 < lo < hi): 1-2-5 style, as sparse as
+    gives MIN_LOG_TICKS inside, at most MAX_LOG_TICKS (every k-th kept when a wide range gives
+    more); for a narrow range (less than a 1-2-3-4-5 step), evenly spaced round values."""
+    first, last = math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1
+    for mantissas in _MANTISSAS:
+        ticks = [round(m * 10.0 ** e, 12) for e in range(first, last + 1) for m in mantissas]
+        ticks = [t for t in ticks if lo <= t <= hi]
+        if len(ticks) >= MIN_LOG_TICKS:
+            step = math.ceil(len(ticks) / MAX_LOG_TICKS)
+            return ticks[::step]
+    from matplotlib.ticker import MaxNLocator
+
+    for bins in (4, 6, 8):
+        ticks = [float(t) for t in MaxNLocator(nbins=bins, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)]
+        ticks = [t for t in ticks if lo <= t <= hi]
+        if len(ticks) >= MIN_LOG_TICKS:
+            break
+    return ticks
+
+
+def label_log_axis(axis, lo: float, hi: float) -> None:
+    """Plain-number major labels at log_ticks(lo, hi); minor ticks (the grid's) unlabeled."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(FixedLocator(log_ticks(lo, hi)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: plain_number(v)))
+    axis.set_minor_locator(LogLocator(base=10, subs=tuple(range(2, 10))))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def figure_title(what: str, doc: dict, dtypes) -> str:
+    """What, device, dtype(s), date and commit of a document's figure."""
+    device = doc.get("device", "unknown device")
+    date = str(doc.get("date") or "unknown date")[:10]
+    commit = str(doc.get("commit") or "unknown")[:10] + (" (dirty)" if doc.get("commit_dirty") else "")
+    return f"{what} · {device} · {', '.join(sorted(set(dtypes)))} · {date} · commit {commit}"
+
+
 def _plottable(row: dict, key: str, log_y: bool) -> bool:
     frames = row.get("frames")
     value = row.get(key)
@@ -60,18 +127,29 @@ def _panel_order(panel: tuple) -> tuple:
 def write_plots(doc: dict, out_dir: str) -> dict[str, str]:
     """Write the figures of ``doc`` under ``out_dir``; {kind: path} of the files written
     (kinds: latency, speedup, pct_of_ceiling, peak_memory). {} when matplotlib is missing."""
+    figures = build_figures(doc)
+    written = {}
+    for kind, fig in figures.items():
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"{kind}.png")
+        fig.savefig(path, dpi=110)
+        written[kind] = path
+    return written
+
+
+def build_figures(doc: dict) -> dict:
+    """{kind: matplotlib Figure} of ``doc`` (what write_plots saves); {} without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-        from matplotlib.ticker import FixedLocator, NullLocator
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
     except ImportError:
         return {}
 
     rows = doc.get("rows", [])
     colors = backend_colors({r["backend"] for r in rows})
-    device = doc.get("device", "unknown device")
-    commit = str(doc.get("commit", "unknown"))[:10]
-    written = {}
+    kinds = {r["backend"]: r.get("kind") for r in rows}
+    figures = {}
     for kind, key, ylabel, what, log_y in FIGURES:
         sel = [r for r in rows if _plottable(r, key, log_y)]
         panels = sorted({_panel_key(r) for r in sel}, key=_panel_order)
@@ -90,28 +168,27 @@ def write_plots(doc: dict, out_dir: str) -> dict[str, str]:
             for backend in sorted({r["backend"] for r in in_panel}):
                 pts = sorted((r["frames"], r[key]) for r in in_panel if r["backend"] == backend)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3,
-                        linewidth=1.2, color=colors[backend], label=backend)
+                        linewidth=1.2, color=colors[backend], label=legend_label(backend, kinds.get(backend)))
             if kind == "speedup":
                 ax.axhline(1.0, color="#555555", linestyle="--", linewidth=0.9)
             frames = sorted({r["frames"] for r in in_panel})
             ax.set_xscale("log", base=2)
             ax.xaxis.set_major_locator(FixedLocator(frames))
             ax.xaxis.set_minor_locator(NullLocator())
-            ax.set_xticklabels([str(f) for f in frames], fontsize=6)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: plain_number(v)))
             if len(frames) == 1:
                 ax.set_xlim(frames[0] / 1.5, frames[0] * 1.5)
             if log_y:
                 ax.set_yscale("log")
-            ax.tick_params(axis="y", labelsize=6)
+                ax.autoscale_view()
+                label_log_axis(ax.yaxis, *ax.get_ylim())
+            ax.tick_params(axis="both", which="both", labelsize=7)
             ax.set_title(f"{bench} {pass_}, B={batch}, {dtype}", fontsize=8)
             ax.set_xlabel("frames per video", fontsize=7)
             ax.set_ylabel(ylabel, fontsize=7)
             ax.grid(True, which="both", alpha=0.3, linewidth=0.5)
             ax.legend(fontsize=6, loc="best", frameon=False)
-        fig.suptitle(f"{what} · {device} · {commit}", fontsize=9)
+        fig.suptitle(figure_title(what, doc, [p[3] for p in panels]), fontsize=9)
         fig.tight_layout()
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, f"{kind}.png")
-        fig.savefig(path, dpi=110)
-        written[kind] = path
-    return written
+        figures[kind] = fig
+    return figures

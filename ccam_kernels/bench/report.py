@@ -1,4 +1,4 @@
-"""Turning benchmark results into the SPEC 5 JSON, a text/markdown table and a plot."""
+"""Turning benchmark results into the results JSON (docs/reference.md §9), a text/markdown table and a plot."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def sorted_rows(rows: list) -> list:
 
 
 def build_result(result: dict, device: torch.device, commit: tuple | None = None) -> dict:
-    """The SPEC 5 document. ``commit`` = git_commit() taken when the run started (what was
+    """The results document (docs/reference.md §9.1). ``commit`` = git_commit() taken when the run started (what was
     measured); by default it is read now."""
     try:
         import triton

@@ -2,7 +2,8 @@
 
 For each case: build the inputs (rotated copies), then per contestant prepare its native
 inputs, run one checked call (error against the reference; for compiled anchors this call
-compiles and its time is reported as compile_s), and warm up. Only then the timed rounds: round
+compiles and its time is reported as compile_s; a line is printed when a compile starts and
+when it ends), and warm up. Only then the timed rounds: round
 1 of every contestant, round 2 of every contestant, ... so that a drift of the machine shows up
 as spread between rounds rather than as a difference between backends.
 """
@@ -29,6 +30,7 @@ from .contestants import (
     run_once,
 )
 from .flops import attention_flops, projector_flops
+from .progress import Progress
 from .timing import Timer, measure_ceilings, rotation_count, summarize, sync
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -141,8 +143,43 @@ def _free(device: torch.device) -> None:
             raise
 
 
+def graphs_compiled() -> int | None:
+    """How many graphs torch.compile has compiled in this process (None if unknown): tells a
+    first call that compiled from one that found its graph cached."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return None
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _first_call(contestant, name: str, pass_: str, device, log, clock):
+    """The checked call, with a line before and after it when it may compile (a compile can
+    take seconds to minutes with nothing else printed). Returns (results, seconds)."""
+    note = contestant.compile_note()
+    if note:
+        log(f" compiling: {note} ...")
+        graphs = graphs_compiled()
+    t0 = clock()
+    try:
+        got = run_once(contestant, pass_)
+        sync(device)
+    except BaseException:
+        if note:  # the failure's own line follows, under the contestant's name
+            log(f"  {name:<15} compile failed after {clock() - t0:.1f} s")
+            log(f"  {name:<15}", end="")
+        raise
+    first_s = clock() - t0
+    if note:
+        new = None if graphs is None else graphs_compiled() - graphs
+        cached = " (nothing new: its graph was compiled before)" if new == 0 else ""
+        log(f"  {name:<15} compile done in {first_s:.1f} s{cached}")
+        log(f"  {name:<15}", end="")
+    return got, first_s
+
+
 def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings: dict, log,
-             budget_s: float | None = None) -> list[dict]:
+             budget_s: float | None = None, clock=time.perf_counter) -> list[dict]:
     """Rows of one case, one per contestant; "reference" should come first (it anchors the
     error column). ``budget_s`` caps the time spent in timed calls by lowering repeats."""
     device = timer.device
@@ -177,10 +214,7 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
         try:
             contestant.prepare(inputs)
             sync(device)
-            t0 = time.perf_counter()
-            got = run_once(contestant, case.pass_)
-            sync(device)
-            first_s = time.perf_counter() - t0
+            got, first_s = _first_call(contestant, name, case.pass_, device, log, clock)
             if name == "reference" and fallback:
                 ref = got
             row["max_rel_err"] = _rel_err(got, ref) if ref is not None else None
@@ -267,14 +301,16 @@ def _default_log(msg: str = "", end: str = "\n") -> None:
     print(msg, end=end, file=sys.stderr, flush=True)
 
 
-def run_suite(cases, contestants, device, settings: Settings = Settings(), *, log=None, on_case=None) -> dict:
+def run_suite(cases, contestants, device, settings: Settings = Settings(), *, log=None, on_case=None,
+              clock=time.perf_counter) -> dict:
     """Measure the ceilings, then every case. ``contestants`` maps a bench name to the
     contestant names to run (reference first). Returns {"ceilings", "rows", "settings", ...}.
     ``on_case(partial_result)`` is called after every case (ccam-bench writes the files then,
-    so a run cut short still leaves every finished row on disk)."""
+    so a run cut short still leaves every finished row on disk). Each case's progress line
+    estimates the time left from the finished cases' measured times (progress.py)."""
     log = log or _default_log
     device = torch.device(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     dtypes = sorted({c.dtype for c in cases}, key=str)
     log("measuring the machine's ceilings (GEMM rate per dtype, copy bandwidth) ...")
     ceilings = measure_ceilings(device, dtypes)
@@ -290,12 +326,13 @@ def run_suite(cases, contestants, device, settings: Settings = Settings(), *, lo
             "rows": rows,
             "settings": {"warmup": settings.warmup, "repeats": settings.repeats, "rounds": settings.rounds,
                          "max_seconds": settings.max_seconds, "l2_flush": device.type == "cuda"},
-            "elapsed_s": time.perf_counter() - t0,
+            "elapsed_s": clock() - t0,
             "complete": len({(r["bench"], r["pass"], tuple(r["frame_counts"]), r["dtype"]) for r in rows}) == len(cases),
         }
 
+    progress = Progress()
     for i, case in enumerate(cases):
-        elapsed = time.perf_counter() - t0
+        elapsed = clock() - t0
         names = contestants[case.bench]
         if lost:
             rows += [_fail(_base_row(case, n), "skipped", f"the CUDA context was lost earlier: {lost}") for n in names]
@@ -313,10 +350,12 @@ def run_suite(cases, contestants, device, settings: Settings = Settings(), *, lo
                 continue
             # Timed calls get at most half of this case's share; checks and warm-ups take the rest.
             budget = 0.5 * left / (len(cases) - i)
-        eta = f", about {elapsed / i * (len(cases) - i):.0f} s left" if i else ""
-        log(f"[{i + 1}/{len(cases)}] {case.label}  (elapsed {elapsed:.0f} s{eta})")
+        log(f"[{i + 1}/{len(cases)}] {case.label}  (elapsed {elapsed:.0f} s{progress.note(cases[i:])})")
+        case_t0 = clock()
         try:
-            rows += run_case(case, names, timer, settings, ceilings, log, budget)
+            case_rows = run_case(case, names, timer, settings, ceilings, log, budget, clock=clock)
+            rows += case_rows
+            progress.finished(case, clock() - case_t0, sum(r["compile_s"] or 0.0 for r in case_rows))
         except DeviceLost as exc:
             lost = str(exc)
             log(f"  THE CUDA CONTEXT IS LOST ({lost}); the remaining cases become skipped rows")

@@ -11,23 +11,29 @@ and ``o_r = 0``, i.e. weight 0. This is the split-KV merge of the kernels, expos
 a video can be processed frame chunk by frame chunk (``stream.py``) or across processes
 (``distributed.py``).
 
-Backends: "reference" (dense mask over the range, plain autograd) and "torch" (blocks of
+Backends: "reference" (dense mask over the range, plain autograd), "torch" (blocks of
 frames as the torch backend plans them, no N x L mask, its own backward that takes the
-gradient of the output *and* of the LSE). "auto" means "torch".
+gradient of the output *and* of the LSE) and "triton" (the whole-video kernels over a frame
+window: backends/partial_ops.py, triton_kernels.partial_forward/backward; the cuda backend
+plugs in the same way, through ``kernel_partial``). "auto" means "torch".
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
+from ..attention import BACKENDS as ATTENTION_BACKENDS
 from ..checks import ALL_DTYPES, as_int, check_int, normalize_frame_counts
 from ..mask import frame_of_query, mask_block
+from ..backends import tiling, triton_backend
 from ..backends.torch_prefix import _fold, _unfold, choose_engine
+from ..api_types import FrameCounts, FrameRanges, Partials
 
-__all__ = ["ccam_partial_attention", "merge_partials", "PARTIAL_BACKENDS"]
+__all__ = ["ccam_partial_attention", "merge_partials", "PARTIAL_BACKENDS", "refuses_partial"]
 
 # Keys per block and the cap on frames per block (<= T / 8, so rows straddling a frame
 # boundary inside a block stay a small fraction): the torch backend's own choices.
@@ -89,7 +95,7 @@ def _check_ranges(frame_ranges, counts) -> tuple[tuple[int, int], ...]:
 
 
 def check_partial_args(q, k, v, frame_counts, tokens_per_frame, frame_ranges, scale) -> PartialProblem:
-    """SPEC 4 checks of a partial call; k and v hold only the keys of the ranges."""
+    """The checks of a partial call (docs/reference.md §8.7); k and v hold only the keys of the ranges."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -348,12 +354,41 @@ def partial_torch(q, k, v, problem: PartialProblem):
     return _PartialTorch.apply(q, k, v, problem, engine)
 
 
-PARTIAL_BACKENDS = {"reference": partial_reference, "torch": partial_torch}
+# ---------------------------------------------------------------------------------------------
+# kernel backends: their partial custom op (backends/partial_ops.py), float32 out and LSE.
+
+
+def refuses_partial(backend: str, device_type: str, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    """Why partial backend ``backend`` cannot take tensors like these, or None: a kernel
+    backend's own placement rules (device, dtype, an interpreter's gaps, as for ccam_attention)
+    and head-dim limit; "reference" and "torch" take any."""
+    if backend not in KERNEL_PARTIALS:
+        return None
+    return ATTENTION_BACKENDS[backend].refuses_placement(device_type, dtype) or tiling.refuses_head_dim_of(head_dim)
+
+
+def kernel_partial(name: str, run: Callable) -> Callable:
+    """The partial backend of kernel backend ``name``: ``refuses_partial``'s checks, then its
+    partial op ``run(q, k, v, problem) -> (out, lse)`` (float32 both, also for 16-bit inputs)."""
+
+    def partial_kernel(q, k, v, problem: PartialProblem):
+        why = refuses_partial(name, q.device.type, q.dtype, problem.head_dim)
+        if why:
+            raise RuntimeError(f"backend {name!r} cannot run partial attention here: {why}")
+        return run(q, k, v, problem)
+
+    return partial_kernel
+
+
+KERNEL_PARTIALS = {"triton": triton_backend.ccam_partial_attention_triton}
+PARTIAL_BACKENDS = {
+    "reference": partial_reference,
+    "torch": partial_torch,
+    **{name: kernel_partial(name, run) for name, run in KERNEL_PARTIALS.items()},
+}
 _NO_PARTIAL = {
-    "triton": "its kernels run the whole video at once; a partial entry point needs a first-frame "
-              "offset per sample in the launch plan and the LSE as an output (not built yet)",
-    "cuda": "its kernels run the whole video at once; a partial entry point needs a first-frame "
-            "offset per sample in the launch plan and the LSE as an output (not built yet)",
+    "cuda": "its kernels take no frame window yet; it plugs in like triton: a partial op from "
+            "backends/partial_ops.define_partial_ops, registered with kernel_partial (not built yet)",
 }
 
 
@@ -373,7 +408,9 @@ def resolve_partial_backend(backend) -> str:
     raise ValueError(f"backend must be one of {['auto', *PARTIAL_BACKENDS, *_NO_PARTIAL]}, got {backend!r}")
 
 
-def ccam_partial_attention(q, k, v, frame_counts, tokens_per_frame, frame_ranges, *, scale=None, backend="auto"):
+def ccam_partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_counts: FrameCounts,
+                           tokens_per_frame: int, frame_ranges: FrameRanges, *, scale: float | None = None,
+                           backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """CCAM attention of every query of each video over the keys of its frames [f0_b, f1_b) only.
 
     Args:
@@ -384,19 +421,20 @@ def ccam_partial_attention(q, k, v, frame_counts, tokens_per_frame, frame_ranges
         tokens_per_frame: P.
         frame_ranges: B pairs (f0_b, f1_b), 0 <= f0_b <= f1_b <= T_b (an empty range is allowed).
         scale: softmax scale, default 1 / sqrt(D).
-        backend: "auto" (= "torch"), "torch" or "reference".
+        backend: "auto" (= "torch"), "torch", "reference" or "triton" (CUDA tensors, or CPU
+            under TRITON_INTERPRET=1; float32, float16, bfloat16; head dims 16..128, multiples of 8).
 
     Returns:
         (out, lse): out (B, N, H, D), the attention normalized over the range's visible keys,
         and lse (B, H, N), the log-sum-exp of those scores, both float32 (float64 for float64
-        inputs). A query that sees no frame of its range has lse = -inf and out = 0.
-        Differentiable in q, k and v through both outputs.
+        inputs; the triton backend refuses float64). A query that sees no frame of its range
+        has lse = -inf and out = 0. Differentiable in q, k and v through both outputs.
     """
     problem = check_partial_args(q, k, v, frame_counts, tokens_per_frame, frame_ranges, scale)
     return PARTIAL_BACKENDS[resolve_partial_backend(backend)](q, k, v, problem)
 
 
-def merge_partials(partials):
+def merge_partials(partials: Partials) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge partials of disjoint frame ranges: a sequence of (out (B, N, H, D), lse (B, H, N))
     -> (out, lse) of the union of the ranges. Differentiable; -inf LSEs weigh 0, and a query
     that sees nothing in any of them keeps (0, -inf)."""

@@ -1,4 +1,4 @@
-"""The projector's computation around the attention (SPEC 1.3), for the long-video paths.
+"""The projector's computation around the attention (docs/reference.md §4.2), for the long-video paths.
 
 The streaming and frame-parallel projectors split only the attention; everything around it is
 the same as ``CCAMProjector.forward``, written here from the module's own submodules (so no
@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import torch
 
-from .partial import resolve_partial_backend
+from .partial import refuses_partial, resolve_partial_backend
 
 
 def partial_backend_of(proj) -> str:
     """The partial-attention backend for a projector's ``backend``: "auto" -> "torch"; a named
-    backend without partial attention is refused (RuntimeError) rather than silently replaced."""
+    backend without partial attention, or that cannot take the module's device, dtype or head
+    dim, is refused (RuntimeError) up front rather than silently replaced."""
     if callable(proj.backend):
         raise RuntimeError(
             "long-video paths need partial attention, which a callable backend does not provide; "
-            "construct the projector with backend='auto', 'torch' or 'reference'"
+            "construct the projector with backend='auto', 'torch', 'reference' or 'triton'"
         )
-    return resolve_partial_backend(proj.backend)
+    name = resolve_partial_backend(proj.backend)
+    param = proj.query
+    why = refuses_partial(name, param.device.type, param.dtype, proj.config.head_dim)
+    if why:
+        raise RuntimeError(f"backend {name!r} cannot run partial attention for this projector: {why}")
+    return name
 
 
 def query_heads(proj) -> torch.Tensor:

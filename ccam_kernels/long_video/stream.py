@@ -12,11 +12,16 @@ computed once. The mask rule needs the video's total frame count, hence ``total_
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..checks import check_int
 from .parts import head, keys_values, partial_backend_of, query_heads
 from .partial import RunningPartial, accumulate_dtype, ccam_partial_attention, merge_partials
+
+if TYPE_CHECKING:  # the projector imports this module where it is used
+    from ..projector import CCAMProjector
 
 USABLE = "the stream is unchanged and still usable"
 
@@ -30,7 +35,7 @@ class ProjectorStream:
     nothing; after ``finish()``, or once the module's parameters changed, the stream is closed.
     """
 
-    def __init__(self, proj, total_frames: int):
+    def __init__(self, proj: "CCAMProjector", total_frames: int) -> None:
         self._proj = proj
         self.total_frames = check_int("total_frames", total_frames)
         self._check_eval()

@@ -1,4 +1,4 @@
-// The mask rule (SPEC 1.1) in the kernels' terms, defined once for every kernel: row i of a
+// The mask rule (docs/reference.md §2) in the kernels' terms, defined once for every kernel: row i of a
 // sample with T frames sees the keys [0, (floor(i*T/N) + 1) * P) of its sample; a key of frame
 // f is seen by the rows i >= ceil(f*N/T) (none when that is N: possible when T > N).
 #pragma once

@@ -116,6 +116,20 @@ def test_missing_extension_says_how_to_build_it(monkeypatch):
     assert "CCAM_BUILD_CUDA=1" in message and "CCAM_CUDA_JIT=1" in message
 
 
+def test_emulator_build_failure_is_the_reason(monkeypatch):
+    """Under CCAM_CUDA_EMULATE=1 a failed emulation build makes "cuda" unusable with its message."""
+
+    def broken(verbose=False):
+        raise RuntimeError("g++: not found")
+
+    monkeypatch.setenv("CCAM_CUDA_EMULATE", "1")
+    monkeypatch.setattr(cuda_backend, "_EMULATOR_STATE", {})
+    monkeypatch.setattr(cuda_build, "load_emulator", broken)
+    why = cuda_backend.why_unusable()
+    assert "CCAM_CUDA_EMULATE=1" in why and "g++: not found" in why
+    assert "cuda" not in available_backends()
+
+
 def test_float32_refusal_names_the_alternatives():
     from ccam_kernels.attention import BACKENDS
 

@@ -15,8 +15,8 @@ refused: it runs on "triton" or "torch"), head dims that are multiples of 8 from
 With CCAM_CUDA_EMULATE=1 the same ops run on CPU tensors instead, on the CPU emulation build of
 the same kernel sources (csrc/emu, JIT-built with g++ at first use): every thread, barrier,
 warp collective and cp.async of the kernels is executed and checked. A correctness tool: slow,
-never picked by "auto", never timed by ccam-bench. It replaces the GPU build in that process
-(the two register the same op names).
+never picked by "auto", never timed by ccam-bench. It cannot share a process with the GPU
+build (both register the same op names): set it where the GPU build is not loaded.
 """
 
 from __future__ import annotations

@@ -88,6 +88,28 @@ def build(src: pathlib.Path, out: pathlib.Path, small: bool = True) -> pathlib.P
     return out
 
 
+UBSAN = ["-fsanitize=undefined", "-fno-sanitize-recover=all"]
+
+
+def build_ubsan(src: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    """The small library with UndefinedBehaviorSanitizer in every source: an out-of-bounds index
+    into a kernel's register arrays, a signed overflow or a misaligned pointer aborts the
+    process with a report. Run it in a subprocess."""
+    _gxx([*FLAGS, *UBSAN, "-shared", "-Wl,-Bsymbolic", "-DCCAM_EMU_FP16_D32_ONLY", *(str(src / s) for s in SOURCES),
+          "-o", str(out)])
+    return out
+
+
+def cached_ubsan_library() -> pathlib.Path:
+    """build_ubsan of the real sources, built once per source state."""
+    lib = _cache_dir() / f"libccam_emu_ubsan_{_digest(CSRC / 'ccam', CSRC / 'emu')}.so"
+    if not lib.exists():
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        build_ubsan(CSRC, tmp)
+        tmp.replace(lib)
+    return lib
+
+
 def cached_library(small: bool = True) -> "Emu":
     """The library of the real sources, built once per source state."""
     lib = _cache_dir() / f"libccam_emu_{_digest(CSRC / 'ccam', CSRC / 'emu')}_{int(small)}.so"

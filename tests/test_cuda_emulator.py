@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -256,3 +259,35 @@ def test_each_mutation_is_caught(mutant, mutant_libraries, seed):
     found = problems_found(mutant_libraries[mutant], seed)
     assert found, f"mutant {mutant} passed every check"
     print(f"{mutant}: {found}")
+
+
+# ---- undefined behaviour (UBSan) --------------------------------------------------------------
+
+_RUN_CASE = (
+    "import pathlib, sys; import emu_lib, test_cuda_emulator as t; "
+    "print(t.problems_found(emu_lib.Emu(pathlib.Path(sys.argv[1])), int(sys.argv[2])))"
+)
+
+
+def _run_under_ubsan(lib: pathlib.Path, seed: int) -> subprocess.CompletedProcess:
+    tests = pathlib.Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]))
+    return subprocess.run([sys.executable, "-c", _RUN_CASE, str(lib), str(seed)], capture_output=True, text=True,
+                          env=env, cwd=tests)
+
+
+def test_kernels_have_no_undefined_behaviour(seed):
+    """The mutation case's three kernels, built with UBSan: no out-of-bounds index into a
+    register array, no signed overflow, no misaligned pointer, and still the right results."""
+    proc = _run_under_ubsan(emu_lib.cached_ubsan_library(), seed)
+    assert proc.returncode == 0 and "runtime error" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("[]"), proc.stdout
+
+
+def test_ubsan_catches_a_register_array_overrun(tmp_path, seed):
+    """A mutant that reads lse[2] of the forward's float lse[2] is reported by UBSan."""
+    src = emu_lib.csrc_copy(tmp_path / "src", {"ccam/fwd.cuh": ("store(lse_row + row0, lse[0]);",
+                                                                  "store(lse_row + row0, lse[2]);")})
+    proc = _run_under_ubsan(emu_lib.build_ubsan(src, tmp_path / "ubsan.so"), seed)
+    assert proc.returncode != 0 and "index 2 out of bounds for type 'float [2]'" in proc.stderr, proc.stderr[-2000:]
+

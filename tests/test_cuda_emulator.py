@@ -48,7 +48,8 @@ def _pack(lo, hi):
 
 
 def mma_fragments(A, B, C):
-    """Per-lane registers from the PTX ISA's m16n8k16 fragment figures (9.7.13.4.8): lane l,
+    """Per-lane registers from the PTX ISA's m16n8k16 fragment figures ("Matrix Fragments for
+    mma.m16n8k16 with floating point type"): lane l,
     g = l // 4, c = l % 4. A: {a0,a1} (g, 2c..2c+1), {a2,a3} (g+8, 2c..), {a4,a5} (g, 2c+8..),
     {a6,a7} (g+8, 2c+8..). B: {b0,b1} (k = 2c..2c+1, n = g), {b2,b3} (k = 2c+8.., n = g).
     C/D: c0,c1 (g, 2c..2c+1), c2,c3 (g+8, 2c..). A, B: uint32 bit patterns; C: float."""

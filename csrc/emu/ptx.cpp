@@ -1,5 +1,5 @@
-// Host models of the PTX instructions mma.cuh wraps, written from the PTX ISA (8.x numbering;
-// the section and figure are named at each model). Each warp-level one is a collective
+// Host models of the PTX instructions mma.cuh wraps, written from the PTX ISA (the section and
+// figure are named at each model by title: their numbers move between ISA versions). Each warp-level one is a collective
 // (runtime.h): all 32 lanes must arrive at it.
 #include <cmath>
 #include <cstring>
@@ -92,7 +92,8 @@ void mma_compute(const In& in, Out& out, int bf16) {
 
 }  // namespace
 
-// shfl.sync.bfly.b32 (PTX ISA 9.7.8.6 "shfl.sync", mode .bfly): lane l reads lane l ^ laneMask.
+// shfl.sync.bfly.b32 (PTX ISA, Data Movement and Conversion Instructions: "shfl.sync", mode
+// .bfly): lane l reads lane l ^ laneMask.
 // Only the full member mask is modelled (the kernels use nothing else).
 float shfl_xor(unsigned mask, float value, int lane_mask) {
   if (mask != 0xffffffffu) throw Error("__shfl_xor_sync: only the full mask 0xffffffff is emulated");
@@ -101,7 +102,8 @@ float shfl_xor(unsigned mask, float value, int lane_mask) {
   return out;
 }
 
-// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 (PTX ISA 9.7.9.19 "ldmatrix", figure
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 (PTX ISA, Data Movement and Conversion
+// Instructions: "ldmatrix", figure
 // "ldmatrix fragment layout for one 8x8 matrix"): lanes 8i..8i+7 give the addresses of rows
 // 0..7 of matrix i (16 bytes each, 16-byte aligned). Register r[i] of lane l receives, of
 // matrix i, row l/4, elements 2(l%4) and 2(l%4)+1 (the lower index in the low half). .trans
@@ -112,8 +114,10 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
   detail::collective(trans ? "ldmatrix.x4.trans" : "ldmatrix.x4", trans, &in, sizeof in, r, 16, ldmatrix_compute);
 }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 (PTX ISA 9.7.13.4.8
-// "Matrix Fragments for mma.m16n8k16 with floating point type"): D = A (16x16) * B (16x8) + C.
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 (PTX ISA, Warp Level
+// Matrix Multiply-Accumulate Instructions: "Matrix Fragments for mma.m16n8k16 with floating
+// point type", figures "MMA .m16n8k16 fragment layout for matrix A / B with .f16/.bf16 type" and
+// "... for accumulator matrix C/D with .f32 type"): D = A (16x16) * B (16x8) + C.
 void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {
   MmaIn in;
   std::memcpy(in.a, a, 16);
@@ -123,9 +127,9 @@ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
   detail::collective(bf16 ? "mma.m16n8k16.bf16" : "mma.m16n8k16.f16", bf16, &in, sizeof in, c, 16, mma_compute);
 }
 
-// ex2.approx.ftz.f32 (PTX ISA 9.7.3.22 "ex2"): 2^x; subnormal inputs and results flush to
-// +-0, ex2(-inf) = +0, ex2(+inf) = +inf, NaN stays NaN. The hardware's result is within 2^-22
-// relative (2 ulp); this model is the correctly rounded value.
+// ex2.approx.ftz.f32 (PTX ISA, Floating Point Instructions: "ex2"): 2^x; subnormal inputs and
+// results flush to +-0, ex2(-inf) = +0, ex2(+inf) = +inf, NaN stays NaN. The hardware's result
+// is within about 2^-22 relative; this model is the correctly rounded value.
 float ex2_approx_ftz(float x) {
   if (std::fpclassify(x) == FP_SUBNORMAL) x = std::copysign(0.f, x);
   float y = static_cast<float>(std::exp2(double(x)));

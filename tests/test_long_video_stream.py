@@ -9,14 +9,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from long_video_helpers import features, make_projector
-
-
-def chunk_sizes(total: int, rng: random.Random) -> list[int]:
-    sizes = []
-    while sum(sizes) < total:
-        sizes.append(rng.randint(1, min(4, total - sum(sizes))))
-    return sizes
+from long_video_helpers import features, make_projector, stream_in_random_chunks
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -28,12 +21,7 @@ def test_stream_equals_one_shot(dtype, tol, total, backend, seed):
     x = features(total, 3, dtype=dtype, seed=seed + 1)
     with torch.no_grad():
         want = proj(x, [total])
-    s = proj.stream(total)
-    start = 0
-    for t in chunk_sizes(total, rng):
-        s.push(x[start:start + t])
-        start += t
-    got = s.finish()
+    got = stream_in_random_chunks(proj, x, rng)
     assert got.shape == want.shape == (1, 13, 20) and got.dtype == dtype
     assert rel_err(got, want) <= tol
 

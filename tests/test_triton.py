@@ -15,15 +15,7 @@ from kernel_cases import CASES, check_against_oracle, check_deterministic, check
 from oracle import attention_oracle
 
 pytest.importorskip("triton", reason="triton is not installed")
-pytestmark = pytest.mark.triton
-
-
-@pytest.fixture(autouse=True)
-def triton_here():
-    """On CPU the kernels run in the interpreter, which conftest switches on for the session."""
-    if not CUDA and not triton_backend.interpreting():
-        pytest.fail("no CUDA and TRITON_INTERPRET is not set: run the tests through conftest (pytest tests/)")
-    assert triton_backend.why_unusable() is None
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("triton_here")]
 
 
 def _inputs(N, H, Hkv, D, counts, P, shared, dtype, scale_q=1.0):

@@ -26,19 +26,12 @@ from ccam_kernels.backends import tiling, triton_backend
 from ccam_kernels.long_video import ccam_partial_attention, merge_partials
 from conftest import CUDA, rel_err
 from conftest import TRITON_DEVICE as DEVICE, TRITON_DTYPES as DTYPES, TRITON_TOLERANCE as TOLERANCE
-from long_video_helpers import features, make_projector
+from long_video_helpers import features, make_projector, stream_in_random_chunks
 from oracle import attention_oracle
 from test_long_video_partial import dense_partial, keys_of_ranges
 
 pytest.importorskip("triton", reason="triton is not installed")
-pytestmark = pytest.mark.triton
-
-
-@pytest.fixture(autouse=True)
-def triton_here():
-    if not CUDA and not triton_backend.interpreting():
-        pytest.fail("no CUDA and TRITON_INTERPRET is not set: run the tests through conftest (pytest tests/)")
-    assert triton_backend.why_unusable() is None
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("triton_here")]
 
 
 def make_inputs(N, H, Hkv, D, P, counts, dtype, shared, logit_scale=1.0, device=DEVICE):
@@ -191,13 +184,6 @@ def test_refusals_name_the_reason():
         proj.stream(3)
 
 
-def _chunks(total: int, rng: random.Random) -> list[int]:
-    sizes = []
-    while sum(sizes) < total:
-        sizes.append(rng.randint(1, min(3, total - sum(sizes))))
-    return sizes
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("total", [1, 7])  # T = 1; T not dividing N = 13
 def test_stream_equals_one_shot(dtype, total, seed):
@@ -211,12 +197,7 @@ def test_stream_equals_one_shot(dtype, total, seed):
     with torch.no_grad():
         want64 = ref(x64, [total])
         one_shot = proj(x, [total])
-    s = proj.stream(total)
-    start = 0
-    for t in _chunks(total, rng):
-        s.push(x[start:start + t])
-        start += t
-    got = s.finish()
+    got = stream_in_random_chunks(proj, x, rng, most=3)
     assert got.shape == one_shot.shape and got.dtype == dtype and got.device == x.device
     tol = TOLERANCE[dtype]
     assert rel_err(got, one_shot) <= tol

@@ -11,7 +11,7 @@ The check needs nvcc only, not a GPU nor a CUDA build of torch: it compiles, and
 header, so each compiles in seconds; the host file (ccam_attention.cpp) compiles against
 torch's headers. `--arch 80,90a` picks the architectures (machine code for each, and PTX of
 the oldest plain one for newer GPUs: gencode_flags), `--jobs N` the parallel compiles.
-The installed build is setup.py's (CCAM_BUILD_CUDA=1, see the README); the JIT build is for
+The installed build is setup.py's (CCAM_BUILD_CUDA=1, see docs/cuda.md); the JIT build is for
 development. Both need a source checkout (csrc/ is not part of the installed package).
 """
 

@@ -17,65 +17,25 @@ the same tests run compiled, bfloat16 included, plus the GPU-marked ones at the 
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
 import torch
 
 from ccam_kernels.backends import tiling, triton_backend
-from ccam_kernels.long_video import ccam_partial_attention, merge_partials
+from ccam_kernels.long_video import ccam_partial_attention
 from conftest import CUDA, rel_err
 from conftest import TRITON_DEVICE as DEVICE, TRITON_DTYPES as DTYPES, TRITON_TOLERANCE as TOLERANCE
+from kernel_partial_cases import check_cover, kernel_inputs, random_cover
 from long_video_helpers import features, make_projector, stream_in_random_chunks
-from oracle import attention_oracle
 from test_long_video_partial import dense_partial, keys_of_ranges
 
 pytest.importorskip("triton", reason="triton is not installed")
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("triton_here")]
 
 
-def make_inputs(N, H, Hkv, D, P, counts, dtype, shared, logit_scale=1.0, device=DEVICE):
-    """Fresh random q (shared (N, H, D) or (B, N, H, D)) and packed whole-video k, v."""
-    B, L = len(counts), sum(counts) * P
-    q = torch.randn(*(() if shared else (B,)), N, H, D) * logit_scale
-    k, v = torch.randn(L, Hkv, D), torch.randn(L, Hkv, D)
-    return [x.to(device, dtype) for x in (q, k, v)]
-
-
-def random_cover(total: int, rng: random.Random, max_cuts: int = 3) -> list[tuple[int, int]]:
-    """Consecutive ranges covering [0, total): a few random cut points (empty ranges and
-    one-frame chunks likely at these sizes). Few, because every range is a kernel launch."""
-    cuts = sorted(rng.randint(0, total) for _ in range(rng.randint(0, max_cuts)))
-    edges = [0, *cuts, total]
-    return list(zip(edges[:-1], edges[1:]))
-
-
-def merged_cover(q, k, v, counts, P, covers):
-    """Merge the triton partials of per-sample covers (padded with empty ranges)."""
-    partials = []
-    for r in range(max(len(c) for c in covers)):
-        ranges = [c[r] if r < len(c) else (t, t) for c, t in zip(covers, counts)]
-        out, lse = ccam_partial_attention(q, keys_of_ranges(k, counts, P, ranges), keys_of_ranges(v, counts, P, ranges),
-                                          counts, P, ranges, backend="triton")
-        assert out.dtype == lse.dtype == torch.float32 and out.device == q.device
-        partials.append((out, lse))
-    return merge_partials(partials)
-
-
-def check_cover(q, k, v, counts, P, covers, tol):
-    """Merged output within tol and dq, dk, dv within 2 tol of the float64 oracle."""
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    out, lse = merged_cover(q, k, v, counts, P, covers)
-    assert torch.isfinite(lse).all()  # every query sees frame 0, so the merged LSE is finite
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    want = attention_oracle(q64, k64, v64, counts, P)
-    assert rel_err(out, want) <= tol, covers
-    dout = torch.randn(want.shape, device=q.device)
-    got = torch.autograd.grad(out, (q, k, v), dout)
-    ref = torch.autograd.grad(want, (q64, k64, v64), dout.double())
-    for name, g, r in zip("qkv", got, ref):
-        assert g.dtype == q.dtype and g.shape == r.shape, name
-        assert rel_err(g, r) <= 2 * tol, (name, covers, rel_err(g, r))
+make_inputs = functools.partial(kernel_inputs, device=DEVICE)
 
 
 # (N, H, Hkv, D, P, frame_counts, shared q): ragged, GQA, T = 1, T not dividing N, T > N, D = 24.
@@ -91,14 +51,15 @@ CASES = [
 def test_merged_cover_equals_one_shot(N, H, Hkv, D, P, counts, shared, dtype, seed):
     rng = random.Random(seed)
     q, k, v = make_inputs(N, H, Hkv, D, P, counts, dtype, shared)
-    check_cover(q, k, v, counts, P, [random_cover(t, rng) for t in counts], TOLERANCE[dtype])
+    check_cover(q, k, v, counts, P, [random_cover(t, rng) for t in counts], TOLERANCE[dtype], "triton")
 
 
 def test_one_frame_chunks_large_logits():
     """Chunks of one frame (rows before a chunk see nothing of it), logits in the hundreds."""
     N, H, Hkv, D, P, counts = 11, 2, 2, 16, 3, (6, 4)
     q, k, v = make_inputs(N, H, Hkv, D, P, counts, torch.float32, shared=False, logit_scale=40.0)
-    check_cover(q, k, v, counts, P, [[(f, f + 1) for f in range(t)] for t in counts], TOLERANCE[torch.float32])
+    check_cover(q, k, v, counts, P, [[(f, f + 1) for f in range(t)] for t in counts], TOLERANCE[torch.float32],
+                "triton")
 
 
 @pytest.mark.parametrize("splits", [None, 3], ids=["planned-splits", "3-splits"])
@@ -258,7 +219,7 @@ def test_merged_cover_on_gpu(dtype, seed):
     N, H, Hkv, D, P, counts = 200, 8, 2, 64, 49, (16, 5, 33)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     q, k, v = make_inputs(N, H, Hkv, D, P, counts, dtype, shared=True, device="cuda")
-    check_cover(q, k, v, counts, P, [random_cover(t, rng, max_cuts=4) for t in counts], tol)
+    check_cover(q, k, v, counts, P, [random_cover(t, rng, max_cuts=4) for t in counts], tol, "triton")
 
 
 @pytest.mark.gpu

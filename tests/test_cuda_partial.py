@@ -27,10 +27,10 @@ import torch
 from ccam_kernels.backends import cuda_backend, tiling
 from ccam_kernels.long_video import ccam_partial_attention
 from conftest import rel_err
-from kernel_partial_cases import check_cover, kernel_inputs, random_cover
-from long_video_helpers import features, make_projector, stream_in_random_chunks
+from kernel_partial_cases import (check_cover, check_every_window_empty, check_lse_gradients, check_single_partial,
+                                  check_stream, kernel_inputs, opcheck_partial_op, random_cover)
+from long_video_helpers import features, make_projector
 from test_cuda import DEVICE, DTYPES, TOLERANCE, cuda_backend_here  # noqa: F401 (autouse: emulation on CPU)
-from test_long_video_partial import dense_partial, keys_of_ranges
 
 make_inputs = functools.partial(kernel_inputs, device=DEVICE)
 
@@ -77,22 +77,7 @@ def test_single_partial_against_dense_formula(dtype, splits, nan_poison, monkeyp
     emulator starts every kernel output at NaN)."""
     if splits is not None:
         monkeypatch.setattr(tiling, "FORCE_SPLITS", splits)
-    N, H, Hkv, D, P, counts = 13, 4, 2, 16, 3, (9, 4, 20)
-    ranges = [(3, 7), (0, 4), (12, 12)]  # a middle range, a whole video, an empty range
-    q, k, v = make_inputs(N, H, Hkv, D, P, counts, dtype, shared=False)
-    kr, vr = keys_of_ranges(k, counts, P, ranges), keys_of_ranges(v, counts, P, ranges)
-    out, lse = ccam_partial_attention(q, kr, vr, counts, P, ranges, backend="cuda")
-    out, lse = out.cpu(), lse.cpu()
-    want_out, want_lse = dense_partial(q.cpu(), k.cpu(), v.cpu(), counts, P, ranges)
-    assert out.shape == (3, N, H, D) and lse.shape == (3, H, N)
-    assert out.dtype == lse.dtype == torch.float32
-    unseen = torch.isinf(want_lse)
-    assert unseen[0].any() and unseen[2].all() and not unseen[1].any()  # the cases are exercised
-    assert torch.equal(torch.isneginf(lse), unseen)
-    assert (out.transpose(1, 2)[unseen] == 0).all()
-    tol = TOLERANCE[dtype]
-    assert rel_err(out, want_out) <= tol
-    assert rel_err(lse[~unseen], want_lse[~unseen]) <= tol
+    check_single_partial("cuda", dtype, TOLERANCE[dtype], DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -103,41 +88,18 @@ def test_gradients_through_output_and_lse(dtype):
     # tile's frames all occur in the dK/dV walk; windows of 3 and 6 key tiles.
     N, H, Hkv, D, P, counts = 70, 2, 1, 16, 29, (13, 3)
     ranges = [(5, 11), (0, 3)]
-    q, k, v = make_inputs(N, H, Hkv, D, P, counts, dtype, shared=True)
-    kr, vr = keys_of_ranges(k, counts, P, ranges), keys_of_ranges(v, counts, P, ranges)
-    leaves = [x.detach().requires_grad_() for x in (q, kr, vr)]
-    leaves64 = [x.detach().double().requires_grad_() for x in (q, kr, vr)]
-    out, lse = ccam_partial_attention(*leaves, counts, P, ranges, backend="cuda")
-    want_out, want_lse = ccam_partial_attention(*leaves64, counts, P, ranges, backend="reference")
-    seen = torch.isfinite(want_lse)
-    assert not seen.all()
-    dout, dlse = torch.randn(want_out.shape, device=q.device), torch.randn(want_lse.shape, device=q.device)
-    (no_lse,) = torch.autograd.grad(out, leaves[0], dout, retain_graph=True)
-    got = torch.autograd.grad((out, torch.where(seen, lse, 0.0)), leaves, (dout, dlse))
-    want = torch.autograd.grad((want_out, torch.where(seen, want_lse, 0.0)), leaves64, (dout.double(), dlse.double()))
-    for name, g, w in zip("qkv", got, want):
-        assert torch.isfinite(g).all() and rel_err(g, w) <= 2 * TOLERANCE[dtype], (name, rel_err(g, w))
-    # The LSE term matters: without it dq is far off (the measured margin is in the notes).
-    assert rel_err(no_lse, want[0]) > 0.1
+    no_lse = check_lse_gradients("cuda", dtype, TOLERANCE[dtype], DEVICE, (N, H, Hkv, D, P, counts, ranges))
+    # The LSE term matters: without it dq is off by 0.35 to 0.49 here (measured, 6 seeds, both
+    # dtypes), far beyond either tolerance.
+    assert no_lse > 0.1
 
 
 def test_every_window_empty():
-    """No keys at all (a frame-parallel rank without frames): out 0, LSE -inf, zero gradients."""
-    q, k, v = make_inputs(9, 2, 1, 16, 4, (3, 5), torch.float16, shared=False)
-    q, k, v = q.requires_grad_(), k[:0].requires_grad_(), v[:0].requires_grad_()
-    out, lse = ccam_partial_attention(q, k, v, (3, 5), 4, [(3, 3), (0, 0)], backend="cuda")
-    assert (out == 0).all() and torch.isneginf(lse).all()
-    dq, dk, dv = torch.autograd.grad((out * 2).sum(), (q, k, v))
-    assert (dq == 0).all() and dk.shape == k.shape and dv.shape == v.shape
+    check_every_window_empty("cuda", torch.float16, DEVICE)
 
 
 def test_opcheck_partial_op():
-    q, k, v = make_inputs(9, 2, 1, 16, 2, (4, 3), torch.float16, shared=True)
-    ranges = [(1, 3), (0, 3)]
-    kr, vr = (keys_of_ranges(x, (4, 3), 2, ranges).requires_grad_() for x in (k, v))
-    args = (q.requires_grad_(), kr, vr, torch.tensor([4, 3]), torch.tensor(ranges), 2, 0.25)
-    torch.library.opcheck(cuda_backend.cuda_partial_attention, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    opcheck_partial_op(cuda_backend.cuda_partial_attention, torch.float16, DEVICE)
 
 
 def test_refusals_name_the_reason():
@@ -155,21 +117,8 @@ def test_refusals_name_the_reason():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("total", [1, 7])  # T = 1; T not dividing N = 13
 def test_stream_equals_one_shot(dtype, total, seed):
-    """proj.stream() on a cuda projector (head dim 16): the one-shot cuda projector's output
-    within the kernels' tolerance, and as close to the float64 module as the one-shot is."""
-    rng = random.Random(seed)
-    ref = make_projector(backend="reference", dtype=torch.float64, seed=seed, hidden_size=64).eval()
-    proj = make_projector(backend="cuda", dtype=torch.float64, seed=seed, hidden_size=64).to(DEVICE, dtype).eval()
-    x64 = features(total, 3, dtype=torch.float64, seed=seed + 1)
-    x = x64.to(DEVICE, dtype)
-    with torch.no_grad():
-        want64 = ref(x64, [total])
-        one_shot = proj(x, [total])
-    got = stream_in_random_chunks(proj, x, rng, most=3)
-    assert got.shape == one_shot.shape and got.dtype == dtype and got.device == x.device
-    tol = TOLERANCE[dtype]
-    assert rel_err(got, one_shot) <= tol
-    assert rel_err(got, want64) <= max(tol, 2 * rel_err(one_shot, want64))
+    """proj.stream() on a cuda projector equals the one-shot one (kernel_partial_cases.check_stream)."""
+    check_stream("cuda", dtype, total, seed, TOLERANCE[dtype], DEVICE)
 
 
 def _frame_parallel_rank(rank, world, init_file, shards, seed, dtype):

@@ -9,7 +9,9 @@ kernels over a frame window of each video), against float64 oracles.
   NaN-poisoned outputs, forced key splits) against the dense formula of test_long_video_partial;
   gradients arriving on the output *and* the LSE against float64 autograd through the reference;
 * every window empty (no keys at all: a frame-parallel rank without frames); opcheck;
-* the streaming projector with backend="cuda" equals the one-shot projector.
+* the streaming projector with backend="cuda" equals the one-shot projector;
+* the frame-parallel projector with backend="cuda" in float16 on 2 gloo processes: output and
+  every gradient against one float64 process, within twice one float16 process's error.
 
 Without a GPU every test runs on CPU tensors under the emulation build of the same kernels
 (CCAM_CUDA_EMULATE=1, set by test_cuda's autouse fixture), float16 and bfloat16; shapes stay

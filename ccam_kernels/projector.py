@@ -250,7 +250,8 @@ class CCAMProjector(nn.Module):
                 the argument; docs/reference.md §8.2, §8.5). With ``group``, the same on every
                 rank, naming the rank whose arguments were bad (§8.7).
             RuntimeError: with ``group``, no initialized process group, attention dropout in
-                training, or a backend without partial attention ("triton", "cuda", a callable).
+                training, a callable backend (no partial attention), or a backend that cannot
+                take the module's device, dtype or head dim.
         """
         if group is not None:  # frame-parallel over a process group: see long_video/distributed.py
             from .long_video.distributed import frame_parallel_forward

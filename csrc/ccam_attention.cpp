@@ -14,9 +14,10 @@
 //
 // Checked here: ranks, shapes, dtypes, devices, head dim, H vs Hkv, alignment, output shapes.
 // Preconditions left to the caller (they live in device memory; checking them would cost a
-// synchronizing copy per call): frames >= 1, key_start and len(k) consistent with
-// frames * tokens_per_frame, and the key-tile list of tiling.plan(..., kBwdKeyTile). The
-// Python front end (ccam_attention) checks the frame counts before building them.
+// synchronizing copy per call): frames >= 1, 0 <= first_frame <= end_frame <= frames, key_start
+// and len(k) consistent with (end_frame - first_frame) * tokens_per_frame, and the key-tile list
+// of tiling.window_plan(..., kBwdKeyTile). The Python front ends (ccam_attention,
+// ccam_partial_attention) check the frame counts and windows before building them.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>

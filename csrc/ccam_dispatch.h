@@ -40,12 +40,14 @@ struct Buffer {
 // The ops' schemas (one text for both builds).
 #define CCAM_DEFINE_OPS(m) \
   m.def( \
-      "cuda_fwd(Tensor q, Tensor k, Tensor v, Tensor frames, Tensor key_start, int tokens_per_frame, float scale, " \
-      "int num_splits, Tensor(a!) out, Tensor(b!) lse) -> ()"); \
+      "cuda_fwd(Tensor q, Tensor k, Tensor v, Tensor frames, Tensor key_start, Tensor first_frame, " \
+      "Tensor end_frame, int tokens_per_frame, float scale, int num_splits, Tensor(a!) out, Tensor(b!) lse) -> ()"); \
   m.def( \
       "cuda_bwd_dq(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, Tensor frames, " \
-      "Tensor key_start, int tokens_per_frame, float scale, Tensor(a!) dq_rows) -> ()"); \
+      "Tensor key_start, Tensor first_frame, Tensor end_frame, int tokens_per_frame, float scale, " \
+      "Tensor(a!) dq_rows) -> ()"); \
   m.def( \
       "cuda_bwd_dkdv(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, Tensor frames, " \
-      "Tensor key_start, Tensor tile_sample, Tensor tile_start, int tokens_per_frame, float scale, " \
+      "Tensor key_start, Tensor first_frame, Tensor end_frame, Tensor tile_sample, Tensor tile_start, " \
+      "int tokens_per_frame, float scale, " \
       "Tensor(a!) dk, Tensor(b!) dv) -> ()");

@@ -26,9 +26,16 @@ void check_on(const at::Tensor& x, const char* name, const at::Tensor& q) {
                     x.device());
 }
 
+// The per-sample plan the kernels read: frame counts, key offsets and the frame window
+// [first_frame, end_frame) whose keys k/v hold (tiling.window_plan; [0, T) for a whole video).
+struct Plan {
+  const at::Tensor &frames, &key_start, &first_frame, &end_frame;
+};
+
 // Checks shared by every op; fills the shape part of the parameters.
-AttentionShape check_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& frames,
-                             const at::Tensor& key_start, int64_t tokens_per_frame, double scale) {
+AttentionShape check_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Plan& plan,
+                             int64_t tokens_per_frame, double scale) {
+  const at::Tensor& frames = plan.frames;
   TORCH_CHECK_VALUE(Device::holds(q), "ccam_kernels cuda: q must be a ", Device::kName, " tensor, got ", q.device());
   TORCH_CHECK_VALUE(q.dim() == 3 || q.dim() == 4, "ccam_kernels cuda: q must be (B, N, H, D) or (N, H, D), got shape ",
                     q.sizes());
@@ -37,11 +44,17 @@ AttentionShape check_problem(const at::Tensor& q, const at::Tensor& k, const at:
   TORCH_CHECK_VALUE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
                     "ccam_kernels cuda: q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
                     ", ", v.scalar_type());
-  TORCH_CHECK_VALUE(frames.scalar_type() == at::kLong && key_start.scalar_type() == at::kLong && frames.dim() == 1 &&
-                        key_start.sizes() == frames.sizes(),
-                    "ccam_kernels cuda: frames and key_start must be int64 (B,), got ", frames.scalar_type(),
-                    frames.sizes(), " and ", key_start.scalar_type(), key_start.sizes());
-  for (auto* t : {&k, &v, &frames, &key_start}) check_on(*t, t == &k ? "k" : t == &v ? "v" : "frames/key_start", q);
+  TORCH_CHECK_VALUE(frames.scalar_type() == at::kLong && frames.dim() == 1, "ccam_kernels cuda: frames must be int64 (B,), got ",
+                    frames.scalar_type(), frames.sizes());
+  for (auto* t : {&plan.key_start, &plan.first_frame, &plan.end_frame}) {
+    const char* name = t == &plan.key_start ? "key_start" : t == &plan.first_frame ? "first_frame" : "end_frame";
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kLong && t->sizes() == frames.sizes(), "ccam_kernels cuda: ", name,
+                      " must be int64 shaped like frames ", frames.sizes(), ", got ", t->scalar_type(), t->sizes());
+    check_on(*t, name, q);
+  }
+  check_on(k, "k", q);
+  check_on(v, "v", q);
+  check_on(frames, "frames", q);
   const int64_t B = frames.size(0), N = q.size(-3), H = q.size(-2), D = q.size(-1), Hkv = k.size(1);
   TORCH_CHECK_VALUE(B >= 1, "ccam_kernels cuda: frame_counts must not be empty");
   TORCH_CHECK_VALUE(N >= 1, "ccam_kernels cuda: q must have at least one query, got shape ", q.sizes());
@@ -59,7 +72,9 @@ AttentionShape check_problem(const at::Tensor& q, const at::Tensor& k, const at:
 
   AttentionShape s{};
   s.frames = frames.data_ptr<int64_t>();
-  s.key_start = key_start.data_ptr<int64_t>();
+  s.key_start = plan.key_start.data_ptr<int64_t>();
+  s.first_frame = plan.first_frame.data_ptr<int64_t>();
+  s.end_frame = plan.end_frame.data_ptr<int64_t>();
   s.batch = static_cast<int>(B);
   s.num_query = static_cast<int>(N);
   s.heads = static_cast<int>(H);
@@ -89,10 +104,11 @@ void check_output(const at::Tensor& x, const char* name, at::IntArrayRef shape, 
 // num_splits > 1 and also with S = 1 (the backend keeps the float32 accumulator for the
 // backward); lse: (B, H, N), or (S, B, H, N), float32.
 void cuda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& frames,
-              const at::Tensor& key_start, int64_t tokens_per_frame, double scale, int64_t num_splits, at::Tensor& out,
-              at::Tensor& lse) {
+              const at::Tensor& key_start, const at::Tensor& first_frame, const at::Tensor& end_frame,
+              int64_t tokens_per_frame, double scale, int64_t num_splits, at::Tensor& out, at::Tensor& lse) {
   FwdParams p{};
-  static_cast<AttentionShape&>(p) = check_problem(q, k, v, frames, key_start, tokens_per_frame, scale);
+  static_cast<AttentionShape&>(p) =
+      check_problem(q, k, v, {frames, key_start, first_frame, end_frame}, tokens_per_frame, scale);
   TORCH_CHECK_VALUE(num_splits >= 1 && num_splits <= 64, "ccam_kernels cuda: num_splits must be in 1..64, got ",
                     num_splits);
   const int64_t B = p.batch, N = p.num_query, H = p.heads, D = p.head_dim;
@@ -114,17 +130,17 @@ void cuda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   Device::launch(q, p.head_dim, {{"q", q}, {"k", k}, {"v", v}, {"frames", frames}, {"key_start", key_start},
-                                 {"out", out, true}, {"lse", lse, true}},
+                                 {"first_frame", first_frame}, {"end_frame", end_frame}, {"out", out, true}, {"lse", lse, true}},
                  [&](auto dtype, auto width, cudaStream_t stream) {
     return launch_fwd<decltype(dtype), decltype(width)::value>(p, stream);
   });
 }
 
 BwdParams bwd_params(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& frames,
-                     const at::Tensor& key_start, int64_t tokens_per_frame, double scale) {
+                     const at::Tensor& lse, const at::Tensor& delta, const Plan& plan, int64_t tokens_per_frame,
+                     double scale) {
   BwdParams p{};
-  static_cast<AttentionShape&>(p) = check_problem(q, k, v, frames, key_start, tokens_per_frame, scale);
+  static_cast<AttentionShape&>(p) = check_problem(q, k, v, plan, tokens_per_frame, scale);
   const int64_t B = p.batch, N = p.num_query, H = p.heads, D = p.head_dim;
   TORCH_CHECK_VALUE(dout.dim() == 4 && dout.sizes() == at::IntArrayRef({B, N, H, D}) &&
                         dout.scalar_type() == q.scalar_type(),
@@ -150,24 +166,29 @@ BwdParams bwd_params(const at::Tensor& dout, const at::Tensor& q, const at::Tens
 // dq_rows: (B, N, H, D) float32, each sample's contribution (the caller sums them for a shared q).
 void cuda_bwd_dq(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& frames, const at::Tensor& key_start,
-                 int64_t tokens_per_frame, double scale, at::Tensor& dq_rows) {
-  BwdParams p = bwd_params(dout, q, k, v, lse, delta, frames, key_start, tokens_per_frame, scale);
+                 const at::Tensor& first_frame, const at::Tensor& end_frame, int64_t tokens_per_frame, double scale,
+                 at::Tensor& dq_rows) {
+  BwdParams p =
+      bwd_params(dout, q, k, v, lse, delta, {frames, key_start, first_frame, end_frame}, tokens_per_frame, scale);
   check_output(dq_rows, "dq_rows", {p.batch, p.num_query, p.heads, p.head_dim}, at::kFloat, q);
   p.dq_rows = dq_rows.data_ptr<float>();
   Device::launch(q, p.head_dim, {{"dout", dout}, {"q", q}, {"k", k}, {"v", v}, {"lse", lse}, {"delta", delta},
-                                 {"frames", frames}, {"key_start", key_start}, {"dq_rows", dq_rows, true}},
+                                 {"frames", frames}, {"key_start", key_start}, {"first_frame", first_frame},
+                                 {"end_frame", end_frame}, {"dq_rows", dq_rows, true}},
                  [&](auto dtype, auto width, cudaStream_t stream) {
     return launch_bwd_dq<decltype(dtype), decltype(width)::value>(p, stream);
   });
 }
 
 // dk, dv: like k and v. tile_sample / tile_start: the (sample, first key) of every key tile of
-// kBwdKeyTile keys (ccam_kernels.backends.tiling.plan).
+// kBwdKeyTile keys of each window, counted from its first key (ccam_kernels.backends.tiling.window_plan).
 void cuda_bwd_dkdv(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& frames,
-                   const at::Tensor& key_start, const at::Tensor& tile_sample, const at::Tensor& tile_start,
-                   int64_t tokens_per_frame, double scale, at::Tensor& dk, at::Tensor& dv) {
-  BwdParams p = bwd_params(dout, q, k, v, lse, delta, frames, key_start, tokens_per_frame, scale);
+                   const at::Tensor& key_start, const at::Tensor& first_frame, const at::Tensor& end_frame,
+                   const at::Tensor& tile_sample, const at::Tensor& tile_start, int64_t tokens_per_frame, double scale,
+                   at::Tensor& dk, at::Tensor& dv) {
+  BwdParams p =
+      bwd_params(dout, q, k, v, lse, delta, {frames, key_start, first_frame, end_frame}, tokens_per_frame, scale);
   TORCH_CHECK_VALUE(tile_sample.scalar_type() == at::kLong && tile_start.scalar_type() == at::kLong &&
                         tile_sample.dim() == 1 && tile_start.sizes() == tile_sample.sizes(),
                     "ccam_kernels cuda: tile_sample and tile_start must be int64 (tiles,), got ",
@@ -197,7 +218,8 @@ void cuda_bwd_dkdv(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   p.dv_stride_h = dv.stride(1);
   if (p.num_key_tiles == 0) return;
   Device::launch(q, p.head_dim, {{"dout", dout}, {"q", q}, {"k", k}, {"v", v}, {"lse", lse}, {"delta", delta},
-                                 {"frames", frames}, {"key_start", key_start}, {"tile_sample", tile_sample},
+                                 {"frames", frames}, {"key_start", key_start}, {"first_frame", first_frame},
+                                 {"end_frame", end_frame}, {"tile_sample", tile_sample},
                                  {"tile_start", tile_start}, {"dk", dk, true}, {"dv", dv, true}},
                  [&](auto dtype, auto width, cudaStream_t stream) {
     return launch_bwd_dkdv<decltype(dtype), decltype(width)::value>(p, stream);

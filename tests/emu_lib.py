@@ -152,28 +152,33 @@ class Emu:
         arr = (EmuTensor * len(tensors))(*(_tensor(x, w) for x, w in tensors))
         self._call(fn, ctypes.byref(pb), arr)
 
-    def forward(self, q, k, v, counts, P, scale, splits=1, schedule=0, seed=0):
-        """(out (B, N, H, D) in q's dtype or (S, B, N, H, D) float32 partials, lse)."""
+    def forward(self, q, k, v, counts, P, scale, splits=1, schedule=0, seed=0, ranges=None):
+        """(out (B, N, H, D) in q's dtype or (S, B, N, H, D) float32 partials, lse). ranges: the
+        frame window of each sample whose keys k, v hold (default: the whole videos)."""
         N, H, D = q.shape[-3:]
         B = len(counts)
-        frames, key_start, _, _ = tiling.plan(counts, P, 64, q.device)
+        plan = tiling.window_plan(counts, tuple(ranges or tiling.whole_videos(counts)), P, 64, q.device)
         out = torch.empty(*((splits,) if splits > 1 else ()), B, N, H, D,
                           dtype=torch.float32 if splits > 1 else q.dtype)
         lse = torch.empty(*((splits,) if splits > 1 else ()), B, H, N)
         pb = self._problem(q, k, counts, P, scale, splits, schedule, seed)
-        self._run("ccam_emu_fwd", pb, [(q, 0), (k, 0), (v, 0), (frames, 0), (key_start, 0), (out, 1), (lse, 1)])
+        self._run("ccam_emu_fwd", pb, [(q, 0), (k, 0), (v, 0), *((x, 0) for x in plan[:4]), (out, 1), (lse, 1)])
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, counts, P, scale, schedule=0, seed=0):
-        """(dq_rows (B, N, H, D) float32, dk, dv)."""
-        frames, key_start, tile_sample, tile_start = tiling.plan(counts, P, 64, q.device)
-        delta = tiling.softmax_delta(dout, out)
+    def backward(self, dout, q, k, v, out, lse, counts, P, scale, schedule=0, seed=0, ranges=None, dlse=None):
+        """(dq_rows (B, N, H, D) float32, dk, dv). With ranges (and the LSE's gradient dlse):
+        the backward of a partial call over those frame windows (as cuda_backend.partial_backward)."""
+        plan = tiling.window_plan(counts, tuple(ranges or tiling.whole_videos(counts)), P, 64, q.device)
+        if ranges is None:
+            delta = tiling.softmax_delta(dout, out)
+        else:
+            lse, delta = tiling.partial_softmax_rows(dout, dlse, out, lse)
         dq_rows = torch.empty(len(counts), *q.shape[-3:])
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         pb = self._problem(q, k, counts, P, scale, 1, schedule, seed)
-        common = [(dout, 0), (q, 0), (k, 0), (v, 0), (lse, 0), (delta, 0), (frames, 0), (key_start, 0)]
+        common = [(dout, 0), (q, 0), (k, 0), (v, 0), (lse, 0), (delta, 0), *((x, 0) for x in plan[:4])]
         self._run("ccam_emu_bwd_dq", pb, common + [(dq_rows, 1)])
-        self._run("ccam_emu_bwd_dkdv", pb, common + [(tile_sample, 0), (tile_start, 0), (dk, 1), (dv, 1)])
+        self._run("ccam_emu_bwd_dkdv", pb, common + [(plan.tile_sample, 0), (plan.tile_start, 0), (dk, 1), (dv, 1)])
         return dq_rows, dk, dv
 
     # single instructions

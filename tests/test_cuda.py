@@ -171,26 +171,26 @@ def test_cuda_refuses_float32_and_odd_head_dims():
 def test_cuda_ops_check_their_arguments():
     """The C++ ops check before launching (docs/reference.md §8 style: the argument, the expectation, the value)."""
     q, k, v, _ = _inputs(32, 2, 2, 64, (2,), 8, True, torch.float16)
-    frames, starts, _, _ = tiling.plan((2,), 8, 64, q.device)
+    plan = tiling.window_plan((2,), ((0, 2),), 8, 64, q.device)[:4]  # frames, key_start, first/end frame
     out = torch.empty(1, 32, 2, 64, device=DEVICE, dtype=torch.float16)
     lse = torch.empty(1, 2, 32, device=DEVICE)
     ops = torch.ops.ccam_kernels
     with pytest.raises(ValueError, match="k and v must both be"):
-        ops.cuda_fwd(q, k[:, :, :32], v, frames, starts, 8, 0.1, 1, out, lse)
+        ops.cuda_fwd(q, k[:, :, :32], v, *plan, 8, 0.1, 1, out, lse)
     with pytest.raises(ValueError, match="share one dtype"):
-        ops.cuda_fwd(q, k.bfloat16(), v, frames, starts, 8, 0.1, 1, out, lse)
+        ops.cuda_fwd(q, k.bfloat16(), v, *plan, 8, 0.1, 1, out, lse)
     with pytest.raises(ValueError, match="lse must be"):
-        ops.cuda_fwd(q, k, v, frames, starts, 8, 0.1, 1, out, lse[:, :1])
+        ops.cuda_fwd(q, k, v, *plan, 8, 0.1, 1, out, lse[:, :1])
     padded = torch.randn(k.shape[0], 2, 68, device=DEVICE, dtype=torch.float16)[..., :64]  # row stride 68
     with pytest.raises(ValueError, match="multiples of 8 elements"):
-        ops.cuda_fwd(q, padded, padded, frames, starts, 8, 0.1, 1, out, lse)
+        ops.cuda_fwd(q, padded, padded, *plan, 8, 0.1, 1, out, lse)
     with pytest.raises(ValueError, match="num_splits must be in 1..64"):
-        ops.cuda_fwd(q, k, v, frames, starts, 8, 0.1, 0, out, lse)
+        ops.cuda_fwd(q, k, v, *plan, 8, 0.1, 0, out, lse)
     with pytest.raises(ValueError, match="head dim must be a multiple of 8"):
-        ops.cuda_fwd(q[..., :12], k[..., :12], v[..., :12], frames, starts, 8, 0.1, 1, out, lse)
+        ops.cuda_fwd(q[..., :12], k[..., :12], v[..., :12], *plan, 8, 0.1, 1, out, lse)
     if GPU:  # (under emulation a tensor on another device dispatches elsewhere: nothing to check)
         with pytest.raises(ValueError, match="CUDA tensor"):
-            ops.cuda_fwd(q.cpu(), k, v, frames, starts, 8, 0.1, 1, out, lse)
+            ops.cuda_fwd(q.cpu(), k, v, *plan, 8, 0.1, 1, out, lse)
 
 
 def test_cuda_opcheck_custom_op():

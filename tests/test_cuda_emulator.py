@@ -7,8 +7,9 @@
   barriers not reached, read-only inputs);
 * mutation tests: deliberate breaks applied to a copy of the kernel sources (masks off by one,
   removed __syncthreads, a cp.async wait that waits too little, a dropped .trans, a wrong first
-  row in the dK/dV walk, a launch with too little shared memory) are each caught, by the
-  float64 oracle or by the emulator.
+  row in the dK/dV walk, a launch with too little shared memory, a frame window's row limit or
+  first row not shifted by its first frame) are each caught, by the float64 oracle or by the
+  emulator.
 
 These use the emulator's C interface through ctypes (tests/emu_lib.py): g++ only, no torch
 headers, fp16 kernels at head dim 32 only, so a mutant builds in seconds (two at a time)."""
@@ -197,11 +198,17 @@ MUTANTS = {
                                    "int(Tiles::kSmemElems * sizeof(T))"),
     "dq-no-syncthreads-after-wait": ("ccam/bwd.cuh", "    cp_async_wait<1>();\n    __syncthreads();\n    const int64_t s0 = int64_t(t) * BN;",
                                      "    cp_async_wait<1>();\n    const int64_t s0 = int64_t(t) * BN;"),
+    # frame windows (partial attention): only the window case of problems_found can catch these
+    "window-limit-not-shifted": ("ccam/rule.cuh", "(row * frames / num_query + 1 - first_frame) * tokens_per_frame",
+                                 "(row * frames / num_query + 1) * tokens_per_frame"),
+    "window-first-row-not-shifted": ("ccam/rule.cuh", "((first_frame + key / tokens_per_frame) * num_query",
+                                     "((key / tokens_per_frame) * num_query"),
 }
 
 # Ragged, GQA, batched q, several key tiles per query tile (>= 3: a stage is refilled while
-# it could still be read), frame boundaries inside tiles.
-MUTATION_CASE = dict(N=70, H=2, Hkv=1, D=32, counts=(3, 8), P=37)
+# it could still be read), frame boundaries inside tiles; and a partial call over frame windows
+# (rows before a window, a window starting mid-video, windows cut mid-tile).
+MUTATION_CASE = dict(N=70, H=2, Hkv=1, D=32, counts=(3, 8), P=37, ranges=((1, 3), (2, 7)))
 TOL = 2e-3
 
 
@@ -227,9 +234,40 @@ def problems_found(lib: emu_lib.Emu, seed: int) -> list[str]:
     from ccam_kernels.backends import tiling
 
     merged, _ = tiling.merge_splits(parts, lse_parts)
-    found = []
+    found = window_problems(lib, q, k, v, dout, scale, gen)
     for name, got, ref, tol in (("out", out, want, TOL), ("out (3 splits)", merged, want, TOL),
                                 ("dq", dq, q64.grad, 2 * TOL), ("dk", dk, k64.grad, 2 * TOL), ("dv", dv, v64.grad, 2 * TOL)):
+        err = rel_err(got, ref)
+        if not err <= tol:  # NaN fails too
+            found.append(f"{name}: rel err {err:.3g} > {tol}")
+    return found
+
+
+def window_problems(lib: emu_lib.Emu, q, k, v, dout, scale, gen) -> list[str]:
+    """MUTATION_CASE's partial call over its frame windows (2 splits, so float32 partials),
+    its output, LSE and gradients (through the output and the LSE) against float64 autograd
+    through the reference partial attention."""
+    from ccam_kernels.backends import tiling
+    from ccam_kernels.long_video import ccam_partial_attention
+    from test_long_video_partial import keys_of_ranges
+
+    c = MUTATION_CASE
+    kr, vr = (keys_of_ranges(x, c["counts"], c["P"], c["ranges"]) for x in (k, v))
+    leaves64 = [x.double().requires_grad_() for x in (q, kr, vr)]
+    want, want_lse = ccam_partial_attention(*leaves64, c["counts"], c["P"], c["ranges"], scale=scale, backend="reference")
+    seen = torch.isfinite(want_lse)
+    dlse = torch.randn(want_lse.shape, generator=gen)
+    grads = torch.autograd.grad((want, torch.where(seen, want_lse, 0.0)), leaves64, (dout.double(), dlse.double()))
+    try:
+        parts, lse_parts = lib.forward(q, kr, vr, c["counts"], c["P"], scale, splits=2, ranges=c["ranges"])
+        out, lse = tiling.merge_splits(parts, lse_parts)
+        dq, dk, dv = lib.backward(dout, q, kr, vr, out, lse, c["counts"], c["P"], scale, ranges=c["ranges"], dlse=dlse)
+    except emu_lib.EmulatorError as exc:
+        return [f"emulator (window): {exc}"]
+    found = [] if torch.equal(torch.isneginf(lse), ~seen) else ["window: rows that see nothing differ"]
+    for name, got, ref, tol in (("window out", out, want, TOL), ("window lse", lse[seen], want_lse[seen], TOL),
+                                ("window dq", dq, grads[0], 2 * TOL), ("window dk", dk, grads[1], 2 * TOL),
+                                ("window dv", dv, grads[2], 2 * TOL)):
         err = rel_err(got, ref)
         if not err <= tol:  # NaN fails too
             found.append(f"{name}: rel err {err:.3g} > {tol}")

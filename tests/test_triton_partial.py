@@ -17,65 +17,25 @@ the same tests run compiled, bfloat16 included, plus the GPU-marked ones at the 
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
 import torch
 
 from ccam_kernels.backends import tiling, triton_backend
-from ccam_kernels.long_video import ccam_partial_attention, merge_partials
+from ccam_kernels.long_video import ccam_partial_attention
 from conftest import CUDA, rel_err
 from conftest import TRITON_DEVICE as DEVICE, TRITON_DTYPES as DTYPES, TRITON_TOLERANCE as TOLERANCE
-from long_video_helpers import features, make_projector, stream_in_random_chunks
-from oracle import attention_oracle
-from test_long_video_partial import dense_partial, keys_of_ranges
+from kernel_partial_cases import (check_cover, check_every_window_empty, check_lse_gradients, check_single_partial,
+                                  check_stream, kernel_inputs, opcheck_partial_op, random_cover)
+from long_video_helpers import features, make_projector
 
 pytest.importorskip("triton", reason="triton is not installed")
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("triton_here")]
 
 
-def make_inputs(N, H, Hkv, D, P, counts, dtype, shared, logit_scale=1.0, device=DEVICE):
-    """Fresh random q (shared (N, H, D) or (B, N, H, D)) and packed whole-video k, v."""
-    B, L = len(counts), sum(counts) * P
-    q = torch.randn(*(() if shared else (B,)), N, H, D) * logit_scale
-    k, v = torch.randn(L, Hkv, D), torch.randn(L, Hkv, D)
-    return [x.to(device, dtype) for x in (q, k, v)]
-
-
-def random_cover(total: int, rng: random.Random, max_cuts: int = 3) -> list[tuple[int, int]]:
-    """Consecutive ranges covering [0, total): a few random cut points (empty ranges and
-    one-frame chunks likely at these sizes). Few, because every range is a kernel launch."""
-    cuts = sorted(rng.randint(0, total) for _ in range(rng.randint(0, max_cuts)))
-    edges = [0, *cuts, total]
-    return list(zip(edges[:-1], edges[1:]))
-
-
-def merged_cover(q, k, v, counts, P, covers):
-    """Merge the triton partials of per-sample covers (padded with empty ranges)."""
-    partials = []
-    for r in range(max(len(c) for c in covers)):
-        ranges = [c[r] if r < len(c) else (t, t) for c, t in zip(covers, counts)]
-        out, lse = ccam_partial_attention(q, keys_of_ranges(k, counts, P, ranges), keys_of_ranges(v, counts, P, ranges),
-                                          counts, P, ranges, backend="triton")
-        assert out.dtype == lse.dtype == torch.float32 and out.device == q.device
-        partials.append((out, lse))
-    return merge_partials(partials)
-
-
-def check_cover(q, k, v, counts, P, covers, tol):
-    """Merged output within tol and dq, dk, dv within 2 tol of the float64 oracle."""
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    out, lse = merged_cover(q, k, v, counts, P, covers)
-    assert torch.isfinite(lse).all()  # every query sees frame 0, so the merged LSE is finite
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    want = attention_oracle(q64, k64, v64, counts, P)
-    assert rel_err(out, want) <= tol, covers
-    dout = torch.randn(want.shape, device=q.device)
-    got = torch.autograd.grad(out, (q, k, v), dout)
-    ref = torch.autograd.grad(want, (q64, k64, v64), dout.double())
-    for name, g, r in zip("qkv", got, ref):
-        assert g.dtype == q.dtype and g.shape == r.shape, name
-        assert rel_err(g, r) <= 2 * tol, (name, covers, rel_err(g, r))
+make_inputs = functools.partial(kernel_inputs, device=DEVICE)
 
 
 # (N, H, Hkv, D, P, frame_counts, shared q): ragged, GQA, T = 1, T not dividing N, T > N, D = 24.
@@ -91,14 +51,15 @@ CASES = [
 def test_merged_cover_equals_one_shot(N, H, Hkv, D, P, counts, shared, dtype, seed):
     rng = random.Random(seed)
     q, k, v = make_inputs(N, H, Hkv, D, P, counts, dtype, shared)
-    check_cover(q, k, v, counts, P, [random_cover(t, rng) for t in counts], TOLERANCE[dtype])
+    check_cover(q, k, v, counts, P, [random_cover(t, rng) for t in counts], TOLERANCE[dtype], "triton")
 
 
 def test_one_frame_chunks_large_logits():
     """Chunks of one frame (rows before a chunk see nothing of it), logits in the hundreds."""
     N, H, Hkv, D, P, counts = 11, 2, 2, 16, 3, (6, 4)
     q, k, v = make_inputs(N, H, Hkv, D, P, counts, torch.float32, shared=False, logit_scale=40.0)
-    check_cover(q, k, v, counts, P, [[(f, f + 1) for f in range(t)] for t in counts], TOLERANCE[torch.float32])
+    check_cover(q, k, v, counts, P, [[(f, f + 1) for f in range(t)] for t in counts], TOLERANCE[torch.float32],
+                "triton")
 
 
 @pytest.mark.parametrize("splits", [None, 3], ids=["planned-splits", "3-splits"])
@@ -108,22 +69,7 @@ def test_single_partial_against_dense_formula(dtype, splits, nan_poison, monkeyp
     sees; an empty window; every output element written (NaN-poisoned allocations)."""
     if splits is not None:
         monkeypatch.setattr(tiling, "FORCE_SPLITS", splits)
-    N, H, Hkv, D, P, counts = 13, 4, 2, 16, 3, (9, 4, 20)
-    ranges = [(3, 7), (0, 4), (12, 12)]  # a middle range, a whole video, an empty range
-    q, k, v = make_inputs(N, H, Hkv, D, P, counts, dtype, shared=False)
-    kr, vr = keys_of_ranges(k, counts, P, ranges), keys_of_ranges(v, counts, P, ranges)
-    out, lse = ccam_partial_attention(q, kr, vr, counts, P, ranges, backend="triton")
-    out, lse = out.cpu(), lse.cpu()
-    want_out, want_lse = dense_partial(q.cpu(), k.cpu(), v.cpu(), counts, P, ranges)
-    assert out.shape == (3, N, H, D) and lse.shape == (3, H, N)
-    assert out.dtype == lse.dtype == torch.float32
-    unseen = torch.isinf(want_lse)
-    assert unseen[0].any() and unseen[2].all() and not unseen[1].any()  # the cases are exercised
-    assert torch.equal(torch.isneginf(lse), unseen)
-    assert (out.transpose(1, 2)[unseen] == 0).all()
-    tol = TOLERANCE[dtype]
-    assert rel_err(out, want_out) <= tol
-    assert rel_err(lse[~unseen], want_lse[~unseen]) <= tol
+    check_single_partial("triton", dtype, TOLERANCE[dtype], DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -134,42 +80,18 @@ def test_gradients_through_output_and_lse(dtype):
     # key tile's frames all occur in the dK/dV pass.
     N, H, Hkv, D, P, counts = 37, 4, 2, 16, 2, (13, 3)
     ranges = [(5, 11), (0, 3)]
-    q, k, v = make_inputs(N, H, Hkv, D, P, counts, dtype, shared=True)
-    kr, vr = keys_of_ranges(k, counts, P, ranges), keys_of_ranges(v, counts, P, ranges)
-    leaves = [x.detach().requires_grad_() for x in (q, kr, vr)]
-    leaves64 = [x.detach().double().requires_grad_() for x in (q, kr, vr)]
-    out, lse = ccam_partial_attention(*leaves, counts, P, ranges, backend="triton")
-    want_out, want_lse = ccam_partial_attention(*leaves64, counts, P, ranges, backend="reference")
-    seen = torch.isfinite(want_lse)
-    assert not seen.all()
-    dout, dlse = torch.randn(want_out.shape, device=q.device), torch.randn(want_lse.shape, device=q.device)
-    (no_lse,) = torch.autograd.grad(out, leaves[0], dout, retain_graph=True)
-    got = torch.autograd.grad((out, torch.where(seen, lse, 0.0)), leaves, (dout, dlse))
-    want = torch.autograd.grad((want_out, torch.where(seen, want_lse, 0.0)), leaves64, (dout.double(), dlse.double()))
-    for name, g, w in zip("qkv", got, want):
-        assert torch.isfinite(g).all() and rel_err(g, w) <= 2 * TOLERANCE[dtype], (name, rel_err(g, w))
+    no_lse = check_lse_gradients("triton", dtype, TOLERANCE[dtype], DEVICE, (N, H, Hkv, D, P, counts, ranges))
     # The LSE term matters: without it dq is off by 0.37 to 0.44 here (measured, 6 seeds), far
     # beyond every dtype's tolerance.
-    assert rel_err(no_lse, want[0]) > 0.1
+    assert no_lse > 0.1
 
 
 def test_every_window_empty():
-    """No keys at all (a frame-parallel rank without frames): out 0, LSE -inf, zero gradients."""
-    q, k, v = make_inputs(9, 2, 1, 16, 4, (3, 5), torch.float32, shared=False)
-    q, k, v = q.requires_grad_(), k[:0].requires_grad_(), v[:0].requires_grad_()
-    out, lse = ccam_partial_attention(q, k, v, (3, 5), 4, [(3, 3), (0, 0)], backend="triton")
-    assert (out == 0).all() and torch.isneginf(lse).all()
-    dq, dk, dv = torch.autograd.grad((out * 2).sum(), (q, k, v))
-    assert (dq == 0).all() and dk.shape == k.shape and dv.shape == v.shape
+    check_every_window_empty("triton", torch.float32, DEVICE)
 
 
 def test_opcheck_partial_op():
-    q, k, v = make_inputs(9, 2, 1, 16, 2, (4, 3), torch.float32, shared=True)
-    ranges = [(1, 3), (0, 3)]
-    kr, vr = (keys_of_ranges(x, (4, 3), 2, ranges).requires_grad_() for x in (k, v))
-    args = (q.requires_grad_(), kr, vr, torch.tensor([4, 3]), torch.tensor(ranges), 2, 0.25)
-    torch.library.opcheck(triton_backend.triton_partial_attention, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    opcheck_partial_op(triton_backend.triton_partial_attention, torch.float32, DEVICE)
 
 
 def test_refusals_name_the_reason():
@@ -187,21 +109,8 @@ def test_refusals_name_the_reason():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("total", [1, 7])  # T = 1; T not dividing N = 13
 def test_stream_equals_one_shot(dtype, total, seed):
-    """proj.stream() on a triton projector (head dim 16): the one-shot triton projector's output
-    within the kernels' tolerance, and as close to the float64 module as the one-shot is."""
-    rng = random.Random(seed)
-    ref = make_projector(backend="reference", dtype=torch.float64, seed=seed, hidden_size=64).eval()
-    proj = make_projector(backend="triton", dtype=torch.float64, seed=seed, hidden_size=64).to(DEVICE, dtype).eval()
-    x64 = features(total, 3, dtype=torch.float64, seed=seed + 1)
-    x = x64.to(DEVICE, dtype)
-    with torch.no_grad():
-        want64 = ref(x64, [total])
-        one_shot = proj(x, [total])
-    got = stream_in_random_chunks(proj, x, rng, most=3)
-    assert got.shape == one_shot.shape and got.dtype == dtype and got.device == x.device
-    tol = TOLERANCE[dtype]
-    assert rel_err(got, one_shot) <= tol
-    assert rel_err(got, want64) <= max(tol, 2 * rel_err(one_shot, want64))
+    """proj.stream() on a triton projector equals the one-shot one (kernel_partial_cases.check_stream)."""
+    check_stream("triton", dtype, total, seed, TOLERANCE[dtype], DEVICE)
 
 
 def _frame_parallel_rank(rank, world, init_file, shards, seed):
@@ -258,7 +167,7 @@ def test_merged_cover_on_gpu(dtype, seed):
     N, H, Hkv, D, P, counts = 200, 8, 2, 64, 49, (16, 5, 33)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     q, k, v = make_inputs(N, H, Hkv, D, P, counts, dtype, shared=True, device="cuda")
-    check_cover(q, k, v, counts, P, [random_cover(t, rng, max_cuts=4) for t in counts], tol)
+    check_cover(q, k, v, counts, P, [random_cover(t, rng, max_cuts=4) for t in counts], tol, "triton")
 
 
 @pytest.mark.gpu

@@ -6,7 +6,10 @@ first use with CCAM_CUDA_JIT=1) registers three low-level ops that only check an
 allocated here. This module owns the rest: the tile plan and split-KV factor (tiling.py, shared
 with the Triton backend), the merge of split partials, the softmax-backward delta, and the
 custom ops ``ccam_kernels::cuda_attention`` / ``::cuda_attention_backward`` (attention_ops.py:
-fake implementations and autograd, so torch.compile traces through them).
+fake implementations and autograd, so torch.compile traces through them), and
+``ccam_kernels::cuda_partial_attention`` / ``_backward``: the same kernels over a frame window
+of each video (partial_ops.py; long_video/partial.py dispatches to them). The whole-video op
+is the window [0, T) of each sample.
 
 Kernels: mma.sync tensor cores with cp.async pipelines, float16 and bfloat16 (float32 is
 refused: it runs on "triton" or "torch"), head dims that are multiples of 8 from 16 to 128
@@ -32,6 +35,7 @@ import torch
 from . import tiling
 from .. import cuda_archs
 from .attention_ops import define_attention_ops
+from .partial_ops import define_partial_ops
 
 # Tile sizes of the kernels, as in csrc/ccam/params.h and fwd.cuh (a test checks they agree):
 # the host's plans and split counts depend on them.
@@ -130,6 +134,28 @@ def _rows_aligned(x: torch.Tensor) -> torch.Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
 
+def _forward_launch(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float,
+                    out=None):
+    """The forward over each sample's frame window [f0, f1) (k, v: the windows' keys; the
+    whole-video op is the windows [0, T)). With ``out`` (B, N, H, D) and one split the kernel
+    writes ``out`` and this returns (out, lse); otherwise the kernel writes float32 split
+    partials (out_partial mode): (merged float32 output, lse)."""
+    B, (N, H, D) = len(frame_counts), q.shape[-3:]
+    p = tiling.window_plan(frame_counts, frame_ranges, tokens_per_frame, FWD_BLOCK_N, q.device)
+    programs = B * H * math.ceil(N / FWD_BLOCK_M)
+    spans = tuple(f1 - f0 for f0, f1 in frame_ranges)
+    splits = tiling.num_splits(programs, spans, tokens_per_frame, FWD_BLOCK_N, q.device)
+    plan = (p.frames, p.key_start, p.first_frame, p.end_frame)
+    if splits > 1 or out is None:
+        parts = torch.empty(splits, B, N, H, D, device=q.device, dtype=torch.float32)
+        lse_parts = torch.empty(splits, B, H, N, device=q.device, dtype=torch.float32)
+        torch.ops.ccam_kernels.cuda_fwd(q, k, v, *plan, tokens_per_frame, scale, splits, parts, lse_parts)
+        return tiling.merge_splits(parts, lse_parts)
+    lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+    torch.ops.ccam_kernels.cuda_fwd(q, k, v, *plan, tokens_per_frame, scale, 1, out, lse)
+    return out, lse
+
+
 def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, dropout_p: float = 0.0,
             seed: int = 0, keep_acc: bool = False, variant: str = ""):
     """(out (B, N, H, D) in q's dtype, lse (B, H, N) float32, acc): with ``keep_acc`` the kernel
@@ -137,20 +163,38 @@ def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, d
     dropout_p is always 0 here (the dispatcher refuses dropout for this backend)."""
     q, k, v = (_rows_aligned(x) for x in (q, k, v))
     B, (N, H, D) = len(frame_counts), q.shape[-3:]
-    frames, key_start, _, _ = tiling.plan(frame_counts, tokens_per_frame, FWD_BLOCK_N, q.device)
-    programs = B * H * math.ceil(N / FWD_BLOCK_M)
-    splits = tiling.num_splits(programs, frame_counts, tokens_per_frame, FWD_BLOCK_N, q.device)
     out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
-    if splits > 1 or keep_acc:  # float32 partials (out_partial mode), merged by log-sum-exp
-        parts = torch.empty(splits, B, N, H, D, device=q.device, dtype=torch.float32)
-        lse_parts = torch.empty(splits, B, H, N, device=q.device, dtype=torch.float32)
-        torch.ops.ccam_kernels.cuda_fwd(q, k, v, frames, key_start, tokens_per_frame, scale, splits, parts, lse_parts)
-        acc, lse = tiling.merge_splits(parts, lse_parts)
-        out.copy_(acc)
-        return out, lse, acc if keep_acc else None
-    lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-    torch.ops.ccam_kernels.cuda_fwd(q, k, v, frames, key_start, tokens_per_frame, scale, 1, out, lse)
-    return out, lse, None
+    acc, lse = _forward_launch(q, k, v, frame_counts, tiling.whole_videos(frame_counts), tokens_per_frame, scale,
+                               None if keep_acc else out)
+    if acc is out:
+        return out, lse, None
+    out.copy_(acc)
+    return out, lse, acc if keep_acc else None
+
+
+def partial_forward(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float):
+    """Partial attention (long_video/partial.py): every query of sample b over the keys of its
+    frames [f0_b, f1_b) only, which is all k and v hold. -> (out (B, N, H, D) float32, lse
+    (B, H, N) float32), out = 0 and lse = -inf for rows that see none of those frames."""
+    q, k, v = (_rows_aligned(x) for x in (q, k, v))
+    return _forward_launch(q, k, v, frame_counts, frame_ranges, tokens_per_frame, scale)
+
+
+def _backward_launch(dout, q, k, v, lse, delta, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int,
+                     scale: float):
+    """(dq, dk, dv) from the softmax's per-row (lse, delta), over each sample's frame window."""
+    B, (N, H, D) = len(frame_counts), q.shape[-3:]
+    p = tiling.window_plan(frame_counts, frame_ranges, tokens_per_frame, BWD_KEY_TILE, q.device)
+    plan = (p.frames, p.key_start, p.first_frame, p.end_frame)
+    dq_rows = torch.empty(B, N, H, D, device=q.device, dtype=torch.float32)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    ops = torch.ops.ccam_kernels
+    ops.cuda_bwd_dq(dout, q, k, v, lse, delta, *plan, tokens_per_frame, scale, dq_rows)
+    # (with every window empty there is no key tile: the op returns without a launch)
+    ops.cuda_bwd_dkdv(dout, q, k, v, lse, delta, *plan, p.tile_sample, p.tile_start, tokens_per_frame, scale, dk, dv)
+    dq = dq_rows.sum(0) if q.dim() == 3 else dq_rows
+    return dq.to(q.dtype), dk, dv
 
 
 def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int, scale: float,
@@ -158,20 +202,26 @@ def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int
     """(dq, dk, dv) shaped like q, k, v, dense. dq of a shared q sums the samples'
     contributions. ``out`` is the forward's float32 accumulator when it kept one."""
     q, k, v, dout = (_rows_aligned(x) for x in (q, k, v, dout))
-    B, (N, H, D) = len(frame_counts), q.shape[-3:]
-    frames, key_start, tile_sample, tile_start = tiling.plan(frame_counts, tokens_per_frame, BWD_KEY_TILE, q.device)
     delta = tiling.softmax_delta(dout, out)
-    dq_rows = torch.empty(B, N, H, D, device=q.device, dtype=torch.float32)
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    ops = torch.ops.ccam_kernels
-    ops.cuda_bwd_dq(dout, q, k, v, lse, delta, frames, key_start, tokens_per_frame, scale, dq_rows)
-    ops.cuda_bwd_dkdv(dout, q, k, v, lse, delta, frames, key_start, tile_sample, tile_start,
-                      tokens_per_frame, scale, dk, dv)
-    dq = dq_rows.sum(0) if q.dim() == 3 else dq_rows
-    return dq.to(q.dtype), dk, dv
+    return _backward_launch(dout, q, k, v, lse, delta, frame_counts, tiling.whole_videos(frame_counts),
+                            tokens_per_frame, scale)
+
+
+def partial_backward(dout, dlse, q, k, v, out, lse, frame_counts: tuple, frame_ranges: tuple,
+                     tokens_per_frame: int, scale: float):
+    """Gradients of ``partial_forward``'s (out, lse) -> (dq, dk, dv): the whole-video
+    kernels with the LSE's gradient folded into delta (tiling.partial_softmax_rows)."""
+    dout = _rows_aligned(dout.to(q.dtype))  # the kernels' dots are 16-bit: dout in q's dtype
+    q, k, v = (_rows_aligned(x) for x in (q, k, v))
+    lse, delta = tiling.partial_softmax_rows(dout, dlse, out, lse)
+    return _backward_launch(dout, q, k, v, lse, delta, frame_counts, frame_ranges, tokens_per_frame, scale)
 
 
 # ccam_kernels::cuda_attention -> (out, lse, acc) and ccam_kernels::cuda_attention_backward -> (dq, dk, dv).
 ccam_attention_cuda = define_attention_ops("cuda_attention", forward, backward)
 cuda_attention = ccam_attention_cuda.op
+
+# ccam_kernels::cuda_partial_attention -> (out (B, N, H, D) float32, lse (B, H, N) float32) over
+# frames [f0_b, f1_b) of each video, and its backward (gradients of both outputs).
+ccam_partial_attention_cuda = define_partial_ops("cuda_partial_attention", partial_forward, partial_backward)
+cuda_partial_attention = ccam_partial_attention_cuda.op

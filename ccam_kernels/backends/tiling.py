@@ -99,6 +99,20 @@ def softmax_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
 
 
+def partial_softmax_rows(dout: torch.Tensor, dlse: torch.Tensor, out: torch.Tensor,
+                         lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lse, delta) for the backward kernels of a partial call (float32 out and LSE, whose
+    gradients are dout and dlse). With p the window's softmax, d lse / d s = p, so the LSE's
+    gradient folds into the softmax backward's per-row constant: ds = p * (dp - (delta - dlse)),
+    and the whole-video kernels compute the rest. Rows that see nothing of the window have
+    p = 0: their LSE is passed as 0 (not -inf, which would make exp(s - lse) NaN) and their
+    delta as 0 (whatever dlse holds there). ``dout`` in the kernels' input dtype, so that delta
+    matches the dp the kernels compute (as in the whole-video backward)."""
+    seen = torch.isfinite(lse)
+    delta = torch.where(seen, softmax_delta(dout, out) - dlse.float(), 0.0).contiguous()
+    return torch.where(seen, lse, 0.0).contiguous(), delta
+
+
 def q_strides(q: torch.Tensor):
     """(batch, row, head) strides; batch stride 0 for a shared (N, H, D) q."""
     if q.dim() == 3:

@@ -405,16 +405,10 @@ def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int
 
 def partial_backward(dout, dlse, q, k, v, out, lse, frame_counts: tuple, frame_ranges: tuple,
                      tokens_per_frame: int, scale: float):
-    """Gradients of ``partial_forward``'s (out, lse) -> (dq, dk, dv). With p the window's
-    softmax, d lse / d s = p, so the LSE's gradient folds into the softmax backward's per-row
-    constant: ds = p * (dp - (delta - dlse)), and the whole-video kernels compute the rest.
-    Rows that see nothing of the window have p = 0: their LSE is read as 0 (not -inf, which
-    would make exp(s - lse) NaN) and their delta as 0 (whatever dlse holds there)."""
-    # The kernels' dots take one dtype: the upstream gradient in q's, and delta from it, so
-    # that delta matches the dp the kernels compute (as in the whole-video backward).
+    """Gradients of ``partial_forward``'s (out, lse) -> (dq, dk, dv): the whole-video
+    kernels with the LSE's gradient folded into delta (tiling.partial_softmax_rows)."""
+    # The kernels' dots take one dtype: the upstream gradient in q's.
     dout = _last_dim_contiguous(dout.to(q.dtype))
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    seen = torch.isfinite(lse)
-    delta = torch.where(seen, tiling.softmax_delta(dout, out) - dlse.float(), 0.0).contiguous()
-    lse = torch.where(seen, lse, 0.0).contiguous()
+    lse, delta = tiling.partial_softmax_rows(dout, dlse, out, lse)
     return _backward_launch(dout, q, k, v, lse, delta, frame_counts, frame_ranges, tokens_per_frame, scale)

@@ -13,9 +13,9 @@ a video can be processed frame chunk by frame chunk (``stream.py``) or across pr
 
 Backends: "reference" (dense mask over the range, plain autograd), "torch" (blocks of
 frames as the torch backend plans them, no N x L mask, its own backward that takes the
-gradient of the output *and* of the LSE) and "triton" (the whole-video kernels over a frame
-window: backends/partial_ops.py, triton_kernels.partial_forward/backward; the cuda backend
-plugs in the same way, through ``kernel_partial``). "auto" means "torch".
+gradient of the output *and* of the LSE), "triton" and "cuda" (the whole-video kernels over a
+frame window: backends/partial_ops.py, their partial_forward/backward, registered in
+KERNEL_PARTIALS through ``kernel_partial``). "auto" means "torch".
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from ..attention import BACKENDS as ATTENTION_BACKENDS
 from ..checks import ALL_DTYPES, as_int, check_int, normalize_frame_counts
 from ..mask import frame_of_query, mask_block
-from ..backends import tiling, triton_backend
+from ..backends import cuda_backend, tiling, triton_backend
 from ..backends.torch_prefix import _fold, _unfold, choose_engine
 from ..api_types import FrameCounts, FrameRanges, Partials
 
@@ -380,32 +380,26 @@ def kernel_partial(name: str, run: Callable) -> Callable:
     return partial_kernel
 
 
-KERNEL_PARTIALS = {"triton": triton_backend.ccam_partial_attention_triton}
+KERNEL_PARTIALS = {
+    "triton": triton_backend.ccam_partial_attention_triton,
+    "cuda": cuda_backend.ccam_partial_attention_cuda,
+}
 PARTIAL_BACKENDS = {
     "reference": partial_reference,
     "torch": partial_torch,
     **{name: kernel_partial(name, run) for name, run in KERNEL_PARTIALS.items()},
 }
-_NO_PARTIAL = {
-    "cuda": "its kernels take no frame window yet; it plugs in like triton: a partial op from "
-            "backends/partial_ops.define_partial_ops, registered with kernel_partial (not built yet)",
-}
 
 
 def resolve_partial_backend(backend) -> str:
-    """"auto" -> "torch"; a known backend without a partial path is a RuntimeError saying why."""
+    """"auto" -> "torch"; every backend of ccam_attention has a partial path."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend == "auto":
         return "torch"
     if backend in PARTIAL_BACKENDS:
         return backend
-    if backend in _NO_PARTIAL:
-        raise RuntimeError(
-            f"backend {backend!r} cannot run partial attention: {_NO_PARTIAL[backend]}. "
-            f"Backends with partial attention: {list(PARTIAL_BACKENDS)}"
-        )
-    raise ValueError(f"backend must be one of {['auto', *PARTIAL_BACKENDS, *_NO_PARTIAL]}, got {backend!r}")
+    raise ValueError(f"backend must be one of {['auto', *PARTIAL_BACKENDS]}, got {backend!r}")
 
 
 def ccam_partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_counts: FrameCounts,
@@ -421,13 +415,15 @@ def ccam_partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fr
         tokens_per_frame: P.
         frame_ranges: B pairs (f0_b, f1_b), 0 <= f0_b <= f1_b <= T_b (an empty range is allowed).
         scale: softmax scale, default 1 / sqrt(D).
-        backend: "auto" (= "torch"), "torch", "reference" or "triton" (CUDA tensors, or CPU
-            under TRITON_INTERPRET=1; float32, float16, bfloat16; head dims 16..128, multiples of 8).
+        backend: "auto" (= "torch"), "torch", "reference", "triton" (CUDA tensors, or CPU
+            under TRITON_INTERPRET=1; float32, float16, bfloat16; head dims 16..128, multiples of 8)
+            or "cuda" (CUDA tensors, or CPU under CCAM_CUDA_EMULATE=1; float16, bfloat16; the
+            same head dims).
 
     Returns:
         (out, lse): out (B, N, H, D), the attention normalized over the range's visible keys,
         and lse (B, H, N), the log-sum-exp of those scores, both float32 (float64 for float64
-        inputs; the triton backend refuses float64). A query that sees no frame of its range
+        inputs; the triton and cuda backends refuse float64). A query that sees no frame of its range
         has lse = -inf and out = 0. Differentiable in q, k and v through both outputs.
     """
     problem = check_partial_args(q, k, v, frame_counts, tokens_per_frame, frame_ranges, scale)

@@ -19,7 +19,7 @@ def partial_backend_of(proj) -> str:
     if callable(proj.backend):
         raise RuntimeError(
             "long-video paths need partial attention, which a callable backend does not provide; "
-            "construct the projector with backend='auto', 'torch', 'reference' or 'triton'"
+            "construct the projector with backend='auto', 'torch', 'reference', 'triton' or 'cuda'"
         )
     name = resolve_partial_backend(proj.backend)
     param = proj.query

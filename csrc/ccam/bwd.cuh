@@ -7,6 +7,9 @@
 // dK/dV pass: one CTA per (key tile, kv head), 4 warps of 16 keys, walking only the query rows
 //   that see the tile (i >= ceil(f*N/T) for its first frame f), and every head of the GQA group:
 //   dV += P^T dO, dK += dS^T Q. Each key belongs to one CTA: no atomics, deterministic.
+// Over a frame window (partial attention, rule.cuh) the same kernels run on the window's keys;
+// the host passes delta - dlse as delta (the LSE's gradient: d lse / d s = P), and LSE = delta
+// = 0 for rows that see nothing of the window (every P of theirs is masked to 0).
 #pragma once
 
 #include "launch.cuh"

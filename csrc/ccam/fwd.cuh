@@ -5,7 +5,8 @@
 // from the rule, and nothing past `hi` is loaded. K/V tiles stream through a two-stage cp.async
 // pipeline; the scores stay in registers (online softmax in float32, log2 domain) and feed the
 // P V product as mma A fragments. With splits, each CTA takes a share of the key tiles and
-// writes float32 partials and their LSE, merged by log-sum-exp on the host.
+// writes float32 partials and their LSE, merged by log-sum-exp on the host. Keys are those of
+// each sample's frame window (rule.cuh): a partial call is the same kernel over fewer keys.
 #pragma once
 
 #include <cfloat>
@@ -100,8 +101,9 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
           mx = fmaxf(mx, x);
         }
       const float m_new = fmaxf(m_run[half], quad_max(mx));
-      // A row with nothing live yet (only in a split that does not start at key 0): subtract 0
-      // instead of -inf, so its probabilities and rescale factor are 0, not NaN.
+      // A row with nothing live yet (in a split that does not start at key 0, or a row before
+      // its frame window): subtract 0 instead of -inf, so its probabilities and rescale factor
+      // are 0, not NaN.
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
       const float alpha = exp2_approx(m_run[half] - m_use);
       m_run[half] = m_new;
@@ -125,8 +127,9 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
   }
   cp_async_wait<0>();
 
-  // Without splits every row saw key 0, so l > 0; a split may have seen nothing live for a row:
-  // its partial is then 0 with LSE -inf (weight 0 in the merge).
+  // A whole video without splits: every row saw key 0, so l > 0. A split, or a frame window
+  // after a row's frame, may have seen nothing live for a row: its output is then 0 with LSE
+  // -inf (weight 0 in the merge).
   float inv[2], lse[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {

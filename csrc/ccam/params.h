@@ -6,7 +6,8 @@
 // parallel.
 //
 // The kernels read the mask rule (rule.cuh) from the per-sample frame counts; key offsets come
-// from a second per-sample int64 array.
+// from a second per-sample int64 array, and the frame window [first_frame, end_frame) whose keys
+// k/v hold from two more (partial attention; the whole-video op is the window [0, T)).
 #pragma once
 
 #include <cstdint>
@@ -23,6 +24,8 @@ namespace ccam {
 struct AttentionShape {
   const int64_t* frames;     // (B,)  frames T_b of each sample
   const int64_t* key_start;  // (B,)  first key of each sample in the packed (L, Hkv, D) k/v
+  const int64_t* first_frame;  // (B,)  f0: k/v hold the keys of frames [f0, f1) of each sample,
+  const int64_t* end_frame;    // (B,)  f1  counted from frame f0's first key
   int batch, num_query, heads, group, tokens_per_frame, head_dim;  // B, N, H, H/Hkv, P, D
   int64_t q_stride_b, q_stride_n, q_stride_h;
   int64_t k_stride_l, k_stride_h, v_stride_l, v_stride_h;

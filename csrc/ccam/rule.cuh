@@ -8,20 +8,26 @@
 
 namespace ccam {
 
+// A sample's rule over its frame window [f0, f1): keys are counted from the window's first key
+// (frame f0), so a row's limit is the rule's, shifted by f0 * P and clamped to the window's
+// keys. It stays non-decreasing in the row, so every tile bound below holds unchanged; a row
+// whose frame is before the window sees nothing (limit 0). The window [0, T) is the whole video.
 struct Sample {
   int64_t num_query, tokens_per_frame, frames;  // N, P, T
+  int64_t first_frame, end_frame;               // f0, f1
 
   __device__ __forceinline__ int64_t key_limit(int64_t row) const {
-    return (row * frames / num_query + 1) * tokens_per_frame;
+    const int64_t limit = (row * frames / num_query + 1 - first_frame) * tokens_per_frame;
+    return limit < 0 ? 0 : limit > num_keys() ? num_keys() : limit;
   }
   __device__ __forceinline__ int64_t first_row(int64_t key) const {
-    return (key / tokens_per_frame * num_query + frames - 1) / frames;
+    return ((first_frame + key / tokens_per_frame) * num_query + frames - 1) / frames;
   }
-  __device__ __forceinline__ int64_t num_keys() const { return frames * tokens_per_frame; }
+  __device__ __forceinline__ int64_t num_keys() const { return (end_frame - first_frame) * tokens_per_frame; }
 };
 
 __device__ __forceinline__ Sample sample_of(const AttentionShape& p, int b) {
-  return Sample{p.num_query, p.tokens_per_frame, load(p.frames + b)};
+  return Sample{p.num_query, p.tokens_per_frame, load(p.frames + b), load(p.first_frame + b), load(p.end_frame + b)};
 }
 
 // What a CTA of a (B*H, query tiles[, splits]) grid owns: its sample, head and kv head, its

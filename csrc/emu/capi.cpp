@@ -58,10 +58,12 @@ std::vector<ccam_emu::Region> regions(const EmuTensor* t, int n, const char* con
 }
 
 ccam::AttentionShape shape_of(const EmuProblem& pb, const EmuTensor& q, const EmuTensor& k, const EmuTensor& v,
-                              const EmuTensor& frames, const EmuTensor& key_start) {
+                              const EmuTensor* plan) {  // frames, key_start, first_frame, end_frame
   ccam::AttentionShape s{};
-  s.frames = static_cast<const int64_t*>(frames.data);
-  s.key_start = static_cast<const int64_t*>(key_start.data);
+  s.frames = static_cast<const int64_t*>(plan[0].data);
+  s.key_start = static_cast<const int64_t*>(plan[1].data);
+  s.first_frame = static_cast<const int64_t*>(plan[2].data);
+  s.end_frame = static_cast<const int64_t*>(plan[3].data);
   s.batch = pb.batch, s.num_query = pb.num_query, s.heads = pb.heads, s.group = pb.group;
   s.tokens_per_frame = pb.tokens_per_frame, s.head_dim = pb.head_dim;
   const int d = q.ndim;
@@ -101,22 +103,22 @@ ccam_emu::Schedule schedule_of(const EmuProblem& pb) { return {pb.schedule, pb.s
 
 extern "C" {
 
-// Tensors: q, k, v, frames, key_start, out, lse.
+// Tensors: q, k, v, frames, key_start, first_frame, end_frame, out, lse.
 int ccam_emu_fwd(const EmuProblem* pb, const EmuTensor* t, char* err, int errlen) {
   try {
-    static const char* names[] = {"q", "k", "v", "frames", "key_start", "out", "lse"};
+    static const char* names[] = {"q", "k", "v", "frames", "key_start", "first_frame", "end_frame", "out", "lse"};
     ccam::FwdParams p{};
-    static_cast<ccam::AttentionShape&>(p) = shape_of(*pb, t[0], t[1], t[2], t[3], t[4]);
+    static_cast<ccam::AttentionShape&>(p) = shape_of(*pb, t[0], t[1], t[2], t + 3);
     p.q = t[0].data, p.k = t[1].data, p.v = t[2].data;
     const int64_t N = pb->num_query, H = pb->heads, D = pb->head_dim;
     p.o_stride_b = N * H * D, p.o_stride_n = H * D, p.o_stride_h = D;
     p.num_splits = pb->num_splits;
-    if (t[5].ndim == 5)  // float32 partials (S, B, N, H, D)
-      p.out_partial = static_cast<float*>(t[5].data);
+    if (t[7].ndim == 5)  // float32 partials (S, B, N, H, D)
+      p.out_partial = static_cast<float*>(t[7].data);
     else
-      p.out = t[5].data;
-    p.lse = static_cast<float*>(t[6].data);
-    ccam_emu::LaunchScope scope(regions(t, 7, names), schedule_of(*pb));
+      p.out = t[7].data;
+    p.lse = static_cast<float*>(t[8].data);
+    ccam_emu::LaunchScope scope(regions(t, 9, names), schedule_of(*pb));
     dispatch(*pb, [&](auto dtype, auto width) { return ccam::launch_fwd<decltype(dtype), decltype(width)::value>(p, nullptr); });
     return 0;
   } catch (const std::exception& e) {
@@ -126,7 +128,7 @@ int ccam_emu_fwd(const EmuProblem* pb, const EmuTensor* t, char* err, int errlen
 
 ccam::BwdParams bwd_params(const EmuProblem& pb, const EmuTensor* t) {
   ccam::BwdParams p{};
-  static_cast<ccam::AttentionShape&>(p) = shape_of(pb, t[1], t[2], t[3], t[6], t[7]);
+  static_cast<ccam::AttentionShape&>(p) = shape_of(pb, t[1], t[2], t[3], t + 6);
   p.dout = t[0].data, p.q = t[1].data, p.k = t[2].data, p.v = t[3].data;
   p.do_stride_b = t[0].strides[0], p.do_stride_n = t[0].strides[1], p.do_stride_h = t[0].strides[2];
   p.lse = static_cast<const float*>(t[4].data), p.delta = static_cast<const float*>(t[5].data);
@@ -134,13 +136,14 @@ ccam::BwdParams bwd_params(const EmuProblem& pb, const EmuTensor* t) {
   return p;
 }
 
-// Tensors: dout, q, k, v, lse, delta, frames, key_start, dq_rows.
+// Tensors: dout, q, k, v, lse, delta, frames, key_start, first_frame, end_frame, dq_rows.
 int ccam_emu_bwd_dq(const EmuProblem* pb, const EmuTensor* t, char* err, int errlen) {
   try {
-    static const char* names[] = {"dout", "q", "k", "v", "lse", "delta", "frames", "key_start", "dq_rows"};
+    static const char* names[] = {"dout", "q", "k", "v", "lse", "delta", "frames", "key_start", "first_frame",
+                                  "end_frame", "dq_rows"};
     ccam::BwdParams p = bwd_params(*pb, t);
-    p.dq_rows = static_cast<float*>(t[8].data);
-    ccam_emu::LaunchScope scope(regions(t, 9, names), schedule_of(*pb));
+    p.dq_rows = static_cast<float*>(t[10].data);
+    ccam_emu::LaunchScope scope(regions(t, 11, names), schedule_of(*pb));
     dispatch(*pb, [&](auto dtype, auto width) { return ccam::launch_bwd_dq<decltype(dtype), decltype(width)::value>(p, nullptr); });
     return 0;
   } catch (const std::exception& e) {
@@ -148,18 +151,19 @@ int ccam_emu_bwd_dq(const EmuProblem* pb, const EmuTensor* t, char* err, int err
   }
 }
 
-// Tensors: dout, q, k, v, lse, delta, frames, key_start, tile_sample, tile_start, dk, dv.
+// Tensors: dout, q, k, v, lse, delta, frames, key_start, first_frame, end_frame, tile_sample,
+// tile_start, dk, dv.
 int ccam_emu_bwd_dkdv(const EmuProblem* pb, const EmuTensor* t, char* err, int errlen) {
   try {
-    static const char* names[] = {"dout", "q", "k", "v", "lse", "delta", "frames", "key_start", "tile_sample",
-                                  "tile_start", "dk", "dv"};
+    static const char* names[] = {"dout", "q", "k", "v", "lse", "delta", "frames", "key_start", "first_frame",
+                                  "end_frame", "tile_sample", "tile_start", "dk", "dv"};
     ccam::BwdParams p = bwd_params(*pb, t);
-    p.tile_sample = static_cast<const int64_t*>(t[8].data), p.tile_start = static_cast<const int64_t*>(t[9].data);
-    p.num_key_tiles = static_cast<int>(t[8].sizes[0]);
-    p.dk = t[10].data, p.dv = t[11].data;
-    p.dk_stride_l = t[10].strides[0], p.dk_stride_h = t[10].strides[1];
-    p.dv_stride_l = t[11].strides[0], p.dv_stride_h = t[11].strides[1];
-    ccam_emu::LaunchScope scope(regions(t, 12, names), schedule_of(*pb));
+    p.tile_sample = static_cast<const int64_t*>(t[10].data), p.tile_start = static_cast<const int64_t*>(t[11].data);
+    p.num_key_tiles = static_cast<int>(t[10].sizes[0]);
+    p.dk = t[12].data, p.dv = t[13].data;
+    p.dk_stride_l = t[12].strides[0], p.dk_stride_h = t[12].strides[1];
+    p.dv_stride_l = t[13].strides[0], p.dv_stride_h = t[13].strides[1];
+    ccam_emu::LaunchScope scope(regions(t, 14, names), schedule_of(*pb));
     if (p.num_key_tiles == 0) return 0;
     dispatch(*pb, [&](auto dtype, auto width) { return ccam::launch_bwd_dkdv<decltype(dtype), decltype(width)::value>(p, nullptr); });
     return 0;

@@ -1,51 +1,142 @@
-"""The time-left estimate of a ccam-bench run, from the measured time of its finished cases.
+"""The time-left estimate of a ccam-bench run: a cost model built from the finished cases.
 
-A case's time is split in two: its compiles (FlexAttention compiles once per new shape; the
-runner measures each one) and the rest, which grows with the case's work. A remaining case is
-estimated from the finished case of the same bench with the most work, scaled by the FLOP
-ratio, plus that bench's mean measured compile time per case. A case whose bench has no
-finished case yet gets no number (the attention and projector benches differ too much in
-seconds per FLOP for one to stand for the other); the line counts it instead. Nothing here is
-a prior guess: before the first case finishes there is no estimate.
+What a case's time is made of (measured on the 2-core CPU machine, docs/benchmarks.md): its
+contestants' calls (the error anchor, one more reference call; each contestant's checked call,
+warm-ups and timed calls), the compiles, and the rest (building the rotated input copies,
+each contestant's native copies, the error checks). The calls dominate, and they do not grow
+alike: the reference (and SDPA with a mask) computes every (query, key) pair, masked or not,
+so its time grows with the dense FLOPs (16x from T=1 to T=16), while ours and FlexAttention
+grow with the live FLOPs (8.5x). The old estimate scaled the whole case by the live FLOPs and
+so came out 1.5 to 3x short once the reference dominated.
 
-The whole-run average (elapsed / cases done) that this replaces counted the ceilings'
-measurement and the first shape's compile as if every case paid them, and gave a T=1 case the
-same weight as a T=96 one.
+So the runner records, per case and contestant, how many calls it ran and their wall time
+(``Spent``), and a remaining case is estimated as
+
+    sum over the contestants of the base case:  calls x per-call time scaled to this case
+    + each contestant's compile estimate + the rest, scaled by the bytes of the inputs.
+
+The base case is the finished case of the same bench with the most work (the same pass and
+dtype when there is one). A per-call time scales with that contestant's own work measure:
+dense attention FLOPs for the reference and the SDPA anchors, live FLOPs for ours and flex.
+A projector call is its attention plus its GEMMs, which run at very different rates (the
+dense reference attention at 6-12% of the GEMM ceiling, the GEMMs at 60-80%); its attention
+part is the same contestant's attention-bench call at that shape (estimated as above), and the
+rest scales with the GEMM FLOPs. Without a finished attention case for that contestant, the
+whole call scales with GEMM + attention FLOPs.
+
+Compiles: the first compile of a contestant in the process also loads and warms the compiler
+(9.4 s for FlexAttention's first shape on CPU; a later shape took 0.2-1 s, and a shape compiled
+before costs nothing), so it is not carried forward: a remaining case gets the mean compile
+time of that contestant's later cases, 0 before there is one.
+
+Nothing here is a prior guess: before a case of a bench finishes, that bench's cases get no
+number (the progress line counts them instead). Not modelled: ``--max-minutes`` lowering the
+repeats (the estimate then counts the base case's repeats: too high), and the machine's own
+drift (other processes on a shared machine: the 20-90% round-to-round spreads of the CPU runs).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+
+# Contestants that compute the dense masked scores: their work is the dense attention FLOPs.
+DENSE = ("reference", "sdpa-efficient", "sdpa-cudnn", "sdpa-flash")
+
+
+@dataclass
+class Spent:
+    """One contestant's wall time in one case (the runner fills it)."""
+
+    calls: int = 0  # passes run: error anchor (reference), checked call, warm-ups, timed calls
+    calls_s: float = 0.0  # their wall time, untimed setups (the backward's forward) included
+    compile_s: float = 0.0  # the checked call's time beyond a warm call
+
+    @property
+    def per_call(self) -> float:
+        return self.calls_s / self.calls
 
 
 @dataclass(frozen=True)
 class Finished:
-    bench: str
-    flops: float
-    seconds: float  # the whole case, its compiles included
-    compile_s: float  # the part spent compiling
+    case: object
+    seconds: float  # the whole case
+    spent: dict = field(default_factory=dict)  # contestant -> Spent
+    input_bytes: float = 1.0
+
+    @property
+    def rest_s(self) -> float:
+        """What no contestant's calls or compiles account for: inputs, copies, checks."""
+        return max(self.seconds - sum(s.calls_s + s.compile_s for s in self.spent.values()), 0.0)
+
+
+def _work(case, name: str) -> float:
+    """Contestant ``name``'s attention work in ``case``."""
+    return case.attention_work(dense=name in DENSE)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else 1.0
 
 
 class Progress:
-    def __init__(self):
+    """``input_bytes(case)``: the bytes of a case's rotated inputs (the rest of a case's time
+    scales with it); a constant when not given."""
+
+    def __init__(self, input_bytes=None):
         self.done: list[Finished] = []
+        self.input_bytes = input_bytes or (lambda case: 1.0)
 
-    def finished(self, case, seconds: float, compile_s: float = 0.0) -> None:
-        compile_s = min(max(compile_s, 0.0), seconds)
-        self.done.append(Finished(case.bench, case.flops(), seconds, compile_s))
+    def finished(self, case, seconds: float, spent: dict | None = None) -> None:
+        spent = {n: s for n, s in (spent or {}).items() if s.calls > 0 or s.compile_s > 0}
+        self.done.append(Finished(case, seconds, spent, self.input_bytes(case)))
 
-    def _estimate(self, case) -> float | None:
-        same = [f for f in self.done if f.bench == case.bench]
-        if not same:
+    def _base(self, case, name: str | None = None) -> Finished | None:
+        """The finished case of ``case``'s bench with the most work (of ``name``, when given,
+        among the cases it ran calls in); the same pass and dtype first."""
+        same = [f for f in self.done if f.case.bench == case.bench
+                and (name is None or (name in f.spent and f.spent[name].calls > 0))]
+        alike = [f for f in same if (f.case.pass_, f.case.dtype) == (case.pass_, case.dtype)]
+        pool = alike or same
+        if not pool:
             return None
-        base = max(same, key=lambda f: f.flops)
-        work = (base.seconds - base.compile_s) * case.flops() / max(base.flops, 1.0)
-        return work + sum(f.compile_s for f in same) / len(same)
+        return max(pool, key=lambda f: _work(f.case, name) if name else f.case.flops())
+
+    def per_call(self, name: str, case) -> float | None:
+        """Estimated seconds of one call of contestant ``name`` on ``case``."""
+        base = self._base(case, name)
+        if base is None:
+            return None
+        measured = base.spent[name].per_call
+        if case.bench == "attention":
+            return measured * _ratio(_work(case, name), _work(base.case, name))
+        attn_here = self.per_call(name, dataclasses.replace(case, bench="attention"))
+        attn_base = self.per_call(name, dataclasses.replace(base.case, bench="attention"))
+        if attn_here is None or attn_base is None:
+            return measured * _ratio(case.gemm_flops() + _work(case, name),
+                                     base.case.gemm_flops() + _work(base.case, name))
+        return attn_here + max(measured - attn_base, 0.0) * _ratio(case.gemm_flops(), base.case.gemm_flops())
+
+    def compile_s(self, name: str) -> float:
+        """Mean compile time of ``name`` over its finished cases after the first."""
+        later = [f.spent[name].compile_s for f in self.done if name in f.spent][1:]
+        return sum(later) / len(later) if later else 0.0
+
+    def estimate(self, case) -> float | None:
+        """Estimated seconds of ``case``; None while its bench has no finished case."""
+        base = self._base(case)
+        if base is None:
+            return None
+        total = base.rest_s * _ratio(self.input_bytes(case), base.input_bytes)
+        for name, spent in base.spent.items():
+            if spent.calls:
+                total += spent.calls * self.per_call(name, case) + self.compile_s(name)
+        return total
 
     def seconds_left(self, remaining) -> float | None:
         """Estimated seconds for those of the ``remaining`` cases whose bench has a finished
         case; None when there is none."""
-        known = [e for e in map(self._estimate, remaining) if e is not None]
+        known = [e for e in map(self.estimate, remaining) if e is not None]
         return sum(known) if known else None
 
     def note(self, remaining) -> str:
@@ -56,7 +147,7 @@ class Progress:
         left = self.seconds_left(remaining)
         unknown = {}
         for case in remaining:
-            if self._estimate(case) is None:
+            if self._base(case) is None:
                 unknown[case.bench] = unknown.get(case.bench, 0) + 1
         parts = [f"about {left:.0f} s left"] if left is not None else []
         parts += [f"{n} {bench} case{'s' if n != 1 else ''} not yet measured" for bench, n in unknown.items()]

@@ -46,15 +46,30 @@ DENSE = ("reference", "sdpa-efficient", "sdpa-cudnn", "sdpa-flash")
 
 @dataclass
 class Spent:
-    """One contestant's wall time in one case (the runner fills it)."""
+    """One contestant's wall time in one case (the runner fills it). Wall time of whole
+    calls, untimed setups (the backward's forward) included."""
 
     calls: int = 0  # passes run: error anchor (reference), checked call, warm-ups, timed calls
-    calls_s: float = 0.0  # their wall time, untimed setups (the backward's forward) included
-    compile_s: float = 0.0  # the checked call's time beyond a warm call
+    seconds: float = 0.0  # their wall time
+    timed: int = 0  # of which timed calls
+    timed_s: float = 0.0
+
+    def add(self, calls: int, seconds: float, timed: bool = False) -> None:
+        self.calls += calls
+        self.seconds += seconds
+        if timed:
+            self.timed += calls
+            self.timed_s += seconds
 
     @property
     def per_call(self) -> float:
-        return self.calls_s / self.calls
+        """A warm call: the mean timed call (the first calls can compile or warm up)."""
+        return self.timed_s / self.timed if self.timed else self.seconds / max(self.calls, 1)
+
+    @property
+    def extra_s(self) -> float:
+        """The time beyond calls x per_call: compiles and first-call warm-ups."""
+        return self.seconds - self.calls * self.per_call
 
 
 @dataclass(frozen=True)
@@ -67,7 +82,7 @@ class Finished:
     @property
     def rest_s(self) -> float:
         """What no contestant's calls or compiles account for: inputs, copies, checks."""
-        return max(self.seconds - sum(s.calls_s + s.compile_s for s in self.spent.values()), 0.0)
+        return max(self.seconds - sum(s.seconds for s in self.spent.values()), 0.0)
 
 
 def _work(case, name: str) -> float:
@@ -88,14 +103,14 @@ class Progress:
         self.input_bytes = input_bytes or (lambda case: 1.0)
 
     def finished(self, case, seconds: float, spent: dict | None = None) -> None:
-        spent = {n: s for n, s in (spent or {}).items() if s.calls > 0 or s.compile_s > 0}
+        spent = {n: s for n, s in (spent or {}).items() if s.calls > 0}
         self.done.append(Finished(case, seconds, spent, self.input_bytes(case)))
 
     def _base(self, case, name: str | None = None) -> Finished | None:
         """The finished case of ``case``'s bench with the most work (of ``name``, when given,
         among the cases it ran calls in); the same pass and dtype first."""
         same = [f for f in self.done if f.case.bench == case.bench
-                and (name is None or (name in f.spent and f.spent[name].calls > 0))]
+                and (name is None or name in f.spent)]
         alike = [f for f in same if (f.case.pass_, f.case.dtype) == (case.pass_, case.dtype)]
         pool = alike or same
         if not pool:
@@ -117,9 +132,9 @@ class Progress:
                                      base.case.gemm_flops() + _work(base.case, name))
         return attn_here + max(measured - attn_base, 0.0) * _ratio(case.gemm_flops(), base.case.gemm_flops())
 
-    def compile_s(self, name: str) -> float:
-        """Mean compile time of ``name`` over its finished cases after the first."""
-        later = [f.spent[name].compile_s for f in self.done if name in f.spent][1:]
+    def extra_s(self, name: str) -> float:
+        """Mean compile and warm-up time of ``name`` over its finished cases after the first."""
+        later = [f.spent[name].extra_s for f in self.done if name in f.spent][1:]
         return sum(later) / len(later) if later else 0.0
 
     def estimate(self, case) -> float | None:
@@ -129,9 +144,8 @@ class Progress:
             return None
         total = base.rest_s * _ratio(self.input_bytes(case), base.input_bytes)
         for name, spent in base.spent.items():
-            if spent.calls:
-                total += spent.calls * self.per_call(name, case) + self.compile_s(name)
-        return total
+            total += spent.calls * self.per_call(name, case) + self.extra_s(name)
+        return max(total, 0.0)
 
     def seconds_left(self, remaining) -> float | None:
         """Estimated seconds for those of the ``remaining`` cases whose bench has a finished

@@ -217,9 +217,7 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
         t0 = clock()
         ref = error_anchor(case.bench, inputs, case.pass_)
         sync(device)
-        anchor = spent.setdefault("reference", Spent())  # one more reference call, in float32
-        anchor.calls += 1
-        anchor.calls_s += clock() - t0
+        spent.setdefault("reference", Spent()).add(1, clock() - t0)  # one more reference call, in float32
     except Exception as exc:  # noqa: BLE001 - without a float32 reference, rows carry no error
         _check_sticky(exc)
         _free(device)
@@ -247,11 +245,7 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
                 raise WrongResult(f"WRONG: error {err:.2e} against the reference exceeds {tolerance:.0e}; not timed")
             setup, run = pass_functions(contestant, case.pass_, num_sets)
             est_ms = timer.estimate_ms(setup, run, 1, settings.warmup) if settings.warmup else first_s * 1e3
-            mine = spent.setdefault(name, Spent())
-            extra = max(first_s - est_ms * 1e-3, 0.0) if settings.warmup and contestant.compile_note() else 0.0
-            mine.compile_s += extra
-            mine.calls += 1 + settings.warmup
-            mine.calls_s += first_s - extra + est_ms * 1e-3 * settings.warmup
+            spent.setdefault(name, Spent()).add(1 + settings.warmup, first_s + est_ms * 1e-3 * settings.warmup)
             live.append((contestant, row, setup, run, max(est_ms, 1e-3)))
             log(f" checked (err {row['max_rel_err'] if row['max_rel_err'] is not None else float('nan'):.1e}, "
                 f"first call {first_s:.2f} s)")
@@ -285,12 +279,12 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
             if per_call_budget_ms is not None:
                 share = per_call_budget_ms / (len(live) * est_ms)
                 repeats = max(min(settings.min_repeats, settings.repeats), min(settings.repeats, int(share)))
-            mine, t0 = spent.setdefault(row["backend"], Spent()), clock()
+            done, t0 = 0, clock()
             try:
                 for _ in range(repeats):
                     ms, peak = timer.call(setup, run, call)
                     call += 1
-                    mine.calls += 1
+                    done += 1
                     times[id(contestant)][r].append(ms)
                     peaks[id(contestant)].append(peak)
             except Exception as exc:  # noqa: BLE001
@@ -300,7 +294,7 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
                     _fail(row, "oom", "out of memory while timing")
                 else:
                     _fail(row, "error", capture_reason(exc, []))
-            mine.calls_s += clock() - t0
+            spent.setdefault(row["backend"], Spent()).add(done, clock() - t0, timed=True)
 
     flops = case.flops()
     rate = ceilings["matmul_tflops_by_dtype"].get(str(case.dtype).replace("torch.", ""), ceilings["matmul_tflops"])

@@ -184,6 +184,30 @@ def test_run_suite_prints_estimates_from_the_measured_cases(monkeypatch):
     assert heads[3] == "[4/4] p2  (elapsed 121 s, about 61 s left (from 3 finished cases))"
 
 
+def test_run_case_reports_every_call_it_ran():
+    """What the estimate is built from: per contestant the calls run (the reference's error
+    anchor, each checked call, warm-ups, timed calls) and their seconds on the case's clock.
+    The fake clock moves 1 s per reading, so every reading pair counts as >= 1 s."""
+    clock = FakeClock()
+
+    def ticking():
+        clock.t += 1.0
+        return clock.t
+
+    spent = {}
+    settings = Settings(warmup=2, repeats=3, rounds=2)
+    ceilings = {"matmul_tflops_by_dtype": {"float32": 0.1}, "matmul_tflops": 0.1}
+    rows = run_case(_tiny_case(), ["reference", "torch"], Timer(torch.device("cpu")), settings, ceilings, Log(),
+                    clock=ticking, spent=spent)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    timed = settings.rounds * settings.repeats
+    assert spent["reference"].calls == 1 + 1 + settings.warmup + timed  # the anchor is a reference call
+    assert spent["torch"].calls == 1 + settings.warmup + timed
+    for s in spent.values():
+        assert s.timed == timed and s.timed_s >= settings.rounds  # one clock pair per round
+        assert s.seconds >= s.timed_s > 0
+
+
 # -- compile lines ---------------------------------------------------------------------------
 
 

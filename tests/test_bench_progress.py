@@ -89,20 +89,20 @@ def test_each_contestant_scales_with_its_own_work():
     # torch: 6 calls, 4 timed in 2 s. The rest of the case: 3 s.
     p.finished(FakeCase("attention", 1e9), 25.0, spent_of(reference=(7, 10.0, 4, 4.0), torch=(6, 12.0, 4, 2.0)))
     big = FakeCase("attention", 8e9, dense=16e9)
-    # The first case's warm-ups (6 s and 9 s beyond its calls) are the process's own: not carried.
     assert p.per_call("reference", big) == pytest.approx(16.0)
     assert p.per_call("torch", big) == pytest.approx(4.0)
-    assert p.seconds_left([big]) == pytest.approx(7 * 16 + 6 * 4 + 3)
-    assert p.note([big]) == ", about 139 s left (from 1 finished case)"
+    # Plus the first calls' time beyond a warm call (3 s and 9 s: compiles, warm-ups) and the rest.
+    assert p.seconds_left([big]) == pytest.approx(7 * 16 + 6 * 4 + 3 + 9 + 3)
+    assert p.note([big]) == ", about 151 s left (from 1 finished case)"
 
 
-def test_the_base_is_the_largest_finished_case_and_later_warm_ups_are_averaged():
+def test_the_base_is_the_largest_finished_case_and_compiles_are_averaged():
     p = Progress()
     p.finished(FakeCase("attention", 1.0), 21.0, spent_of(flex=(3, 20.0, 2, 2.0)))  # 1 s a call, 17 s compiling
     p.finished(FakeCase("attention", 4.0), 20.0, spent_of(flex=(3, 18.0, 2, 8.0)))  # 4 s a call, 6 s compiling
     p.finished(FakeCase("attention", 2.0), 9.0, spent_of(flex=(3, 8.0, 2, 4.0)))  # 2 s a call, 2 s compiling
-    # Base: the 4.0 case (4 s per call, 2 s of rest); compiles: the mean of the later two (4 s).
-    assert p.seconds_left([FakeCase("attention", 8.0)]) == pytest.approx(3 * 8 + 4 + 2)
+    # Base: the 4.0 case (4 s per call, 2 s of rest); compiles: the mean per case (25 s / 3).
+    assert p.seconds_left([FakeCase("attention", 8.0)]) == pytest.approx(3 * 8 + 25 / 3 + 2)
 
 
 def test_the_rest_of_a_case_scales_with_its_input_bytes():
@@ -174,14 +174,15 @@ def test_run_suite_prints_estimates_from_the_measured_cases(monkeypatch):
               clock=clock)
     heads = [line for line in log.lines if line.startswith("[")]
     assert heads[0] == "[1/4] a1  (elapsed 30 s)"
-    # After a1: a2 = 3 calls at 4x a1's warm 1 s (a1's 13 s warm-up is not carried) + a1's 5 s
-    # of rest = 17; no projector case measured yet.
-    assert heads[1] == ("[2/4] a2  (elapsed 50 s, about 17 s left + 2 projector cases not yet measured "
+    # After a1: a2 = 3 calls at 4x a1's warm 1 s + a1's 12 s beyond its warm calls (a compile)
+    # + a1's 5 s of rest = 29; no projector case measured yet.
+    assert heads[1] == ("[2/4] a2  (elapsed 50 s, about 29 s left + 2 projector cases not yet measured "
                         "(from 1 finished case))")
     assert heads[2] == "[3/4] p1  (elapsed 90 s, 2 projector cases not yet measured (from 2 finished cases))"
     # After p1 (10 s a call: 6 s of attention, as a2 at half the work, + 4 s of GEMMs): p2 =
-    # 3 calls of (12 s attention + 2 x 4 s GEMMs) + p1's 1 s of rest.
-    assert heads[3] == "[4/4] p2  (elapsed 121 s, about 61 s left (from 3 finished cases))"
+    # 3 calls of (12 s attention + 2 x 4 s GEMMs) + the reference's mean compile and warm-up per
+    # case (12 s, 0, 0) + p1's 1 s of rest.
+    assert heads[3] == "[4/4] p2  (elapsed 121 s, about 65 s left (from 3 finished cases))"
 
 
 def test_run_case_reports_every_call_it_ran():

@@ -133,9 +133,9 @@ class Progress:
         return attn_here + max(measured - attn_base, 0.0) * _ratio(case.gemm_flops(), base.case.gemm_flops())
 
     def extra_s(self, name: str) -> float:
-        """Mean compile and warm-up time of ``name`` over its finished cases after the first."""
-        later = [f.spent[name].extra_s for f in self.done if name in f.spent][1:]
-        return sum(later) / len(later) if later else 0.0
+        """Mean compile and warm-up time of ``name`` per finished case that ran it."""
+        seen = [f.spent[name].extra_s for f in self.done if name in f.spent]
+        return sum(seen) / len(seen) if seen else 0.0
 
     def estimate(self, case) -> float | None:
         """Estimated seconds of ``case``; None while its bench has no finished case."""

@@ -1,38 +1,43 @@
 """The time-left estimate of a ccam-bench run: a cost model built from the finished cases.
 
-What a case's time is made of (measured on the 2-core CPU machine, docs/benchmarks.md): its
-contestants' calls (the error anchor, one more reference call; each contestant's checked call,
-warm-ups and timed calls), the compiles, and the rest (building the rotated input copies,
-each contestant's native copies, the error checks). The calls dominate, and they do not grow
-alike: the reference (and SDPA with a mask) computes every (query, key) pair, masked or not,
-so its time grows with the dense FLOPs (16x from T=1 to T=16), while ours and FlexAttention
-grow with the live FLOPs (8.5x). The old estimate scaled the whole case by the live FLOPs and
-so came out 1.5 to 3x short once the reference dominated.
+What a case's time is made of (measured on the 2-core CPU machine): its contestants' calls
+(the error anchor, one more reference call; each contestant's checked call, warm-ups and timed
+calls), compiles and first-call warm-ups, and the rest (the rotated input copies, each
+contestant's native copies, the error checks: about 1 s a case there). The calls dominate,
+and they do not grow alike: the reference (and SDPA with a mask) computes every (query, key)
+pair, masked or not, so its calls grow with the dense FLOPs (16x from T=1 to T=16), ours and
+FlexAttention's with the live FLOPs (8.5x). The reference is most of a case's time at T=16
+(4.1-7.2 s of a 6.5-11 s round of the four contestants). The estimate this replaces scaled
+a whole case by its live FLOPs, so it came out short once the reference dominated (3x short
+before the last --quick case in the lead's run).
 
-So the runner records, per case and contestant, how many calls it ran and their wall time
+So the runner records, per case and contestant, the calls run and their wall time
 (``Spent``), and a remaining case is estimated as
 
-    sum over the contestants of the base case:  calls x per-call time scaled to this case
-    + each contestant's compile estimate + the rest, scaled by the bytes of the inputs.
+    sum over the contestants of its bench's base case:
+        calls x warm per-call time scaled to this case + mean compile and warm-up per case
+    + the base case's rest, scaled by the bytes of the rotated inputs.
 
 The base case is the finished case of the same bench with the most work (the same pass and
-dtype when there is one). A per-call time scales with that contestant's own work measure:
-dense attention FLOPs for the reference and the SDPA anchors, live FLOPs for ours and flex.
-A projector call is its attention plus its GEMMs, which run at very different rates (the
-dense reference attention at 6-12% of the GEMM ceiling, the GEMMs at 60-80%); its attention
-part is the same contestant's attention-bench call at that shape (estimated as above), and the
-rest scales with the GEMM FLOPs. Without a finished attention case for that contestant, the
-whole call scales with GEMM + attention FLOPs.
+dtype when there is one). The warm per-call time is the mean timed call. It scales with that
+contestant's own work: dense attention FLOPs for the reference and the SDPA anchors, live
+FLOPs for ours and flex. A projector call is its attention plus its GEMMs, which run at very
+different rates (in these CPU runs the reference attention bench at 4-12% of the GEMM ceiling,
+the projector with our attention at 51-78%, mostly GEMMs): its attention part is the same
+contestant's attention-bench call at that shape (estimated as above) and the rest scales with the GEMM FLOPs; without a finished attention
+case for that contestant the whole call scales with GEMM + attention FLOPs. The compile and
+warm-up part (a first call's time beyond a warm call) is averaged over every finished case
+that ran the contestant: FlexAttention's compile of a new shape took 15 s and one found in
+inductor's disk cache 1-2 s, the first of the process 7-10 s, so no case is special.
 
-Compiles: the first compile of a contestant in the process also loads and warms the compiler
-(9.4 s for FlexAttention's first shape on CPU; a later shape took 0.2-1 s, and a shape compiled
-before costs nothing), so it is not carried forward: a remaining case gets the mean compile
-time of that contestant's later cases, 0 before there is one.
-
-Nothing here is a prior guess: before a case of a bench finishes, that bench's cases get no
-number (the progress line counts them instead). Not modelled: ``--max-minutes`` lowering the
-repeats (the estimate then counts the base case's repeats: too high), and the machine's own
-drift (other processes on a shared machine: the 20-90% round-to-round spreads of the CPU runs).
+Nothing here is a prior guess: a bench's cases get no number before one of its cases
+finished (the progress line counts them instead). How well it does is measured in
+docs/benchmarks.md (the progress paragraph): within 1.3x before 8 of the 13 measured cases
+(CPU runs), never short, and too high, up to 2.4x, when the base case ran during a load spike
+of the shared machine (the same call's time varied 1.7-2.0x between runs there) or a T=1 case
+was the base (the dense reference ran 15-60% cheaper per FLOP at T=16 than at T=1). Not
+modelled: ``--max-minutes`` lowering the repeats (the estimate then counts the base case's repeats,
+too many), and any GPU run (not measured: no GPU in this work).
 """
 
 from __future__ import annotations

@@ -20,15 +20,16 @@ So the runner records, per case and contestant, the calls run and their wall tim
 
 The base case is the finished case of the same bench with the most work (the same pass and
 dtype when there is one). The warm per-call time is the mean timed call. It scales with that
-contestant's own work: dense attention FLOPs for the reference and the SDPA anchors, live
-FLOPs for ours and flex. A projector call is its attention plus its GEMMs, which run at very
+contestant's own work: dense attention FLOPs for the reference and the SDPA anchors, live FLOPs
+for ours and flex. A projector call is its attention plus its GEMMs, which run at very
 different rates (in these CPU runs the reference attention bench at 4-12% of the GEMM ceiling,
 the projector with our attention at 51-78%, mostly GEMMs): its attention part is the same
-contestant's attention-bench call at that shape (estimated as above) and the rest scales with the GEMM FLOPs; without a finished attention
-case for that contestant the whole call scales with GEMM + attention FLOPs. The compile and
-warm-up part (a first call's time beyond a warm call) is averaged over every finished case
-that ran the contestant: FlexAttention's compile of a new shape took 15 s and one found in
-inductor's disk cache 1-2 s, the first of the process 7-10 s, so no case is special.
+contestant's attention-bench call at that shape (estimated as above) and the rest scales with
+the GEMM FLOPs; without a finished attention case for that contestant the whole call scales
+with GEMM + attention FLOPs. The compile and warm-up part (a first call's time beyond a warm
+call) is averaged over every finished case that ran the contestant: FlexAttention's compile of
+a new shape took 15-16 s, one found in inductor's disk cache 1-3 s, the first of the process
+6-12 s (measured in these runs), so no case is special.
 
 Nothing here is a prior guess: a bench's cases get no number before one of its cases
 finished (the progress line counts them instead). How well it does is measured in

@@ -185,6 +185,22 @@ def test_run_suite_prints_estimates_from_the_measured_cases(monkeypatch):
     assert heads[3] == "[4/4] p2  (elapsed 121 s, about 65 s left (from 3 finished cases))"
 
 
+def test_the_work_measures_of_a_real_case():
+    """Dense work counts every pair of each sample; at T=1 every pair is live. A projector's
+    FLOPs are its GEMMs plus its live attention."""
+    cfg = CCAMConfig(**TINY)
+    P, H, D = 3, cfg.num_heads, cfg.head_dim
+    one = BenchCase("attention", "fwd", (1,), torch.float32, cfg, tokens_per_frame=P)
+    assert one.attention_work(dense=True) == one.attention_work(dense=False) == one.flops()
+    ragged = BenchCase("attention", "fwd+bwd", (7, 2), torch.float32, cfg, tokens_per_frame=P)
+    assert ragged.attention_work(dense=True) == pytest.approx(3.5 * 4 * H * D * cfg.num_query * 9 * P)
+    assert ragged.attention_work(dense=False) < ragged.attention_work(dense=True)
+    assert ragged.gemm_flops() == 0.0
+    proj = BenchCase("projector", "fwd+bwd", (7, 2), torch.float32, cfg, tokens_per_frame=P)
+    assert proj.gemm_flops() + proj.attention_work(dense=False) == pytest.approx(proj.flops())
+    assert proj.attention_work(dense=False) == ragged.attention_work(dense=False)
+
+
 def test_run_case_reports_every_call_it_ran():
     """What the estimate is built from: per contestant the calls run (the reference's error
     anchor, each checked call, warm-ups, timed calls) and their seconds on the case's clock.

@@ -10,7 +10,7 @@ import torch
 from ccam_kernels import CCAMConfig
 from ccam_kernels.bench import contestants as C
 from ccam_kernels.bench import runner
-from ccam_kernels.bench.progress import Progress
+from ccam_kernels.bench.progress import Progress, Spent
 from ccam_kernels.bench.runner import BenchCase, Settings, run_case, run_suite
 from ccam_kernels.bench.timing import Timer
 
@@ -20,13 +20,34 @@ TINY = dict(num_query=5, hidden_size=16, cross_hidden_size=12, num_heads=2, num_
 
 @dataclass(frozen=True)
 class FakeCase:
+    """A case with chosen work measures: ``live``/``dense`` attention FLOPs, ``gemm`` FLOPs."""
+
     bench: str
-    work: float
+    live: float
+    dense: float | None = None  # default: live (no masked pairs)
+    gemm: float = 0.0
     label: str = "fake"
+    pass_: str = "fwd"
     dtype: torch.dtype = torch.float32
 
     def flops(self):
-        return self.work
+        return self.live + self.gemm
+
+    def attention_work(self, dense):
+        return self.dense if dense and self.dense is not None else self.live
+
+    def gemm_flops(self):
+        return self.gemm
+
+
+def spent_of(**calls):
+    """name=(calls, seconds, timed calls, timed seconds) -> {name: Spent}."""
+    out = {}
+    for name, (n, s, timed, timed_s) in calls.items():
+        out[name] = Spent()
+        out[name].add(n - timed, s - timed_s)
+        out[name].add(timed, timed_s, timed=True)
+    return out
 
 
 class FakeClock:
@@ -59,60 +80,149 @@ def test_no_estimate_before_a_case_finished():
     assert p.seconds_left([FakeCase("attention", 1e9)]) is None and p.note([FakeCase("attention", 1.0)]) == ""
 
 
-def test_estimate_scales_the_largest_finished_case_of_the_bench_and_adds_its_compiles():
+def test_each_contestant_scales_with_its_own_work():
+    """The reference computes the dense masked scores, ours only the live pairs: from T=1
+    (dense = live) to a case with 16x the dense and 8x the live work, the reference's calls
+    grow 16x and torch's 8x. Every call counts at the warm (timed) per-call time."""
     p = Progress()
-    p.finished(FakeCase("attention", 1e9), seconds=26.0, compile_s=16.0)  # 10 s of work, 16 s compiling
-    # 8x the work: 8 * 10 s, plus the bench's mean compile per case (16 s).
-    assert p.seconds_left([FakeCase("attention", 8e9)]) == pytest.approx(8 * 10 + 16)
-    p.finished(FakeCase("attention", 4e9), seconds=30.0, compile_s=6.0)  # the larger case is the base now
-    assert p.seconds_left([FakeCase("attention", 8e9)]) == pytest.approx(2 * 24 + (16 + 6) / 2)
-    assert p.note([FakeCase("attention", 8e9)]) == ", about 59 s left (from 2 finished cases)"
-    # A bench with no finished case gets no number (another bench's seconds per FLOP would be
-    # a guess): it is counted instead.
-    assert p.seconds_left([FakeCase("projector", 1e9)]) is None
-    remaining = [FakeCase("attention", 8e9), FakeCase("projector", 1e9), FakeCase("projector", 2e9)]
-    assert p.seconds_left(remaining) == pytest.approx(59)
-    assert p.note(remaining) == ", about 59 s left + 2 projector cases not yet measured (from 2 finished cases)"
-    assert p.note(remaining[1:2]) == ", 1 projector case not yet measured (from 2 finished cases)"
+    # reference: 7 calls in 10 s, of which 4 timed in 4 s (1 s each: the others warmed up);
+    # torch: 6 calls, 4 timed in 2 s. The rest of the case: 3 s.
+    p.finished(FakeCase("attention", 1e9), 25.0, spent_of(reference=(7, 10.0, 4, 4.0), torch=(6, 12.0, 4, 2.0)))
+    big = FakeCase("attention", 8e9, dense=16e9)
+    assert p.per_call("reference", big) == pytest.approx(16.0)
+    assert p.per_call("torch", big) == pytest.approx(4.0)
+    # Plus the first calls' time beyond a warm call (3 s and 9 s: compiles, warm-ups) and the rest.
+    assert p.seconds_left([big]) == pytest.approx(7 * 16 + 6 * 4 + 3 + 9 + 3)
+    assert p.note([big]) == ", about 151 s left (from 1 finished case)"
 
 
-def test_compile_seconds_are_clipped_to_the_case():
+def test_the_base_is_the_largest_finished_case_and_compiles_are_averaged():
     p = Progress()
-    p.finished(FakeCase("attention", 1.0), seconds=5.0, compile_s=9.0)
-    assert p.seconds_left([FakeCase("attention", 2.0)]) == pytest.approx(5.0)
+    p.finished(FakeCase("attention", 1.0), 21.0, spent_of(flex=(3, 20.0, 2, 2.0)))  # 1 s a call, 17 s compiling
+    p.finished(FakeCase("attention", 4.0), 20.0, spent_of(flex=(3, 18.0, 2, 8.0)))  # 4 s a call, 6 s compiling
+    p.finished(FakeCase("attention", 2.0), 9.0, spent_of(flex=(3, 8.0, 2, 4.0)))  # 2 s a call, 2 s compiling
+    # Base: the 4.0 case (4 s per call, 2 s of rest); compiles: the mean per case (25 s / 3).
+    assert p.seconds_left([FakeCase("attention", 8.0)]) == pytest.approx(3 * 8 + 25 / 3 + 2)
+
+
+def test_the_rest_of_a_case_scales_with_its_input_bytes():
+    p = Progress(input_bytes=lambda case: case.live)
+    p.finished(FakeCase("attention", 1.0), 5.0, spent_of(torch=(2, 2.0, 2, 2.0)))  # 3 s of rest
+    assert p.seconds_left([FakeCase("attention", 2.0)]) == pytest.approx(2 * 2 + 3 * 2)
+
+
+def test_a_projector_call_is_its_attention_from_the_attention_bench_plus_its_gemms():
+    p = Progress()
+    p.finished(FakeCase("attention", 1.0, dense=1.0), 4.0, spent_of(reference=(4, 4.0, 4, 4.0)))  # 1 s a call
+    p.finished(FakeCase("projector", 1.0, dense=1.0, gemm=10.0), 12.0, spent_of(reference=(4, 12.0, 4, 12.0)))
+    big = FakeCase("projector", 8.0, dense=16.0, gemm=20.0)
+    # 3 s a call: 1 s of attention (the attention bench's reference at this shape) + 2 s of
+    # GEMMs. At 16x the dense work and 2x the GEMMs: 16 + 2 * 2 = 20 s a call.
+    assert p.per_call("reference", big) == pytest.approx(20.0)
+    assert p.seconds_left([big]) == pytest.approx(4 * 20)
+    # Without an attention case, the whole call scales with GEMM + attention FLOPs.
+    alone = Progress()
+    alone.finished(FakeCase("projector", 1.0, dense=1.0, gemm=10.0), 12.0, spent_of(reference=(4, 12.0, 4, 12.0)))
+    assert alone.per_call("reference", big) == pytest.approx(3.0 * (20 + 16) / (10 + 1))
+
+
+def test_a_bench_without_a_finished_case_is_counted_not_guessed():
+    p = Progress()
+    p.finished(FakeCase("attention", 1.0), 2.0, spent_of(torch=(2, 2.0, 2, 2.0)))
+    assert p.seconds_left([FakeCase("projector", 1.0, gemm=5.0)]) is None
+    remaining = [FakeCase("attention", 2.0), FakeCase("projector", 1.0), FakeCase("projector", 2.0)]
+    assert p.seconds_left(remaining) == pytest.approx(4.0)
+    assert p.note(remaining) == ", about 4 s left + 2 projector cases not yet measured (from 1 finished case)"
+    assert p.note(remaining[1:2]) == ", 1 projector case not yet measured (from 1 finished case)"
+
+
+def test_the_same_pass_and_dtype_is_the_base_when_there_is_one():
+    p = Progress()
+    p.finished(FakeCase("attention", 1.0, pass_="fwd+bwd"), 8.0, spent_of(torch=(2, 8.0, 2, 8.0)))
+    p.finished(FakeCase("attention", 0.5), 1.0, spent_of(torch=(2, 1.0, 2, 1.0)))
+    assert p.per_call("torch", FakeCase("attention", 1.0)) == pytest.approx(1.0)
+    assert p.per_call("torch", FakeCase("attention", 2.0, pass_="fwd+bwd")) == pytest.approx(8.0)
+    # No case of that dtype: the largest of the bench.
+    assert p.per_call("torch", FakeCase("attention", 2.0, dtype=torch.float16)) == pytest.approx(8.0)
 
 
 def test_run_suite_prints_estimates_from_the_measured_cases(monkeypatch):
     """Fake cases whose times the fake clock sets: the lines show elapsed time since the start
-    (the ceilings included) and the estimate from the finished cases only."""
+    (the ceilings included) and the estimate from what run_case reported spending."""
     clock = FakeClock()
-    durations = {"a1": (20.0, 15.0), "a2": (40.0, 0.0), "p1": (7.0, 0.0), "p2": (1.0, 0.0)}  # (s, compile s)
-    cases = [FakeCase("attention", 1.0, "a1"), FakeCase("attention", 4.0, "a2"), FakeCase("projector", 2.0, "p1"),
-             FakeCase("projector", 4.0, "p2")]
+    # label -> (case seconds, the reference's (calls, seconds, timed calls, timed seconds))
+    durations = {"a1": (20.0, (3, 15.0, 2, 2.0)), "a2": (40.0, (3, 36.0, 2, 24.0)),
+                 "p1": (31.0, (3, 30.0, 2, 20.0)), "p2": (1.0, (1, 1.0, 1, 1.0))}
+    cases = [FakeCase("attention", 1.0, label="a1"), FakeCase("attention", 4.0, label="a2"),
+             FakeCase("projector", 2.0, gemm=2.0, label="p1"), FakeCase("projector", 4.0, gemm=4.0, label="p2")]
 
     def ceilings(device, dtypes):
         clock.t += 30.0  # the ceilings take time that no case pays again
         return {"matmul_tflops_by_dtype": {}, "copy_gbps": 1.0}
 
-    def fake_run_case(case, names, timer, settings, ceilings, log, budget, clock):
-        seconds, compile_s = durations[case.label]
+    def fake_run_case(case, names, timer, settings, ceilings, log, budget, clock, spent):
+        seconds, reference = durations[case.label]
         clock.t += seconds
-        return [{"bench": case.bench, "pass": "fwd", "frame_counts": [1], "dtype": "float32",
-                 "compile_s": compile_s or None}]
+        spent.update(spent_of(reference=reference))
+        return [{"bench": case.bench, "pass": "fwd", "frame_counts": [1], "dtype": "float32", "compile_s": None}]
 
     monkeypatch.setattr(runner, "measure_ceilings", ceilings)
     monkeypatch.setattr(runner, "run_case", fake_run_case)
+    monkeypatch.setattr(runner, "input_bytes", lambda case, device: 1.0)
     log = Log()
     run_suite(cases, {"attention": ["reference"], "projector": ["reference"]}, "cpu", Settings(), log=log,
               clock=clock)
     heads = [line for line in log.lines if line.startswith("[")]
     assert heads[0] == "[1/4] a1  (elapsed 30 s)"
-    # After a1: a2 = 4x a1's 5 s of work + a1's 15 s compile = 35; no projector case measured yet.
-    assert heads[1] == ("[2/4] a2  (elapsed 50 s, about 35 s left + 2 projector cases not yet measured "
+    # After a1: a2 = 3 calls at 4x a1's warm 1 s + a1's 12 s beyond its warm calls (a compile)
+    # + a1's 5 s of rest = 29; no projector case measured yet.
+    assert heads[1] == ("[2/4] a2  (elapsed 50 s, about 29 s left + 2 projector cases not yet measured "
                         "(from 1 finished case))")
     assert heads[2] == "[3/4] p1  (elapsed 90 s, 2 projector cases not yet measured (from 2 finished cases))"
-    # After p1: p2 = 2x p1's 7 s.
-    assert heads[3] == "[4/4] p2  (elapsed 97 s, about 14 s left (from 3 finished cases))"
+    # After p1 (10 s a call: 6 s of attention, as a2 at half the work, + 4 s of GEMMs): p2 =
+    # 3 calls of (12 s attention + 2 x 4 s GEMMs) + the reference's mean compile and warm-up per
+    # case (12 s, 0, 0) + p1's 1 s of rest.
+    assert heads[3] == "[4/4] p2  (elapsed 121 s, about 65 s left (from 3 finished cases))"
+
+
+def test_the_work_measures_of_a_real_case():
+    """Dense work counts every pair of each sample; at T=1 every pair is live. A projector's
+    FLOPs are its GEMMs plus its live attention."""
+    cfg = CCAMConfig(**TINY)
+    P, H, D = 3, cfg.num_heads, cfg.head_dim
+    one = BenchCase("attention", "fwd", (1,), torch.float32, cfg, tokens_per_frame=P)
+    assert one.attention_work(dense=True) == one.attention_work(dense=False) == one.flops()
+    ragged = BenchCase("attention", "fwd+bwd", (7, 2), torch.float32, cfg, tokens_per_frame=P)
+    assert ragged.attention_work(dense=True) == pytest.approx(3.5 * 4 * H * D * cfg.num_query * 9 * P)
+    assert ragged.attention_work(dense=False) < ragged.attention_work(dense=True)
+    assert ragged.gemm_flops() == 0.0
+    proj = BenchCase("projector", "fwd+bwd", (7, 2), torch.float32, cfg, tokens_per_frame=P)
+    assert proj.gemm_flops() + proj.attention_work(dense=False) == pytest.approx(proj.flops())
+    assert proj.attention_work(dense=False) == ragged.attention_work(dense=False)
+
+
+def test_run_case_reports_every_call_it_ran():
+    """What the estimate is built from: per contestant the calls run (the reference's error
+    anchor, each checked call, warm-ups, timed calls) and their seconds on the case's clock.
+    The fake clock moves 1 s per reading, so every reading pair counts as >= 1 s."""
+    clock = FakeClock()
+
+    def ticking():
+        clock.t += 1.0
+        return clock.t
+
+    spent = {}
+    settings = Settings(warmup=2, repeats=3, rounds=2)
+    ceilings = {"matmul_tflops_by_dtype": {"float32": 0.1}, "matmul_tflops": 0.1}
+    rows = run_case(_tiny_case(), ["reference", "torch"], Timer(torch.device("cpu")), settings, ceilings, Log(),
+                    clock=ticking, spent=spent)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    timed = settings.rounds * settings.repeats
+    assert spent["reference"].calls == 1 + 1 + settings.warmup + timed  # the anchor is a reference call
+    assert spent["torch"].calls == 1 + settings.warmup + timed
+    for s in spent.values():
+        assert s.timed == timed and s.timed_s >= settings.rounds  # one clock pair per round
+        assert s.seconds >= s.timed_s > 0
 
 
 # -- compile lines ---------------------------------------------------------------------------

@@ -18,8 +18,22 @@ def attention_flops(num_query, num_heads, head_dim, frame_counts, tokens_per_fra
     return fwd * _factor(pass_, BWD_OVER_FWD_ATTENTION)
 
 
+def dense_attention_flops(num_query, num_heads, head_dim, frame_counts, tokens_per_frame, pass_: str) -> float:
+    """4 * H * D per (query, key) pair of each sample, masked or not: the work of a backend
+    that computes the dense masked scores (the reference, SDPA with a mask). Only the
+    time-left estimate uses it; no row reports it."""
+    fwd = 4.0 * num_heads * head_dim * num_query * sum(frame_counts) * tokens_per_frame
+    return fwd * _factor(pass_, BWD_OVER_FWD_ATTENTION)
+
+
 def projector_flops(cfg: CCAMConfig, frame_counts, tokens_per_frame, pass_: str) -> float:
     """Every GEMM of the projector (query side included) plus the live attention FLOPs."""
+    attn = attention_flops(cfg.num_query, cfg.num_heads, cfg.head_dim, frame_counts, tokens_per_frame, "fwd")
+    return projector_gemm_flops(cfg, frame_counts, tokens_per_frame, pass_) + attn * _factor(pass_, BWD_OVER_FWD_ATTENTION)
+
+
+def projector_gemm_flops(cfg: CCAMConfig, frame_counts, tokens_per_frame, pass_: str) -> float:
+    """Every GEMM of the projector (query side included), its attention excluded."""
     B, N, C = len(frame_counts), cfg.num_query, cfg.hidden_size
     tokens = sum(frame_counts) * tokens_per_frame
     kv_width = cfg.num_key_value_heads * cfg.head_dim
@@ -30,8 +44,7 @@ def projector_flops(cfg: CCAMConfig, frame_counts, tokens_per_frame, pass_: str)
         + 3 * B * N * C * cfg.intermediate_size  # gate, up, down
         + B * N * C * cfg.output_size  # out_proj
     )
-    attn = attention_flops(N, cfg.num_heads, cfg.head_dim, frame_counts, tokens_per_frame, "fwd")
-    return gemm * _factor(pass_, BWD_OVER_FWD_GEMM) + attn * _factor(pass_, BWD_OVER_FWD_ATTENTION)
+    return gemm * _factor(pass_, BWD_OVER_FWD_GEMM)
 
 
 def _factor(pass_: str, bwd_over_fwd: float) -> float:

@@ -1,51 +1,162 @@
-"""The time-left estimate of a ccam-bench run, from the measured time of its finished cases.
+"""The time-left estimate of a ccam-bench run: a cost model built from the finished cases.
 
-A case's time is split in two: its compiles (FlexAttention compiles once per new shape; the
-runner measures each one) and the rest, which grows with the case's work. A remaining case is
-estimated from the finished case of the same bench with the most work, scaled by the FLOP
-ratio, plus that bench's mean measured compile time per case. A case whose bench has no
-finished case yet gets no number (the attention and projector benches differ too much in
-seconds per FLOP for one to stand for the other); the line counts it instead. Nothing here is
-a prior guess: before the first case finishes there is no estimate.
+What a case's time is made of (measured on the 2-core CPU machine): its contestants' calls
+(the error anchor, one more reference call; each contestant's checked call, warm-ups and timed
+calls), compiles and first-call warm-ups, and the rest (the rotated input copies, each
+contestant's native copies, the error checks: about 1 s a case there). The calls dominate,
+and they do not grow alike: the reference (and SDPA with a mask) computes every (query, key)
+pair, masked or not, so its calls grow with the dense FLOPs (16x from T=1 to T=16), ours and
+FlexAttention's with the live FLOPs (8.5x). The reference is most of a case's time at T=16
+(4.1-7.2 s of a 6.5-11 s round of the four contestants). The estimate this replaces scaled
+a whole case by its live FLOPs, so it came out short once the reference dominated (3x short
+before the last --quick case in the lead's run).
 
-The whole-run average (elapsed / cases done) that this replaces counted the ceilings'
-measurement and the first shape's compile as if every case paid them, and gave a T=1 case the
-same weight as a T=96 one.
+So the runner records, per case and contestant, the calls run and their wall time
+(``Spent``), and a remaining case is estimated as
+
+    sum over the contestants of its bench's base case:
+        calls x warm per-call time scaled to this case + mean compile and warm-up per case
+    + the base case's rest, scaled by the bytes of the rotated inputs.
+
+The base case is the finished case of the same bench with the most work (the same pass and
+dtype when there is one). The warm per-call time is the mean timed call. It scales with that
+contestant's own work: dense attention FLOPs for the reference and the SDPA anchors, live FLOPs
+for ours and flex. A projector call is its attention plus its GEMMs, which run at very
+different rates (in these CPU runs the reference attention bench at 4-12% of the GEMM ceiling,
+the projector with our attention at 51-78%, mostly GEMMs): its attention part is the same
+contestant's attention-bench call at that shape (estimated as above) and the rest scales with
+the GEMM FLOPs; without a finished attention case for that contestant the whole call scales
+with GEMM + attention FLOPs. The compile and warm-up part (a first call's time beyond a warm
+call) is averaged over every finished case that ran the contestant: FlexAttention's compile of
+a new shape took 15-16 s, one found in inductor's disk cache 1-3 s, the first of the process
+6-12 s (measured in these runs), so no case is special.
+
+Nothing here is a prior guess: a bench's cases get no number before one of its cases
+finished (the progress line counts them instead). How well it does is measured in
+docs/benchmarks.md (the progress paragraph): within 1.3x before 8 of the 13 measured cases
+(CPU runs), never short, and too high, up to 2.4x, when the base case ran during a load spike
+of the shared machine (the same call's time varied 1.7-2.0x between runs there) or a T=1 case
+was the base (the dense reference ran 15-60% cheaper per FLOP at T=16 than at T=1). Not
+modelled: ``--max-minutes`` lowering the repeats (the estimate then counts the base case's repeats,
+too many), and any GPU run (not measured: no GPU in this work).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+
+# Contestants that compute the dense masked scores: their work is the dense attention FLOPs.
+DENSE = ("reference", "sdpa-efficient", "sdpa-cudnn", "sdpa-flash")
+
+
+@dataclass
+class Spent:
+    """One contestant's wall time in one case (the runner fills it). Wall time of whole
+    calls, untimed setups (the backward's forward) included."""
+
+    calls: int = 0  # passes run: error anchor (reference), checked call, warm-ups, timed calls
+    seconds: float = 0.0  # their wall time
+    timed: int = 0  # of which timed calls
+    timed_s: float = 0.0
+
+    def add(self, calls: int, seconds: float, timed: bool = False) -> None:
+        self.calls += calls
+        self.seconds += seconds
+        if timed:
+            self.timed += calls
+            self.timed_s += seconds
+
+    @property
+    def per_call(self) -> float:
+        """A warm call: the mean timed call (the first calls can compile or warm up)."""
+        return self.timed_s / self.timed if self.timed else self.seconds / max(self.calls, 1)
+
+    @property
+    def extra_s(self) -> float:
+        """The time beyond calls x per_call: compiles and first-call warm-ups."""
+        return self.seconds - self.calls * self.per_call
 
 
 @dataclass(frozen=True)
 class Finished:
-    bench: str
-    flops: float
-    seconds: float  # the whole case, its compiles included
-    compile_s: float  # the part spent compiling
+    case: object
+    seconds: float  # the whole case
+    spent: dict = field(default_factory=dict)  # contestant -> Spent
+    input_bytes: float = 1.0
+
+    @property
+    def rest_s(self) -> float:
+        """What no contestant's calls or compiles account for: inputs, copies, checks."""
+        return max(self.seconds - sum(s.seconds for s in self.spent.values()), 0.0)
+
+
+def _work(case, name: str) -> float:
+    """Contestant ``name``'s attention work in ``case``."""
+    return case.attention_work(dense=name in DENSE)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else 1.0
 
 
 class Progress:
-    def __init__(self):
+    """``input_bytes(case)``: the bytes of a case's rotated inputs (the rest of a case's time
+    scales with it); a constant when not given."""
+
+    def __init__(self, input_bytes=None):
         self.done: list[Finished] = []
+        self.input_bytes = input_bytes or (lambda case: 1.0)
 
-    def finished(self, case, seconds: float, compile_s: float = 0.0) -> None:
-        compile_s = min(max(compile_s, 0.0), seconds)
-        self.done.append(Finished(case.bench, case.flops(), seconds, compile_s))
+    def finished(self, case, seconds: float, spent: dict | None = None) -> None:
+        spent = {n: s for n, s in (spent or {}).items() if s.calls > 0}
+        self.done.append(Finished(case, seconds, spent, self.input_bytes(case)))
 
-    def _estimate(self, case) -> float | None:
-        same = [f for f in self.done if f.bench == case.bench]
-        if not same:
+    def _base(self, case, name: str | None = None) -> Finished | None:
+        """The finished case of ``case``'s bench with the most work (of ``name``, when given,
+        among the cases it ran calls in); the same pass and dtype first."""
+        same = [f for f in self.done if f.case.bench == case.bench
+                and (name is None or name in f.spent)]
+        alike = [f for f in same if (f.case.pass_, f.case.dtype) == (case.pass_, case.dtype)]
+        pool = alike or same
+        if not pool:
             return None
-        base = max(same, key=lambda f: f.flops)
-        work = (base.seconds - base.compile_s) * case.flops() / max(base.flops, 1.0)
-        return work + sum(f.compile_s for f in same) / len(same)
+        return max(pool, key=lambda f: _work(f.case, name) if name else f.case.flops())
+
+    def per_call(self, name: str, case) -> float | None:
+        """Estimated seconds of one call of contestant ``name`` on ``case``."""
+        base = self._base(case, name)
+        if base is None:
+            return None
+        measured = base.spent[name].per_call
+        if case.bench == "attention":
+            return measured * _ratio(_work(case, name), _work(base.case, name))
+        attn_here = self.per_call(name, dataclasses.replace(case, bench="attention"))
+        attn_base = self.per_call(name, dataclasses.replace(base.case, bench="attention"))
+        if attn_here is None or attn_base is None:
+            return measured * _ratio(case.gemm_flops() + _work(case, name),
+                                     base.case.gemm_flops() + _work(base.case, name))
+        return attn_here + max(measured - attn_base, 0.0) * _ratio(case.gemm_flops(), base.case.gemm_flops())
+
+    def extra_s(self, name: str) -> float:
+        """Mean compile and warm-up time of ``name`` per finished case that ran it."""
+        seen = [f.spent[name].extra_s for f in self.done if name in f.spent]
+        return sum(seen) / len(seen) if seen else 0.0
+
+    def estimate(self, case) -> float | None:
+        """Estimated seconds of ``case``; None while its bench has no finished case."""
+        base = self._base(case)
+        if base is None:
+            return None
+        total = base.rest_s * _ratio(self.input_bytes(case), base.input_bytes)
+        for name, spent in base.spent.items():
+            total += spent.calls * self.per_call(name, case) + self.extra_s(name)
+        return max(total, 0.0)
 
     def seconds_left(self, remaining) -> float | None:
         """Estimated seconds for those of the ``remaining`` cases whose bench has a finished
         case; None when there is none."""
-        known = [e for e in map(self._estimate, remaining) if e is not None]
+        known = [e for e in map(self.estimate, remaining) if e is not None]
         return sum(known) if known else None
 
     def note(self, remaining) -> str:
@@ -56,7 +167,7 @@ class Progress:
         left = self.seconds_left(remaining)
         unknown = {}
         for case in remaining:
-            if self._estimate(case) is None:
+            if self._base(case) is None:
                 unknown[case.bench] = unknown.get(case.bench, 0) + 1
         parts = [f"about {left:.0f} s left"] if left is not None else []
         parts += [f"{n} {bench} case{'s' if n != 1 else ''} not yet measured" for bench, n in unknown.items()]

@@ -29,8 +29,8 @@ from .contestants import (
     pass_functions,
     run_once,
 )
-from .flops import attention_flops, projector_flops
-from .progress import Progress
+from .flops import attention_flops, dense_attention_flops, projector_flops, projector_gemm_flops
+from .progress import Progress, Spent
 from .timing import Timer, measure_ceilings, rotation_count, summarize, sync
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -58,6 +58,20 @@ class BenchCase:
             return attention_flops(cfg.num_query, cfg.num_heads, cfg.head_dim, self.frame_counts,
                                    self.tokens_per_frame, self.pass_)
         return projector_flops(cfg, self.frame_counts, self.tokens_per_frame, self.pass_)
+
+    # The work measures of the time-left estimate (progress.py).
+    def attention_work(self, dense: bool) -> float:
+        """The attention FLOPs of this case (the projector's attention too): live pairs only,
+        or every pair of each sample for a backend that computes the dense masked scores."""
+        cfg = self.config
+        count = dense_attention_flops if dense else attention_flops
+        return count(cfg.num_query, cfg.num_heads, cfg.head_dim, self.frame_counts, self.tokens_per_frame, self.pass_)
+
+    def gemm_flops(self) -> float:
+        """The projector's GEMM FLOPs; 0 for the attention bench."""
+        if self.bench == "attention":
+            return 0.0
+        return projector_gemm_flops(self.config, self.frame_counts, self.tokens_per_frame, self.pass_)
 
 
 @dataclass(frozen=True)
@@ -179,10 +193,13 @@ def _first_call(contestant, name: str, pass_: str, device, log, clock):
 
 
 def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings: dict, log,
-             budget_s: float | None = None, clock=time.perf_counter) -> list[dict]:
+             budget_s: float | None = None, clock=time.perf_counter, spent: dict | None = None) -> list[dict]:
     """Rows of one case, one per contestant; "reference" should come first (it anchors the
-    error column). ``budget_s`` caps the time spent in timed calls by lowering repeats."""
+    error column). ``budget_s`` caps the time spent in timed calls by lowering repeats.
+    ``spent`` (a dict) receives each contestant's calls and their wall time (progress.Spent),
+    from which the time-left estimate is made."""
     device = timer.device
+    spent = {} if spent is None else spent
     torch.manual_seed(zlib.crc32(case.label.encode()))  # fresh random data, the same in every run
     inputs_type = AttentionInputs if case.bench == "attention" else ProjectorInputs
     num_sets = rotation_count(inputs_type.bytes_per_set(case), device)
@@ -197,8 +214,10 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
 
     rows, live, ref = [], [], None
     try:
+        t0 = clock()
         ref = error_anchor(case.bench, inputs, case.pass_)
         sync(device)
+        spent.setdefault("reference", Spent()).add(1, clock() - t0)  # one more reference call, in float32
     except Exception as exc:  # noqa: BLE001 - without a float32 reference, rows carry no error
         _check_sticky(exc)
         _free(device)
@@ -226,6 +245,7 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
                 raise WrongResult(f"WRONG: error {err:.2e} against the reference exceeds {tolerance:.0e}; not timed")
             setup, run = pass_functions(contestant, case.pass_, num_sets)
             est_ms = timer.estimate_ms(setup, run, 1, settings.warmup) if settings.warmup else first_s * 1e3
+            spent.setdefault(name, Spent()).add(1 + settings.warmup, first_s + est_ms * 1e-3 * settings.warmup)
             live.append((contestant, row, setup, run, max(est_ms, 1e-3)))
             log(f" checked (err {row['max_rel_err'] if row['max_rel_err'] is not None else float('nan'):.1e}, "
                 f"first call {first_s:.2f} s)")
@@ -259,10 +279,12 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
             if per_call_budget_ms is not None:
                 share = per_call_budget_ms / (len(live) * est_ms)
                 repeats = max(min(settings.min_repeats, settings.repeats), min(settings.repeats, int(share)))
+            done, t0 = 0, clock()
             try:
                 for _ in range(repeats):
                     ms, peak = timer.call(setup, run, call)
                     call += 1
+                    done += 1
                     times[id(contestant)][r].append(ms)
                     peaks[id(contestant)].append(peak)
             except Exception as exc:  # noqa: BLE001
@@ -272,6 +294,7 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
                     _fail(row, "oom", "out of memory while timing")
                 else:
                     _fail(row, "error", capture_reason(exc, []))
+            spent.setdefault(row["backend"], Spent()).add(done, clock() - t0, timed=True)
 
     flops = case.flops()
     rate = ceilings["matmul_tflops_by_dtype"].get(str(case.dtype).replace("torch.", ""), ceilings["matmul_tflops"])
@@ -295,6 +318,12 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
     del inputs, live
     _free(device)
     return rows
+
+
+def input_bytes(case: BenchCase, device: torch.device) -> int:
+    """Bytes of a case's rotated input copies (what run_case builds)."""
+    per_set = (AttentionInputs if case.bench == "attention" else ProjectorInputs).bytes_per_set(case)
+    return per_set * rotation_count(per_set, device)
 
 
 def _default_log(msg: str = "", end: str = "\n") -> None:
@@ -330,7 +359,7 @@ def run_suite(cases, contestants, device, settings: Settings = Settings(), *, lo
             "complete": len({(r["bench"], r["pass"], tuple(r["frame_counts"]), r["dtype"]) for r in rows}) == len(cases),
         }
 
-    progress = Progress()
+    progress = Progress(lambda case: input_bytes(case, device))
     for i, case in enumerate(cases):
         elapsed = clock() - t0
         names = contestants[case.bench]
@@ -351,11 +380,10 @@ def run_suite(cases, contestants, device, settings: Settings = Settings(), *, lo
             # Timed calls get at most half of this case's share; checks and warm-ups take the rest.
             budget = 0.5 * left / (len(cases) - i)
         log(f"[{i + 1}/{len(cases)}] {case.label}  (elapsed {elapsed:.0f} s{progress.note(cases[i:])})")
-        case_t0 = clock()
+        case_t0, spent = clock(), {}
         try:
-            case_rows = run_case(case, names, timer, settings, ceilings, log, budget, clock=clock)
-            rows += case_rows
-            progress.finished(case, clock() - case_t0, sum(r["compile_s"] or 0.0 for r in case_rows))
+            rows += run_case(case, names, timer, settings, ceilings, log, budget, clock=clock, spent=spent)
+            progress.finished(case, clock() - case_t0, spent)
         except DeviceLost as exc:
             lost = str(exc)
             log(f"  THE CUDA CONTEXT IS LOST ({lost}); the remaining cases become skipped rows")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import random
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from ccam_kernels import CCAMConfig, CCAMProjector
 
@@ -39,3 +42,25 @@ def stream_in_random_chunks(proj: CCAMProjector, x: torch.Tensor, rng: random.Ra
         s.push(x[start:start + t])
         start += t
     return s.finish()
+
+
+def spawn_gloo(fn, world: int, tmp_path, *args) -> None:
+    """Run ``fn(rank, *args)`` on ``world`` gloo processes spawned here (one torch thread each,
+    a file store under tmp_path); an exception or crash on any rank fails the caller. ``fn``
+    must be a module-level function (spawned children import it by name)."""
+    mp.spawn(_gloo_rank, args=(world, str(tmp_path / "store"), fn, args), nprocs=world, join=True)
+
+
+def _gloo_rank(rank, world, init_file, fn, args):
+    torch.set_num_threads(1)
+    # A finite timeout: a rank left waiting for a peer that failed errors out instead of hanging.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    try:
+        fn(rank, *args)
+        # No rank tears its connections down while a peer may still be reading from them: an
+        # early exit made a peer's gloo thread abort ("terminate called without an active
+        # exception", SIGABRT) about once in ten runs.
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -31,7 +31,7 @@ from ccam_kernels.long_video import ccam_partial_attention
 from conftest import rel_err
 from kernel_partial_cases import (check_cover, check_every_window_empty, check_lse_gradients, check_single_partial,
                                   check_stream, kernel_inputs, opcheck_partial_op, random_cover)
-from long_video_helpers import features, make_projector
+from long_video_helpers import features, make_projector, spawn_gloo
 from test_cuda import DEVICE, DTYPES, TOLERANCE, cuda_backend_here  # noqa: F401 (autouse: emulation on CPU)
 
 make_inputs = functools.partial(kernel_inputs, device=DEVICE)
@@ -123,56 +123,49 @@ def test_stream_equals_one_shot(dtype, total, seed):
     check_stream("cuda", dtype, total, seed, TOLERANCE[dtype], DEVICE)
 
 
-def _frame_parallel_rank(rank, world, init_file, shards, seed, dtype):
+def _frame_parallel_rank(rank, shards, seed, dtype):
     """One gloo rank: the 16-bit cuda projector on this rank's frames, output and every
     gradient against one float64 process on the reference backend, held to what one 16-bit
     cuda process running the whole batch achieves (twice its error, at least the tolerance)."""
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        counts = [sum(col) for col in zip(*shards)]
-        ref = make_projector(backend="reference", dtype=torch.float64, seed=seed, hidden_size=64).train()
-        one = make_projector(backend="cuda", dtype=torch.float64, seed=seed, hidden_size=64).to(dtype).train()
-        proj = make_projector(backend="cuda", dtype=torch.float64, seed=seed, hidden_size=64).to(dtype).train()
-        x = features(sum(counts), 3, dtype=torch.float64, seed=seed + 1).requires_grad_(True)
-        g = torch.randn(len(counts), 13, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 2))
-        y_ref = ref(x, counts)
-        (y_ref * g).sum().backward()
-        x_one = x.detach().to(dtype).requires_grad_(True)
-        y_one = one(x_one, counts)
-        (y_one * g.to(dtype)).sum().backward()
-        starts = [sum(counts[:b]) + sum(s[b] for s in shards[:rank]) for b in range(len(counts))]
-        local = torch.cat([x_one.detach()[f:f + t] for f, t in zip(starts, shards[rank])]).requires_grad_(True)
-        y = proj(local, shards[rank], group=dist.group.WORLD)
-        (y * g.to(dtype)).sum().backward()
-        tol = TOLERANCE[dtype]
+    counts = [sum(col) for col in zip(*shards)]
+    ref = make_projector(backend="reference", dtype=torch.float64, seed=seed, hidden_size=64).train()
+    one = make_projector(backend="cuda", dtype=torch.float64, seed=seed, hidden_size=64).to(dtype).train()
+    proj = make_projector(backend="cuda", dtype=torch.float64, seed=seed, hidden_size=64).to(dtype).train()
+    x = features(sum(counts), 3, dtype=torch.float64, seed=seed + 1).requires_grad_(True)
+    g = torch.randn(len(counts), 13, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 2))
+    y_ref = ref(x, counts)
+    (y_ref * g).sum().backward()
+    x_one = x.detach().to(dtype).requires_grad_(True)
+    y_one = one(x_one, counts)
+    (y_one * g.to(dtype)).sum().backward()
+    starts = [sum(counts[:b]) + sum(s[b] for s in shards[:rank]) for b in range(len(counts))]
+    local = torch.cat([x_one.detach()[f:f + t] for f, t in zip(starts, shards[rank])]).requires_grad_(True)
+    y = proj(local, shards[rank], group=dist.group.WORLD)
+    (y * g.to(dtype)).sum().backward()
+    tol = TOLERANCE[dtype]
 
-        def close(got, single, want, what, factor=1):
-            bound = max(factor * tol, 2 * rel_err(single, want))
-            assert rel_err(got, want) <= bound, (rank, what, rel_err(got, want), bound)
+    def close(got, single, want, what, factor=1):
+        bound = max(factor * tol, 2 * rel_err(single, want))
+        assert rel_err(got, want) <= bound, (rank, what, rel_err(got, want), bound)
 
-        close(y, y_one, y_ref, "output")
-        ref_grads, one_grads = dict(ref.named_parameters()), dict(one.named_parameters())
-        for name, p in proj.named_parameters():
-            if name == "attn.k_proj.bias":  # true gradient 0 (a shift of every score of a row)
-                continue
-            close(p.grad, one_grads[name].grad, ref_grads[name].grad, name, factor=2)
-        take = [(f, t) for f, t in zip(starts, shards[rank])]
-        want = torch.cat([x.grad[f:f + t] for f, t in take])
-        if want.numel():
-            close(local.grad, torch.cat([x_one.grad[f:f + t] for f, t in take]), want, "features", factor=2)
-    finally:
-        dist.destroy_process_group()
+    close(y, y_one, y_ref, "output")
+    ref_grads, one_grads = dict(ref.named_parameters()), dict(one.named_parameters())
+    for name, p in proj.named_parameters():
+        if name == "attn.k_proj.bias":  # true gradient 0 (a shift of every score of a row)
+            continue
+        close(p.grad, one_grads[name].grad, ref_grads[name].grad, name, factor=2)
+    take = [(f, t) for f, t in zip(starts, shards[rank])]
+    want = torch.cat([x.grad[f:f + t] for f, t in take])
+    if want.numel():
+        close(local.grad, torch.cat([x_one.grad[f:f + t] for f, t in take]), want, "features", factor=2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo ranks on CPU tensors, under the emulation")
 def test_frame_parallel_projector_on_cuda(tmp_path, seed):
     """proj(..., group=) with backend="cuda" in float16: 2 gloo processes, uneven shards, each
     rank missing a video (so one rank's partial has an empty window)."""
-    import torch.multiprocessing as mp
 
     shards = [[2, 0], [3, 4]]  # videos of 5 and 4 frames
-    mp.spawn(_frame_parallel_rank, args=(2, str(tmp_path / "store"), shards, seed % 2**31, torch.float16), nprocs=2,
-             join=True)
+    spawn_gloo(_frame_parallel_rank, 2, tmp_path, shards, seed % 2**31, torch.float16)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from conftest import rel_err
-from long_video_helpers import features, make_projector
+from long_video_helpers import features, make_projector, spawn_gloo
 
 P = 3
 
@@ -76,15 +75,6 @@ def _check_rank(rank, shards, seed):
         proj(bad, shards[rank], group=group)
 
 
-def _worker(rank, world, init_file, shards, seed):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        _check_rank(rank, shards, seed)
-    finally:
-        dist.destroy_process_group()
-
-
 # shards[r][b]: frames of video b on rank r (rank order = frame order).
 SHARDS = {
     2: [[2, 0, 7], [3, 1, 0]],  # videos of 5, 1, 7 frames; each rank misses a video
@@ -94,7 +84,7 @@ SHARDS = {
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_frame_parallel_equals_one_process(world, tmp_path, seed):
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), SHARDS[world], seed % 2**31), nprocs=world, join=True)
+    spawn_gloo(_check_rank, world, tmp_path, SHARDS[world], seed % 2**31)
 
 
 def test_needs_an_initialized_group():

@@ -29,7 +29,7 @@ from conftest import CUDA, rel_err
 from conftest import TRITON_DEVICE as DEVICE, TRITON_DTYPES as DTYPES, TRITON_TOLERANCE as TOLERANCE
 from kernel_partial_cases import (check_cover, check_every_window_empty, check_lse_gradients, check_single_partial,
                                   check_stream, kernel_inputs, opcheck_partial_op, random_cover)
-from long_video_helpers import features, make_projector
+from long_video_helpers import features, make_projector, spawn_gloo
 
 pytest.importorskip("triton", reason="triton is not installed")
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("triton_here")]
@@ -113,47 +113,41 @@ def test_stream_equals_one_shot(dtype, total, seed):
     check_stream("triton", dtype, total, seed, TOLERANCE[dtype], DEVICE)
 
 
-def _frame_parallel_rank(rank, world, init_file, shards, seed):
+def _frame_parallel_rank(rank, shards, seed):
     """One gloo rank: the float32 triton projector on this rank's frames against one process
     running the whole batch in float64 on the reference backend, output and every gradient."""
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        counts = [sum(col) for col in zip(*shards)]
-        ref = make_projector(backend="reference", dtype=torch.float64, seed=seed, hidden_size=64).train()
-        proj = make_projector(backend="triton", dtype=torch.float32, seed=seed, hidden_size=64).train()
-        x = features(sum(counts), 3, dtype=torch.float64, seed=seed + 1).requires_grad_(True)
-        y_ref = ref(x, counts)
-        g = torch.randn(y_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 2))
-        (y_ref * g).sum().backward()
-        starts = [sum(counts[:b]) + sum(s[b] for s in shards[:rank]) for b in range(len(counts))]
-        local = torch.cat([x.detach()[f:f + t] for f, t in zip(starts, shards[rank])]).float().requires_grad_(True)
-        y = proj(local, shards[rank], group=dist.group.WORLD)
-        (y * g.float()).sum().backward()
-        assert rel_err(y, y_ref) <= 1e-5, rel_err(y, y_ref)
-        ref_grads = {name: p.grad for name, p in ref.named_parameters()}
-        for name, p in proj.named_parameters():
-            if name == "attn.k_proj.bias":  # true gradient 0 (a shift of every score of a row)
-                assert p.grad.norm() <= 1e-5 * ref_grads["attn.k_proj.weight"].norm()
-                continue
-            assert rel_err(p.grad, ref_grads[name]) <= 2e-5, (rank, name, rel_err(p.grad, ref_grads[name]))
-        want = torch.cat([x.grad[f:f + t] for f, t in zip(starts, shards[rank])])
-        if want.numel():
-            assert rel_err(local.grad, want) <= 2e-5, (rank, rel_err(local.grad, want))
-    finally:
-        dist.destroy_process_group()
+    counts = [sum(col) for col in zip(*shards)]
+    ref = make_projector(backend="reference", dtype=torch.float64, seed=seed, hidden_size=64).train()
+    proj = make_projector(backend="triton", dtype=torch.float32, seed=seed, hidden_size=64).train()
+    x = features(sum(counts), 3, dtype=torch.float64, seed=seed + 1).requires_grad_(True)
+    y_ref = ref(x, counts)
+    g = torch.randn(y_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 2))
+    (y_ref * g).sum().backward()
+    starts = [sum(counts[:b]) + sum(s[b] for s in shards[:rank]) for b in range(len(counts))]
+    local = torch.cat([x.detach()[f:f + t] for f, t in zip(starts, shards[rank])]).float().requires_grad_(True)
+    y = proj(local, shards[rank], group=dist.group.WORLD)
+    (y * g.float()).sum().backward()
+    assert rel_err(y, y_ref) <= 1e-5, rel_err(y, y_ref)
+    ref_grads = {name: p.grad for name, p in ref.named_parameters()}
+    for name, p in proj.named_parameters():
+        if name == "attn.k_proj.bias":  # true gradient 0 (a shift of every score of a row)
+            assert p.grad.norm() <= 1e-5 * ref_grads["attn.k_proj.weight"].norm()
+            continue
+        assert rel_err(p.grad, ref_grads[name]) <= 2e-5, (rank, name, rel_err(p.grad, ref_grads[name]))
+    want = torch.cat([x.grad[f:f + t] for f, t in zip(starts, shards[rank])])
+    if want.numel():
+        assert rel_err(local.grad, want) <= 2e-5, (rank, rel_err(local.grad, want))
 
 
 @pytest.mark.skipif(CUDA, reason="gloo ranks on CPU tensors, in the interpreter")
 def test_frame_parallel_projector_on_triton(tmp_path, seed):
     """proj(..., group=) with backend="triton": 2 gloo processes, uneven shards, each rank
     missing a video (so one rank's partial has an empty window)."""
-    import torch.multiprocessing as mp
 
     shards = [[2, 0], [3, 4]]  # videos of 5 and 4 frames
-    mp.spawn(_frame_parallel_rank, args=(2, str(tmp_path / "store"), shards, seed % 2**31), nprocs=2, join=True)
+    spawn_gloo(_frame_parallel_rank, 2, tmp_path, shards, seed % 2**31)
 
 
 # -- GPU: compiled kernels at larger sizes, bfloat16 included ---------------------------------

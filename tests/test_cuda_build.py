@@ -3,6 +3,8 @@ sm_90a (compile only: torch's CPU build has no CUDA libraries to link), every ke
 holds tensor-core MMAs, the generated instantiations are current, the host's tile constants
 match the kernels', and the Python side refuses cleanly where it cannot run."""
 
+import concurrent.futures
+import os
 import pathlib
 import re
 import shutil
@@ -51,9 +53,10 @@ def test_every_kernel_runs_on_tensor_cores(compiled):
     """SASS check: HMMA (mma.sync) in every kernel for both archs, as many as the tile loops
     unroll to (forward at DP=64: 4 k-chunks x 8 key columns for S, 4 x 8 for P V)."""
     counts = {}
-    for r in compiled:
-        if r.source.suffix == ".cu":
-            counts.update(cuda_build.sass_mma_counts(r.obj))
+    objects = [r.obj for r in compiled if r.source.suffix == ".cu"]
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # one cuobjdump per object
+        for per_object in pool.map(cuda_build.sass_mma_counts, objects):
+            counts.update(per_object)
     assert len(counts) == 24 * 2
     for key, ops in counts.items():
         assert ops["HMMA"] > 0, key

@@ -108,7 +108,7 @@ def why_unusable() -> Optional[str]:
     if emulating():
         return _emulator_error()
     if not torch.cuda.is_available():
-        return "no CUDA device (the CUDA kernels run on NVIDIA GPUs, sm_80 and newer)"
+        return "no CUDA device (the CUDA kernels run on NVIDIA GPUs, sm_80 and newer, or on CPU tensors under CCAM_CUDA_EMULATE=1)"
     error = _load_error()
     if error:
         return error

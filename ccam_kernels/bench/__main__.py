@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     preset.add_argument("--full", action="store_true",
                         help=f"frames {FULL_FRAMES}, batches {FULL_BATCHES}, ragged {FULL_RAGGED[0]}, "
                              "every pass, bf16 and fp16 on GPU")
-    p.add_argument("--bench", type=_name_list(BENCHES), help="attention, projector or both (default both)")
+    p.add_argument("--bench", type=_name_list(BENCHES), help="attention, projector or both (default both); `--bench long` is the long-video benchmark, with its own flags: ccam-bench --bench long --help")
     p.add_argument("--pass", dest="passes", type=_name_list(PASSES), help="fwd, bwd, fwd+bwd (default fwd)")
     p.add_argument("--backward", action="store_true", help="shorthand for --pass fwd,fwd+bwd")
     p.add_argument("--frames", type=_int_list, help=f"frames per video, comma-separated (default {DEFAULT_FRAMES})")

@@ -162,14 +162,7 @@ def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, d
     writes float32 partials even without a split and ``acc`` is the float32 output (else None).
     dropout_p is always 0 here (the dispatcher refuses dropout for this backend)."""
     q, k, v = (_rows_aligned(x) for x in (q, k, v))
-    B, (N, H, D) = len(frame_counts), q.shape[-3:]
-    out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
-    acc, lse = _forward_launch(q, k, v, frame_counts, tiling.whole_videos(frame_counts), tokens_per_frame, scale,
-                               None if keep_acc else out)
-    if acc is out:
-        return out, lse, None
-    out.copy_(acc)
-    return out, lse, acc if keep_acc else None
+    return tiling.whole_video_forward(_forward_launch, q, k, v, frame_counts, tokens_per_frame, scale, keep_acc)
 
 
 def partial_forward(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float):

@@ -36,6 +36,21 @@ def whole_videos(frame_counts: tuple) -> tuple:
     return tuple((0, t) for t in frame_counts)
 
 
+def whole_video_forward(launch, q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, keep_acc: bool):
+    """A kernel backend's whole-video forward: its window launch over [0, T_b) of every sample.
+    ``launch(q, k, v, frame_counts, frame_ranges, tokens_per_frame, scale, out)`` writes into
+    ``out`` (q's dtype) when given one and the kernels need no split, and returns (acc, lse);
+    otherwise acc is the merged float32 output. -> (out in q's dtype, lse, acc if keep_acc)."""
+    B, (N, H, D) = len(frame_counts), q.shape[-3:]
+    out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
+    acc, lse = launch(q, k, v, frame_counts, whole_videos(frame_counts), tokens_per_frame, scale,
+                      None if keep_acc else out)
+    if acc is out:
+        return out, lse, None
+    out.copy_(acc)
+    return out, lse, acc if keep_acc else None
+
+
 @functools.lru_cache(maxsize=256)
 def window_plan(frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, block_n: int,
                 device: torch.device, dtype=torch.int64) -> WindowPlan:

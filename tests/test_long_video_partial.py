@@ -139,6 +139,17 @@ def test_one_frame_chunks_large_logits(backend):
     assert (err <= 1e-10 * w.norm(dim=-1) + 1e-13 * gross).all(), (err / gross).max()
 
 
+def check_partial_matches(out, lse, want_out, want_lse, tol):
+    """A partial over the ranges [(3, 7), (0, 4), (12, 12)] against dense_partial: rows that see no
+    key are exactly (0, -inf), the rest within tol (the three cases are all exercised)."""
+    unseen = torch.isinf(want_lse)
+    assert unseen[0].any() and unseen[2].all() and not unseen[1].any()  # the cases are exercised
+    assert torch.equal(torch.isneginf(lse), unseen)
+    assert (out.transpose(1, 2)[unseen] == 0).all()
+    assert rel_err(out, want_out) <= tol
+    assert rel_err(lse[~unseen], want_lse[~unseen]) <= tol
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_single_partial_against_dense_formula(backend, dtype, tol, nan_poison):
@@ -150,12 +161,7 @@ def test_single_partial_against_dense_formula(backend, dtype, tol, nan_poison):
     want_out, want_lse = dense_partial(q, k, v, counts, P, ranges)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert out.shape == (3, N, H, D) and lse.shape == (3, H, N) and out.dtype == acc and lse.dtype == acc
-    unseen = torch.isinf(want_lse)
-    assert unseen[0].any() and unseen[2].all() and not unseen[1].any()  # the cases are exercised
-    assert torch.equal(torch.isneginf(lse), unseen)
-    assert (out.transpose(1, 2)[unseen] == 0).all()
-    assert rel_err(out, want_out) <= tol
-    assert rel_err(lse[~unseen], want_lse[~unseen]) <= tol
+    check_partial_matches(out, lse, want_out, want_lse, tol)
 
 
 def test_torch_gradients_through_output_and_lse():

@@ -28,7 +28,7 @@ from ..attention import BACKENDS, ccam_attention
 from ..checks import check_attention_args
 from ..mask import dense_mask, key_offsets
 from ..projector import CCAMProjector
-from .flex import FlexCCAMAttention
+from .flex import FlexCCAMAttention, native_keys
 
 OURS = tuple(name for name in BACKENDS if name != "reference")
 SDPA_ANCHORS = {  # name -> (SDPBackend member, devices it runs on)
@@ -320,10 +320,11 @@ class FlexAnchor(NativeLayoutAnchor):
         self.native = []
         for s in inputs.sets:
             q = s["q"].detach().transpose(0, 1)[:, None].expand(H, B, N, D).reshape(1, H, B * N, D)
-            k, v = (s[x].detach().transpose(0, 1)[None].contiguous().requires_grad_(grad) for x in ("k", "v"))
+            k, v = (native_keys(s[x].detach()).requires_grad_(grad) for x in ("k", "v"))
             dout = s["dout"].permute(2, 0, 1, 3).reshape(1, H, B * N, D)
             self.native.append(dict(q=q.contiguous().requires_grad_(grad), k=k, v=v, dout=dout))
         self.shape = (B, N, H, D)
+        self.num_keys = inputs.sets[0]["k"].shape[0]  # the native keys are padded past it
 
     def compile_note(self):
         return _FLEX_COMPILE
@@ -338,7 +339,8 @@ class FlexAnchor(NativeLayoutAnchor):
         if with_grads:
             n = self.native[i]
             res += [n["q"].grad[0].view(H, B, N, D).sum(1).transpose(0, 1),
-                    n["k"].grad[0].transpose(0, 1), n["v"].grad[0].transpose(0, 1)]
+                    n["k"].grad[0, :, :self.num_keys].transpose(0, 1),
+                    n["v"].grad[0, :, :self.num_keys].transpose(0, 1)]
         return res
 
 

@@ -65,6 +65,27 @@ def packed_key_ranges(num_query: int, frame_counts, tokens_per_frame: int, devic
     return torch.cat(starts), torch.cat(ends)
 
 
+def padded_key_count(num_keys: int) -> int:
+    """Keys rounded up to whole blocks: the key length FlexAttention is given.
+
+    Why: with torch 2.13's compiled CPU FlexAttention, a key length that is not a multiple of
+    the block size gave wrong, run-to-run varying rows (reads past the last key; seen at
+    B*N = 48 rows, L = 56 keys, errors near 1 in tests/test_bench_smoke.py). Zero keys up to
+    the block edge are never live (every row's range ends at or before L), so padding changes
+    no result and costs one copy, which the native layout makes anyway.
+    """
+    return _cdiv(num_keys, BLOCK) * BLOCK
+
+
+def native_keys(x: torch.Tensor) -> torch.Tensor:
+    """Packed (L, Hkv, D) keys or values -> FlexAttention's (1, Hkv, L_padded, D), zero-padded
+    to whole blocks (see :func:`padded_key_count`), contiguous."""
+    length = x.shape[0]
+    out = x.new_zeros(1, x.shape[1], padded_key_count(length), x.shape[2])
+    out[0, :, :length] = x.transpose(0, 1)
+    return out
+
+
 def _pad_rows(x: torch.Tensor) -> torch.Tensor:
     """Rows padded to whole blocks by repeating the last row (which changes no minimum or
     maximum of a block, and gives padded query rows a harmless range)."""
@@ -117,7 +138,8 @@ def ccam_block_mask(num_query: int, frame_counts, tokens_per_frame: int, device)
     kv_num, kv_idx = _to_indices(partial)
     full_num, full_idx = _to_indices(full)
     return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(rows, num_keys)
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=mask_mod,
+        seq_lengths=(rows, padded_key_count(num_keys)),
     )
 
 
@@ -157,6 +179,6 @@ class FlexCCAMAttention:
         # Contiguous native layout: the same strides as the attention benchmark's flex rows, so
         # both reuse one compiled graph per shape (a compile costs seconds; the copies, a few
         # microseconds per MB).
-        native = [x.transpose(0, 1)[None].contiguous() for x in (rows, k, v)]
+        native = [rows.transpose(0, 1)[None].contiguous(), native_keys(k), native_keys(v)]
         out = self.native(*native, mask, scale)
         return out[0].transpose(0, 1).reshape(batch, n, h, d)

@@ -8,6 +8,10 @@ The state between pushes is the running partial attention of every query over th
 pushed so far, merged by log-sum-exp (``partial.merge_partials``): an (N, H, D) accumulator
 and an (H, N) LSE in float32 (float64 for a float64 module), plus the (N, H, D) query heads,
 computed once. The mask rule needs the video's total frame count, hence ``total_frames``.
+
+Every push and ``finish()`` first checks that the parameters the pushes read are bit for bit
+what they were at the start (``snapshot.py``: version counters miss writes through ``p.data``),
+so the result is the output of the weights at ``finish()`` or an error naming the change.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from ..checks import check_int
 from .parts import head, keys_values, partial_backend_of, query_heads
 from .partial import RunningPartial, accumulate_dtype, ccam_partial_attention, merge_partials
+from .snapshot import ParameterSnapshot
 
 if TYPE_CHECKING:  # the projector imports this module where it is used
     from ..projector import CCAMProjector
@@ -32,7 +37,8 @@ class ProjectorStream:
     Errors say whether the stream is still usable: a bad chunk (wrong rank, width, dtype,
     device, tokens per frame, or more frames than remain) is a ValueError/TypeError and
     changes nothing; ``finish()`` before every frame arrived is a RuntimeError and changes
-    nothing; after ``finish()``, or once the module's parameters changed, the stream is closed.
+    nothing; after ``finish()``, or once a parameter the pushes read changed (values, dtype,
+    device: checked at every push and at ``finish()``), the stream is closed.
     """
 
     def __init__(self, proj: "CCAMProjector", total_frames: int) -> None:
@@ -46,7 +52,7 @@ class ProjectorStream:
         acc = accumulate_dtype(param.dtype)
         with torch.no_grad():
             self._q = query_heads(proj)
-        self._versions = self._param_versions()
+        self._snapshot = ParameterSnapshot(proj)
         if self._backend == "torch":  # merged in place, block by block
             self._running = RunningPartial(self._q, cfg.num_key_value_heads)
         else:  # the plain path: one partial per chunk, merged with the state
@@ -58,10 +64,6 @@ class ProjectorStream:
         self._closed = False
 
     # -- checks ------------------------------------------------------------------------------
-
-    def _param_versions(self):
-        # Inference tensors have no version counter, and cannot change outside inference mode.
-        return [None if p.is_inference() else p._version for p in self._proj.parameters()]
 
     def _check_eval(self):
         if self._proj.training:
@@ -75,11 +77,13 @@ class ProjectorStream:
         if self._closed:
             raise RuntimeError(f"{what}: this stream is closed (finished, or its parameters changed); "
                                "start a new one with proj.stream(total_frames)")
-        if self._param_versions() != self._versions:
+        change = self._snapshot.change(self._proj)
+        if change is not None:
             self._closed = True
-            raise RuntimeError(f"{what}: the projector's parameters changed since proj.stream() started, "
-                               "so the frames pushed so far used other weights; this stream is closed, "
-                               "start a new one")
+            self._out = self._lse = self._q = self._running = self._snapshot = None
+            raise RuntimeError(f"{what}: the projector's parameters changed since proj.stream() started "
+                               f"({change}), so the frames pushed so far used other weights; this stream "
+                               "is closed, start a new one")
         self._check_eval()
 
     def _check_chunk(self, chunk):
@@ -135,7 +139,7 @@ class ProjectorStream:
         with torch.no_grad():
             y = head(self._proj, out.to(self._dtype))
         self._closed = True
-        self._out = self._lse = self._q = self._running = None
+        self._out = self._lse = self._q = self._running = self._snapshot = None
         return y
 
     def __repr__(self) -> str:

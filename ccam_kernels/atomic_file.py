@@ -1,10 +1,14 @@
-"""Write a file so that readers only ever see the old version or the complete new one."""
+"""Write a file so that readers only ever see the old version or the complete new one; write
+several files so that readers who check them see the old set, the new set, or an error."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import secrets
+from typing import Callable, Dict
 
 
 @contextlib.contextmanager
@@ -33,3 +37,105 @@ def atomic_path(path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+# -- several files as one ---------------------------------------------------------------------
+#
+# One rename is atomic; two are not. A checkpoint (config.json and its weights) written by two
+# renames could be caught between them, holding new weights with the old config, which loads
+# silently with, say, the old activation. So a set of files written together carries a
+# manifest, the size and SHA-256 of each file, and readers check the files they use against
+# it: every moment of a save then reads as the old set, the new set, or a mismatch that is an
+# error. Swapping a whole folder instead would need the parent directory to be writable and the
+# folder not to be a mount point (a container's output volume is one), and would have to carry
+# over the user's other files; the manifest needs neither.
+
+MANIFEST_FILE = "ccam_manifest.json"
+MANIFEST_FORMAT = "ccam_kernels files written together, v1"
+
+
+def _digest(path: str) -> dict:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return {"bytes": os.path.getsize(path), "sha256": sha.hexdigest()}
+
+
+def _listed(directory: str) -> dict:
+    """{name: digest} of the manifest in ``directory``; {} without one. A manifest that cannot
+    be read is a ValueError: it is ours, written atomically, so it was changed by hand."""
+    path = os.path.join(directory, MANIFEST_FILE)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        ok = isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT
+        files = manifest.get("files") if ok else None
+        why = None if isinstance(files, dict) else f"not a {MANIFEST_FORMAT!r} manifest"
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        why = str(exc)
+    if why is not None:
+        raise ValueError(f"checkpoint {directory!r} is not whole: its {MANIFEST_FILE} cannot be read ({why}); "
+                         f"save the checkpoint again, or delete {MANIFEST_FILE} to load the files as they are")
+    return files
+
+
+def write_together(directory, writers: Dict[str, Callable[[str], None]]) -> None:
+    """Write the files ``{name: writer}`` of ``directory`` (each ``writer(tmp_path)`` writes one)
+    so that :func:`check_together` sees the old files, the new ones, or an error, never a mix.
+
+    Steps: every file is staged beside its target (``atomic_path``); files that the previous
+    manifest listed and this save does not write are deleted (a stale ``pytorch_model.bin``
+    would otherwise be read instead of a new ``model.safetensors``); the new manifest replaces
+    the old one; then each file replaces its target. A failure before the manifest's rename
+    leaves the old set; after it, the files not yet renamed mismatch the manifest."""
+    directory = os.path.abspath(os.fspath(directory))
+    old = _listed(directory)
+    with contextlib.ExitStack() as stack:
+        # Exit order is the reverse of entry: the manifest, entered last, is renamed first.
+        staged = {name: stack.enter_context(atomic_path(os.path.join(directory, name))) for name in writers}
+        for name, write in writers.items():
+            write(staged[name])
+        digests = {name: _digest(tmp) for name, tmp in staged.items()}
+        for name in sorted(set(old) - set(writers)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, name))
+        manifest_tmp = stack.enter_context(atomic_path(os.path.join(directory, MANIFEST_FILE)))
+        with open(manifest_tmp, "w", encoding="utf-8") as f:
+            json.dump({"format": MANIFEST_FORMAT, "files": digests}, f, indent=2, sort_keys=True)
+            f.write("\n")
+    _fsync_directory(directory)
+
+
+def check_together(directory, names) -> None:
+    """Raise ValueError unless each of ``names`` (files of ``directory`` about to be read) that
+    the directory's manifest lists has the listed size and SHA-256. No manifest: no check (a
+    checkpoint written by other tools); a file the manifest does not list is the user's own."""
+    directory = os.path.abspath(os.fspath(directory))
+    listed = _listed(directory)
+    for name in names:
+        if name not in listed:
+            continue
+        path = os.path.join(directory, name)
+        want = listed[name]
+        if not os.path.exists(path) or _digest(path) != want:
+            raise ValueError(
+                f"checkpoint {directory!r} is not whole: {name} does not match its {MANIFEST_FILE} (written "
+                f"with the other files by save_pretrained): a save was interrupted, or the file was changed "
+                f"since; save the checkpoint again, or delete {MANIFEST_FILE} to load the files as they are")
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the renames durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -44,14 +44,20 @@ def atomic_path(path):
 # One rename is atomic; two are not. A checkpoint (config.json and its weights) written by two
 # renames could be caught between them, holding new weights with the old config, which loads
 # silently with, say, the old activation. So a set of files written together carries a
-# manifest, the size and SHA-256 of each file, and readers check the files they use against
-# it: every moment of a save then reads as the old set, the new set, or a mismatch that is an
-# error. Swapping a whole folder instead would need the parent directory to be writable and the
-# folder not to be a mount point (a container's output volume is one), and would have to carry
-# over the user's other files; the manifest needs neither.
+# manifest: for each file the size and SHA-256 of the new content and of the content it
+# replaces. The manifest is renamed into place before the files, and a reader refuses a file
+# that still holds the replaced content: every moment of a save then reads as the old set, the
+# new set, or an error. A file that holds neither was changed by hand after the save (an edited
+# config.json) and is read as it is. Swapping a whole folder instead would need the parent
+# directory to be writable and the folder not to be a mount point (a container's output volume
+# is one), and would have to carry over the user's other files; the manifest needs neither.
 
 MANIFEST_FILE = "ccam_manifest.json"
 MANIFEST_FORMAT = "ccam_kernels files written together, v1"
+
+
+def _digest_or_none(path: str):
+    return _digest(path) if os.path.isfile(path) else None
 
 
 def _digest(path: str) -> dict:
@@ -63,7 +69,8 @@ def _digest(path: str) -> dict:
 
 
 def _listed(directory: str) -> dict:
-    """{name: digest} of the manifest in ``directory``; {} without one. A manifest that cannot
+    """{name: {"new": digest, "replaces": digest or None}} of the manifest in ``directory``; {}
+    without one. A manifest that cannot
     be read is a ValueError: it is ours, written atomically, so it was changed by hand."""
     path = os.path.join(directory, MANIFEST_FILE)
     if not os.path.exists(path):
@@ -90,7 +97,8 @@ def write_together(directory, writers: Dict[str, Callable[[str], None]]) -> None
     manifest listed and this save does not write are deleted (a stale ``pytorch_model.bin``
     would otherwise be read instead of a new ``model.safetensors``); the new manifest replaces
     the old one; then each file replaces its target. A failure before the manifest's rename
-    leaves the old set; after it, the files not yet renamed mismatch the manifest."""
+    leaves the old set; after it, the files not yet renamed still hold the content the manifest
+    says they replace, which ``check_together`` refuses."""
     directory = os.path.abspath(os.fspath(directory))
     old = _listed(directory)
     with contextlib.ExitStack() as stack:
@@ -98,7 +106,8 @@ def write_together(directory, writers: Dict[str, Callable[[str], None]]) -> None
         staged = {name: stack.enter_context(atomic_path(os.path.join(directory, name))) for name in writers}
         for name, write in writers.items():
             write(staged[name])
-        digests = {name: _digest(tmp) for name, tmp in staged.items()}
+        digests = {name: {"new": _digest(tmp), "replaces": _digest_or_none(os.path.join(directory, name))}
+                   for name, tmp in staged.items()}
         for name in sorted(set(old) - set(writers)):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(directory, name))
@@ -110,21 +119,24 @@ def write_together(directory, writers: Dict[str, Callable[[str], None]]) -> None
 
 
 def check_together(directory, names) -> None:
-    """Raise ValueError unless each of ``names`` (files of ``directory`` about to be read) that
-    the directory's manifest lists has the listed size and SHA-256. No manifest: no check (a
-    checkpoint written by other tools); a file the manifest does not list is the user's own."""
+    """Raise ValueError if one of ``names`` (files of ``directory`` about to be read) still holds
+    the content that its manifest says the last save replaced: that save stopped between the
+    manifest's rename and this file's. No manifest: no check (a checkpoint written by other
+    tools); a file the manifest does not list, or that holds neither the new nor the replaced
+    content (edited by hand since), is the user's own and is read as it is."""
     directory = os.path.abspath(os.fspath(directory))
     listed = _listed(directory)
     for name in names:
-        if name not in listed:
-            continue
-        path = os.path.join(directory, name)
-        want = listed[name]
-        if not os.path.exists(path) or _digest(path) != want:
+        entry = listed.get(name)
+        if not isinstance(entry, dict) or not entry.get("replaces"):
+            continue  # not ours, or nothing was replaced: no old content to mix in
+        now = _digest_or_none(os.path.join(directory, name))
+        if now == entry["replaces"] and now != entry.get("new"):
             raise ValueError(
-                f"checkpoint {directory!r} is not whole: {name} does not match its {MANIFEST_FILE} (written "
-                f"with the other files by save_pretrained): a save was interrupted, or the file was changed "
-                f"since; save the checkpoint again, or delete {MANIFEST_FILE} to load the files as they are")
+                f"checkpoint {directory!r} is not whole: {name} is still the file that the last "
+                f"save_pretrained replaced, while its {MANIFEST_FILE} and maybe other files are that save's (it "
+                f"was interrupted); save the checkpoint again, or delete {MANIFEST_FILE} to load the files "
+                f"as they are")
 
 
 def _fsync_directory(directory: str) -> None:

@@ -9,6 +9,7 @@ must load as the old checkpoint, exactly, or raise; never as a mix.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -154,36 +155,42 @@ def test_a_failed_first_save_leaves_nothing_loadable(tmp_path, monkeypatch):
         CCAMProjector.from_pretrained(tmp_path / "ckpt")
 
 
-def test_the_manifest_lists_what_was_written(tmp_path):
+def test_the_manifest_lists_what_was_written_and_what_it_replaced(tmp_path):
     make(**OLD).save_pretrained(tmp_path)
+    first = {name: (tmp_path / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    make(**NEW).save_pretrained(tmp_path)
     manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
     assert sorted(manifest["files"]) == ["config.json", "model.safetensors"]
     for name, entry in manifest["files"].items():
-        assert entry["bytes"] == os.path.getsize(tmp_path / name) and len(entry["sha256"]) == 64
+        assert entry["new"] == {"bytes": os.path.getsize(tmp_path / name),
+                                "sha256": hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()}
+        assert entry["replaces"] == {"bytes": len(first[name]), "sha256": hashlib.sha256(first[name]).hexdigest()}
 
 
-def test_a_hand_edited_file_is_refused_with_the_way_out(tmp_path):
+def test_a_file_edited_by_hand_after_a_save_is_read_as_it_is(tmp_path):
+    """Only the replaced content is refused: an edited config.json is the user's choice."""
     make(**OLD).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
-    with pytest.raises(ValueError, match=r"config\.json does not match its ccam_manifest\.json.*"
-                                         r"delete ccam_manifest\.json to load the files as they are"):
-        CCAMProjector.from_pretrained(tmp_path)
-    # The weights alone (config= given) still match, and load.
-    assert CCAMProjector.from_pretrained(tmp_path, config=SMALL).config.hidden_act == "swiglu"
-    os.remove(tmp_path / MANIFEST_FILE)
-    assert CCAMProjector.from_pretrained(tmp_path).config.hidden_act == "gelu"
-
-
-def test_files_of_the_previous_save_that_this_one_does_not_write_are_removed(tmp_path):
-    """A stale weights file of another format would be read instead of the new one."""
-    state = {"x": torch.zeros(1)}
-    write_together(tmp_path, {"pytorch_model.bin": lambda tmp: torch.save(state, tmp),
-                              "config.json": lambda tmp: open(tmp, "w").write("{}")})
-    (tmp_path / "notes.txt").write_text("the user's own file")
     make(**NEW).save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == sorted(["config.json", "model.safetensors", MANIFEST_FILE, "notes.txt"])
-    assert outcome(tmp_path) == "new"
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_act": "silu"}))
+    assert CCAMProjector.from_pretrained(tmp_path).config.hidden_act == "silu"
+
+
+def test_deleting_the_manifest_loads_the_files_as_they_are(tmp_path, monkeypatch):
+    make(**OLD).save_pretrained(tmp_path)
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(5, "simulated"))
+                        if os.path.basename(dst) == "model.safetensors" else real(src, dst))
+    with pytest.raises(OSError, match="simulated"):
+        make(**NEW).save_pretrained(tmp_path)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"is not whole: model\.safetensors is still the file that the last "
+                                         r"save_pretrained replaced.*delete ccam_manifest\.json"):
+        CCAMProjector.from_pretrained(tmp_path)
+    os.remove(tmp_path / MANIFEST_FILE)
+    mixed = CCAMProjector.from_pretrained(tmp_path)  # what the user asked for: the new config, old weights
+    assert mixed.config.hidden_act == NEW["hidden_act"]
+    assert torch.equal(mixed.query, make(**OLD).query)
 
 
 @pytest.mark.parametrize("text", ["{", "[]", '{"format": "other"}', '{"format": "%s", "files": 3}'

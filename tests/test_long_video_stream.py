@@ -228,3 +228,35 @@ def test_bad_total_frames():
         proj.stream(0)
     with pytest.raises(TypeError, match="total_frames must be an int"):
         proj.stream(2.0)
+
+
+@pytest.mark.parametrize("start,push", [(True, False), (False, True), (True, True)],
+                         ids=["started-inside-pushed-outside", "started-outside-pushed-inside", "inside"])
+def test_inference_mode_on_either_side(start, push):
+    """A stream started under torch.inference_mode can be pushed to and finished outside it
+    (the state is plain tensors; before, the in-place merge raised "Inplace update to
+    inference tensor outside InferenceMode"), and the reverse."""
+    proj = make_projector().eval()
+    x = features(5, 2)
+    with torch.no_grad():
+        want = proj(x, [5])
+    with torch.inference_mode(start):
+        s = proj.stream(5)
+        s.push(x[:2])
+    with torch.inference_mode(push):
+        s.push(x[2:])
+        got = s.finish()
+    assert rel_err(got, want) <= 1e-12
+
+
+def test_a_change_under_inference_mode_is_seen():
+    """Inference tensors have no version counter: the old check missed this change."""
+    with torch.inference_mode():
+        proj = make_projector().eval()
+    x = features(4, 2)
+    s = proj.stream(4)
+    s.push(x[:2])
+    with torch.inference_mode():
+        proj.attn.v_proj.weight.mul_(2)
+    with pytest.raises(RuntimeError, match=r"\(attn\.v_proj\.weight changed values\)"):
+        s.push(x[2:])

@@ -16,6 +16,7 @@ so the result is the output of the weights at ``finish()`` or an error naming th
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +30,16 @@ if TYPE_CHECKING:  # the projector imports this module where it is used
     from ..projector import CCAMProjector
 
 USABLE = "the stream is unchanged and still usable"
+
+
+def _state_mode():
+    """No autograd, and plain tensors even inside torch.inference_mode: the state is updated in
+    place, which an inference tensor refuses outside inference mode, so a stream started inside
+    it could not be pushed to outside it (and the reverse works as it is)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
 
 
 class ProjectorStream:
@@ -50,15 +61,16 @@ class ProjectorStream:
         param = proj.query
         self._dtype, self._device = param.dtype, param.device
         acc = accumulate_dtype(param.dtype)
-        with torch.no_grad():
+        with _state_mode():
             self._q = query_heads(proj)
-        self._snapshot = ParameterSnapshot(proj)
-        if self._backend == "torch":  # merged in place, block by block
-            self._running = RunningPartial(self._q, cfg.num_key_value_heads)
-        else:  # the plain path: one partial per chunk, merged with the state
-            self._running = None
-            self._out = torch.zeros(1, cfg.num_query, cfg.num_heads, cfg.head_dim, dtype=acc, device=param.device)
-            self._lse = torch.full((1, cfg.num_heads, cfg.num_query), float("-inf"), dtype=acc, device=param.device)
+            self._snapshot = ParameterSnapshot(proj)
+            if self._backend == "torch":  # merged in place, block by block
+                self._running = RunningPartial(self._q, cfg.num_key_value_heads)
+            else:  # the plain path: one partial per chunk, merged with the state
+                self._running = None
+                self._out = torch.zeros(1, cfg.num_query, cfg.num_heads, cfg.head_dim, dtype=acc, device=param.device)
+                self._lse = torch.full((1, cfg.num_heads, cfg.num_query), float("-inf"), dtype=acc,
+                                       device=param.device)
         self.frames_done = 0
         self._tokens_per_frame = None  # fixed by the first chunk
         self._closed = False
@@ -118,7 +130,7 @@ class ProjectorStream:
         self._check_chunk(chunk)
         t, p, width = chunk.shape
         first = self.frames_done
-        with torch.no_grad():
+        with _state_mode():
             k, v = keys_values(self._proj, chunk.reshape(t * p, width))
             if self._running is not None:
                 self._running.add(k, v, self.total_frames, p, (first, first + t))
@@ -135,8 +147,8 @@ class ProjectorStream:
         if self.frames_done != self.total_frames:
             raise RuntimeError(f"finish() after {self.frames_done} of total_frames={self.total_frames} frames: "
                                f"push the remaining {self.total_frames - self.frames_done} first; {USABLE}")
-        out = self._running.result()[0] if self._running is not None else self._out
-        with torch.no_grad():
+        with _state_mode():
+            out = self._running.result()[0] if self._running is not None else self._out
             y = head(self._proj, out.to(self._dtype))
         self._closed = True
         self._out = self._lse = self._q = self._running = self._snapshot = None

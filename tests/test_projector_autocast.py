@@ -251,3 +251,19 @@ def test_autocast_on_cuda(backend, dtype):
     if backend == "triton":  # cuda runs 16-bit tensors only: no plain float32 forward
         with torch.no_grad():
             assert proj(x, SPLITS).dtype == torch.float32  # plain after autocast
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_float32_features_into_a_16_bit_module_on_cuda(backend, dtype):
+    """Issue 21 item 10 on the GPU backends: a module in the autocast dtype takes float32
+    features under autocast, exactly as if they were given in that dtype."""
+    if backend not in available_backends():
+        pytest.skip(f"the {backend} backend is not usable on this GPU machine: {available_backends()}")
+    proj = make(backend, "cuda").to(dtype)
+    x = torch.randn(sum(SPLITS), P, CFG.cross_hidden_size, device="cuda")
+    out = autocast_output(proj, x, dtype)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert torch.equal(out, autocast_output(proj, x.to(dtype), dtype))
+    assert rel_err(out, float64_output(proj, x)) <= 3e-2

@@ -70,8 +70,8 @@ def _digest(path: str) -> dict:
 
 def _listed(directory: str) -> dict:
     """{name: {"new": digest, "replaces": digest or None}} of the manifest in ``directory``; {}
-    without one. A manifest that cannot
-    be read is a ValueError: it is ours, written atomically, so it was changed by hand."""
+    without one. A manifest that cannot be read is a ValueError: it is ours, written
+    atomically, so it was changed by hand."""
     path = os.path.join(directory, MANIFEST_FILE)
     if not os.path.exists(path):
         return {}

@@ -10,7 +10,11 @@ parameters left unfilled, is a ValueError that names it.
 
 Nothing is guessed: a weights file that cannot be parsed, a key found in two shards, or an
 integer/bool tensor for a floating-point parameter is a ValueError naming the file or key.
-Saving is atomic per file (see :mod:`ccam_kernels.atomic_file`).
+
+Saving writes config.json and the weights together with a manifest (their sizes and SHA-256,
+:func:`ccam_kernels.atomic_file.write_together`), and loading checks the files it reads against
+it: a checkpoint caught in the middle of a save loads as the old one or raises, never as new
+weights with the old config.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import os
 
 import torch
 
-from .atomic_file import atomic_path
+from .atomic_file import check_together, write_together
 from .config import CONFIG_FILE, CCAMConfig
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -144,6 +148,7 @@ def _check_load_args(path, dtype, device):
 
 def load_projector(cls, path, *, key_map=None, config=None, backend="auto", dtype=None, device=None):
     path, device = _check_load_args(path, dtype, device)
+    config_from_file = config is None
     if config is None:
         config_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
         config_path = os.path.join(config_dir, CONFIG_FILE)
@@ -152,7 +157,10 @@ def load_projector(cls, path, *, key_map=None, config=None, backend="auto", dtyp
         config = CCAMConfig.from_json_file(config_path)
     elif isinstance(config, dict):
         config = CCAMConfig.from_dict(config)
-    state = apply_key_map(read_state_dict(path), key_map)
+    raw = read_state_dict(path)
+    _check_written_together(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)),
+                            [CONFIG_FILE] if config_from_file else [], _weight_files(path))
+    state = apply_key_map(raw, key_map)
     module = cls(config, backend=backend)
     check_keys(module, state)
     if dtype is None:
@@ -163,9 +171,21 @@ def load_projector(cls, path, *, key_map=None, config=None, backend="auto", dtyp
     return module.eval()
 
 
+def _check_written_together(directory: str, config_names: list, weight_files: list) -> None:
+    """The files about to be read match the manifest of their folder, if it has one."""
+    by_folder = {}
+    for file in weight_files:
+        folder, name = os.path.split(os.path.abspath(file))
+        by_folder.setdefault(folder, []).append(name)
+    by_folder.setdefault(os.path.abspath(directory), []).extend(config_names)
+    for folder, names in by_folder.items():
+        check_together(folder, names)
+
+
 def save_projector(module, path) -> None:
-    """config.json and model.safetensors, each staged in a temporary file beside it and renamed
-    only after both are written: a failure leaves the old files (or none) and no partial file."""
+    """config.json and model.safetensors, written together (``write_together``): each staged in
+    a temporary file beside it, then the manifest, then the files renamed into place. A failure
+    leaves the old checkpoint, or files that from_pretrained refuses, and no partial file."""
     from safetensors.torch import save_file
 
     path = os.fspath(path)
@@ -173,7 +193,8 @@ def save_projector(module, path) -> None:
         raise NotADirectoryError(f"save_pretrained needs a directory, but {path!r} is an existing file")
     os.makedirs(path, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    with atomic_path(os.path.join(path, CONFIG_FILE)) as config_tmp, \
-            atomic_path(os.path.join(path, SAFETENSORS_FILE)) as weights_tmp:
-        save_file(state, weights_tmp, metadata={"format": "pt"})
-        module.config.to_json_file(config_tmp)
+    # More files (other weight formats, Hugging Face extras) are more entries here.
+    write_together(path, {
+        SAFETENSORS_FILE: lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
+        CONFIG_FILE: module.config.to_json_file,
+    })

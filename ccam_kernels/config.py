@@ -94,7 +94,10 @@ class CCAMConfig:
         """Build from a dict: a flat projector config, or a checkpoint config holding one under
         "projector_config" (the outer keys are the whole model's and are not read). NumPy
         scalars become Python numbers. A key this class does not know warns (UserWarning,
-        naming it), except Hugging Face metadata (``HF_METADATA_KEYS``); it is then ignored."""
+        naming it), except Hugging Face metadata (``HF_METADATA_KEYS``); it is then ignored.
+        A dict that sets ``num_heads`` but not ``num_key_value_heads`` gets
+        ``num_key_value_heads = num_heads``, as Hugging Face configs do (other missing keys
+        take the v1.2 defaults)."""
         values, unknown = _split_keys(d)
         if unknown:
             warnings.warn(f"CCAMConfig ignores unknown config keys: {_describe_unknown(unknown)}",
@@ -153,6 +156,10 @@ def _split_keys(d) -> tuple[dict, list]:
             raise TypeError(f"config['projector_config'] must be a dict, got {type(d).__name__}")
     names = {f.name for f in dataclasses.fields(CCAMConfig)}
     values = {k: v for k, v in d.items() if k in names}
+    # As in Hugging Face configs: a config that names its heads but not its key/value heads
+    # means one key/value head per query head (plain multi-head attention), not v1.2's 16.
+    if "num_heads" in values and "num_key_value_heads" not in values:
+        values["num_key_value_heads"] = values["num_heads"]
     unknown = [k for k in d if k not in names and k not in HF_METADATA_KEYS]
     return values, unknown
 

@@ -62,6 +62,11 @@ def _autocast_dtype(device_type: str):
     return None
 
 
+# The dtypes autocast casts to its own (it leaves float64 alone, so a float64 tensor next to a
+# lower-precision one stays a dtype mismatch under autocast too).
+_AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)
+
+
 _DROPOUT_WARNED = False
 
 
@@ -91,7 +96,8 @@ class CCAMProjector(nn.Module):
         features: (F, P, Cv) frames of all samples, packed, with split_sizes = [T_1 .. T_B]
             (a sequence of ints or an int64 tensor summing to F); or (B, T, P, Cv) with
             split_sizes=None. device must match the module's parameters, and dtype too
-            (or, inside torch.autocast, be the autocast dtype).
+            (inside torch.autocast another of float16/bfloat16/float32 is cast to the
+            autocast dtype).
         returns: (B, N, output_size).
         group: a torch.distributed process group: this rank's ``features`` are its consecutive
             frames of each video (split_sizes may hold zeros) and every rank returns the whole
@@ -104,9 +110,12 @@ class CCAMProjector(nn.Module):
     as they are, so an output never depends on what ran before (optimizer steps of any kind,
     load_state_dict, replaced parameters, writes through ``p.data``, dtype round trips).
 
-    Under ``torch.autocast`` the features may also be in the autocast dtype (bf16 features
-    into a float32 module under ``autocast("cpu", torch.bfloat16)``); the projections and the
-    attention then run in that dtype, as autocast decides for each op.
+    Under ``torch.autocast`` features in a dtype other than the module's are cast to the
+    autocast dtype, as ``nn.Linear`` casts its input (float32 features into a bfloat16 module,
+    bfloat16 or float16 ones into a float32 module, under ``autocast("cpu", torch.bfloat16)``);
+    the projections and the attention then run in that dtype, as autocast decides for each op.
+    float64 is never cast (autocast leaves it alone), and outside autocast a dtype mismatch is
+    an error.
     """
 
     def __init__(self, config: Union[CCAMConfig, dict, None] = None,
@@ -187,13 +196,24 @@ class CCAMProjector(nn.Module):
         if min(features.shape) < 1:
             raise ValueError(f"features must not be empty, got shape {tuple(features.shape)}")
         param = self.query
-        if features.dtype != param.dtype and features.dtype != _autocast_dtype(features.device.type):
-            raise ValueError(
-                f"features dtype must match the module's ({param.dtype}), or the autocast dtype inside "
-                f"torch.autocast, got {features.dtype}"
-            )
         if features.device != param.device:
             raise ValueError(f"features device must match the module's ({param.device}), got {features.device}")
+        if features.dtype != param.dtype:
+            autocast = _autocast_dtype(features.device.type)
+            # A float16 module under bfloat16 autocast (or the reverse) is left out: its
+            # LayerNorms would meet the other 16-bit dtype, which they refuse on CPU.
+            if autocast is None or features.dtype not in _AUTOCAST_CASTS or param.dtype not in (torch.float32, autocast):
+                raise ValueError(
+                    f"features dtype must match the module's ({param.dtype}), or the autocast dtype inside "
+                    f"torch.autocast, got {features.dtype}"
+                    + ("" if autocast is None else
+                       f" (under autocast, float16, bfloat16 and float32 features are cast to {autocast} "
+                       f"for a float32 or {autocast} module; float64 is never cast)")
+                )
+            # What nn.Linear does under autocast, done once at the entrance: the LayerNorm
+            # before k_proj is no autocast op on CPU and refuses float32 input with bfloat16
+            # weights, and its output is cast to the autocast dtype by k_proj anyway.
+            features = features.to(autocast)
         return features, split_sizes
 
     def _fused_projection(self, x: torch.Tensor) -> bool:
@@ -229,8 +249,9 @@ class CCAMProjector(nn.Module):
             features: (F, P, Cv), the visual tokens of every frame of every video, packed video by
                 video (F = sum(split_sizes) frames of P tokens, Cv = cross_hidden_size); or
                 (B, T, P, Cv) when every video has T frames. On the module's device and in its
-                dtype, or, inside torch.autocast, in the autocast dtype (the projections and the
-                attention then run in that dtype).
+                dtype; inside torch.autocast features in another of float16/bfloat16/float32
+                (module too) are cast to the autocast dtype, as nn.Linear casts its input (the
+                projections and the attention then run in that dtype).
             split_sizes: frames T_b of each video, B ints >= 1 adding up to F: a sequence of ints,
                 a 1-D integer NumPy array or a 1-D integer tensor (a tensor never recompiles under
                 torch.compile). Required for 3-D features, None for 4-D ones.

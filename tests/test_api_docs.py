@@ -252,6 +252,7 @@ STEMS = [
     "device='meta' is refused: meta tensors hold no data",
     "save_pretrained needs a directory, but",
     "is an existing file",
+    "is not whole: ",
     # long videos (§8.7)
     "frame_ranges must be a sequence of (first, end) int pairs, got",
     "frame_ranges must hold one (first, end) pair per sample (",
@@ -296,7 +297,7 @@ STEMS = [
 
 # Modules whose raises and warnings answer user input: every message must contain a stem.
 USER_INPUT_MODULES = [
-    "checks.py", "attention.py", "mask.py", "config.py", "projector.py", "checkpoint.py",
+    "checks.py", "attention.py", "mask.py", "config.py", "projector.py", "checkpoint.py", "atomic_file.py",
     "backends/attention_ops.py", "long_video/partial.py", "long_video/parts.py", "long_video/stream.py",
     "long_video/distributed.py",
 ]

@@ -131,3 +131,30 @@ def test_unparsable_config_file_names_the_file(tmp_path, text):
     path.write_bytes(text.encode("latin-1"))
     with pytest.raises(ValueError, match="config.json.*not a valid JSON"):
         CCAMConfig.from_json_file(path)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "under-projector_config"])
+def test_num_key_value_heads_defaults_to_num_heads(nested):
+    """Issue 21, item 10: {num_heads: 4} without num_key_value_heads took v1.2's 16 and was
+    refused (4 is not a multiple of 16); as in Hugging Face configs it now means Hkv = H."""
+    d = {k: v for k, v in SMALL.items() if k != "num_key_value_heads"}
+    cfg = CCAMConfig.from_dict({"projector_config": d} if nested else d)
+    assert cfg.num_heads == cfg.num_key_value_heads == 4
+    assert cfg == CCAMConfig(**{**SMALL, "num_key_value_heads": 4})
+    proj = CCAMProjector(d)  # the constructor's dict path: k_proj is (Hkv * D, Cv) = (16, 12)
+    assert proj.attn.k_proj.weight.shape == (16, 12)
+    # A given num_key_value_heads wins; neither given keeps the v1.2 pair (16, 16).
+    assert CCAMConfig.from_dict({**d, "num_key_value_heads": 1}).num_key_value_heads == 1
+    assert CCAMConfig.from_dict({}).num_key_value_heads == CCAMConfig().num_key_value_heads == 16
+    only_kv = CCAMConfig.from_dict({"num_key_value_heads": 8})
+    assert (only_kv.num_heads, only_kv.num_key_value_heads) == (16, 8)
+
+
+def test_config_file_without_num_key_value_heads_takes_num_heads_silently(tmp_path):
+    d = {k: v for k, v in SMALL.items() if k != "num_key_value_heads"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not a default taken: no "does not set" warning
+        cfg = CCAMConfig.from_json_file(path)
+    assert cfg.num_key_value_heads == 4

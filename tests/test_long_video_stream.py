@@ -4,6 +4,7 @@ clear errors that say whether the stream is still usable."""
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -87,10 +88,127 @@ def test_parameter_change_closes_the_stream():
     s.push(features(1, 2))
     with torch.no_grad():
         proj.attn.k_proj.weight.add_(1.0)
-    with pytest.raises(RuntimeError, match="parameters changed.*closed"):
+    with pytest.raises(RuntimeError, match=r"parameters changed.*\(attn\.k_proj\.weight changed values\).*closed"):
         s.push(features(1, 2))
     with pytest.raises(RuntimeError, match="closed"):
         s.finish()
+
+
+def _double_data(p):
+    p.data = p.data * 2
+
+
+# Every way to change a parameter the pushes read (issue 21, item 2): the writes through .data
+# leave the version counter alone, so only a comparison of the values sees them.
+PUSH_SIDE_CHANGES = [
+    ("data.mul_", lambda proj: proj.attn.k_proj.weight.data.mul_(2), "attn.k_proj.weight changed values"),
+    ("data =", lambda proj: _double_data(proj.attn.v_proj.weight), "attn.v_proj.weight changed values"),
+    ("query data", lambda proj: proj.query.data.add_(1), "query changed values"),
+    ("q_proj bias", lambda proj: proj.attn.q_proj.bias.data.neg_(), "attn.q_proj.bias changed values"),
+    ("norm weight", lambda proj: proj.feature_norm.weight.data[0].add_(1e-12), "feature_norm.weight changed values"),
+    ("sign of zero", lambda proj: proj.feature_norm.bias.data.__setitem__(0, -0.0 if
+                                                                            float(proj.feature_norm.bias[0]) == 0 else 0.0),
+     "feature_norm.bias changed values"),
+    ("load_state_dict", lambda proj: proj.load_state_dict(make_projector(seed=5).state_dict()), "changed values"),
+    ("new Parameter", lambda proj: setattr(proj.attn.k_proj, "weight", torch.nn.Parameter(proj.attn.k_proj.weight * 3)),
+     "attn.k_proj.weight changed values"),
+    ("float()", lambda proj: proj.float(), "query changed dtype from torch.float64 to torch.float32"),
+    ("half()", lambda proj: proj.half(), "changed dtype from torch.float64 to torch.float16"),
+    ("to(bf16)", lambda proj: proj.to(torch.bfloat16), "changed dtype from torch.float64 to torch.bfloat16"),
+    ("to(meta)", lambda proj: proj.to("meta"), "query moved from cpu to meta"),
+    ("bias removed", lambda proj: setattr(proj.attn.k_proj, "bias", None), "attn.k_proj.bias was removed"),
+]
+
+
+@pytest.mark.parametrize("when", ["before a push", "before finish"])
+@pytest.mark.parametrize("change,match", [(c, m) for _, c, m in PUSH_SIDE_CHANGES],
+                         ids=[name for name, _, _ in PUSH_SIDE_CHANGES])
+def test_every_push_side_change_is_an_error_naming_it(change, match, when):
+    proj = make_projector().eval()
+    x = features(6, 2)
+    s = proj.stream(6)
+    s.push(x[:3])
+    if when == "before finish":
+        s.push(x[3:])
+    with torch.no_grad():
+        change(proj)
+    call = "push()" if when == "before a push" else "finish()"
+    with pytest.raises(RuntimeError, match=re.escape(call) + ".*parameters changed.*" + re.escape(match)
+                       + ".*this stream is closed"):
+        s.push(x[3:].to(proj.query.dtype)) if when == "before a push" else s.finish()
+    with pytest.raises(RuntimeError, match="this stream is closed"):
+        s.finish()
+
+
+def test_float32_module_made_double_mid_stream_names_the_change():
+    proj = make_projector(dtype=torch.float32).eval()
+    x = features(4, 2, dtype=torch.float32)
+    s = proj.stream(4)
+    s.push(x[:2])
+    proj.double()
+    with pytest.raises(RuntimeError, match=r"query changed dtype from torch\.float32 to torch\.float64"):
+        s.push(x[2:].double())
+
+
+def test_a_change_undone_before_the_next_push_is_exact():
+    """Nothing read the changed weights, so the result is the output of the weights at finish()."""
+    proj = make_projector().eval()
+    x = features(6, 2)
+    with torch.no_grad():
+        want = proj(x, [6])
+    s = proj.stream(6)
+    s.push(x[:3])
+    proj.attn.k_proj.weight.data.mul_(2)
+    proj.attn.k_proj.weight.data.div_(2)  # exact: a power of two
+    same = torch.nn.Parameter(proj.attn.v_proj.weight.detach().clone())
+    proj.attn.v_proj.weight = same  # a new Parameter with the same values
+    s.push(x[3:])
+    assert rel_err(s.finish(), want) <= 1e-12
+
+
+def test_finish_reads_the_head_parameters_as_they_are_then():
+    """o_proj, the MLP and out_proj are read only by finish(): changing them mid-stream gives
+    exactly the output of the weights at finish()."""
+    proj = make_projector().eval()
+    x = features(6, 2)
+    s = proj.stream(6)
+    s.push(x[:3])
+    proj.attn.o_proj.weight.data.mul_(2)
+    proj.mlp.up_proj.weight.data = proj.mlp.up_proj.weight.data * 3
+    s.push(x[3:])
+    proj.out_proj.bias.data.add_(1)
+    got = s.finish()
+    with torch.no_grad():
+        want = proj(x, [6])
+    assert rel_err(got, want) <= 1e-12
+
+
+def test_nan_weights_are_not_a_change():
+    """Bits are compared, so a NaN weight (NaN != NaN) is no false alarm."""
+    proj = make_projector().eval()
+    proj.attn.k_proj.weight.data[0, 0] = float("nan")
+    proj.query.data[1, 2] = float("nan")
+    x = features(4, 2)
+    results = []
+    for _ in range(2):
+        s = proj.stream(4)
+        s.push(x[:2])
+        s.push(x[2:])
+        results.append(s.finish())
+    assert results[0].isnan().any()  # the NaN reached the output: the weights were read as they are
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0, equal_nan=True)
+
+
+def test_inference_parameters_streamed_outside_inference_mode():
+    with torch.inference_mode():
+        proj = make_projector().eval()
+    x = features(5, 2)
+    with torch.no_grad():
+        want = proj(x, [5])
+    s = proj.stream(5)
+    s.push(x[:2])
+    s.push(x[2:])
+    assert rel_err(s.finish(), want) <= 1e-12
 
 
 @pytest.mark.parametrize("backend,match", [
@@ -110,3 +228,35 @@ def test_bad_total_frames():
         proj.stream(0)
     with pytest.raises(TypeError, match="total_frames must be an int"):
         proj.stream(2.0)
+
+
+@pytest.mark.parametrize("start,push", [(True, False), (False, True), (True, True)],
+                         ids=["started-inside-pushed-outside", "started-outside-pushed-inside", "inside"])
+def test_inference_mode_on_either_side(start, push):
+    """A stream started under torch.inference_mode can be pushed to and finished outside it
+    (the state is plain tensors; before, the in-place merge raised "Inplace update to
+    inference tensor outside InferenceMode"), and the reverse."""
+    proj = make_projector().eval()
+    x = features(5, 2)
+    with torch.no_grad():
+        want = proj(x, [5])
+    with torch.inference_mode(start):
+        s = proj.stream(5)
+        s.push(x[:2])
+    with torch.inference_mode(push):
+        s.push(x[2:])
+        got = s.finish()
+    assert rel_err(got, want) <= 1e-12
+
+
+def test_a_change_under_inference_mode_is_seen():
+    """Inference tensors have no version counter: the old check missed this change."""
+    with torch.inference_mode():
+        proj = make_projector().eval()
+    x = features(4, 2)
+    s = proj.stream(4)
+    s.push(x[:2])
+    with torch.inference_mode():
+        proj.attn.v_proj.weight.mul_(2)
+    with pytest.raises(RuntimeError, match=r"\(attn\.v_proj\.weight changed values\)"):
+        s.push(x[2:])

@@ -1,7 +1,8 @@
 """The projector under torch.autocast (issue 13.2, projector side).
 
-* Features in the autocast dtype go into a float32 module under autocast; outside autocast a
-  dtype mismatch stays a ValueError naming features.
+* Under autocast, features in another dtype than the module's (float16, bfloat16, float32 on
+  either side) are cast to the autocast dtype, as nn.Linear casts its input; float64 is never
+  cast; outside autocast a dtype mismatch stays a ValueError naming features.
 * A plain forward after an autocast forward, and the reverse, give the same results as
   before (nothing from one mode is reused in the other).
 * Accuracy: compared with a float64 evaluation of the same float32 parameters, a backend's
@@ -17,6 +18,8 @@ bfloat16 dots wrong). GPU-marked: float16 and bfloat16 on triton and cuda.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -138,12 +141,63 @@ def test_feature_dtype_mismatch_is_refused_outside_autocast():
     x = torch.randn(sum(SPLITS), P, CFG.cross_hidden_size)
     with pytest.raises(ValueError, match=r"features dtype must match the module's \(torch.float32\).*bfloat16"):
         proj(x.bfloat16(), SPLITS)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # neither the module's nor autocast's dtype
-        with pytest.raises(ValueError, match="features dtype.*float16"):
-            proj(x.half(), SPLITS)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
         with pytest.raises(ValueError, match="features dtype"):
             proj(x.bfloat16(), SPLITS)
+    low = make("torch").bfloat16()
+    with pytest.raises(ValueError, match=r"features dtype must match the module's \(torch.bfloat16\).*float32"):
+        low(x, SPLITS)
+    with warnings.catch_warnings():  # without CUDA, torch warns that it disables this autocast
+        warnings.simplefilter("ignore", UserWarning)
+        with torch.autocast("cuda", dtype=torch.float16):  # autocast for another device type
+            with pytest.raises(ValueError, match="features dtype"):
+                low(x, SPLITS)
+
+
+def test_float64_is_never_cast_under_autocast():
+    """autocast leaves float64 alone (nn.Linear of float64 input and float32 weights fails under
+    it too): a float64 side next to a lower-precision one stays an error, naming why; so does a
+    module in the other 16-bit dtype."""
+    x = torch.randn(sum(SPLITS), P, CFG.cross_hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match=r"module's \(torch.float32\).*float64.*float64 is never cast"):
+            make("torch")(x.double(), SPLITS)
+        with pytest.raises(ValueError, match=r"module's \(torch.float64\).*float32.*float64 is never cast"):
+            make("torch").double()(x, SPLITS)
+        # a float16 module under bfloat16 autocast: its LayerNorms cannot take bfloat16
+        with pytest.raises(ValueError, match=r"module's \(torch.float16\).*float32 or torch.bfloat16 module"):
+            make("torch").half()(x, SPLITS)
+        out = make("torch").double()(x.double(), SPLITS)  # one dtype: nothing to cast
+    assert out.dtype == torch.float64
+
+
+# (module dtype, features dtype) under autocast("cpu", bfloat16): issue 21, item 10. The first
+# was refused before ("features dtype must match the module's (torch.bfloat16)").
+MIXED = [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+         (torch.bfloat16, torch.float16)]
+
+
+CAST_CASES = [pytest.param("torch", m, f, id=f"torch-{str(m)[6:]}-module-{str(f)[6:]}-features") for m, f in MIXED]
+CAST_CASES.append(pytest.param("reference", *MIXED[0], id="reference-bfloat16-module-float32-features"))
+
+
+@pytest.mark.parametrize("backend,module_dtype,feature_dtype", CAST_CASES)
+def test_autocast_casts_features_to_the_autocast_dtype(backend, module_dtype, feature_dtype):
+    """As nn.Linear under autocast: the features are used in the autocast dtype, so the output is
+    exactly that of features given in it, and close to the float64 evaluation of the module's
+    parameters on the features as given. Gradients reach the features in their own dtype."""
+    dtype = torch.bfloat16
+    proj = make(backend).to(module_dtype)
+    x = torch.randn(sum(SPLITS), P, CFG.cross_hidden_size).to(feature_dtype)
+    out = autocast_output(proj, x, dtype)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert torch.equal(out, autocast_output(proj, x.to(dtype), dtype))
+    assert rel_err(out, float64_output(proj, x)) <= 3e-2  # bfloat16 precision
+    leaf = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        proj(leaf, SPLITS).float().square().sum().backward()
+    assert leaf.grad.dtype == feature_dtype and torch.isfinite(leaf.grad).all()
+    assert all(p.grad.dtype == module_dtype for p in proj.parameters())
 
 
 @pytest.mark.triton
@@ -203,3 +257,19 @@ def test_autocast_on_cuda(backend, dtype):
     if backend == "triton":  # cuda runs 16-bit tensors only: no plain float32 forward
         with torch.no_grad():
             assert proj(x, SPLITS).dtype == torch.float32  # plain after autocast
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_float32_features_into_a_16_bit_module_on_cuda(backend, dtype):
+    """Issue 21 item 10 on the GPU backends: a module in the autocast dtype takes float32
+    features under autocast, exactly as if they were given in that dtype."""
+    if backend not in available_backends():
+        pytest.skip(f"the {backend} backend is not usable on this GPU machine: {available_backends()}")
+    proj = make(backend, "cuda").to(dtype)
+    x = torch.randn(sum(SPLITS), P, CFG.cross_hidden_size, device="cuda")
+    out = autocast_output(proj, x, dtype)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert torch.equal(out, autocast_output(proj, x.to(dtype), dtype))
+    assert rel_err(out, float64_output(proj, x)) <= 3e-2

@@ -8,10 +8,15 @@ The state between pushes is the running partial attention of every query over th
 pushed so far, merged by log-sum-exp (``partial.merge_partials``): an (N, H, D) accumulator
 and an (H, N) LSE in float32 (float64 for a float64 module), plus the (N, H, D) query heads,
 computed once. The mask rule needs the video's total frame count, hence ``total_frames``.
+
+Every push and ``finish()`` first checks that the parameters the pushes read are bit for bit
+what they were at the start (``snapshot.py``: version counters miss writes through ``p.data``),
+so the result is the output of the weights at ``finish()`` or an error naming the change.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,11 +24,22 @@ import torch
 from ..checks import check_int
 from .parts import head, keys_values, partial_backend_of, query_heads
 from .partial import RunningPartial, accumulate_dtype, ccam_partial_attention, merge_partials
+from .snapshot import ParameterSnapshot
 
 if TYPE_CHECKING:  # the projector imports this module where it is used
     from ..projector import CCAMProjector
 
 USABLE = "the stream is unchanged and still usable"
+
+
+def _state_mode():
+    """No autograd, and plain tensors even inside torch.inference_mode: the state is updated in
+    place, which an inference tensor refuses outside inference mode, so a stream started inside
+    it could not be pushed to outside it (and the reverse works as it is)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
 
 
 class ProjectorStream:
@@ -32,7 +48,8 @@ class ProjectorStream:
     Errors say whether the stream is still usable: a bad chunk (wrong rank, width, dtype,
     device, tokens per frame, or more frames than remain) is a ValueError/TypeError and
     changes nothing; ``finish()`` before every frame arrived is a RuntimeError and changes
-    nothing; after ``finish()``, or once the module's parameters changed, the stream is closed.
+    nothing; after ``finish()``, or once a parameter the pushes read changed (values, dtype,
+    device: checked at every push and at ``finish()``), the stream is closed.
     """
 
     def __init__(self, proj: "CCAMProjector", total_frames: int) -> None:
@@ -44,24 +61,21 @@ class ProjectorStream:
         param = proj.query
         self._dtype, self._device = param.dtype, param.device
         acc = accumulate_dtype(param.dtype)
-        with torch.no_grad():
+        with _state_mode():
             self._q = query_heads(proj)
-        self._versions = self._param_versions()
-        if self._backend == "torch":  # merged in place, block by block
-            self._running = RunningPartial(self._q, cfg.num_key_value_heads)
-        else:  # the plain path: one partial per chunk, merged with the state
-            self._running = None
-            self._out = torch.zeros(1, cfg.num_query, cfg.num_heads, cfg.head_dim, dtype=acc, device=param.device)
-            self._lse = torch.full((1, cfg.num_heads, cfg.num_query), float("-inf"), dtype=acc, device=param.device)
+            self._snapshot = ParameterSnapshot(proj)
+            if self._backend == "torch":  # merged in place, block by block
+                self._running = RunningPartial(self._q, cfg.num_key_value_heads)
+            else:  # the plain path: one partial per chunk, merged with the state
+                self._running = None
+                self._out = torch.zeros(1, cfg.num_query, cfg.num_heads, cfg.head_dim, dtype=acc, device=param.device)
+                self._lse = torch.full((1, cfg.num_heads, cfg.num_query), float("-inf"), dtype=acc,
+                                       device=param.device)
         self.frames_done = 0
         self._tokens_per_frame = None  # fixed by the first chunk
         self._closed = False
 
     # -- checks ------------------------------------------------------------------------------
-
-    def _param_versions(self):
-        # Inference tensors have no version counter, and cannot change outside inference mode.
-        return [None if p.is_inference() else p._version for p in self._proj.parameters()]
 
     def _check_eval(self):
         if self._proj.training:
@@ -75,11 +89,13 @@ class ProjectorStream:
         if self._closed:
             raise RuntimeError(f"{what}: this stream is closed (finished, or its parameters changed); "
                                "start a new one with proj.stream(total_frames)")
-        if self._param_versions() != self._versions:
+        change = self._snapshot.change(self._proj)
+        if change is not None:
             self._closed = True
-            raise RuntimeError(f"{what}: the projector's parameters changed since proj.stream() started, "
-                               "so the frames pushed so far used other weights; this stream is closed, "
-                               "start a new one")
+            self._out = self._lse = self._q = self._running = self._snapshot = None
+            raise RuntimeError(f"{what}: the projector's parameters changed since proj.stream() started "
+                               f"({change}), so the frames pushed so far used other weights; this stream "
+                               "is closed, start a new one")
         self._check_eval()
 
     def _check_chunk(self, chunk):
@@ -114,7 +130,7 @@ class ProjectorStream:
         self._check_chunk(chunk)
         t, p, width = chunk.shape
         first = self.frames_done
-        with torch.no_grad():
+        with _state_mode():
             k, v = keys_values(self._proj, chunk.reshape(t * p, width))
             if self._running is not None:
                 self._running.add(k, v, self.total_frames, p, (first, first + t))
@@ -131,11 +147,11 @@ class ProjectorStream:
         if self.frames_done != self.total_frames:
             raise RuntimeError(f"finish() after {self.frames_done} of total_frames={self.total_frames} frames: "
                                f"push the remaining {self.total_frames - self.frames_done} first; {USABLE}")
-        out = self._running.result()[0] if self._running is not None else self._out
-        with torch.no_grad():
+        with _state_mode():
+            out = self._running.result()[0] if self._running is not None else self._out
             y = head(self._proj, out.to(self._dtype))
         self._closed = True
-        self._out = self._lse = self._q = self._running = None
+        self._out = self._lse = self._q = self._running = self._snapshot = None
         return y
 
     def __repr__(self) -> str:

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .attention_ops import on_tensor_device
+from .attention_ops import as_fakes_promise, on_tensor_device
 
 __all__ = ["define_partial_ops", "checked_windows"]
 
@@ -61,7 +61,8 @@ def define_partial_ops(name: str, forward: Callable, backward: Callable,
                 frame_ranges: torch.Tensor, tokens_per_frame: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         counts, ranges = checked_windows(frame_counts, frame_ranges, tokens_per_frame, k.shape[0])
         with device_context(q):
-            return forward(q, k, v, counts, ranges, tokens_per_frame, scale)
+            return as_fakes_promise(forward(q, k, v, counts, ranges, tokens_per_frame, scale),
+                                    (q, k, v, frame_counts, frame_ranges))
 
     @partial.register_fake
     def _(q, k, v, frame_counts, frame_ranges, tokens_per_frame, scale):
@@ -76,7 +77,8 @@ def define_partial_ops(name: str, forward: Callable, backward: Callable,
                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         counts, ranges = checked_windows(frame_counts, frame_ranges, tokens_per_frame, k.shape[0])
         with device_context(q):
-            return backward(dout, dlse, q, k, v, out, lse, counts, ranges, tokens_per_frame, scale)
+            return as_fakes_promise(backward(dout, dlse, q, k, v, out, lse, counts, ranges, tokens_per_frame, scale),
+                                    (dout, dlse, q, k, v, out, lse, frame_counts, frame_ranges))
 
     @partial_backward.register_fake
     def _(dout, dlse, q, k, v, out, lse, frame_counts, frame_ranges, tokens_per_frame, scale):

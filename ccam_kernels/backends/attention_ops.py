@@ -36,6 +36,14 @@ accumulator is its output), the ``acc`` of ``keep_acc`` on every backend and dty
 torch.compile asserts on the strides it was promised, or AOTAutograd refuses aliased outputs;
 tests/test_opcheck.py runs ``torch.library.opcheck`` over every op.
 
+Every op is tagged ``torch.Tag.cudagraph_unsafe``: its launches depend on the values of CPU
+tensors (the frame counts, the dropout seed), read when it runs. A CUDA graph that contained it
+would replay the launches of the frame counts and seed it was captured with, whatever the new
+ones hold (same shapes, other values: wrong numbers, no error). With the tag,
+``torch.compile(mode="reduce-overhead")`` captures the code around each call and runs the op
+itself outside the graphs (inductor's graph partition), reading its inputs every call. A graph
+captured by hand (``torch.cuda.graph``) is the user's: it holds the frame counts of its capture.
+
 The op has no double backward: asking for one (``create_graph=True`` while q, k or v require
 grad) raises a RuntimeError saying so, instead of silently returning untracked gradients.
 """
@@ -47,8 +55,11 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["define_attention_ops", "on_tensor_device", "checked_counts", "autocast_inputs", "NO_DOUBLE_BACKWARD",
-           "lse_dtype", "as_fakes_promise"]
+# Why every op carries it: module doc (a graph would replay the frame counts of its capture).
+CUDAGRAPH_UNSAFE = (torch.Tag.cudagraph_unsafe,)
+
+__all__ = ["CUDAGRAPH_UNSAFE", "define_attention_ops", "on_tensor_device", "checked_counts", "autocast_inputs",
+           "NO_DOUBLE_BACKWARD", "lse_dtype", "as_fakes_promise"]
 
 NO_DOUBLE_BACKWARD = (
     "ccam_attention has no double backward (its backward is not differentiable): call "
@@ -143,7 +154,7 @@ def define_attention_ops(name: str, forward: Callable, backward: Callable,
     Returns ``run(q, k, v, problem, *, seed=None, variant="") -> out``."""
     qualname = f"ccam_kernels::{name}"
 
-    @torch.library.custom_op(qualname, mutates_args=())
+    @torch.library.custom_op(qualname, mutates_args=(), tags=CUDAGRAPH_UNSAFE)
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_counts: torch.Tensor,
                   tokens_per_frame: int, scale: float, dropout_p: float = 0.0,
                   seed: Optional[torch.Tensor] = None, keep_acc: bool = False,
@@ -165,7 +176,7 @@ def define_attention_ops(name: str, forward: Callable, backward: Callable,
         acc = q.new_empty(b, n, h, d, dtype=lse_dtype(q.dtype)) if keep_acc else q.new_empty(0, dtype=torch.float32)
         return q.new_empty(b, n, h, d), q.new_empty(b, h, n, dtype=lse_dtype(q.dtype)), acc
 
-    @torch.library.custom_op(f"{qualname}_backward", mutates_args=())
+    @torch.library.custom_op(f"{qualname}_backward", mutates_args=(), tags=CUDAGRAPH_UNSAFE)
     def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            o: torch.Tensor, lse: torch.Tensor, frame_counts: torch.Tensor,
                            tokens_per_frame: int, scale: float, dropout_p: float = 0.0,

@@ -1,11 +1,14 @@
 """torch.library.opcheck over every custom op of the library (issue 21, item 6): the forward
 and backward op of each backend (attention_ops.define_attention_ops: reference, torch, triton,
-cuda) and the partial-attention ops (partial_ops.define_partial_ops: triton, cuda).
+cuda), the partial-attention ops (partial_ops.define_partial_ops: triton, cuda) and the cuda
+extension's three launch ops (ccam_kernels::layernorm_kv: test_triton_projection*.py).
 
 opcheck runs each op for real and on fake tensors and compares them (shapes, dtypes, strides:
-what torch.compile trusts), checks that no output aliases an input or another output, that
-the autograd formula is registered, and (test_aot_dispatch_dynamic) runs it under AOTAutograd
-with dynamic shapes, gradients included.
+what torch.compile trusts), checks that no output aliases an input or another output and that
+the autograd formula is registered; on one case per op (test_aot_dispatch_dynamic, ~1 s) it
+also runs it under AOTAutograd with dynamic shapes, gradients included. Before issue 21 these
+checks failed on: the torch backend's LSE with one K/V head (strides), the reference backend's
+acc in 16-bit, the torch backend's acc in float32 (the output itself, aliased).
 
 Grid: every head layout (Hkv = 1, Hkv = H, GQA), every dtype the backend takes, keep_acc off
 and on, shared and batched q, one and two videos, covered without the full product (``_grid``
@@ -32,18 +35,18 @@ from test_long_video_partial import keys_of_ranges
 
 FAST = ("test_schema", "test_autograd_registration", "test_faketensor")
 ALL = FAST + ("test_aot_dispatch_dynamic",)  # the slow one (~1 s a case): one case per op
-
-
-def _utils(dtype, keep_acc):
-    """All checks on the case that a compiled 16-bit training step runs (float16, keep_acc),
-    the fast ones elsewhere (they are what found the stride, acc and aliasing mismatches)."""
-    return ALL if keep_acc and dtype == torch.float16 else FAST
 LAYOUTS = {"Hkv1": (4, 1), "HkvH": (2, 2), "GQA": (4, 2)}  # id -> (H, Hkv)
 VIDEOS = [(2, 1), (3,)]  # frame counts: two videos of 2 and 1 frames; one video (B = 1), T = 3
 N, D, P = 5, 16, 2
 CUDA_DEVICE = "cuda" if CUDA else "cpu"
 CUDA_DTYPES = [torch.float16, torch.bfloat16]
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _utils(dtype, keep_acc):
+    """All checks on the case that a compiled 16-bit training step runs (float16, keep_acc),
+    the fast ones elsewhere (they are what found the stride, acc and aliasing mismatches)."""
+    return ALL if keep_acc and dtype == torch.float16 else FAST
 
 
 def _grid(dtypes, variants=("",)):
@@ -53,7 +56,8 @@ def _grid(dtypes, variants=("",)):
     for i, (dtype, keep_acc) in enumerate(itertools.product(dtypes, (False, True))):
         layout = list(LAYOUTS)[i % len(LAYOUTS)]
         shared, counts, variant = (i // 2) % 2 == 1, VIDEOS[(i // 3) % 2], variants[i % len(variants)]
-        name = f"{str(dtype)[6:]}-{layout}-{'acc' if keep_acc else 'noacc'}-{'shared' if shared else 'batched'}-B{len(counts)}"
+        name = (f"{str(dtype)[6:]}-{layout}-{'acc' if keep_acc else 'noacc'}-"
+                f"{'shared' if shared else 'batched'}-B{len(counts)}")
         cases.append(pytest.param(dtype, LAYOUTS[layout], keep_acc, shared, counts, variant,
                                   id=name + (f"-{variant}" if variant else "")))
     return cases

@@ -95,7 +95,8 @@ def as_fakes_promise(outputs, inputs) -> tuple:
     result = []
     for x in outputs:
         if x.numel():
-            if x.stride() != _contiguous_strides(x.shape) or x.storage_offset() or x.untyped_storage().data_ptr() in taken:
+            shared = x.untyped_storage().data_ptr() in taken
+            if shared or x.storage_offset() or x.stride() != _contiguous_strides(x.shape):
                 x = torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
             taken.add(x.untyped_storage().data_ptr())
         result.append(x)

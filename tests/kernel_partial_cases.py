@@ -1,7 +1,7 @@
 """Shared checks of a kernel backend's partial attention ("triton", "cuda") against float64
 oracles (tests/test_triton_partial.py, tests/test_cuda_partial.py): random covers of [0, T)
 whose merged partials must give the one-shot op, output and the gradients of q, k and v; one
-partial against the dense formula; the LSE's gradient; windows with no key; opcheck; the
+partial against the dense formula; the LSE's gradient; windows with no key; the
 streaming projector against the one-shot one."""
 
 from __future__ import annotations
@@ -107,14 +107,6 @@ def check_every_window_empty(backend, dtype, device):
     assert (out == 0).all() and torch.isneginf(lse).all()
     dq, dk, dv = torch.autograd.grad((out * 2).sum(), (q, k, v))
     assert (dq == 0).all() and dk.shape == k.shape and dv.shape == v.shape
-
-
-def opcheck_partial_op(op, dtype, device):
-    q, k, v = kernel_inputs(9, 2, 1, 16, 2, (4, 3), dtype, shared=True, device=device)
-    ranges = [(1, 3), (0, 3)]
-    kr, vr = (keys_of_ranges(x, (4, 3), 2, ranges).requires_grad_() for x in (k, v))
-    args = (q.requires_grad_(), kr, vr, torch.tensor([4, 3]), torch.tensor(ranges), 2, 0.25)
-    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def check_stream(backend, dtype, total, seed, tol, device):

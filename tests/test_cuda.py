@@ -193,13 +193,6 @@ def test_cuda_ops_check_their_arguments():
             ops.cuda_fwd(q.cpu(), k, v, *plan, 8, 0.1, 1, out, lse)
 
 
-def test_cuda_opcheck_custom_op():
-    q, k, v, _ = _inputs(40, 2, 1, 64, (2, 3), 12, True, torch.float16)
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    torch.library.opcheck(cuda_backend.cuda_attention, (q, k, v, torch.tensor([2, 3]), 12, 0.125),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-
-
 def test_projector_compiles_through_cuda_without_graph_breaks():
     cfg = CCAMConfig(num_query=64, hidden_size=128, cross_hidden_size=96, num_heads=2, num_key_value_heads=2,
                      intermediate_size=192, output_size=80, attention_dropout=0.0, dropout=0.0)

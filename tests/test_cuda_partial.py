@@ -8,7 +8,8 @@ kernels over a frame window of each video), against float64 oracles.
 * one partial alone (output, LSE, -inf and 0 for rows that see nothing, empty windows,
   NaN-poisoned outputs, forced key splits) against the dense formula of test_long_video_partial;
   gradients arriving on the output *and* the LSE against float64 autograd through the reference;
-* every window empty (no keys at all: a frame-parallel rank without frames); opcheck;
+* every window empty (no keys at all: a frame-parallel rank without frames);
+  (opcheck of the ops: tests/test_opcheck.py);
 * the streaming projector with backend="cuda" equals the one-shot projector;
 * the frame-parallel projector with backend="cuda" in float16 on 2 gloo processes: output and
   every gradient against one float64 process, within twice one float16 process's error.
@@ -30,7 +31,7 @@ from ccam_kernels.backends import cuda_backend, tiling
 from ccam_kernels.long_video import ccam_partial_attention
 from conftest import rel_err
 from kernel_partial_cases import (check_cover, check_every_window_empty, check_lse_gradients, check_single_partial,
-                                  check_stream, kernel_inputs, opcheck_partial_op, random_cover)
+                                  check_stream, kernel_inputs, random_cover)
 from long_video_helpers import features, make_projector, spawn_gloo
 from test_cuda import DEVICE, DTYPES, TOLERANCE, cuda_backend_here  # noqa: F401 (autouse: emulation on CPU)
 
@@ -98,10 +99,6 @@ def test_gradients_through_output_and_lse(dtype):
 
 def test_every_window_empty():
     check_every_window_empty("cuda", torch.float16, DEVICE)
-
-
-def test_opcheck_partial_op():
-    opcheck_partial_op(cuda_backend.cuda_partial_attention, torch.float16, DEVICE)
 
 
 def test_refusals_name_the_reason():

@@ -74,13 +74,6 @@ def test_auto_never_picks_triton_for_cpu_tensors(monkeypatch):
     assert calls == []
 
 
-def test_opcheck_custom_op():
-    q, k, v, _ = _inputs(18, 2, 1, 16, (2, 3), 4, True, torch.float32)
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    torch.library.opcheck(triton_backend.triton_attention, (q, k, v, torch.tensor([2, 3]), 4, 0.25),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-
-
 def test_projector_compiles_through_triton_without_graph_breaks():
     cfg = CCAMConfig(num_query=16, hidden_size=32, cross_hidden_size=24, num_heads=2, num_key_value_heads=2,
                      intermediate_size=48, output_size=20, attention_dropout=0.0, dropout=0.0)

@@ -16,8 +16,10 @@ as one opaque node, without graph breaks:
   every new list would recompile). Its values are checked inside the op, where they are known.
 * ``lse`` ``(B, H, N)``: the natural-log log-sum-exp of each query row's scores, float32
   (float64 for float64 inputs).
-* ``acc`` ``(B, N, H, D)`` float32: the output before rounding to a 16-bit dtype, returned when
-  ``keep_acc`` (else an empty tensor). The backward needs ``delta = rowsum(dO * O)``; from a
+* ``acc`` ``(B, N, H, D)`` float32 (float64 for float64 inputs): the output before rounding to a
+  16-bit dtype, returned when ``keep_acc`` (else an empty float32 tensor); a backend that keeps
+  no accumulator (the reference) returns its output, widened, and for float32/float64 inputs it
+  is a copy of ``out``. The backward needs ``delta = rowsum(dO * O)``; from a
   16-bit O, ``dP - delta`` cancels catastrophically in rows whose softmax is nearly one-hot
   (errors near 100% in dq and dk), while from the float32 accumulator it is consistent with the
   dP that the backward computes. ``ccam_attention`` asks for it when a 16-bit forward records a
@@ -26,6 +28,21 @@ as one opaque node, without graph breaks:
   forward's masks from it); drawn by ``ccam_attention`` from torch's generator.
 * ``variant``: a backend's implementation choice ("" = its best; the torch backend takes
   "flash" or "explicit" so tests can run each engine).
+
+The real ops return what their fakes promise, whatever a backend hands back: dense contiguous
+outputs (a backend's LSE may be a transposed view: with one K/V head it is), none sharing memory
+with an input or with another output (a custom op may alias neither; a float32 backend's
+accumulator is its output), the ``acc`` of ``keep_acc`` on every backend and dtype. Without that,
+torch.compile asserts on the strides it was promised, or AOTAutograd refuses aliased outputs;
+tests/test_opcheck.py runs ``torch.library.opcheck`` over every op.
+
+Every op is tagged ``torch.Tag.cudagraph_unsafe``: its launches depend on the values of CPU
+tensors (the frame counts, the dropout seed), read when it runs. A CUDA graph that contained it
+would replay the launches of the frame counts and seed it was captured with, whatever the new
+ones hold (same shapes, other values: wrong numbers, no error). With the tag,
+``torch.compile(mode="reduce-overhead")`` captures the code around each call and runs the op
+itself outside the graphs (inductor's graph partition), reading its inputs every call. A graph
+captured by hand (``torch.cuda.graph``) is the user's: it holds the frame counts of its capture.
 
 The op has no double backward: asking for one (``create_graph=True`` while q, k or v require
 grad) raises a RuntimeError saying so, instead of silently returning untracked gradients.
@@ -38,8 +55,11 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["define_attention_ops", "on_tensor_device", "checked_counts", "autocast_inputs", "NO_DOUBLE_BACKWARD",
-           "lse_dtype"]
+# Why every op carries it: module doc (a graph would replay the frame counts of its capture).
+CUDAGRAPH_UNSAFE = (torch.Tag.cudagraph_unsafe,)
+
+__all__ = ["CUDAGRAPH_UNSAFE", "define_attention_ops", "on_tensor_device", "checked_counts", "autocast_inputs",
+           "NO_DOUBLE_BACKWARD", "lse_dtype", "as_fakes_promise"]
 
 NO_DOUBLE_BACKWARD = (
     "ccam_attention has no double backward (its backward is not differentiable): call "
@@ -57,6 +77,30 @@ def on_tensor_device(x: torch.Tensor):
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _contiguous_strides(shape) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def as_fakes_promise(outputs, inputs) -> tuple:
+    """A custom op's real outputs as its fake implementation describes them: each dense with
+    contiguous strides (exactly: torch.compile checks every stride, even of size-1 dims) and
+    none sharing memory with an input or an earlier output (copied where one does)."""
+    taken = {x.untyped_storage().data_ptr() for x in inputs if isinstance(x, torch.Tensor) and x.numel()}
+    result = []
+    for x in outputs:
+        if x.numel():
+            shared = x.untyped_storage().data_ptr() in taken
+            if shared or x.storage_offset() or x.stride() != _contiguous_strides(x.shape):
+                x = torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+            taken.add(x.untyped_storage().data_ptr())
+        result.append(x)
+    return tuple(result)
 
 
 def checked_counts(frame_counts: torch.Tensor, tokens_per_frame: int, length: int) -> tuple[int, ...]:
@@ -111,7 +155,7 @@ def define_attention_ops(name: str, forward: Callable, backward: Callable,
     Returns ``run(q, k, v, problem, *, seed=None, variant="") -> out``."""
     qualname = f"ccam_kernels::{name}"
 
-    @torch.library.custom_op(qualname, mutates_args=())
+    @torch.library.custom_op(qualname, mutates_args=(), tags=CUDAGRAPH_UNSAFE)
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_counts: torch.Tensor,
                   tokens_per_frame: int, scale: float, dropout_p: float = 0.0,
                   seed: Optional[torch.Tensor] = None, keep_acc: bool = False,
@@ -120,18 +164,20 @@ def define_attention_ops(name: str, forward: Callable, backward: Callable,
         with device_context(q):
             out, lse, acc = forward(q, k, v, counts, tokens_per_frame, scale, dropout_p, _seed(seed),
                                     keep_acc, variant)
-        if not keep_acc or acc is None:
-            acc = q.new_empty(0, dtype=torch.float32)
-        return out, lse, acc
+            if not keep_acc:
+                acc = q.new_empty(0, dtype=torch.float32)
+            else:  # (a backend without an accumulator: its output, widened; copied below if it is out)
+                acc = (out if acc is None else acc).to(lse_dtype(q.dtype))
+            return as_fakes_promise((out, lse, acc), (q, k, v, frame_counts, seed))
 
     @attention.register_fake
     def _(q, k, v, frame_counts, tokens_per_frame, scale, dropout_p=0.0, seed=None, keep_acc=False, variant=""):
         n, h, d = q.shape[-3:]
         b = frame_counts.shape[0]
-        acc = q.new_empty(b, n, h, d, dtype=torch.float32) if keep_acc else q.new_empty(0, dtype=torch.float32)
+        acc = q.new_empty(b, n, h, d, dtype=lse_dtype(q.dtype)) if keep_acc else q.new_empty(0, dtype=torch.float32)
         return q.new_empty(b, n, h, d), q.new_empty(b, h, n, dtype=lse_dtype(q.dtype)), acc
 
-    @torch.library.custom_op(f"{qualname}_backward", mutates_args=())
+    @torch.library.custom_op(f"{qualname}_backward", mutates_args=(), tags=CUDAGRAPH_UNSAFE)
     def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            o: torch.Tensor, lse: torch.Tensor, frame_counts: torch.Tensor,
                            tokens_per_frame: int, scale: float, dropout_p: float = 0.0,
@@ -139,7 +185,8 @@ def define_attention_ops(name: str, forward: Callable, backward: Callable,
                            variant: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         counts = checked_counts(frame_counts, tokens_per_frame, k.shape[0])
         with device_context(q):
-            return backward(dout, q, k, v, o, lse, counts, tokens_per_frame, scale, dropout_p, _seed(seed), variant)
+            grads = backward(dout, q, k, v, o, lse, counts, tokens_per_frame, scale, dropout_p, _seed(seed), variant)
+            return as_fakes_promise(grads, (dout, q, k, v, o, lse, frame_counts, seed))
 
     @attention_backward.register_fake
     def _(dout, q, k, v, o, lse, frame_counts, tokens_per_frame, scale, dropout_p=0.0, seed=None, variant=""):

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .attention_ops import on_tensor_device
+from .attention_ops import CUDAGRAPH_UNSAFE, as_fakes_promise, on_tensor_device
 
 __all__ = ["define_partial_ops", "checked_windows"]
 
@@ -56,12 +56,13 @@ def define_partial_ops(name: str, forward: Callable, backward: Callable,
     checked ``long_video.partial.PartialProblem``."""
     qualname = f"ccam_kernels::{name}"
 
-    @torch.library.custom_op(qualname, mutates_args=())
+    @torch.library.custom_op(qualname, mutates_args=(), tags=CUDAGRAPH_UNSAFE)  # (attention_ops.py)
     def partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_counts: torch.Tensor,
                 frame_ranges: torch.Tensor, tokens_per_frame: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         counts, ranges = checked_windows(frame_counts, frame_ranges, tokens_per_frame, k.shape[0])
         with device_context(q):
-            return forward(q, k, v, counts, ranges, tokens_per_frame, scale)
+            return as_fakes_promise(forward(q, k, v, counts, ranges, tokens_per_frame, scale),
+                                    (q, k, v, frame_counts, frame_ranges))
 
     @partial.register_fake
     def _(q, k, v, frame_counts, frame_ranges, tokens_per_frame, scale):
@@ -69,14 +70,15 @@ def define_partial_ops(name: str, forward: Callable, backward: Callable,
         b = frame_counts.shape[0]
         return q.new_empty(b, n, h, d, dtype=torch.float32), q.new_empty(b, h, n, dtype=torch.float32)
 
-    @torch.library.custom_op(f"{qualname}_backward", mutates_args=())
+    @torch.library.custom_op(f"{qualname}_backward", mutates_args=(), tags=CUDAGRAPH_UNSAFE)
     def partial_backward(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                          v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, frame_counts: torch.Tensor,
                          frame_ranges: torch.Tensor, tokens_per_frame: int,
                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         counts, ranges = checked_windows(frame_counts, frame_ranges, tokens_per_frame, k.shape[0])
         with device_context(q):
-            return backward(dout, dlse, q, k, v, out, lse, counts, ranges, tokens_per_frame, scale)
+            return as_fakes_promise(backward(dout, dlse, q, k, v, out, lse, counts, ranges, tokens_per_frame, scale),
+                                    (dout, dlse, q, k, v, out, lse, frame_counts, frame_ranges))
 
     @partial_backward.register_fake
     def _(dout, dlse, q, k, v, out, lse, frame_counts, frame_ranges, tokens_per_frame, scale):

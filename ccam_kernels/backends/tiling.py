@@ -51,12 +51,27 @@ def whole_video_forward(launch, q, k, v, frame_counts: tuple, tokens_per_frame: 
     return out, lse, acc if keep_acc else None
 
 
-@functools.lru_cache(maxsize=256)
+# Plans read by a captured CUDA graph: it reads their memory at every replay, so they must
+# outlive their eviction from window_plan's cache (freed memory would be reused by others).
+_CAPTURED_PLANS: list = []
+
+
 def window_plan(frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, block_n: int,
                 device: torch.device, dtype=torch.int64) -> WindowPlan:
     """The plan of a call whose k/v hold, sample by sample, only the keys of frames
     [f0_b, f1_b) of each video (partial attention; the whole-video op is the windows [0, T_b)).
-    The mask rule still needs T_b; the kernels count keys from the window's first key."""
+    The mask rule still needs T_b; the kernels count keys from the window's first key.
+    Cached; under CUDA-graph capture it must be cached already (an eager call with the same
+    frame counts first: building it copies host data to the device, which a capture forbids)."""
+    p = _window_plan(frame_counts, frame_ranges, tokens_per_frame, block_n, device, dtype)
+    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+        _CAPTURED_PLANS.append(p)
+    return p
+
+
+@functools.lru_cache(maxsize=256)
+def _window_plan(frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, block_n: int,
+                 device: torch.device, dtype=torch.int64) -> WindowPlan:
     offsets, tile_sample, tile_start = [], [], []
     total = 0
     for b, (f0, f1) in enumerate(frame_ranges):

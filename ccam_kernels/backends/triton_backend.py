@@ -4,9 +4,11 @@
 ``ccam_kernels::triton_attention_backward`` are custom ops (attention_ops.py: fake
 implementations and an autograd formula, so torch.compile traces through them).
 ``ccam_kernels::triton_partial_attention`` and its ``_backward`` are the same kernels over a
-frame window of each video (partial_ops.py; long_video/partial.py dispatches to them). CUDA graphs:
-capture after one eager call with the same head dim, dtype and frame counts (it builds the small per-batch plan tensors and runs Triton's autotuning, neither
-of which may happen during a capture); torch.compile's reduce-overhead mode warms up so.
+frame window of each video (partial_ops.py; long_video/partial.py dispatches to them). CUDA graphs
+(docs/modes.md; untested on a GPU): capture by hand after one eager call with the same head dim,
+dtype and frame counts (it builds the small per-batch plan tensors and runs Triton's autotuning,
+neither of which may happen during a capture); the graph holds those frame counts. The ops are
+tagged cudagraph_unsafe, so torch.compile's reduce-overhead mode captures the code around them.
 """
 
 from __future__ import annotations

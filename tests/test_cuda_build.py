@@ -246,9 +246,8 @@ print(cuda_build.emulator_build_name(), float((out.double() - want).norm() / wan
 
 def test_trees_sharing_an_extension_dir_each_run_their_own_sources(tmp_path, seed):
     """Two copies of the package whose csrc/ differ (one with a wrong mask rule), sharing one
-    TORCH_EXTENSIONS_DIR: each runs its own kernels, whichever builds first. The copies keep
-    the files' times, as a second checkout of the same commit does. The real sources' build is
-    taken from this session's extension folder when it is there (one build less)."""
+    TORCH_EXTENSIONS_DIR and started together: each runs its own kernels. The real sources'
+    build is taken from this session's extension folder when it is there (one build less)."""
     repo = CSRC.parent
     shared = tmp_path / "ext"
     shared.mkdir()
@@ -264,14 +263,19 @@ def test_trees_sharing_an_extension_dir_each_run_their_own_sources(tmp_path, see
     text = rule.read_text()
     assert "* frames / num_query + 1 - first_frame)" in text
     rule.write_text(text.replace("* frames / num_query + 1 - first_frame)", "* frames / num_query + 2 - first_frame)"))
+    # Both at once: torch's builder, given one folder, made the second process wait for the
+    # first's build and then load it, whichever tree it came from.
+    procs = {tree: subprocess.Popen([sys.executable, "-c", _RUN_TREE, str(seed), str(repo / "tests")], cwd=tmp_path,
+                                    env=dict(os.environ, PYTHONPATH=str(trees[tree]), TORCH_EXTENSIONS_DIR=str(shared),
+                                             CCAM_CUDA_EMULATE="1"),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for tree in ("mutant", "real")}
     results = {}
-    for tree in ("mutant", "real"):  # the mutant builds first: the real tree must not take its binary
-        env = dict(os.environ, PYTHONPATH=str(trees[tree]), TORCH_EXTENSIONS_DIR=str(shared), CCAM_CUDA_EMULATE="1")
-        proc = subprocess.run([sys.executable, "-c", _RUN_TREE, str(seed), str(repo / "tests")], env=env,
-                              capture_output=True, text=True, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        name, err = proc.stdout.split()
-        results[tree] = (name, float(err))
+    for tree, proc in procs.items():
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+        name, error = out.split()
+        results[tree] = (name, float(error))
     assert results["real"][0] == real != results["mutant"][0]
     assert results["real"][1] < 2e-3, results
     assert results["mutant"][1] > 0.05, results

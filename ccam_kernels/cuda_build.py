@@ -263,6 +263,9 @@ def emulator_build_name() -> str:
     return f"ccam_kernels_cuda_emulator_{digest.hexdigest()[:16]}"
 
 
+_LOADED: set = set()  # the emulation builds loaded in this process, by name
+
+
 def extensions_root() -> pathlib.Path:
     """Where torch.utils.cpp_extension puts a JIT build's folder: $TORCH_EXTENSIONS_DIR, else
     its per-user cache folder for this Python and accelerator (as torch names it)."""
@@ -291,11 +294,14 @@ def load_emulator(verbose: bool = False):
     from torch.utils.cpp_extension import load as cpp_load
 
     name = emulator_build_name()
+    if name in _LOADED:  # its ops are registered: a second copy of the library would register them again
+        return
     root = extensions_root()
     final = root / name
     library = final / f"{name}.so"
     if library.exists():
         torch.ops.load_library(str(library))
+        _LOADED.add(name)
         return
     root.mkdir(parents=True, exist_ok=True)
     fresh = pathlib.Path(tempfile.mkdtemp(prefix=f"{name}.building-", dir=root))
@@ -304,6 +310,7 @@ def load_emulator(verbose: bool = False):
         # when its folder is renamed or removed).
         cpp_load(name=name, sources=[str(csrc_dir() / s) for s in EMULATOR_SOURCES], extra_cflags=list(EMULATOR_FLAGS),
                  build_directory=str(fresh), is_python_module=False, verbose=verbose)
+        _LOADED.add(name)
         try:
             os.rename(fresh, final)
         except OSError:

@@ -185,6 +185,7 @@ STEMS = [
     "scale must be a float or None, got",
     "scale must be finite and non-zero, got",
     "frame_counts must be >= 1 for every sample and not empty, got",
+    "so that frame_of_query is exact in int64 arithmetic, got",
     "ccam_attention has no double backward",
     # backend= (§8.3) and why a backend is unusable (§6)
     "backend must be a str, got",
@@ -241,6 +242,7 @@ STEMS = [
     "is in two weights files:",
     "key_map must be a dict, a callable or None, got",
     "key_map maps both",
+    "key_map must map each key to a str or None, got",
     "cannot load checkpoint:",
     "unexpected keys (not parameters of",
     "missing keys (parameters the checkpoint does not fill):",
@@ -250,6 +252,7 @@ STEMS = [
     "dtype must be a floating-point torch.dtype, got",
     "device must be a torch.device or a device string, got",
     "device='meta' is refused: meta tensors hold no data",
+    "cannot hold tensors on this machine:",
     "save_pretrained needs a directory, but",
     "is an existing file",
     # long videos (§8.7)
@@ -262,6 +265,11 @@ STEMS = [
     "cannot run partial attention here:",
     "cannot run partial attention for this projector:",
     "merge_partials needs at least one (out, lse) pair, got none",
+    "merge_partials needs an iterable of (out, lse) pairs, got",
+    "] must be an (out, lse) pair of tensors, got",
+    "] must be out (B, N, H, D) and lse (B, H, N), got out",
+    "merge_partials: every partial must have the shapes of the first, got out",
+    "merge_partials: every partial must have the dtypes and device of the first, got",
     "long-video paths need partial attention, which a callable backend does not provide",
     "proj.stream() is for inference only and the projector is in training mode",
     "this stream is closed (finished, or its parameters changed)",
@@ -287,6 +295,7 @@ STEMS = [
     "every rank must pass split_sizes for the same videos",
     "every rank must have the same tokens per frame P",
     "every video needs at least one frame over the group",
+    "while checking the arguments:",
     # warnings (§8.8)
     "CCAMConfig ignores unknown config keys:",
     "does not set",

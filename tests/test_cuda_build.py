@@ -214,15 +214,20 @@ def test_emulator_build_is_moved_into_place_whole(tmp_path, monkeypatch):
             (final / f"{name}.so").write_text("winner")
 
     monkeypatch.setattr(cpp_extension, "load", fake_build)
+    monkeypatch.setattr(cuda_build, "_LOADED", set())
     monkeypatch.setattr(torch.ops, "load_library", lambda path: loaded.append(pathlib.Path(path).read_text()))
     race = False
     cuda_build.load_emulator()
     assert (final / f"{name}.so").read_text() == "build 0" and loaded == ["build 0"]
-    cuda_build.load_emulator()  # finished: loaded as it is
+    cuda_build.load_emulator()  # loaded already in this process: nothing to do
+    assert len(builds) == 1 and loaded == ["build 0"]
+    cuda_build._LOADED.clear()  # as a new process: the finished folder is loaded as it is
+    cuda_build.load_emulator()
     assert len(builds) == 1 and loaded == ["build 0", "build 0"]
     assert sorted(p.name for p in (tmp_path / "ext").iterdir()) == [name]
 
     shutil.rmtree(final)
+    cuda_build._LOADED.clear()
     race = True
     cuda_build.load_emulator()
     assert (final / f"{name}.so").read_text() == "winner"

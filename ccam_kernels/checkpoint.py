@@ -93,6 +93,8 @@ def apply_key_map(state: dict, key_map) -> dict:
         new = rename(key)
         if new is None:
             continue
+        if not isinstance(new, str):  # a non-str key would only fail later, in load_state_dict
+            raise TypeError(f"key_map must map each key to a str or None, got {type(new).__name__} for {key!r}")
         if new in out:
             raise ValueError(f"key_map maps both {source[new]!r} and {key!r} to {new!r}")
         out[new], source[new] = value, key
@@ -140,6 +142,11 @@ def _check_load_args(path, dtype, device):
             raise ValueError("device='meta' is refused: meta tensors hold no data, so the checkpoint's weights "
                              "would be discarded; for a weightless module build CCAMProjector(config) under "
                              "`with torch.device('meta'):`")
+        try:  # before any file is read; torch's own refusal is a bare AssertionError for some builds
+            torch.empty(0, device=device)
+        except (AssertionError, RuntimeError, NotImplementedError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeError(f"device {str(device)!r} cannot hold tensors on this machine: {reason}") from None
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint path {path!r} does not exist")

@@ -71,12 +71,43 @@ def check_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+def is_real_number(value) -> bool:
+    """A Python or NumPy int or float (np.float32 as well as np.float64, which alone subclasses
+    float), never a bool: what a float argument takes."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_probability(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real_number(value):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     if not (0.0 <= float(value) < 1.0):
         raise ValueError(f"{name} must be in [0, 1), got {value}")
     return float(value)
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """The softmax scale as a float: 1/sqrt(D) for None, else a finite non-zero number."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not is_real_number(scale):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale == 0:
+        raise ValueError(f"scale must be finite and non-zero, got {scale}")
+    return float(scale)
+
+
+def integer_tensor_values(name: str, values: torch.Tensor) -> list:
+    """The values of a 1-D integer tensor (any integer dtype, any device but meta) as Python
+    ints; TypeError/ValueError naming ``name`` for a bool or floating dtype, another shape, or a
+    meta tensor (it holds no values to read)."""
+    dtype = values.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (int64, int32, int16, int8 or uint8), got dtype {dtype}")
+    if values.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (B,), got a tensor of shape {tuple(values.shape)}")
+    if values.is_meta:
+        raise ValueError(f"{name} must hold values, got a meta tensor (meta tensors have no data)")
+    return [int(t) for t in values.tolist()]
 
 
 def normalize_frame_counts(name: str, frame_counts) -> tuple[int, ...]:
@@ -89,14 +120,7 @@ def normalize_frame_counts(name: str, frame_counts) -> tuple[int, ...]:
     1-D (0-d included), meta tensors (they hold no values), and any other type.
     """
     if isinstance(frame_counts, torch.Tensor):
-        dtype = frame_counts.dtype
-        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor (int64, int32, int16, int8 or uint8), got dtype {dtype}")
-        if frame_counts.dim() != 1:
-            raise ValueError(f"{name} must be 1-D (B,), got a tensor of shape {tuple(frame_counts.shape)}")
-        if frame_counts.is_meta:
-            raise ValueError(f"{name} must hold values, got a meta tensor (meta tensors have no data)")
-        counts = tuple(int(t) for t in frame_counts.tolist())
+        counts = tuple(integer_tensor_values(name, frame_counts))
     elif isinstance(frame_counts, np.ndarray):
         if frame_counts.dtype.kind not in "iu":  # b: bool, f: float, ...
             raise TypeError(f"{name} must be an integer array, got a NumPy array of dtype {frame_counts.dtype}")
@@ -181,12 +205,7 @@ def check_attention_args(q, k, v, frame_counts, tokens_per_frame, scale=None, dr
         raise ValueError(
             f"q has batch size {q.shape[0]} but frame_counts has {batch} samples"
         )
-    if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    elif not math.isfinite(scale) or scale == 0:
-        raise ValueError(f"scale must be finite and non-zero, got {scale}")
+    scale = check_scale(scale, head_dim)
     dropout_p = check_probability("dropout_p", dropout_p)
     return AttentionProblem(
         frame_counts=counts,

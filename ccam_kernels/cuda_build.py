@@ -239,22 +239,85 @@ def load(archs=None, verbose: bool = False):
 
 
 EMULATOR_SOURCES = ("emu/ccam_attention_emu.cpp", "emu/kernels.cpp", "emu/runtime.cpp", "emu/ptx.cpp")
+EMULATOR_FLAGS = ("-O2", "-std=c++20", "-DCCAM_EMULATE")
+_CXX_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")
+
+
+def emulator_build_name() -> str:
+    """The emulation build's extension name: a prefix and a hash of everything its binary
+    depends on here: every C++/CUDA file under csrc/ (path relative to csrc/ and bytes: the
+    build includes headers from ccam/, emu/ and csrc/ itself, so all of them count, and a file
+    it does not compile only costs a rebuild), the flags, the compiler and torch's version.
+    Keyed by content, never by the tree's path or the files' times: two checkouts sharing one
+    TORCH_EXTENSIONS_DIR share a binary exactly when their sources are the same (a copy of a
+    tree keeps the files' times, so ninja's timestamp check alone would reuse another tree's
+    objects)."""
+    import torch
+
+    root = csrc_dir()
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in _CXX_SUFFIXES and p.is_file()):
+        data = path.read_bytes()
+        digest.update(f"{path.relative_to(root).as_posix()}\0{len(data)}\0".encode() + data)
+    digest.update("\0".join([*EMULATOR_FLAGS, os.environ.get("CXX", "c++"), torch.__version__, sys.version]).encode())
+    return f"ccam_kernels_cuda_emulator_{digest.hexdigest()[:16]}"
+
+
+_LOADED: set = set()  # the emulation builds loaded in this process, by name
+
+
+def extensions_root() -> pathlib.Path:
+    """Where torch.utils.cpp_extension puts a JIT build's folder: $TORCH_EXTENSIONS_DIR, else
+    its per-user cache folder for this Python and accelerator (as torch names it)."""
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return pathlib.Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    accelerator = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
+                   f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return pathlib.Path(get_default_build_root()) / f"{python}_{accelerator}"
 
 
 def load_emulator(verbose: bool = False):
-    """Build (once; cached in torch's default extension dir, rebuilt when a source changes)
-    and load the CPU emulation build of the kernels (csrc/emu): the ops cuda_fwd, cuda_bwd_dq
-    and cuda_bwd_dkdv for CPU tensors. g++ only, no CUDA; about a minute the first time."""
+    """Build (once per source state) and load the CPU emulation build of the kernels
+    (csrc/emu): the ops cuda_fwd, cuda_bwd_dq and cuda_bwd_dkdv for CPU tensors. g++ only, no
+    CUDA; about a minute the first time.
+
+    The build lives in TORCH_EXTENSIONS_DIR (torch's default extension folder) under
+    emulator_build_name(), a folder that is only ever complete: each builder compiles into a
+    fresh folder of its own and renames it into place (one atomic rename; when another
+    builder got there first, its folder is used and this one is dropped). So concurrent
+    builders never load a half-written binary, and no tree loads another tree's."""
+    import torch
     from torch.utils.cpp_extension import load as cpp_load
 
-    root = csrc_dir()
-    # The headers are not sources: name them in the flags' hash so that editing one rebuilds.
-    headers = sorted((root / "ccam").glob("*")) + sorted((root / "emu").glob("*.h")) + [root / "ccam_ops.h",
-                                                                                         root / "ccam_dispatch.h"]
-    digest = hashlib.sha256(b"".join(h.read_bytes() for h in headers)).hexdigest()[:16]
-    cpp_load(name="ccam_kernels_cuda_emulator", sources=[str(root / s) for s in EMULATOR_SOURCES],
-             extra_cflags=["-O2", "-std=c++20", "-DCCAM_EMULATE", f"-DCCAM_EMU_HEADERS={digest}"],
-             is_python_module=False, verbose=verbose)
+    name = emulator_build_name()
+    if name in _LOADED:  # its ops are registered: a second copy of the library would register them again
+        return
+    root = extensions_root()
+    final = root / name
+    library = final / f"{name}.so"
+    if library.exists():
+        torch.ops.load_library(str(library))
+        _LOADED.add(name)
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    fresh = pathlib.Path(tempfile.mkdtemp(prefix=f"{name}.building-", dir=root))
+    try:
+        # Builds in `fresh` and loads the library from there (a loaded library stays mapped
+        # when its folder is renamed or removed).
+        cpp_load(name=name, sources=[str(csrc_dir() / s) for s in EMULATOR_SOURCES], extra_cflags=list(EMULATOR_FLAGS),
+                 build_directory=str(fresh), is_python_module=False, verbose=verbose)
+        _LOADED.add(name)
+        try:
+            os.rename(fresh, final)
+        except OSError:
+            if not library.exists():  # not another builder's finished folder: something else is wrong
+                raise
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)  # gone already when the rename succeeded
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,7 @@ prefix of its sample's keys. Every other module asks this one; none re-derives t
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -25,18 +26,35 @@ __all__ = [
 ]
 
 
+INT64_MAX = 2**63 - 1
+# The largest N for which (N - 1)**2, the largest i * (T mod N), fits in int64. Its output alone
+# would be 24 GB.
+MAX_EXACT_QUERIES = math.isqrt(INT64_MAX) + 1
+
+
 def frame_of_query(num_query: int, num_frames: int, *, device: Optional[DeviceLike] = None) -> torch.Tensor:
     """Frame of each query: ``floor(i * num_frames / num_query)`` for ``i = 0 .. num_query-1``.
 
-    Returns an int64 tensor of shape ``(num_query,)``, non-decreasing, starting at 0.
+    Returns an int64 tensor of shape ``(num_query,)``, non-decreasing, starting at 0, exact
+    for every ``num_frames`` up to 2**63 - 1 and ``num_query`` up to MAX_EXACT_QUERIES
+    (larger ones are refused).
     For ``num_frames > num_query`` the last query's frame can be below ``num_frames - 1``:
     the keys of the frames after it are then seen by no query.
     """
     num_query = check_int("num_query", num_query)
     num_frames = check_int("num_frames", num_frames)
+    if isinstance(num_frames, int) and num_frames > INT64_MAX:
+        raise ValueError(f"num_frames must be <= 2**63 - 1 so that frame_of_query is exact in int64 arithmetic, "
+                         f"got {num_frames}")
+    if isinstance(num_query, int) and num_query > MAX_EXACT_QUERIES:
+        raise ValueError(f"num_query must be <= {MAX_EXACT_QUERIES} so that frame_of_query is exact in int64 "
+                         f"arithmetic, got {num_query}")
     i = torch.arange(num_query, dtype=torch.int64, device=device)
-    # Integer arithmetic: exact for every size (i * T < 2**63).
-    return torch.div(i * num_frames, num_query, rounding_mode="floor")
+    # Exact int64 arithmetic for every T < 2**63: i * T itself overflows once T > 2**63 / N, so
+    # split T = q * N + r: floor(i * T / N) = i * q + floor(i * r / N), where i * q <= T and
+    # i * r < N**2 both fit (MAX_EXACT_QUERIES).
+    q, r = num_frames // num_query, num_frames % num_query
+    return i * q + torch.div(i * r, num_query, rounding_mode="floor")
 
 
 def visible_prefix_length(num_query: int, num_frames: int, tokens_per_frame: int, *, device=None) -> torch.Tensor:

@@ -202,9 +202,28 @@ def _ceilings():
             "copy_gbps": 1.0}
 
 
-def test_oom_and_errors_become_rows(monkeypatch):
+# What the allocators raise when they run out: CUDA's, torch's CPU allocator (POSIX and Windows
+# wording), Python's own.
+ALLOCATOR_FAILURES = {
+    "cuda": lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB"),
+    "cpu": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                                "memory: you tried to allocate 35184372088832 bytes. Error code 12 (Cannot allocate memory)"),
+    "cpu-windows": lambda: RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 9 bytes."),
+    "python": lambda: MemoryError(),
+}
+
+
+def test_the_cpu_allocators_message_is_what_the_stub_says():
+    """The stub above is the message torch raises today: a real allocation that cannot succeed."""
+    with pytest.raises(RuntimeError) as info:
+        torch.empty(2**62, dtype=torch.uint8)
+    assert "can't allocate memory" in str(info.value) or "not enough memory" in str(info.value)
+
+
+@pytest.mark.parametrize("failure", sorted(ALLOCATOR_FAILURES))
+def test_oom_and_errors_become_rows(monkeypatch, failure):
     def oom(self, i):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
+        raise ALLOCATOR_FAILURES[failure]()
 
     def broken(self, i):
         raise ValueError("kaputt")
@@ -219,6 +238,35 @@ def test_oom_and_errors_become_rows(monkeypatch):
     assert by["reference"]["status"] == "ok" and by["reference"]["repeats"] == 4
     assert by["torch"]["status"] == "error" and "kaputt" in by["torch"]["reason"]
     assert by["sdpa-flash"]["status"] == "oom" and by["sdpa-flash"]["median_ms"] is None
+
+
+@pytest.mark.parametrize("failure", sorted(ALLOCATOR_FAILURES))
+def test_inputs_that_do_not_fit_become_oom_rows(monkeypatch, failure):
+    """An allocation failure while making a case's inputs is a row per contestant, not a traceback."""
+    import ccam_kernels.bench.runner as runner
+
+    def no_memory(*args, **kwargs):
+        raise ALLOCATOR_FAILURES[failure]()
+
+    monkeypatch.setattr(runner, "AttentionInputs", type("NoMemory", (), {"__new__": no_memory,
+                                                                          "bytes_per_set": staticmethod(lambda c: 1)}))
+    rows = run_case(_attention_case("fwd"), ["reference", "torch"], Timer(CPU), Settings(warmup=0, repeats=1, rounds=1),
+                    _ceilings(), _log)
+    assert [(r["backend"], r["status"]) for r in rows] == [("reference", "oom"), ("torch", "oom")]
+    assert all(r["median_ms"] is None for r in rows)
+
+
+def test_other_errors_making_the_inputs_still_raise(monkeypatch):
+    import ccam_kernels.bench.runner as runner
+
+    def broken(*args, **kwargs):
+        raise ValueError("kaputt")
+
+    monkeypatch.setattr(runner, "AttentionInputs", type("Broken", (), {"__new__": broken,
+                                                                        "bytes_per_set": staticmethod(lambda c: 1)}))
+    with pytest.raises(ValueError, match="kaputt"):
+        run_case(_attention_case("fwd"), ["reference"], Timer(CPU), Settings(warmup=0, repeats=1, rounds=1),
+                 _ceilings(), _log)
 
 
 def test_wrong_results_are_not_timed(monkeypatch):

@@ -104,3 +104,71 @@ def test_usable_out_lets_the_run_start(tmp_path, monkeypatch):
     with pytest.raises(Started):
         cli.main([*LIGHT, "--max-minutes", "0.5", "--out", str(tmp_path / "out")])
     assert (tmp_path / "out").is_dir()
+
+
+# ---- ccam-bench --bench long: every flag checked before any case (issue 21 item 7) ----------
+
+LONG = ["--bench", "long", "--frames", "4", "--procs", "1", "--parallel-frames", "2", "--repeats", "1"]
+
+
+@pytest.fixture
+def no_long_cases(monkeypatch):
+    """The long bench's points and frame-parallel runs fail the test if one ever starts."""
+    from ccam_kernels.bench import long_video
+
+    def started(*args, **kwargs):
+        raise AssertionError("a long-bench case ran although a flag is bad")
+
+    monkeypatch.setattr(long_video, "_spawn_point", started)
+    monkeypatch.setattr(long_video, "_run_parallel", started)
+
+
+@pytest.mark.parametrize("flag,value", [("--repeats", "0"), ("--chunk", "0"), ("--chunk", "-3"), ("--threads", "0"),
+                                        ("--parallel-frames", "0"), ("--repeats", "x"), ("--procs", "0")])
+def test_long_bench_refuses_a_bad_value_before_any_case(flag, value, capsys, no_long_cases, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*LONG, flag, value, "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("make", [_existing_file, _missing_parent], ids=["existing-file", "missing-parent"])
+def test_long_bench_refuses_an_unusable_out_before_any_case(make, tmp_path, capsys, no_long_cases):
+    out, reason = make(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    assert cli.main([*LONG, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "ccam-bench: --out" in err and re.search(reason, err)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_long_bench_allocation_failures_are_oom_rows(tmp_path, monkeypatch):
+    """A point whose worker ran out of memory (its last stderr line: torch's CPU allocator,
+    CUDA's, Python's MemoryError) and a frame-parallel run that did are `oom` rows; any other
+    failure stays an `error` row."""
+    import json
+
+    from ccam_kernels.bench import long_video
+
+    cpu = ("RuntimeError: [enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+           "you tried to allocate 35184372088832 bytes. Error code 12 (Cannot allocate memory)")
+    failures = {(4, "one-shot"): cpu, (4, "stream"): "torch.OutOfMemoryError: CUDA out of memory.",
+                (5, "one-shot"): "MemoryError", (5, "stream"): "ValueError: kaputt"}
+
+    def point(spec):
+        if "modes" in spec:  # the timing run of both modes: nothing left to time
+            return {"error": "unused"}
+        return {"error": failures[(spec["frames"], spec["mode"])]}
+
+    def parallel(world, *args):
+        raise RuntimeError(f"process 0 terminated with exit code 1\n{cpu}")
+
+    monkeypatch.setattr(long_video, "_spawn_point", point)
+    monkeypatch.setattr(long_video, "_run_parallel", parallel)
+    code = cli.main([*LONG, "--frames", "4,5", "--device", "cpu", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "long.json").read_text())["rows"]
+    status = {(r["frames"], r["mode"]): r["status"] for r in rows}
+    assert status == {(4, "one-shot"): "oom", (4, "stream"): "oom", (5, "one-shot"): "oom", (5, "stream"): "error",
+                      (2, "frame-parallel"): "oom"}
+    assert code == 1  # the one real error

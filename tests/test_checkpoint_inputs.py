@@ -132,6 +132,23 @@ def test_bad_dtype_or_device_is_named(tmp_path, kwargs, exc, pattern):
         CCAMProjector.from_pretrained(tmp_path, **kwargs)
 
 
+@pytest.mark.parametrize("key_map", [lambda key: 3, lambda key: ("a", key), {"query": b"query"}],
+                         ids=["callable-int", "callable-tuple", "dict-bytes"])
+def test_key_map_to_a_non_str_is_refused(tmp_path, key_map):
+    make_projector().save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match=r"key_map must map each key to a str or None, got (int|tuple|bytes) for '"):
+        CCAMProjector.from_pretrained(tmp_path, key_map=key_map)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_device_this_build_cannot_use_is_a_clear_error(tmp_path):
+    """torch's own refusal on a CPU build is a bare AssertionError; it is refused up front, by name."""
+    make_projector().save_pretrained(tmp_path)
+    for device in ("cuda", torch.device("cuda", 0)):
+        with pytest.raises(RuntimeError, match=r"device 'cuda(:0)?' cannot hold tensors on this machine: "):
+            CCAMProjector.from_pretrained(tmp_path, device=device)
+
+
 def test_path_that_does_not_exist_says_so(tmp_path):
     missing = tmp_path / "no-such-checkpoint"
     with pytest.raises(FileNotFoundError, match=re.escape(f"checkpoint path {str(missing)!r} does not exist")):

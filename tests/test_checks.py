@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,6 +109,25 @@ def test_bad_dropout(dropout_p, exc):
     q, k, v = good()
     with pytest.raises(exc, match="dropout_p"):
         ccam_attention(q, k, v, list(T), P, dropout_p=dropout_p)
+
+
+@pytest.mark.parametrize("to_scalar", [np.float64, np.float32, np.float16, np.int64], ids=lambda f: f.__name__)
+def test_numpy_scalars_are_numbers(to_scalar):
+    """scale and dropout_p take NumPy scalars of every float width (np.float32 is no subclass of
+    float, unlike np.float64), as Python numbers; np.bool_ is refused as bool is."""
+    q, k, v = good(torch.float64)
+    scale = 0.3 if to_scalar is not np.int64 else 1
+    want = ccam_attention(q, k, v, list(T), P, scale=float(to_scalar(scale)), backend="reference")
+    got = ccam_attention(q, k, v, list(T), P, scale=to_scalar(scale), backend="reference")
+    assert torch.equal(got, want)
+    assert check_attention_args(q, k, v, list(T), P, scale=to_scalar(scale)).scale == float(to_scalar(scale))
+    assert check_attention_args(q, k, v, list(T), P, dropout_p=to_scalar(0)).dropout_p == 0.0
+    if to_scalar is not np.int64:
+        assert check_attention_args(q, k, v, list(T), P, dropout_p=to_scalar(0.25)).dropout_p == 0.25
+    with pytest.raises(TypeError, match="scale must be a float or None, got bool"):
+        ccam_attention(q, k, v, list(T), P, scale=np.bool_(True))
+    with pytest.raises(TypeError, match="dropout_p must be a float, got bool"):
+        ccam_attention(q, k, v, list(T), P, dropout_p=np.bool_(False))
 
 
 def test_unknown_backend_lists_known_ones():

@@ -165,3 +165,123 @@ def test_fake_implementations_give_the_shapes():
         assert lse.shape == (2, 4, 20) and lse.dtype == torch.float32
         dq, dk, dv = torch.ops.ccam_kernels.cuda_attention_backward(out, q, k, k, out, lse, torch.tensor([2, 3]), 7, 0.125)
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape
+
+
+# ---- the emulation build's cache: keyed by its sources, moved into place whole ----------------
+
+
+def _csrc_copy(dest: pathlib.Path) -> pathlib.Path:
+    shutil.copytree(CSRC, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+@pytest.mark.parametrize("edit", ["ccam/rule.cuh", "emu/runtime.h", "ccam_dispatch.h", "emu/kernels.cpp",
+                                  "instantiations/fwd_fp16_d32.cu", "emu/new_header.h"])
+def test_emulator_build_name_hashes_every_source(tmp_path, monkeypatch, edit):
+    """The name changes with any C++/CUDA file under csrc/ (a header it includes, a new file),
+    and not with the tree's path or its files' times."""
+    monkeypatch.setattr(cuda_build, "CSRC", _csrc_copy(tmp_path / "a"))
+    first = cuda_build.emulator_build_name()
+    assert first.startswith("ccam_kernels_cuda_emulator_")
+    monkeypatch.setattr(cuda_build, "CSRC", _csrc_copy(tmp_path / "b"))
+    os.utime(tmp_path / "b" / "ccam" / "rule.cuh", (0, 0))
+    assert cuda_build.emulator_build_name() == first
+    path = tmp_path / "b" / edit
+    path.write_text((path.read_text() if path.exists() else "") + "\n// edited\n")
+    assert cuda_build.emulator_build_name() != first
+
+
+def test_emulator_build_is_moved_into_place_whole(tmp_path, monkeypatch):
+    """Each builder compiles into a fresh folder and renames it into place: the keyed folder is
+    never seen half-written, a finished one is loaded without a build, and a builder that lost
+    the race to another drops its own folder and uses the winner's."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    name = cuda_build.emulator_build_name()
+    final = tmp_path / "ext" / name
+    builds, loaded = [], []
+
+    def fake_build(name, sources, extra_cflags, build_directory, is_python_module, verbose):
+        assert not final.exists() or race, "built although the finished folder was there"
+        assert pathlib.Path(build_directory).parent == tmp_path / "ext" and build_directory != str(final)
+        assert {pathlib.Path(s).name for s in sources} == {pathlib.Path(s).name for s in cuda_build.EMULATOR_SOURCES}
+        (pathlib.Path(build_directory) / f"{name}.so").write_text(f"build {len(builds)}")
+        builds.append(build_directory)
+        loaded.append((pathlib.Path(build_directory) / f"{name}.so").read_text())
+        if race:  # another builder finishes first, while this one is still building
+            final.mkdir()
+            (final / f"{name}.so").write_text("winner")
+
+    monkeypatch.setattr(cpp_extension, "load", fake_build)
+    monkeypatch.setattr(cuda_build, "_LOADED", set())
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: loaded.append(pathlib.Path(path).read_text()))
+    race = False
+    cuda_build.load_emulator()
+    assert (final / f"{name}.so").read_text() == "build 0" and loaded == ["build 0"]
+    cuda_build.load_emulator()  # loaded already in this process: nothing to do
+    assert len(builds) == 1 and loaded == ["build 0"]
+    cuda_build._LOADED.clear()  # as a new process: the finished folder is loaded as it is
+    cuda_build.load_emulator()
+    assert len(builds) == 1 and loaded == ["build 0", "build 0"]
+    assert sorted(p.name for p in (tmp_path / "ext").iterdir()) == [name]
+
+    shutil.rmtree(final)
+    cuda_build._LOADED.clear()
+    race = True
+    cuda_build.load_emulator()
+    assert (final / f"{name}.so").read_text() == "winner"
+    assert sorted(p.name for p in (tmp_path / "ext").iterdir()) == [name]  # the loser's folder is gone
+
+
+_RUN_TREE = """
+import os, sys, torch
+sys.path.insert(0, sys.argv[2])
+from ccam_kernels import ccam_attention, cuda_build
+from oracle import attention_oracle
+torch.manual_seed(int(sys.argv[1]))
+counts, P = [3, 2], 4
+q = torch.randn(2, 7, 2, 32, dtype=torch.float16)
+k, v = (torch.randn(sum(counts) * P, 2, 32, dtype=torch.float16) for _ in range(2))
+out = ccam_attention(q, k, v, counts, P, backend="cuda")
+want = attention_oracle(q, k, v, counts, P)
+print(cuda_build.emulator_build_name(), float((out.double() - want).norm() / want.norm()))
+"""
+
+
+def test_trees_sharing_an_extension_dir_each_run_their_own_sources(tmp_path, seed):
+    """Two copies of the package whose csrc/ differ (one with a wrong mask rule), sharing one
+    TORCH_EXTENSIONS_DIR and started together: each runs its own kernels. The real sources'
+    build is taken from this session's extension folder when it is there (one build less)."""
+    repo = CSRC.parent
+    shared = tmp_path / "ext"
+    shared.mkdir()
+    real = cuda_build.emulator_build_name()
+    if (cuda_build.extensions_root() / real / f"{real}.so").exists():
+        shutil.copytree(cuda_build.extensions_root() / real, shared / real)
+    trees = {}
+    for tree in ("mutant", "real"):
+        shutil.copytree(repo / "ccam_kernels", tmp_path / tree / "ccam_kernels", ignore=shutil.ignore_patterns("__pycache__"))
+        _csrc_copy(tmp_path / tree / "csrc")
+        trees[tree] = tmp_path / tree
+    rule = tmp_path / "mutant" / "csrc" / "ccam" / "rule.cuh"
+    text = rule.read_text()
+    assert "* frames / num_query + 1 - first_frame)" in text
+    rule.write_text(text.replace("* frames / num_query + 1 - first_frame)", "* frames / num_query + 2 - first_frame)"))
+    # Both at once: torch's builder, given one folder, made the second process wait for the
+    # first's build and then load it, whichever tree it came from.
+    procs = {tree: subprocess.Popen([sys.executable, "-c", _RUN_TREE, str(seed), str(repo / "tests")], cwd=tmp_path,
+                                    env=dict(os.environ, PYTHONPATH=str(trees[tree]), TORCH_EXTENSIONS_DIR=str(shared),
+                                             CCAM_CUDA_EMULATE="1"),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for tree in ("mutant", "real")}
+    results = {}
+    for tree, proc in procs.items():
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+        name, error = out.split()
+        results[tree] = (name, float(error))
+    assert results["real"][0] == real != results["mutant"][0]
+    assert results["real"][1] < 2e-3, results
+    assert results["mutant"][1] > 0.05, results
+    assert sorted(p.name for p in shared.iterdir()) == sorted([real, results["mutant"][0]])

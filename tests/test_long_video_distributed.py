@@ -73,6 +73,11 @@ def _check_rank(rank, shards, seed):
     bad = local.detach().float() if rank == len(shards) - 1 else local.detach()
     with pytest.raises(ValueError, match=f"rank {len(shards) - 1}: features dtype must match"):
         proj(bad, shards[rank], group=group)
+    # A meta tensor as one rank's split sizes: the same error, naming that rank, on every rank
+    # (reading its values would raise NotImplementedError there alone and leave the others hanging).
+    splits = torch.tensor(shards[rank], device="meta") if rank == 0 else shards[rank]
+    with pytest.raises(ValueError, match=r"^rank 0: split_sizes must hold values, got a meta tensor"):
+        proj(local.detach(), splits, group=group)
 
 
 # shards[r][b]: frames of video b on rank r (rank order = frame order).

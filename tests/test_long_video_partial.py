@@ -198,6 +198,27 @@ def test_merge_of_nothing_seen_stays_finite():
     assert torch.isfinite(g_out).all() and torch.isfinite(g_lse).all()
 
 
+def _pair(B=1, N=3, H=2, D=4, dtype=torch.float32):
+    return torch.randn(B, N, H, D, dtype=dtype), torch.randn(B, H, N, dtype=dtype)
+
+
+@pytest.mark.parametrize("partials,exc,match", [
+    (5, TypeError, "merge_partials needs an iterable of \\(out, lse\\) pairs, got int"),
+    (_pair(), TypeError, r"partials\[0\] must be an \(out, lse\) pair of tensors, got Tensor"),  # a pair, not a list
+    ([_pair(), _pair()[:1]], TypeError, r"partials\[1\] must be an \(out, lse\) pair of tensors, got tuple of length 1"),
+    ([(1.0, 2.0)], TypeError, r"partials\[0\] must be an \(out, lse\) pair of tensors, got tuple of length 2"),
+    ([_pair(), torch.randn(2, 3)], TypeError, r"partials\[1\] must be an \(out, lse\) pair of tensors, got Tensor"),
+    ([(_pair()[0], _pair()[1].transpose(1, 2))], ValueError, r"partials\[0\] must be out \(B, N, H, D\) and lse \(B, H, N\)"),
+    ([(_pair()[0][0], _pair()[1][0])], ValueError, r"partials\[0\] must be out \(B, N, H, D\)"),
+    ([_pair(), _pair(N=4)], ValueError, r"every partial must have the shapes of the first, got out \(1, 4, 2, 4\) at partials\[1\]"),
+    ([_pair(), _pair(dtype=torch.float64)], ValueError, r"every partial must have the dtypes and device of the first"),
+], ids=["int", "one-pair-unwrapped", "short-pair", "floats", "bare-tensor", "lse-transposed", "3-d", "shapes",
+        "dtypes"])
+def test_merge_partials_checks_its_input(partials, exc, match):
+    with pytest.raises(exc, match=match):
+        merge_partials(partials)
+
+
 @pytest.mark.parametrize("backend,exc,match", [
     ("triton", RuntimeError, "cannot run partial attention here: .*float64"),  # runs float32/16-bit only
     ("cuda", RuntimeError, "cannot run partial attention here"),  # no GPU here (and 16-bit only)

@@ -183,6 +183,24 @@ BAD_INTS = [
 ]
 
 
+def test_frame_of_query_is_exact_for_every_int64_frame_count():
+    """floor(i * T / N) exactly, also where i * T overflows int64 (T up to 2**63 - 1)."""
+    assert frame_of_query(4, 2**62).tolist() == [0, 2**60, 2**61, 3 * 2**60]
+    rng = random.Random(torch.initial_seed())
+    for _ in range(300):
+        N = rng.randint(1, 64)
+        T = rng.choice([rng.randint(1, 2**63 - 1), 2**63 - 1 - rng.randint(0, 64), rng.randint(2**40, 2**50)])
+        assert frame_of_query(N, T).tolist() == oracle_frame_of_query(N, T).tolist(), (N, T)
+
+
+def test_frame_of_query_refuses_what_int64_cannot_hold_exactly():
+    with pytest.raises(ValueError, match=r"num_frames must be <= 2\*\*63 - 1 so that frame_of_query is exact"):
+        frame_of_query(4, 2**63)
+    # (N - 1)**2, the largest i * (T mod N), must fit: refused before anything is allocated
+    with pytest.raises(ValueError, match=r"num_query must be <= 3037000500 so that frame_of_query is exact"):
+        frame_of_query(3037000501, 7)
+
+
 @pytest.mark.parametrize("value,exc", BAD_INTS, ids=lambda x: repr(x) if not isinstance(x, type) else x.__name__)
 def test_frame_of_query_rejects_bad_arguments(value, exc):
     with pytest.raises(exc, match="num_query"):

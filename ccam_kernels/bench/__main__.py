@@ -23,6 +23,7 @@ import torch
 from ..config import CCAMConfig
 from ..attention import BACKENDS
 from .contestants import ATTENTION_CONTESTANTS, OURS, PROJECTOR_CONTESTANTS, SDPA_ANCHORS, default_contestants
+from .arg_types import int_at_least, int_list
 from .out_dir import check_out_dir
 from .report import build_result, format_table, git_commit, write_outputs
 from .runner import BENCHES, PASSES, BenchCase, Settings, run_suite
@@ -34,24 +35,6 @@ FULL_FRAMES = (1, 16, 32, 48, 64, 96, 128, 256, 512)
 FULL_BATCHES = (1, 4, 8)
 FULL_RAGGED = ((16, 96, 33, 64),)
 ALL_NAMES = tuple(dict.fromkeys(ATTENTION_CONTESTANTS + PROJECTOR_CONTESTANTS))
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        if not text.isdigit() or int(text) < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return int(text)
-    return parse
 
 
 def _positive_float(text: str) -> float:
@@ -86,25 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", type=_name_list(BENCHES), help="attention, projector or both (default both); `--bench long` is the long-video benchmark, with its own flags: ccam-bench --bench long --help")
     p.add_argument("--pass", dest="passes", type=_name_list(PASSES), help="fwd, bwd, fwd+bwd (default fwd)")
     p.add_argument("--backward", action="store_true", help="shorthand for --pass fwd,fwd+bwd")
-    p.add_argument("--frames", type=_int_list, help=f"frames per video, comma-separated (default {DEFAULT_FRAMES})")
-    p.add_argument("--batch", type=_int_list, help="videos per batch, comma-separated (default 1)")
-    p.add_argument("--ragged", type=_int_list, action="append", metavar="T1,T2,...",
+    p.add_argument("--frames", type=int_list, help=f"frames per video, comma-separated (default {DEFAULT_FRAMES})")
+    p.add_argument("--batch", type=int_list, help="videos per batch, comma-separated (default 1)")
+    p.add_argument("--ragged", type=int_list, action="append", metavar="T1,T2,...",
                    help="a ragged batch given by its frame counts; repeat for more")
     p.add_argument("--backends", type=_name_list(ALL_NAMES),
                    help=f"comma-separated, from {list(ALL_NAMES)} (default: every one that runs here)")
     p.add_argument("--dtype", type=_name_list(tuple(DTYPES)),
                    help="comma-separated; default bfloat16 on GPU (--full: bfloat16,float16), float32 on CPU")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present")
-    p.add_argument("--repeats", type=_int_at_least(1),
+    p.add_argument("--repeats", type=int_at_least(1),
                    help="timed calls per backend per round, at most (default 2 on CPU, 15 on GPU)")
-    p.add_argument("--rounds", type=_int_at_least(1), default=2,
+    p.add_argument("--rounds", type=int_at_least(1), default=2,
                    help="interleaved timing rounds; the spread column compares them (default 2)")
-    p.add_argument("--warmup", type=_int_at_least(0), default=None, help="untimed calls (default 1 CPU, 3 GPU)")
+    p.add_argument("--warmup", type=int_at_least(0), default=None, help="untimed calls (default 1 CPU, 3 GPU)")
     p.add_argument("--max-minutes", type=_positive_float,
                    help="time budget: repeats shrink to fit, cases past the budget become 'skipped' rows")
     p.add_argument("--config", metavar="PATH",
                    help="projector config JSON (flat or under projector_config); default Video-CCAM v1.2")
-    p.add_argument("--tokens-per-frame", type=_int_at_least(1), default=729, help="P (default 729)")
+    p.add_argument("--tokens-per-frame", type=int_at_least(1), default=729, help="P (default 729)")
     p.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     return p
 

@@ -36,6 +36,10 @@ from datetime import datetime, timezone
 
 import torch
 
+from .arg_types import int_at_least, int_list
+from .oom import is_oom_message
+from .out_dir import check_out_dir
+
 LONG = "long"
 DEFAULT_FRAMES = (96, 512, 1024, 3600)
 DEFAULT_PROCS = (1, 2, 4)
@@ -58,28 +62,19 @@ def is_long_request(argv) -> bool:
     return False
 
 
-def _int_list(text):
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
 def build_parser():
     p = argparse.ArgumentParser(prog="ccam-bench --bench long", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", choices=[LONG], required=True)
-    p.add_argument("--frames", type=_int_list, default=DEFAULT_FRAMES, help=f"default {DEFAULT_FRAMES}")
-    p.add_argument("--chunk", type=int, default=CHUNK_FRAMES, help=f"frames per push (default {CHUNK_FRAMES})")
-    p.add_argument("--procs", type=_int_list, default=DEFAULT_PROCS, help=f"frame-parallel world sizes (default {DEFAULT_PROCS})")
-    p.add_argument("--parallel-frames", type=int, default=PARALLEL_FRAMES, help=f"frames of the frame-parallel video (default {PARALLEL_FRAMES})")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per point (default 3)")
+    p.add_argument("--frames", type=int_list, default=DEFAULT_FRAMES, help=f"default {DEFAULT_FRAMES}")
+    p.add_argument("--chunk", type=int_at_least(1), default=CHUNK_FRAMES, help=f"frames per push (default {CHUNK_FRAMES})")
+    p.add_argument("--procs", type=int_list, default=DEFAULT_PROCS, help=f"frame-parallel world sizes (default {DEFAULT_PROCS})")
+    p.add_argument("--parallel-frames", type=int_at_least(1), default=PARALLEL_FRAMES,
+                   help=f"frames of the frame-parallel video (default {PARALLEL_FRAMES})")
+    p.add_argument("--repeats", type=int_at_least(1), default=3, help="timed calls per point (default 3)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present")
-    p.add_argument("--threads", type=int, help="torch threads per point, split over the ranks of a frame-parallel "
-                   "run (default: torch's default)")
+    p.add_argument("--threads", type=int_at_least(1), help="torch threads per point, split over the ranks of a "
+                   "frame-parallel run (default: torch's default)")
     p.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     return p
 
@@ -334,8 +329,16 @@ def write_plot(doc: dict, path: str) -> bool:
 def main(argv=None) -> int:
     from .report import device_name, git_commit
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # a bad value exits with code 2 here, before any case
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("ccam-bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    try:
+        check_out_dir(args.out)  # as ccam-bench: an unusable --out is refused now, not after the run
+    except ValueError as exc:
+        print(f"ccam-bench: {exc}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)  # what the points run with, so the device name says it
     commit, dirty = git_commit()
@@ -363,7 +366,7 @@ def main(argv=None) -> int:
                 got = points[mode]
                 if "error" in got or "error" in times:
                     why = got.get("error") or times["error"]
-                    row.update(status="oom" if "out of memory" in why.lower() else "error", reason=why)
+                    row.update(status="oom" if is_oom_message(why) else "error", reason=why)
                     rows.append(row)
                     continue
                 row.update(median_ms=statistics.median(times[mode]), min_ms=min(times[mode]), times_ms=times[mode],
@@ -382,8 +385,9 @@ def main(argv=None) -> int:
             try:
                 got = _run_parallel(world, args.parallel_frames, args.repeats, args.threads)
             except Exception as exc:  # a failed spawn is a row, not a lost run
+                why = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                 rows.append(_row(mode="frame-parallel", procs=world, frames=args.parallel_frames,
-                                 status="error", reason=str(exc).strip().splitlines()[-1]))
+                                 status="oom" if is_oom_message(why) else "error", reason=why))
                 continue
             for pass_ in ("fwd", "fwd+bwd"):
                 rows.append(_row(mode="frame-parallel", procs=world, frames=args.parallel_frames, **{"pass": pass_},
@@ -398,7 +402,6 @@ def main(argv=None) -> int:
            "settings": {**settings, "chunk_frames": args.chunk, "repeats": args.repeats, "procs": list(args.procs),
                         "parallel_frames": args.parallel_frames},
            "elapsed_s": time.perf_counter() - started, "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "long.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)

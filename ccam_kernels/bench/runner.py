@@ -30,6 +30,7 @@ from .contestants import (
     run_once,
 )
 from .flops import attention_flops, dense_attention_flops, projector_flops, projector_gemm_flops
+from .oom import is_oom
 from .progress import Progress, Spent
 from .timing import Timer, measure_ceilings, rotation_count, summarize, sync
 
@@ -127,10 +128,6 @@ def _rel_err(got: list, ref: list) -> float:
     return worst
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 class WrongResult(Exception):
     """A contestant's result is too far from the reference to be worth timing."""
 
@@ -206,7 +203,7 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
     try:
         inputs = inputs_type(case, device, num_sets)
     except Exception as exc:  # noqa: BLE001 - even the inputs can be too large
-        if not _is_oom(exc):
+        if not is_oom(exc):
             raise
         _free(device)
         log(f"  inputs do not fit in memory: {exc}")
@@ -258,7 +255,7 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
             _check_sticky(exc)
             contestant.release()
             _free(device)
-            if _is_oom(exc):
+            if is_oom(exc):
                 _fail(row, "oom", "out of memory")
                 log(" out of memory")
             else:
@@ -290,7 +287,7 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
             except Exception as exc:  # noqa: BLE001
                 _check_sticky(exc)
                 _free(device)
-                if _is_oom(exc):
+                if is_oom(exc):
                     _fail(row, "oom", "out of memory while timing")
                 else:
                     _fail(row, "error", capture_reason(exc, []))

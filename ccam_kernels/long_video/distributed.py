@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..checks import as_int
+from ..checks import as_int, integer_tensor_values
 from .parts import head, keys_values, partial_backend_of
 from .partial import ccam_partial_attention
 
@@ -109,8 +109,8 @@ def _local_args(proj, features, split_sizes):
     elif features.dim() == 3:
         if split_sizes is None:
             raise ValueError("split_sizes is required when features is (F, P, Cv)")
-        if isinstance(split_sizes, torch.Tensor):
-            split_sizes = split_sizes.tolist()
+        if isinstance(split_sizes, torch.Tensor):  # as frame_counts: integer, 1-D, not meta
+            split_sizes = integer_tensor_values("split_sizes", split_sizes)
         if not isinstance(split_sizes, (list, tuple, range)) or len(split_sizes) == 0:
             raise ValueError(f"split_sizes must be a non-empty sequence of ints >= 0 (frames of each video "
                              f"on this rank), got {split_sizes!r}")
@@ -143,6 +143,8 @@ def _exchange(proj, features, split_sizes, group, dist):
         features_out, splits = _local_args(proj, features, split_sizes)
     except (TypeError, ValueError) as exc:
         error = (type(exc).__name__, str(exc))
+    except Exception as exc:  # noqa: BLE001 - anything else raised here must reach every rank too (no hang)
+        error = ("ValueError", f"{type(exc).__name__} while checking the arguments: {exc}")
     tokens = None if error else features_out.shape[1]
     # Hidden dropout must draw the same masks on every rank: rank 0's seed is everyone's.
     seed = int(torch.randint(0, 2**62, (1,))) if proj.training and cfg.dropout > 0 else None

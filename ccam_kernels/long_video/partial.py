@@ -21,13 +21,14 @@ KERNEL_PARTIALS through ``kernel_partial``). "auto" means "torch".
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from ..attention import BACKENDS as ATTENTION_BACKENDS
-from ..checks import ALL_DTYPES, as_int, check_int, normalize_frame_counts
+from ..checks import ALL_DTYPES, as_int, check_int, check_scale, normalize_frame_counts
 from ..mask import frame_of_query, mask_block
 from ..backends import cuda_backend, tiling, triton_backend
 from ..backends.torch_prefix import _fold, _unfold, choose_engine
@@ -128,14 +129,8 @@ def check_partial_args(q, k, v, frame_counts, tokens_per_frame, frame_ranges, sc
             f"frame_ranges {list(ranges)} * tokens_per_frame {tokens_per_frame} = {expected} keys, "
             f"but k and v have L={length}"
         )
-    if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    elif not math.isfinite(scale) or scale == 0:
-        raise ValueError(f"scale must be finite and non-zero, got {scale}")
     return PartialProblem(counts, ranges, int(tokens_per_frame), num_query, num_heads, num_kv_heads,
-                          head_dim, q.dim() == 3, float(scale))
+                          head_dim, q.dim() == 3, check_scale(scale, head_dim))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,13 +425,41 @@ def ccam_partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fr
     return PARTIAL_BACKENDS[resolve_partial_backend(backend)](q, k, v, problem)
 
 
+def _check_partials(partials) -> list:
+    """The (out, lse) pairs as a list, each out (B, N, H, D) and lse (B, H, N) of the first
+    pair's shapes, dtypes and device; TypeError/ValueError naming the first bad pair."""
+    if isinstance(partials, torch.Tensor) or not isinstance(partials, Iterable):
+        raise TypeError(f"merge_partials needs an iterable of (out, lse) pairs, got {type(partials).__name__}")
+    partials = list(partials)
+    if not partials:
+        raise ValueError("merge_partials needs at least one (out, lse) pair, got none")
+    for i, pair in enumerate(partials):
+        # A tensor is refused even when its first dim is 2: it would unpack as a "pair".
+        if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+                or not all(isinstance(x, torch.Tensor) for x in pair)):
+            got = f"{type(pair).__name__} of length {len(pair)}" if isinstance(pair, (tuple, list)) else type(pair).__name__
+            raise TypeError(f"merge_partials: partials[{i}] must be an (out, lse) pair of tensors, got {got}")
+        out, lse = pair
+        if out.dim() != 4 or lse.shape != (out.shape[0], out.shape[2], out.shape[1]):
+            raise ValueError(f"merge_partials: partials[{i}] must be out (B, N, H, D) and lse (B, H, N), "
+                             f"got out {tuple(out.shape)} and lse {tuple(lse.shape)}")
+        first_out, first_lse = partials[0]
+        if out.shape != first_out.shape:
+            raise ValueError(f"merge_partials: every partial must have the shapes of the first, got out "
+                             f"{tuple(out.shape)} at partials[{i}] and {tuple(first_out.shape)} at partials[0]")
+        for x, first in ((out, first_out), (lse, first_lse)):
+            if x.dtype != first.dtype or x.device != first.device:
+                raise ValueError(f"merge_partials: every partial must have the dtypes and device of the first, "
+                                 f"got {x.dtype} on {x.device} at partials[{i}] and {first.dtype} on "
+                                 f"{first.device} at partials[0]")
+    return partials
+
+
 def merge_partials(partials: Partials) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge partials of disjoint frame ranges: a sequence of (out (B, N, H, D), lse (B, H, N))
     -> (out, lse) of the union of the ranges. Differentiable; -inf LSEs weigh 0, and a query
     that sees nothing in any of them keeps (0, -inf)."""
-    partials = list(partials)
-    if not partials:
-        raise ValueError("merge_partials needs at least one (out, lse) pair, got none")
+    partials = _check_partials(partials)
     outs = torch.stack([o for o, _ in partials])  # (R, B, N, H, D)
     lses = torch.stack([lse for _, lse in partials])  # (R, B, H, N)
     # Shift by the max (a constant: the result does not depend on it, so no gradient flows).

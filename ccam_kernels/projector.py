@@ -139,8 +139,17 @@ class CCAMProjector(nn.Module):
 
     def query_states(self) -> torch.Tensor:
         """(N, H, D): q_proj(query_norm(query)), computed on every call (nothing is cached)."""
+        return self._query_states()
+
+    def _query_states(self, weights=None) -> torch.Tensor:
+        """query_states(), with ``weights`` optionally standing in for (query, query_norm.weight,
+        query_norm.bias, q_proj.weight, q_proj.bias) (the frame-parallel forward's summed views)."""
         cfg = self.config
-        q = self.attn.q_proj(self.query_norm(self.query))
+        if weights is None:
+            weights = (self.query, self.query_norm.weight, self.query_norm.bias, self.attn.q_proj.weight,
+                       self.attn.q_proj.bias)
+        query, nw, nb, qw, qb = weights
+        q = F.linear(F.layer_norm(query, (cfg.hidden_size,), nw, nb, self.query_norm.eps), qw, qb)
         return q.view(cfg.num_query, cfg.num_heads, cfg.head_dim)
 
     def invalidate_query_cache(self) -> None:
@@ -206,13 +215,21 @@ class CCAMProjector(nn.Module):
         dtype = _autocast_dtype(x.device.type) or x.dtype
         return BACKENDS["triton"].refuses_placement(x.device.type, dtype, auto=self.backend == "auto") is None
 
-    def _keys_values(self, x: torch.Tensor):
-        """(M, Cv) packed features -> k, v (M, Hkv, D): LayerNorm, then the K and V projections."""
+    def _keys_values(self, x: torch.Tensor, weights=None):
+        """(M, Cv) packed features -> k, v (M, Hkv, D): LayerNorm, then the K and V projections.
+
+        ``weights`` optionally stands in for (feature_norm.weight, feature_norm.bias,
+        k_proj.weight, k_proj.bias, v_proj.weight, v_proj.bias): the frame-parallel forward
+        passes views whose gradient is summed over its process group."""
         cfg = self.config
         shape = (-1, cfg.num_key_value_heads, cfg.head_dim)
-        if not self._fused_projection(x):
-            z = self.feature_norm(x)
-            return self.attn.k_proj(z).view(shape), self.attn.v_proj(z).view(shape)
+        if weights is not None or not self._fused_projection(x):
+            if weights is None:
+                weights = (self.feature_norm.weight, self.feature_norm.bias, self.attn.k_proj.weight,
+                           self.attn.k_proj.bias, self.attn.v_proj.weight, self.attn.v_proj.bias)
+            nw, nb, kw, kb, vw, vb = weights
+            z = F.layer_norm(x, (cfg.cross_hidden_size,), nw, nb, self.feature_norm.eps)
+            return F.linear(z, kw, kb).view(shape), F.linear(z, vw, vb).view(shape)
         from .backends.triton_projection import layernorm_kv
 
         kp, vp, norm = self.attn.k_proj, self.attn.v_proj, self.feature_norm
@@ -260,7 +277,6 @@ class CCAMProjector(nn.Module):
         cfg = self.config
         features, split_sizes = self._check_features(features, split_sizes)
         num_frames, tokens_per_frame = features.shape[:2]
-        batch = split_sizes.shape[0] if isinstance(split_sizes, torch.Tensor) else len(split_sizes)
 
         q = self.query_states()  # (N, H, D), shared by every sample
         k, v = self._keys_values(features.reshape(num_frames * tokens_per_frame, cfg.cross_hidden_size))
@@ -275,8 +291,13 @@ class CCAMProjector(nn.Module):
             attn = backend(q, k, v, split_sizes, tokens_per_frame, dropout_p=dropout_p)
         else:
             attn = ccam_attention(q, k, v, split_sizes, tokens_per_frame, dropout_p=dropout_p, backend=backend)
-        # attn: (B, N, H, D)
-        h = self.query + self.dropout(self.attn.o_proj(attn.reshape(batch, cfg.num_query, cfg.hidden_size)))
+        return self._head(attn)
+
+    def _head(self, attn: torch.Tensor) -> torch.Tensor:
+        """(B, N, H, D) attention output -> (B, N, O): o_proj, residual, MLP, out_proj (the
+        steps after the attention, shared with the long-video paths)."""
+        cfg = self.config
+        h = self.query + self.dropout(self.attn.o_proj(attn.reshape(attn.shape[0], cfg.num_query, cfg.hidden_size)))
         h = h + self.dropout(self.mlp(self.mlp_norm(h)))
         return self.out_proj(self.out_norm(h))
 

@@ -297,7 +297,7 @@ STEMS = [
 # Modules whose raises and warnings answer user input: every message must contain a stem.
 USER_INPUT_MODULES = [
     "checks.py", "attention.py", "mask.py", "config.py", "projector.py", "checkpoint.py",
-    "backends/attention_ops.py", "long_video/partial.py", "long_video/parts.py", "long_video/stream.py",
+    "backends/attention_ops.py", "long_video/partial.py", "long_video/stream.py",
     "long_video/distributed.py",
 ]
 ERRORS = {"ValueError", "TypeError", "RuntimeError", "FileNotFoundError", "NotADirectoryError"}

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..checks import check_int
-from .parts import head, keys_values, partial_backend_of, query_heads
-from .partial import RunningPartial, accumulate_dtype, ccam_partial_attention, merge_partials
+from .partial import RunningPartial, accumulate_dtype, ccam_partial_attention, merge_partials, partial_backend_of
 
 if TYPE_CHECKING:  # the projector imports this module where it is used
     from ..projector import CCAMProjector
@@ -45,7 +44,7 @@ class ProjectorStream:
         self._dtype, self._device = param.dtype, param.device
         acc = accumulate_dtype(param.dtype)
         with torch.no_grad():
-            self._q = query_heads(proj)
+            self._q = proj.query_states()
         self._versions = self._param_versions()
         if self._backend == "torch":  # merged in place, block by block
             self._running = RunningPartial(self._q, cfg.num_key_value_heads)
@@ -115,7 +114,7 @@ class ProjectorStream:
         t, p, width = chunk.shape
         first = self.frames_done
         with torch.no_grad():
-            k, v = keys_values(self._proj, chunk.reshape(t * p, width))
+            k, v = self._proj._keys_values(chunk.reshape(t * p, width))
             if self._running is not None:
                 self._running.add(k, v, self.total_frames, p, (first, first + t))
             else:
@@ -133,7 +132,7 @@ class ProjectorStream:
                                f"push the remaining {self.total_frames - self.frames_done} first; {USABLE}")
         out = self._running.result()[0] if self._running is not None else self._out
         with torch.no_grad():
-            y = head(self._proj, out.to(self._dtype))
+            y = self._proj._head(out.to(self._dtype))
         self._closed = True
         self._out = self._lse = self._q = self._running = None
         return y

@@ -1,7 +1,8 @@
 """CCAMProjector: the Video-CCAM cross-attention projector, built on ``ccam_attention``.
 
-Shapes (docs/reference.md §4.2): features (F, P, Cv) with split_sizes [T_1 .. T_B], or (B, T, P, Cv)
--> (B, N, O). Parameter names are the state_dict keys of this library.
+Shapes (docs/reference.md §4.2): features (F, P, Cv) with split_sizes [T_1 .. T_B], (B, T, P, Cv),
+or (B, T_max, P, Cv) padded with split_sizes [T_1 .. T_B] -> (B, N, O). Parameter names are the
+state_dict keys of this library.
 """
 
 from __future__ import annotations
@@ -77,6 +78,30 @@ def _warn_dropout_fallback_once() -> None:
         )
 
 
+def _unpad(frames: torch.Tensor, counts):
+    """(B, T_max, P, Cv) padded frames and their counts T_b <= T_max -> the packed (F, P, Cv)
+    frames and the counts: padding frames are dropped here, before any projection, so no K/V
+    is ever computed for them (and their gradient is zero)."""
+    b, t = frames.shape[:2]
+    if isinstance(counts, torch.Tensor):  # only while torch.compile traces: values are data
+        if counts.shape[0] != b:
+            raise ValueError(f"split_sizes has {counts.shape[0]} videos but padded features (B, T_max, P, Cv) "
+                             f"has B={b}, got features of shape {tuple(frames.shape)}")
+        keep = torch.arange(t, device=frames.device) < counts.to(frames.device)[:, None]
+        return frames[keep], counts
+    if len(counts) != b:
+        raise ValueError(f"split_sizes has {len(counts)} videos but padded features (B, T_max, P, Cv) has B={b}, "
+                         f"got features of shape {tuple(frames.shape)}")
+    if max(counts) > t:
+        raise ValueError(f"split_sizes {list(counts)} must be <= T_max={t} (the padded frame axis of features "
+                         f"of shape {tuple(frames.shape)})")
+    flat = frames.reshape(b * t, *frames.shape[2:])
+    if min(counts) == t:
+        return flat, counts
+    rows = torch.tensor([i * t + f for i, c in enumerate(counts) for f in range(c)], device=frames.device)
+    return flat.index_select(0, rows), counts
+
+
 class CCAMProjector(nn.Module):
     """N learnable queries read the visual tokens of every frame under the CCAM mask.
 
@@ -90,7 +115,8 @@ class CCAMProjector(nn.Module):
     forward(features, split_sizes=None):
         features: (F, P, Cv) frames of all samples, packed, with split_sizes = [T_1 .. T_B]
             (a sequence of ints or an int64 tensor summing to F); or (B, T, P, Cv) with
-            split_sizes=None. device must match the module's parameters, and dtype too
+            split_sizes=None; or (B, T_max, P, Cv) padded, with split_sizes [T_1 .. T_B] <= T_max
+            (padding frames are dropped before any projection). device must match the module's parameters, and dtype too
             (or, inside torch.autocast, be the autocast dtype).
         returns: (B, N, output_size).
         group: a torch.distributed process group: this rank's ``features`` are its consecutive
@@ -122,7 +148,8 @@ class CCAMProjector(nn.Module):
             raise TypeError(f"backend must be a str or a callable, got {type(backend).__name__}")
         if isinstance(backend, str) and backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
-        self.config = cfg = config
+        self._config = cfg = config
+        self._checkpointing = None  # gradient_checkpointing_enable()'s checkpoint kwargs, or None
         self.backend = backend
         self.query = nn.Parameter(torch.empty(cfg.num_query, cfg.hidden_size))
         self.query_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -134,6 +161,48 @@ class CCAMProjector(nn.Module):
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.output_size, bias=True)
         self.dropout = nn.Dropout(cfg.dropout)
         nn.init.normal_(self.query, std=0.02)
+
+    # -- what transformers code asks of a model -------------------------------------------
+
+    @property
+    def config(self) -> CCAMConfig:
+        """The :class:`CCAMConfig` (read-only: a changed config would not match the parameters;
+        build a new module from ``dataclasses.replace(proj.config, ...)``)."""
+        return self._config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype."""
+        return self.query.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The parameters' device."""
+        return self.query.device
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        """The number of parameter elements (those with requires_grad only, if asked)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether gradient_checkpointing_enable() is in effect."""
+        return self._checkpointing is not None
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+        """Activation checkpointing in training: the attention block (feature norm, K/V
+        projection, attention) and the MLP block keep only their inputs and run again in the
+        backward (torch.utils.checkpoint, non-reentrant unless the kwargs say otherwise; the
+        dropout masks are replayed). Gradients equal those without it; in eval mode or without
+        grad nothing changes."""
+        if gradient_checkpointing_kwargs is not None and not isinstance(gradient_checkpointing_kwargs, dict):
+            raise TypeError(f"gradient_checkpointing_kwargs must be a dict or None, got "
+                            f"{type(gradient_checkpointing_kwargs).__name__}")
+        self._checkpointing = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Keep every activation again (the default)."""
+        self._checkpointing = None
 
     # -- query side ------------------------------------------------------------------------
 
@@ -169,14 +238,12 @@ class CCAMProjector(nn.Module):
         if not isinstance(features, torch.Tensor):
             raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
         if features.dim() == 4:
-            if split_sizes is not None:
-                raise ValueError(
-                    f"split_sizes must be None when features is (B, T, P, Cv), got {split_sizes!r} "
-                    f"with features of shape {tuple(features.shape)}"
-                )
             b, t = features.shape[:2]
-            split_sizes = (t,) * b
-            features = features.reshape(b * t, *features.shape[2:])
+            if split_sizes is None:
+                split_sizes = (t,) * b
+                features = features.reshape(b * t, *features.shape[2:])
+            else:
+                features, split_sizes = _unpad(features, frame_counts_arg("split_sizes", split_sizes))
         elif features.dim() == 3:
             if split_sizes is None:
                 raise ValueError("split_sizes is required when features is (F, P, Cv)")
@@ -245,12 +312,15 @@ class CCAMProjector(nn.Module):
         Args:
             features: (F, P, Cv), the visual tokens of every frame of every video, packed video by
                 video (F = sum(split_sizes) frames of P tokens, Cv = cross_hidden_size); or
-                (B, T, P, Cv) when every video has T frames. On the module's device and in its
-                dtype, or, inside torch.autocast, in the autocast dtype (the projections and the
+                (B, T, P, Cv) when every video has T frames, or (B, T_max, P, Cv) padded, with
+                split_sizes giving each video's T_b <= T_max (the padding frames are dropped
+                before the K/V projection: the same numbers as the packed call). On the module's
+                device and in its dtype, or, inside torch.autocast, in the autocast dtype (the projections and the
                 attention then run in that dtype).
             split_sizes: frames T_b of each video, B ints >= 1 adding up to F: a sequence of ints,
                 a 1-D integer NumPy array or a 1-D integer tensor (a tensor never recompiles under
-                torch.compile). Required for 3-D features, None for 4-D ones.
+                torch.compile). Required for 3-D features; for 4-D ones None (every video has T
+                frames) or the B counts T_b <= T_max of padded frames.
             group: a torch.distributed process group for the frame-parallel forward
                 (docs/reference.md §5.3): ``features`` are then this rank's consecutive frames of
                 each video, split_sizes may hold zeros, and every rank returns the whole batch's
@@ -262,10 +332,10 @@ class CCAMProjector(nn.Module):
 
         Raises:
             TypeError, ValueError: features that are not a tensor, of the wrong rank, width
-                (!= cross_hidden_size), dtype or device, or empty; split_sizes missing, given with
-                4-D features, of a wrong form, < 1, or not adding up to F (the message names
-                the argument; docs/reference.md §8.2, §8.5). With ``group``, the same on every
-                rank, naming the rank whose arguments were bad (§8.7).
+                (!= cross_hidden_size), dtype or device, or empty; split_sizes missing, of a
+                wrong form, < 1, not adding up to F, or (padded 4-D features) not B counts
+                <= T_max (the message names the argument; docs/reference.md §8.2, §8.5). With
+                ``group``, the same on every rank, naming the rank whose arguments were bad (§8.7).
             RuntimeError: with ``group``, no initialized process group, attention dropout in
                 training, a callable backend (no partial attention), or a backend that cannot
                 take the module's device, dtype or head dim.
@@ -279,7 +349,7 @@ class CCAMProjector(nn.Module):
         num_frames, tokens_per_frame = features.shape[:2]
 
         q = self.query_states()  # (N, H, D), shared by every sample
-        k, v = self._keys_values(features.reshape(num_frames * tokens_per_frame, cfg.cross_hidden_size))
+        x = features.reshape(num_frames * tokens_per_frame, cfg.cross_hidden_size)
         dropout_p = cfg.attention_dropout if self.training else 0.0
         backend = self.backend
         if dropout_p > 0 and backend in ("triton", "auto") and self._fused_projection(features):
@@ -287,18 +357,36 @@ class CCAMProjector(nn.Module):
             # training. The torch backend implements it; say so once per process.
             _warn_dropout_fallback_once()
             backend = "torch"
-        if callable(backend):
-            attn = backend(q, k, v, split_sizes, tokens_per_frame, dropout_p=dropout_p)
-        else:
-            attn = ccam_attention(q, k, v, split_sizes, tokens_per_frame, dropout_p=dropout_p, backend=backend)
+        if self._checkpointing is not None and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            # K and V (F*P rows) are the largest activations: recompute them in the backward.
+            attn = checkpoint(self._attend, q, x, split_sizes, tokens_per_frame, dropout_p, backend,
+                              **self._checkpointing)
+            return self._head(attn, checkpoint_mlp=True)
+        attn = self._attend(q, x, split_sizes, tokens_per_frame, dropout_p, backend)
         return self._head(attn)
 
-    def _head(self, attn: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q, x, split_sizes, tokens_per_frame, dropout_p, backend) -> torch.Tensor:
+        """(M, Cv) packed features -> (B, N, H, D): K/V projection, then the attention."""
+        k, v = self._keys_values(x)
+        if callable(backend):
+            return backend(q, k, v, split_sizes, tokens_per_frame, dropout_p=dropout_p)
+        return ccam_attention(q, k, v, split_sizes, tokens_per_frame, dropout_p=dropout_p, backend=backend)
+
+    def _mlp_block(self, h: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.mlp(self.mlp_norm(h)))
+
+    def _head(self, attn: torch.Tensor, checkpoint_mlp: bool = False) -> torch.Tensor:
         """(B, N, H, D) attention output -> (B, N, O): o_proj, residual, MLP, out_proj (the
         steps after the attention, shared with the long-video paths)."""
         cfg = self.config
         h = self.query + self.dropout(self.attn.o_proj(attn.reshape(attn.shape[0], cfg.num_query, cfg.hidden_size)))
-        h = h + self.dropout(self.mlp(self.mlp_norm(h)))
+        if checkpoint_mlp:
+            from torch.utils.checkpoint import checkpoint
+
+            return self.out_proj(self.out_norm(h + checkpoint(self._mlp_block, h, **self._checkpointing)))
+        h = h + self._mlp_block(h)
         return self.out_proj(self.out_norm(h))
 
     def stream(self, total_frames: int) -> "ProjectorStream":

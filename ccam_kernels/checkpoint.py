@@ -16,6 +16,7 @@ Saving is atomic per file (see :mod:`ccam_kernels.atomic_file`).
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import torch
@@ -24,6 +25,7 @@ from .atomic_file import atomic_path
 from .config import CONFIG_FILE, CCAMConfig
 
 SAFETENSORS_FILE = "model.safetensors"
+TORCH_FILE = "pytorch_model.bin"
 TORCH_PATTERNS = ("pytorch_model.bin", "pytorch_model-*.bin", "*.pt", "*.pth")
 
 
@@ -95,6 +97,30 @@ def apply_key_map(state: dict, key_map) -> dict:
     return out
 
 
+SHOWN_KEYS = 20
+
+
+def describe_unexpected(unexpected: list, ours: set) -> str:
+    """The first SHOWN_KEYS unexpected keys and how many more; and, when some of them are our
+    parameter names under one common prefix (a full model's checkpoint, e.g.
+    "mm_projector.query"), the key_map that keeps exactly those."""
+    text = repr(unexpected[:SHOWN_KEYS])
+    if len(unexpected) > SHOWN_KEYS:
+        text += f" and {len(unexpected) - SHOWN_KEYS} more"
+    prefixes = {}
+    for key in unexpected:
+        for name in ours:
+            if key.endswith("." + name):
+                prefix = key[:-len(name)]
+                prefixes.setdefault(prefix, set()).add(name)
+    if prefixes:
+        prefix, names = max(prefixes.items(), key=lambda item: (len(item[1]), -len(item[0])))
+        text += (f"; {len(names)} of the {len(ours)} parameters are under the prefix {prefix!r}: "
+                 f"key_map=lambda k: k[{len(prefix)}:] if k.startswith({prefix!r}) else None "
+                 f"keeps those and drops every other key")
+    return text
+
+
 def check_keys(module: torch.nn.Module, state: dict) -> None:
     """Raise ValueError naming every unexpected key, missing parameter or shape mismatch."""
     ours = module.state_dict()
@@ -103,7 +129,7 @@ def check_keys(module: torch.nn.Module, state: dict) -> None:
     problems = []
     if unexpected:
         problems.append(f"unexpected keys (not parameters of {type(module).__name__}; rename or drop them "
-                        f"with key_map): {unexpected}")
+                        f"with key_map): {describe_unexpected(unexpected, set(ours))}")
     if missing:
         problems.append(f"missing keys (parameters the checkpoint does not fill): {missing}")
     for key in sorted(set(state) & set(ours)):
@@ -163,17 +189,39 @@ def load_projector(cls, path, *, key_map=None, config=None, backend="auto", dtyp
     return module.eval()
 
 
-def save_projector(module, path) -> None:
-    """config.json and model.safetensors, each staged in a temporary file beside it and renamed
-    only after both are written: a failure leaves the old files (or none) and no partial file."""
-    from safetensors.torch import save_file
+def save_projector(module, path, *, safe_serialization=True, config_extra=None, extra_files=None) -> None:
+    """config.json and model.safetensors (or pytorch_model.bin), each staged in a temporary file
+    beside it and renamed only after all are written: a failure leaves the old files (or none)
+    and no partial file. ``config_extra``: more keys for config.json (transformers' auto_map);
+    ``extra_files``: {name: text} written beside them (modeling_ccam.py)."""
+    import contextlib
 
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"save_pretrained needs a directory, but {path!r} is an existing file")
     os.makedirs(path, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    with atomic_path(os.path.join(path, CONFIG_FILE)) as config_tmp, \
-            atomic_path(os.path.join(path, SAFETENSORS_FILE)) as weights_tmp:
-        save_file(state, weights_tmp, metadata={"format": "pt"})
+    weights_file = SAFETENSORS_FILE if safe_serialization else TORCH_FILE
+    with contextlib.ExitStack() as stack:
+        config_tmp = stack.enter_context(atomic_path(os.path.join(path, CONFIG_FILE)))
+        weights_tmp = stack.enter_context(atomic_path(os.path.join(path, weights_file)))
+        extra_tmps = {name: stack.enter_context(atomic_path(os.path.join(path, name))) for name in extra_files or {}}
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            save_file(state, weights_tmp, metadata={"format": "pt"})
+        else:
+            torch.save(state, weights_tmp)
         module.config.to_json_file(config_tmp)
+        if config_extra:
+            with open(config_tmp, encoding="utf-8") as f:
+                config = json.load(f)
+            with open(config_tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps({**config, **config_extra}, indent=2) + "\n")
+        for name, tmp in extra_tmps.items():
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(extra_files[name])
+    # The other format's file would shadow (or be shadowed by) this one on the next load.
+    other = os.path.join(path, TORCH_FILE if safe_serialization else SAFETENSORS_FILE)
+    if os.path.exists(other):
+        os.remove(other)

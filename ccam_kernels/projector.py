@@ -402,21 +402,47 @@ class CCAMProjector(nn.Module):
     @classmethod
     def from_pretrained(cls, path: PathLike, key_map: Optional[KeyMap] = None, *,
                         config: Union[CCAMConfig, dict, None] = None, backend: Union[str, AttentionFn] = "auto",
-                        dtype: Optional[torch.dtype] = None,
-                        device: Optional[DeviceLike] = None) -> "CCAMProjector":
+                        dtype: Union[torch.dtype, str, None] = None, device: Optional[DeviceLike] = None,
+                        torch_dtype: Union[torch.dtype, str, None] = None,
+                        device_map: Union[DeviceLike, dict, None] = None, subfolder: str = "",
+                        revision: Optional[str] = None, cache_dir: Optional[PathLike] = None) -> "CCAMProjector":
         """Load a projector from a directory (config.json + model.safetensors or a torch state
-        dict file) or from a weights file with ``config`` given. The module is returned in eval
-        mode (dropout off), ready for inference; call ``.train()`` to fine-tune.
+        dict file), from a weights file with ``config`` given, or from a Hugging Face Hub repo
+        id (downloaded with huggingface_hub, the ``[hf]`` extra, at ``revision`` into
+        ``cache_dir``). ``subfolder`` is read inside it. The module is returned in eval mode
+        (dropout off), ready for inference; call ``.train()`` to fine-tune.
+
+        Besides ``dtype`` and ``device``, takes what transformers users type: ``torch_dtype``
+        (an alias of ``dtype``), either as a torch.dtype, a name ("bfloat16") or "auto" (the
+        checkpoint's dtype, also what None does); ``device_map`` as a device, "auto" (the
+        current CUDA device, else the CPU) or ``{"": device}``: the projector is never split.
         See :mod:`ccam_kernels.checkpoint`; the format and every error: docs/reference.md §4.3, §8.6."""
         from .checkpoint import load_projector
+        from .hub import resolve_device, resolve_dtype, resolve_path
 
+        dtype = resolve_dtype(dtype, torch_dtype)
+        device = resolve_device(device, device_map)
+        path = resolve_path(path, subfolder, revision, cache_dir)
         return load_projector(cls, path, key_map=key_map, config=config, backend=backend, dtype=dtype, device=device)
 
-    def save_pretrained(self, path: PathLike) -> None:
-        """Write config.json and model.safetensors into directory ``path`` (created if needed)."""
+    def save_pretrained(self, path: PathLike, *, safe_serialization: bool = True, auto_map: bool = True) -> None:
+        """Write config.json and model.safetensors (``safe_serialization=False``:
+        pytorch_model.bin) into directory ``path`` (created if needed). With ``auto_map`` (the
+        default) config.json also names this library's transformers classes and the folder
+        gets modeling_ccam.py, so that ``transformers.AutoModel.from_pretrained(path,
+        trust_remote_code=True)`` loads it (:mod:`ccam_kernels.hf`, the ``[hf]`` extra)."""
         from .checkpoint import save_projector
 
-        save_projector(self, path)
+        if not isinstance(safe_serialization, bool) or not isinstance(auto_map, bool):
+            raise TypeError(f"safe_serialization and auto_map must be bools, got {type(safe_serialization).__name__} "
+                            f"and {type(auto_map).__name__}")
+        if auto_map:
+            from .hf_files import AUTO_MAP_CONFIG, MODELING_FILE, modeling_source
+
+            save_projector(self, path, safe_serialization=safe_serialization, config_extra=AUTO_MAP_CONFIG,
+                           extra_files={MODELING_FILE: modeling_source()})
+        else:
+            save_projector(self, path, safe_serialization=safe_serialization)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

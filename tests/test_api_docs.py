@@ -253,6 +253,15 @@ STEMS = [
     "device must be a torch.device or a device string, got",
     "device='meta' is refused: meta tensors hold no data",
     "save_pretrained needs a directory, but",
+    "safe_serialization and auto_map must be bools, got",
+    "pass dtype= or torch_dtype= (the same argument), not both",
+    "dtype must be a torch.dtype, 'auto' or one of",
+    "pass device= or device_map=, not both",
+    "device_map must put the whole projector on one device",
+    "subfolder must be a str, got",
+    "revision= applies to a Hub repo id, but",
+    "does not exist locally, and downloading it as a Hugging Face Hub repo id needs huggingface_hub",
+    "does not exist locally and could not be downloaded from the Hugging Face Hub",
     "is an existing file",
     # long videos (§8.7)
     "frame_ranges must be a sequence of (first, end) int pairs, got",
@@ -298,11 +307,11 @@ STEMS = [
 
 # Modules whose raises and warnings answer user input: every message must contain a stem.
 USER_INPUT_MODULES = [
-    "checks.py", "attention.py", "mask.py", "config.py", "projector.py", "checkpoint.py",
+    "checks.py", "attention.py", "mask.py", "config.py", "projector.py", "checkpoint.py", "hub.py",
     "backends/attention_ops.py", "long_video/partial.py", "long_video/stream.py",
     "long_video/distributed.py",
 ]
-ERRORS = {"ValueError", "TypeError", "RuntimeError", "FileNotFoundError", "NotADirectoryError"}
+ERRORS = {"ValueError", "TypeError", "RuntimeError", "FileNotFoundError", "NotADirectoryError", "ImportError", "OSError"}
 
 
 def _literal_parts(node: ast.AST) -> list[str]:

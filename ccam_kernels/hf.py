@@ -27,7 +27,7 @@ try:
 except ImportError as exc:  # pragma: no cover - the message is the point
     raise ImportError(f"ccam_kernels.hf needs transformers: pip install 'ccam_kernels[hf]' ({exc})") from None
 
-from .api_types import FrameCounts
+from .api_types import FrameCounts, PathLike
 from .config import CCAMConfig
 from .hf_files import MODEL_TYPE
 from .projector import CCAMProjector
@@ -98,6 +98,17 @@ class CCAMProjectorModel(PreTrainedModel):
         """(F, P, Cv) with split_sizes, (B, T, P, Cv), or padded (B, T_max, P, Cv) with split_sizes
         -> (B, N, O): CCAMProjector.forward."""
         return self.projector(features, split_sizes)
+
+    def save_pretrained(self, save_directory: PathLike, *, safe_serialization: bool = True,
+                        **unsupported) -> None:
+        """The projector's own checkpoint (CCAMProjector.save_pretrained: config.json, the weights
+        without the ``projector.`` prefix, auto_map and modeling_ccam.py), which both
+        ``CCAMProjector.from_pretrained`` and ``AutoModel.from_pretrained(trust_remote_code=True)``
+        load. (transformers' own would copy this library's source files into the folder.)"""
+        if unsupported:
+            raise TypeError(f"CCAMProjectorModel.save_pretrained takes save_directory and safe_serialization "
+                            f"only, got {sorted(unsupported)}")
+        self.projector.save_pretrained(save_directory, safe_serialization=safe_serialization)
 
     def to_projector(self) -> CCAMProjector:
         """The wrapped :class:`CCAMProjector` (shares the parameters)."""

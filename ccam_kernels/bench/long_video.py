@@ -36,7 +36,8 @@ from datetime import datetime, timezone
 
 import torch
 
-LONG = "long"
+from .names import LONG, is_long_request  # noqa: F401  (torch-free, for the command line)
+
 DEFAULT_FRAMES = (96, 512, 1024, 3600)
 DEFAULT_PROCS = (1, 2, 4)
 CPU_CONFIG = dict(num_query=256, hidden_size=256, cross_hidden_size=256, num_heads=4, num_key_value_heads=4,
@@ -46,16 +47,6 @@ GPU_TOKENS_PER_FRAME = 729
 CHUNK_FRAMES = 32
 WARMUP_FRAMES = 2 * CHUNK_FRAMES
 PARALLEL_FRAMES = 512
-
-
-def is_long_request(argv) -> bool:
-    """Whether a ccam-bench command line asks for this bench (``--bench long``)."""
-    for i, arg in enumerate(argv):
-        if arg == "--bench" and i + 1 < len(argv) and argv[i + 1] == LONG:
-            return True
-        if arg == f"--bench={LONG}":
-            return True
-    return False
 
 
 def _int_list(text):

@@ -33,8 +33,7 @@ from .flops import attention_flops, dense_attention_flops, projector_flops, proj
 from .progress import Progress, Spent
 from .timing import Timer, measure_ceilings, rotation_count, summarize, sync
 
-PASSES = ("fwd", "bwd", "fwd+bwd")
-BENCHES = ("attention", "projector")
+from .names import BENCHES, PASSES  # noqa: E402  (torch-free, for the command line)
 
 
 @dataclass(frozen=True)

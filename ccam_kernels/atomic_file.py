@@ -118,6 +118,11 @@ def write_together(directory, writers: Dict[str, Callable[[str], None]]) -> None
     _fsync_directory(directory)
 
 
+def listed_files(directory) -> set:
+    """Names of the files the manifest in ``directory`` lists (empty without one)."""
+    return set(_listed(os.path.abspath(os.fspath(directory))))
+
+
 def check_together(directory, names) -> None:
     """Raise ValueError if one of ``names`` (files of ``directory`` about to be read) still holds
     the content that its manifest says the last save replaced: that save stopped between the

@@ -20,14 +20,16 @@ weights with the old config.
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import torch
 
-from .atomic_file import check_together, write_together
+from .atomic_file import check_together, listed_files, write_together
 from .config import CONFIG_FILE, CCAMConfig
 
 SAFETENSORS_FILE = "model.safetensors"
+TORCH_FILE = "pytorch_model.bin"
 TORCH_PATTERNS = ("pytorch_model.bin", "pytorch_model-*.bin", "*.pt", "*.pth")
 
 
@@ -101,6 +103,30 @@ def apply_key_map(state: dict, key_map) -> dict:
     return out
 
 
+SHOWN_KEYS = 20
+
+
+def describe_unexpected(unexpected: list, ours: set) -> str:
+    """The first SHOWN_KEYS unexpected keys and how many more; and, when some of them are our
+    parameter names under one common prefix (a full model's checkpoint, e.g.
+    "mm_projector.query"), the key_map that keeps exactly those."""
+    text = repr(unexpected[:SHOWN_KEYS])
+    if len(unexpected) > SHOWN_KEYS:
+        text += f" and {len(unexpected) - SHOWN_KEYS} more"
+    prefixes = {}
+    for key in unexpected:
+        for name in ours:
+            if key.endswith("." + name):
+                prefix = key[:-len(name)]
+                prefixes.setdefault(prefix, set()).add(name)
+    if prefixes:
+        prefix, names = max(prefixes.items(), key=lambda item: (len(item[1]), -len(item[0])))
+        text += (f"; {len(names)} of the {len(ours)} parameters are under the prefix {prefix!r}: "
+                 f"key_map=lambda k: k[{len(prefix)}:] if k.startswith({prefix!r}) else None "
+                 f"keeps those and drops every other key")
+    return text
+
+
 def check_keys(module: torch.nn.Module, state: dict) -> None:
     """Raise ValueError naming every unexpected key, missing parameter or shape mismatch."""
     ours = module.state_dict()
@@ -109,7 +135,7 @@ def check_keys(module: torch.nn.Module, state: dict) -> None:
     problems = []
     if unexpected:
         problems.append(f"unexpected keys (not parameters of {type(module).__name__}; rename or drop them "
-                        f"with key_map): {unexpected}")
+                        f"with key_map): {describe_unexpected(unexpected, set(ours))}")
     if missing:
         problems.append(f"missing keys (parameters the checkpoint does not fill): {missing}")
     for key in sorted(set(state) & set(ours)):
@@ -189,19 +215,46 @@ def _check_written_together(directory: str, config_names: list, weight_files: li
         check_together(folder, names)
 
 
-def save_projector(module, path) -> None:
-    """config.json and model.safetensors, written together (``write_together``): each staged in
-    a temporary file beside it, then the manifest, then the files renamed into place. A failure
-    leaves the old checkpoint, or files that from_pretrained refuses, and no partial file."""
-    from safetensors.torch import save_file
+def save_projector(module, path, *, safe_serialization=True, config_extra=None, extra_files=None) -> None:
+    """config.json and model.safetensors (or pytorch_model.bin), written together
+    (``write_together``): each staged in a temporary file beside it, then the manifest, then the
+    files renamed into place. A failure leaves the old checkpoint, or files that from_pretrained
+    refuses, and no partial file. ``config_extra``: more keys for config.json (transformers'
+    auto_map); ``extra_files``: {name: text} written with them (modeling_ccam.py)."""
 
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"save_pretrained needs a directory, but {path!r} is an existing file")
     os.makedirs(path, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    # More files (other weight formats, Hugging Face extras) are more entries here.
-    write_together(path, {
-        SAFETENSORS_FILE: lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
-        CONFIG_FILE: module.config.to_json_file,
-    })
+    weights_file = SAFETENSORS_FILE if safe_serialization else TORCH_FILE
+    # The other format's file would shadow (or be shadowed by) this one on the next load. One the
+    # previous manifest listed is deleted by write_together; an unlisted one (an older save) here.
+    other = os.path.join(path, TORCH_FILE if safe_serialization else SAFETENSORS_FILE)
+    if os.path.exists(other) and os.path.basename(other) not in listed_files(path):
+        os.remove(other)
+
+    def write_weights(tmp):
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            save_file(state, tmp, metadata={"format": "pt"})
+        else:
+            torch.save(state, tmp)
+
+    def write_config(tmp):
+        module.config.to_json_file(tmp)
+        if config_extra:
+            with open(tmp, encoding="utf-8") as f:
+                config = json.load(f)
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps({**config, **config_extra}, indent=2) + "\n")
+
+    def write_text(text):
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+        return write
+
+    write_together(path, {weights_file: write_weights, CONFIG_FILE: write_config,
+                          **{name: write_text(text) for name, text in (extra_files or {}).items()}})

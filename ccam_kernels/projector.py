@@ -1,7 +1,8 @@
 """CCAMProjector: the Video-CCAM cross-attention projector, built on ``ccam_attention``.
 
-Shapes (docs/reference.md §4.2): features (F, P, Cv) with split_sizes [T_1 .. T_B], or (B, T, P, Cv)
--> (B, N, O). Parameter names are the state_dict keys of this library.
+Shapes (docs/reference.md §4.2): features (F, P, Cv) with split_sizes [T_1 .. T_B], (B, T, P, Cv),
+or (B, T_max, P, Cv) padded with split_sizes [T_1 .. T_B] -> (B, N, O). Parameter names are the
+state_dict keys of this library.
 """
 
 from __future__ import annotations
@@ -82,6 +83,30 @@ def _warn_dropout_fallback_once() -> None:
         )
 
 
+def _unpad(frames: torch.Tensor, counts):
+    """(B, T_max, P, Cv) padded frames and their counts T_b <= T_max -> the packed (F, P, Cv)
+    frames and the counts: padding frames are dropped here, before any projection, so no K/V
+    is ever computed for them (and their gradient is zero)."""
+    b, t = frames.shape[:2]
+    if isinstance(counts, torch.Tensor):  # only while torch.compile traces: values are data
+        if counts.shape[0] != b:
+            raise ValueError(f"split_sizes has {counts.shape[0]} videos but padded features (B, T_max, P, Cv) "
+                             f"has B={b}, got features of shape {tuple(frames.shape)}")
+        keep = torch.arange(t, device=frames.device) < counts.to(frames.device)[:, None]
+        return frames[keep], counts
+    if len(counts) != b:
+        raise ValueError(f"split_sizes has {len(counts)} videos but padded features (B, T_max, P, Cv) has B={b}, "
+                         f"got features of shape {tuple(frames.shape)}")
+    if max(counts) > t:
+        raise ValueError(f"split_sizes {list(counts)} must be <= T_max={t} (the padded frame axis of features "
+                         f"of shape {tuple(frames.shape)})")
+    flat = frames.reshape(b * t, *frames.shape[2:])
+    if min(counts) == t:
+        return flat, counts
+    rows = torch.tensor([i * t + f for i, c in enumerate(counts) for f in range(c)], device=frames.device)
+    return flat.index_select(0, rows), counts
+
+
 class CCAMProjector(nn.Module):
     """N learnable queries read the visual tokens of every frame under the CCAM mask.
 
@@ -95,9 +120,10 @@ class CCAMProjector(nn.Module):
     forward(features, split_sizes=None):
         features: (F, P, Cv) frames of all samples, packed, with split_sizes = [T_1 .. T_B]
             (a sequence of ints or an int64 tensor summing to F); or (B, T, P, Cv) with
-            split_sizes=None. device must match the module's parameters, and dtype too
-            (inside torch.autocast another of float16/bfloat16/float32 is cast to the
-            autocast dtype).
+            split_sizes=None; or (B, T_max, P, Cv) padded, with split_sizes [T_1 .. T_B] <= T_max
+            (padding frames are dropped before any projection). device must match the module's
+            parameters, and dtype too (inside torch.autocast another of float16/bfloat16/float32
+            is cast to the autocast dtype).
         returns: (B, N, output_size).
         group: a torch.distributed process group: this rank's ``features`` are its consecutive
             frames of each video (split_sizes may hold zeros) and every rank returns the whole
@@ -131,7 +157,8 @@ class CCAMProjector(nn.Module):
             raise TypeError(f"backend must be a str or a callable, got {type(backend).__name__}")
         if isinstance(backend, str) and backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
-        self.config = cfg = config
+        self._config = cfg = config
+        self._checkpointing = None  # gradient_checkpointing_enable()'s checkpoint kwargs, or None
         self.backend = backend
         self.query = nn.Parameter(torch.empty(cfg.num_query, cfg.hidden_size))
         self.query_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -144,12 +171,63 @@ class CCAMProjector(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         nn.init.normal_(self.query, std=0.02)
 
+    # -- what transformers code asks of a model -------------------------------------------
+
+    @property
+    def config(self) -> CCAMConfig:
+        """The :class:`CCAMConfig` (read-only: a changed config would not match the parameters;
+        build a new module from ``dataclasses.replace(proj.config, ...)``)."""
+        return self._config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype."""
+        return self.query.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The parameters' device."""
+        return self.query.device
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        """The number of parameter elements (those with requires_grad only, if asked)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether gradient_checkpointing_enable() is in effect."""
+        return self._checkpointing is not None
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+        """Activation checkpointing in training: the attention block (feature norm, K/V
+        projection, attention) and the MLP block keep only their inputs and run again in the
+        backward (torch.utils.checkpoint, non-reentrant unless the kwargs say otherwise; the
+        dropout masks are replayed). Gradients equal those without it; in eval mode or without
+        grad nothing changes."""
+        if gradient_checkpointing_kwargs is not None and not isinstance(gradient_checkpointing_kwargs, dict):
+            raise TypeError(f"gradient_checkpointing_kwargs must be a dict or None, got "
+                            f"{type(gradient_checkpointing_kwargs).__name__}")
+        self._checkpointing = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Keep every activation again (the default)."""
+        self._checkpointing = None
+
     # -- query side ------------------------------------------------------------------------
 
     def query_states(self) -> torch.Tensor:
         """(N, H, D): q_proj(query_norm(query)), computed on every call (nothing is cached)."""
+        return self._query_states()
+
+    def _query_states(self, weights=None) -> torch.Tensor:
+        """query_states(), with ``weights`` optionally standing in for (query, query_norm.weight,
+        query_norm.bias, q_proj.weight, q_proj.bias) (the frame-parallel forward's summed views)."""
         cfg = self.config
-        q = self.attn.q_proj(self.query_norm(self.query))
+        if weights is None:
+            weights = (self.query, self.query_norm.weight, self.query_norm.bias, self.attn.q_proj.weight,
+                       self.attn.q_proj.bias)
+        query, nw, nb, qw, qb = weights
+        q = F.linear(F.layer_norm(query, (cfg.hidden_size,), nw, nb, self.query_norm.eps), qw, qb)
         return q.view(cfg.num_query, cfg.num_heads, cfg.head_dim)
 
     def invalidate_query_cache(self) -> None:
@@ -169,14 +247,12 @@ class CCAMProjector(nn.Module):
         if not isinstance(features, torch.Tensor):
             raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
         if features.dim() == 4:
-            if split_sizes is not None:
-                raise ValueError(
-                    f"split_sizes must be None when features is (B, T, P, Cv), got {split_sizes!r} "
-                    f"with features of shape {tuple(features.shape)}"
-                )
             b, t = features.shape[:2]
-            split_sizes = (t,) * b
-            features = features.reshape(b * t, *features.shape[2:])
+            if split_sizes is None:
+                split_sizes = (t,) * b
+                features = features.reshape(b * t, *features.shape[2:])
+            else:
+                features, split_sizes = _unpad(features, frame_counts_arg("split_sizes", split_sizes))
         elif features.dim() == 3:
             if split_sizes is None:
                 raise ValueError("split_sizes is required when features is (F, P, Cv)")
@@ -226,13 +302,21 @@ class CCAMProjector(nn.Module):
         dtype = _autocast_dtype(x.device.type) or x.dtype
         return BACKENDS["triton"].refuses_placement(x.device.type, dtype, auto=self.backend == "auto") is None
 
-    def _keys_values(self, x: torch.Tensor):
-        """(M, Cv) packed features -> k, v (M, Hkv, D): LayerNorm, then the K and V projections."""
+    def _keys_values(self, x: torch.Tensor, weights=None):
+        """(M, Cv) packed features -> k, v (M, Hkv, D): LayerNorm, then the K and V projections.
+
+        ``weights`` optionally stands in for (feature_norm.weight, feature_norm.bias,
+        k_proj.weight, k_proj.bias, v_proj.weight, v_proj.bias): the frame-parallel forward
+        passes views whose gradient is summed over its process group."""
         cfg = self.config
         shape = (-1, cfg.num_key_value_heads, cfg.head_dim)
-        if not self._fused_projection(x):
-            z = self.feature_norm(x)
-            return self.attn.k_proj(z).view(shape), self.attn.v_proj(z).view(shape)
+        if weights is not None or not self._fused_projection(x):
+            if weights is None:
+                weights = (self.feature_norm.weight, self.feature_norm.bias, self.attn.k_proj.weight,
+                           self.attn.k_proj.bias, self.attn.v_proj.weight, self.attn.v_proj.bias)
+            nw, nb, kw, kb, vw, vb = weights
+            z = F.layer_norm(x, (cfg.cross_hidden_size,), nw, nb, self.feature_norm.eps)
+            return F.linear(z, kw, kb).view(shape), F.linear(z, vw, vb).view(shape)
         from .backends.triton_projection import layernorm_kv
 
         kp, vp, norm = self.attn.k_proj, self.attn.v_proj, self.feature_norm
@@ -248,13 +332,16 @@ class CCAMProjector(nn.Module):
         Args:
             features: (F, P, Cv), the visual tokens of every frame of every video, packed video by
                 video (F = sum(split_sizes) frames of P tokens, Cv = cross_hidden_size); or
-                (B, T, P, Cv) when every video has T frames. On the module's device and in its
-                dtype; inside torch.autocast features in another of float16/bfloat16/float32
-                (module too) are cast to the autocast dtype, as nn.Linear casts its input (the
-                projections and the attention then run in that dtype).
+                (B, T, P, Cv) when every video has T frames, or (B, T_max, P, Cv) padded, with
+                split_sizes giving each video's T_b <= T_max (the padding frames are dropped
+                before the K/V projection: the same numbers as the packed call). On the module's
+                device and in its dtype; inside torch.autocast features in another of
+                float16/bfloat16/float32 (module too) are cast to the autocast dtype, as nn.Linear
+                casts its input (the projections and the attention then run in that dtype).
             split_sizes: frames T_b of each video, B ints >= 1 adding up to F: a sequence of ints,
                 a 1-D integer NumPy array or a 1-D integer tensor (a tensor never recompiles under
-                torch.compile). Required for 3-D features, None for 4-D ones.
+                torch.compile). Required for 3-D features; for 4-D ones None (every video has T
+                frames) or the B counts T_b <= T_max of padded frames.
             group: a torch.distributed process group for the frame-parallel forward
                 (docs/reference.md §5.3): ``features`` are then this rank's consecutive frames of
                 each video, split_sizes may hold zeros, and every rank returns the whole batch's
@@ -266,10 +353,10 @@ class CCAMProjector(nn.Module):
 
         Raises:
             TypeError, ValueError: features that are not a tensor, of the wrong rank, width
-                (!= cross_hidden_size), dtype or device, or empty; split_sizes missing, given with
-                4-D features, of a wrong form, < 1, or not adding up to F (the message names
-                the argument; docs/reference.md §8.2, §8.5). With ``group``, the same on every
-                rank, naming the rank whose arguments were bad (§8.7).
+                (!= cross_hidden_size), dtype or device, or empty; split_sizes missing, of a
+                wrong form, < 1, not adding up to F, or (padded 4-D features) not B counts
+                <= T_max (the message names the argument; docs/reference.md §8.2, §8.5). With
+                ``group``, the same on every rank, naming the rank whose arguments were bad (§8.7).
             RuntimeError: with ``group``, no initialized process group, attention dropout in
                 training, a callable backend (no partial attention), or a backend that cannot
                 take the module's device, dtype or head dim.
@@ -281,10 +368,9 @@ class CCAMProjector(nn.Module):
         cfg = self.config
         features, split_sizes = self._check_features(features, split_sizes)
         num_frames, tokens_per_frame = features.shape[:2]
-        batch = split_sizes.shape[0] if isinstance(split_sizes, torch.Tensor) else len(split_sizes)
 
         q = self.query_states()  # (N, H, D), shared by every sample
-        k, v = self._keys_values(features.reshape(num_frames * tokens_per_frame, cfg.cross_hidden_size))
+        x = features.reshape(num_frames * tokens_per_frame, cfg.cross_hidden_size)
         dropout_p = cfg.attention_dropout if self.training else 0.0
         backend = self.backend
         if dropout_p > 0 and backend in ("triton", "auto") and self._fused_projection(features):
@@ -292,13 +378,36 @@ class CCAMProjector(nn.Module):
             # training. The torch backend implements it; say so once per process.
             _warn_dropout_fallback_once()
             backend = "torch"
+        if self._checkpointing is not None and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            # K and V (F*P rows) are the largest activations: recompute them in the backward.
+            attn = checkpoint(self._attend, q, x, split_sizes, tokens_per_frame, dropout_p, backend,
+                              **self._checkpointing)
+            return self._head(attn, checkpoint_mlp=True)
+        attn = self._attend(q, x, split_sizes, tokens_per_frame, dropout_p, backend)
+        return self._head(attn)
+
+    def _attend(self, q, x, split_sizes, tokens_per_frame, dropout_p, backend) -> torch.Tensor:
+        """(M, Cv) packed features -> (B, N, H, D): K/V projection, then the attention."""
+        k, v = self._keys_values(x)
         if callable(backend):
-            attn = backend(q, k, v, split_sizes, tokens_per_frame, dropout_p=dropout_p)
-        else:
-            attn = ccam_attention(q, k, v, split_sizes, tokens_per_frame, dropout_p=dropout_p, backend=backend)
-        # attn: (B, N, H, D)
-        h = self.query + self.dropout(self.attn.o_proj(attn.reshape(batch, cfg.num_query, cfg.hidden_size)))
-        h = h + self.dropout(self.mlp(self.mlp_norm(h)))
+            return backend(q, k, v, split_sizes, tokens_per_frame, dropout_p=dropout_p)
+        return ccam_attention(q, k, v, split_sizes, tokens_per_frame, dropout_p=dropout_p, backend=backend)
+
+    def _mlp_block(self, h: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.mlp(self.mlp_norm(h)))
+
+    def _head(self, attn: torch.Tensor, checkpoint_mlp: bool = False) -> torch.Tensor:
+        """(B, N, H, D) attention output -> (B, N, O): o_proj, residual, MLP, out_proj (the
+        steps after the attention, shared with the long-video paths)."""
+        cfg = self.config
+        h = self.query + self.dropout(self.attn.o_proj(attn.reshape(attn.shape[0], cfg.num_query, cfg.hidden_size)))
+        if checkpoint_mlp:
+            from torch.utils.checkpoint import checkpoint
+
+            return self.out_proj(self.out_norm(h + checkpoint(self._mlp_block, h, **self._checkpointing)))
+        h = h + self._mlp_block(h)
         return self.out_proj(self.out_norm(h))
 
     def stream(self, total_frames: int) -> "ProjectorStream":
@@ -314,21 +423,47 @@ class CCAMProjector(nn.Module):
     @classmethod
     def from_pretrained(cls, path: PathLike, key_map: Optional[KeyMap] = None, *,
                         config: Union[CCAMConfig, dict, None] = None, backend: Union[str, AttentionFn] = "auto",
-                        dtype: Optional[torch.dtype] = None,
-                        device: Optional[DeviceLike] = None) -> "CCAMProjector":
+                        dtype: Union[torch.dtype, str, None] = None, device: Optional[DeviceLike] = None,
+                        torch_dtype: Union[torch.dtype, str, None] = None,
+                        device_map: Union[DeviceLike, dict, None] = None, subfolder: str = "",
+                        revision: Optional[str] = None, cache_dir: Optional[PathLike] = None) -> "CCAMProjector":
         """Load a projector from a directory (config.json + model.safetensors or a torch state
-        dict file) or from a weights file with ``config`` given. The module is returned in eval
-        mode (dropout off), ready for inference; call ``.train()`` to fine-tune.
+        dict file), from a weights file with ``config`` given, or from a Hugging Face Hub repo
+        id (downloaded with huggingface_hub, the ``[hf]`` extra, at ``revision`` into
+        ``cache_dir``). ``subfolder`` is read inside it. The module is returned in eval mode
+        (dropout off), ready for inference; call ``.train()`` to fine-tune.
+
+        Besides ``dtype`` and ``device``, takes what transformers users type: ``torch_dtype``
+        (an alias of ``dtype``), either as a torch.dtype, a name ("bfloat16") or "auto" (the
+        checkpoint's dtype, also what None does); ``device_map`` as a device, "auto" (the
+        current CUDA device, else the CPU) or ``{"": device}``: the projector is never split.
         See :mod:`ccam_kernels.checkpoint`; the format and every error: docs/reference.md §4.3, §8.6."""
         from .checkpoint import load_projector
+        from .hub import resolve_device, resolve_dtype, resolve_path
 
+        dtype = resolve_dtype(dtype, torch_dtype)
+        device = resolve_device(device, device_map)
+        path = resolve_path(path, subfolder, revision, cache_dir)
         return load_projector(cls, path, key_map=key_map, config=config, backend=backend, dtype=dtype, device=device)
 
-    def save_pretrained(self, path: PathLike) -> None:
-        """Write config.json and model.safetensors into directory ``path`` (created if needed)."""
+    def save_pretrained(self, path: PathLike, *, safe_serialization: bool = True, auto_map: bool = True) -> None:
+        """Write config.json and model.safetensors (``safe_serialization=False``:
+        pytorch_model.bin) into directory ``path`` (created if needed). With ``auto_map`` (the
+        default) config.json also names this library's transformers classes and the folder
+        gets modeling_ccam.py, so that ``transformers.AutoModel.from_pretrained(path,
+        trust_remote_code=True)`` loads it (:mod:`ccam_kernels.hf`, the ``[hf]`` extra)."""
         from .checkpoint import save_projector
 
-        save_projector(self, path)
+        if not isinstance(safe_serialization, bool) or not isinstance(auto_map, bool):
+            raise TypeError(f"safe_serialization and auto_map must be bools, got {type(safe_serialization).__name__} "
+                            f"and {type(auto_map).__name__}")
+        if auto_map:
+            from .hf_files import AUTO_MAP_CONFIG, MODELING_FILE, modeling_source
+
+            save_projector(self, path, safe_serialization=safe_serialization, config_extra=AUTO_MAP_CONFIG,
+                           extra_files={MODELING_FILE: modeling_source()})
+        else:
+            save_projector(self, path, safe_serialization=safe_serialization)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

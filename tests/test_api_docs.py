@@ -220,7 +220,9 @@ STEMS = [
     "config must be a CCAMConfig or a dict, got",
     "features must be a torch.Tensor, got",
     "features must be (F, P, Cv) or (B, T, P, Cv), got shape",
-    "split_sizes must be None when features is (B, T, P, Cv), got",
+    "videos but padded features (B, T_max, P, Cv) has B=",
+    "must be <= T_max=",
+    "gradient_checkpointing_kwargs must be a dict or None, got",
     "split_sizes is required when features is (F, P, Cv)",
     "frames, but features has F=",
     "features width must equal cross_hidden_size=",
@@ -254,6 +256,15 @@ STEMS = [
     "device='meta' is refused: meta tensors hold no data",
     "cannot hold tensors on this machine:",
     "save_pretrained needs a directory, but",
+    "safe_serialization and auto_map must be bools, got",
+    "pass dtype= or torch_dtype= (the same argument), not both",
+    "dtype must be a torch.dtype, 'auto' or one of",
+    "pass device= or device_map=, not both",
+    "device_map must put the whole projector on one device",
+    "subfolder must be a str, got",
+    "revision= applies to a Hub repo id, but",
+    "does not exist locally, and downloading it as a Hugging Face Hub repo id needs huggingface_hub",
+    "does not exist locally and could not be downloaded from the Hugging Face Hub",
     "is an existing file",
     "is not whole: ",
     # long videos (§8.7)
@@ -306,11 +317,11 @@ STEMS = [
 
 # Modules whose raises and warnings answer user input: every message must contain a stem.
 USER_INPUT_MODULES = [
-    "checks.py", "attention.py", "mask.py", "config.py", "projector.py", "checkpoint.py", "atomic_file.py",
-    "backends/attention_ops.py", "long_video/partial.py", "long_video/parts.py", "long_video/stream.py",
+    "checks.py", "attention.py", "mask.py", "config.py", "projector.py", "checkpoint.py", "hub.py", "atomic_file.py",
+    "backends/attention_ops.py", "long_video/partial.py", "long_video/stream.py",
     "long_video/distributed.py",
 ]
-ERRORS = {"ValueError", "TypeError", "RuntimeError", "FileNotFoundError", "NotADirectoryError"}
+ERRORS = {"ValueError", "TypeError", "RuntimeError", "FileNotFoundError", "NotADirectoryError", "ImportError", "OSError"}
 
 
 def _literal_parts(node: ast.AST) -> list[str]:

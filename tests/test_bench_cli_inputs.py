@@ -1,5 +1,6 @@
 """ccam-bench argument checks (issue 13 item 7): an unusable --out is refused before any case
-runs, and --max-minutes must be a positive finite number."""
+runs, and --max-minutes must be a positive finite number; --help answers without importing
+torch, and its usage line names compare and --bench long (issue 24 item 7)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import re
 import pytest
 
 import ccam_kernels.bench.__main__ as cli
+from ccam_kernels.bench import runner
 from ccam_kernels.bench.out_dir import check_out_dir
 
 LIGHT = ["--bench", "attention", "--backends", "reference", "--frames", "1", "--tokens-per-frame", "1"]
@@ -19,7 +21,7 @@ def no_cases(monkeypatch):
     """run_suite that fails the test if main ever gets as far as running a case."""
     def run_suite(*args, **kwargs):
         raise AssertionError("a case ran although --out is unusable")
-    monkeypatch.setattr(cli, "run_suite", run_suite)
+    monkeypatch.setattr(runner, "run_suite", run_suite)  # main imports it from there when it runs
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1", "abc", "1e999"])
@@ -100,7 +102,7 @@ def test_usable_out_lets_the_run_start(tmp_path, monkeypatch):
     def run_suite(cases, *args, **kwargs):
         raise Started(len(cases))
 
-    monkeypatch.setattr(cli, "run_suite", run_suite)
+    monkeypatch.setattr(runner, "run_suite", run_suite)  # main imports it from there when it runs
     with pytest.raises(Started):
         cli.main([*LIGHT, "--max-minutes", "0.5", "--out", str(tmp_path / "out")])
     assert (tmp_path / "out").is_dir()
@@ -172,3 +174,23 @@ def test_long_bench_allocation_failures_are_oom_rows(tmp_path, monkeypatch):
     assert status == {(4, "one-shot"): "oom", (4, "stream"): "oom", (5, "one-shot"): "oom", (5, "stream"): "error",
                       (2, "frame-parallel"): "oom"}
     assert code == 1  # the one real error
+def test_help_imports_no_torch_and_names_compare():
+    import subprocess
+    import sys
+
+    code = ("import sys; from ccam_kernels.bench.__main__ import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    usage = out.split("\n\n", 1)[0]
+    assert "ccam-bench compare A B" in usage and "--bench long" in usage
+    assert out.strip().endswith("NO TORCH")
+
+
+def test_names_offered_without_torch_are_the_ones_that_run():
+    from ccam_kernels.attention import BACKENDS
+    from ccam_kernels.bench import contestants, names
+
+    assert names.OUR_BACKENDS == tuple(n for n in BACKENDS if n != "reference")
+    assert names.SDPA_NAMES == tuple(contestants.SDPA_ANCHORS)
+    assert names.BENCHES == runner.BENCHES and names.PASSES == runner.PASSES

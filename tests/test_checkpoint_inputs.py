@@ -124,8 +124,9 @@ def test_device_meta_is_refused_with_the_reason(tmp_path):
     (dict(device="nowhere:0"), ValueError, r"device must be a torch\.device.*'nowhere:0'"),
     (dict(device=3.5), ValueError, r"device must be"),
     (dict(dtype=torch.int64), ValueError, r"dtype must be a floating-point torch\.dtype, got torch\.int64"),
-    (dict(dtype="float32"), TypeError, r"dtype must be a torch\.dtype"),
-], ids=["device-string", "device-float", "dtype-int", "dtype-str"])
+    (dict(dtype=32), TypeError, r"dtype must be a torch\.dtype or None, got int"),
+    (dict(dtype="float17"), ValueError, r"dtype must be a torch\.dtype, 'auto' or one of"),
+], ids=["device-string", "device-float", "dtype-int", "dtype-number", "dtype-str"])
 def test_bad_dtype_or_device_is_named(tmp_path, kwargs, exc, pattern):
     make_projector().save_pretrained(tmp_path)
     with pytest.raises(exc, match=pattern):

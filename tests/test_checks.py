@@ -214,7 +214,7 @@ BAD_FEATURES = [
     ("split_sizes-float-tensor", lambda: (torch.randn(6, 3, 12), torch.tensor([2.0, 4.0])), TypeError,
      "split_sizes"),
     ("split_sizes-missing-3d", lambda: (torch.randn(6, 3, 12), None), ValueError, "split_sizes"),
-    ("split_sizes-with-4d", lambda: (torch.randn(2, 3, 3, 12), [3, 3]), ValueError, r"split_sizes.*None"),
+    ("split_sizes-above-t-max", lambda: (torch.randn(2, 3, 3, 12), [3, 4]), ValueError, r"split_sizes.*<= T_max=3"),
     ("dtype-float64", lambda: (torch.randn(6, 3, 12, dtype=torch.float64), [2, 4]), ValueError,
      r"features.*dtype.*float32.*float64"),
     ("dtype-bfloat16", lambda: (torch.randn(2, 3, 3, 12, dtype=torch.bfloat16), None), ValueError,

@@ -17,24 +17,23 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from typing import TYPE_CHECKING
 
-import torch
+# No torch import at the top: `ccam-bench --help` (and a bad flag) answer without it; what runs
+# cases imports it where it is used.
+from .names import ALL_NAMES, BENCHES, DTYPE_NAMES, PASSES, is_long_request
 
-from ..config import CCAMConfig
-from ..attention import BACKENDS
-from .contestants import ATTENTION_CONTESTANTS, OURS, PROJECTOR_CONTESTANTS, SDPA_ANCHORS, default_contestants
 from .arg_types import int_at_least, int_list
-from .out_dir import check_out_dir
-from .report import build_result, format_table, git_commit, write_outputs
-from .runner import BENCHES, PASSES, BenchCase, Settings, run_suite
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+    from .runner import BenchCase
 DEFAULT_FRAMES = (16, 32, 48, 64, 96)
 QUICK_FRAMES = (1, 16)
 FULL_FRAMES = (1, 16, 32, 48, 64, 96, 128, 256, 512)
 FULL_BATCHES = (1, 4, 8)
 FULL_RAGGED = ((16, 96, 33, 64),)
-ALL_NAMES = tuple(dict.fromkeys(ATTENTION_CONTESTANTS + PROJECTOR_CONTESTANTS))
 
 
 def _positive_float(text: str) -> float:
@@ -59,7 +58,10 @@ def _name_list(choices):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="ccam-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="ccam-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="ccam-bench [options]              (the options below)\n"
+              "       ccam-bench --bench long [options]   (long videos: ccam-bench --bench long --help)\n"
+              "       ccam-bench compare A B [options]    (two runs: ccam-bench compare --help)",
     )
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true", help=f"frames {QUICK_FRAMES}, 2 repeats per round")
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a ragged batch given by its frame counts; repeat for more")
     p.add_argument("--backends", type=_name_list(ALL_NAMES),
                    help=f"comma-separated, from {list(ALL_NAMES)} (default: every one that runs here)")
-    p.add_argument("--dtype", type=_name_list(tuple(DTYPES)),
+    p.add_argument("--dtype", type=_name_list(DTYPE_NAMES),
                    help="comma-separated; default bfloat16 on GPU (--full: bfloat16,float16), float32 on CPU")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present")
     p.add_argument("--repeats", type=int_at_least(1),
@@ -92,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_cases(args, device: torch.device) -> list[BenchCase]:
+def build_cases(args, device: "torch.device") -> "list[BenchCase]":
+    import torch
+
+    from ..config import CCAMConfig
+    from .runner import BenchCase
+
     gpu = device.type == "cuda"
     config = CCAMConfig.from_json_file(args.config) if args.config else CCAMConfig()
     frames = args.frames or (QUICK_FRAMES if args.quick else FULL_FRAMES if args.full else DEFAULT_FRAMES)
@@ -114,12 +121,15 @@ def build_cases(args, device: torch.device) -> list[BenchCase]:
     # frames in the order given (ragged batches last), attention and projector side by side.
     # Tables sort anyway.
     return [
-        BenchCase(bench, pass_, counts, DTYPES[dtype], config, args.tokens_per_frame)
+        BenchCase(bench, pass_, counts, getattr(torch, dtype), config, args.tokens_per_frame)
         for dtype in dtypes for pass_ in passes for counts in shapes for bench in benches
     ]
 
 
-def _why_not_here(name: str, device: torch.device) -> str:
+def _why_not_here(name: str, device: "torch.device") -> str:
+    from ..attention import BACKENDS
+    from .contestants import SDPA_ANCHORS
+
     if name in BACKENDS:
         return BACKENDS[name].refuses_placement(device.type) or "not available"
     if name in SDPA_ANCHORS:
@@ -127,8 +137,10 @@ def _why_not_here(name: str, device: torch.device) -> str:
     return "not available"
 
 
-def choose_contestants(args, device: torch.device, benches) -> dict:
+def choose_contestants(args, device: "torch.device", benches) -> dict:
     """bench -> names, "reference" first; raises ValueError naming what cannot run here."""
+    from .contestants import ATTENTION_CONTESTANTS, PROJECTOR_CONTESTANTS, default_contestants
+
     chosen = {}
     for bench in benches:
         here = default_contestants(bench, device, explicit=bool(args.backends))
@@ -151,6 +163,9 @@ def choose_contestants(args, device: torch.device, benches) -> dict:
 def skipped_notes(contestants: dict, device: torch.device) -> list[str]:
     """One line per backend of ours that no bench runs here, with the reason (e.g. triton not
     installed, with the command that installs it), so a missing row is never a silent one."""
+    from ..attention import BACKENDS
+    from .contestants import OURS
+
     running = {n for names in contestants.values() for n in names}
     return [f"ccam-bench: no {name} rows: {BACKENDS[name].refuses_placement(device.type, auto=True)}"
             for name in OURS if name not in running and BACKENDS[name].refuses_placement(device.type, auto=True)]
@@ -162,11 +177,17 @@ def main(argv=None) -> int:
         from .compare import main as compare_main
 
         return compare_main(argv[1:])
-    from .long_video import is_long_request, main as long_main
-
     if is_long_request(argv):  # its own runner and flags: see bench/long_video.py
+        from .long_video import main as long_main
+
         return long_main(argv)
     args = build_parser().parse_args(argv)
+    import torch
+
+    from .out_dir import check_out_dir
+    from .report import build_result, format_table, git_commit, write_outputs
+    from .runner import Settings, run_suite
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("ccam-bench: --device cuda but torch sees no CUDA device", file=sys.stderr)

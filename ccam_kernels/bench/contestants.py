@@ -28,6 +28,7 @@ from ..attention import BACKENDS, ccam_attention
 from ..checks import check_attention_args
 from ..mask import dense_mask, key_offsets
 from ..projector import CCAMProjector
+from . import names
 from .flex import FlexCCAMAttention, native_keys
 
 OURS = tuple(name for name in BACKENDS if name != "reference")
@@ -39,6 +40,9 @@ SDPA_ANCHORS = {  # name -> (SDPBackend member, devices it runs on)
 ANCHORS = (*SDPA_ANCHORS, "flex")
 ATTENTION_CONTESTANTS = ("reference", *OURS, *ANCHORS)
 PROJECTOR_CONTESTANTS = ("reference", *OURS, "flex")
+# The command line offers these names without importing torch (names.py): they must agree.
+assert (ATTENTION_CONTESTANTS, PROJECTOR_CONTESTANTS) == (names.ATTENTION_CONTESTANTS, names.PROJECTOR_CONTESTANTS), \
+    "bench/names.py is out of date"
 
 
 class Unsupported(Exception):

@@ -37,10 +37,10 @@ from datetime import datetime, timezone
 import torch
 
 from .arg_types import int_at_least, int_list
+from .names import LONG, is_long_request  # noqa: F401  (torch-free, for the command line)
 from .oom import is_oom_message
 from .out_dir import check_out_dir
 
-LONG = "long"
 DEFAULT_FRAMES = (96, 512, 1024, 3600)
 DEFAULT_PROCS = (1, 2, 4)
 CPU_CONFIG = dict(num_query=256, hidden_size=256, cross_hidden_size=256, num_heads=4, num_key_value_heads=4,
@@ -50,16 +50,6 @@ GPU_TOKENS_PER_FRAME = 729
 CHUNK_FRAMES = 32
 WARMUP_FRAMES = 2 * CHUNK_FRAMES
 PARALLEL_FRAMES = 512
-
-
-def is_long_request(argv) -> bool:
-    """Whether a ccam-bench command line asks for this bench (``--bench long``)."""
-    for i, arg in enumerate(argv):
-        if arg == "--bench" and i + 1 < len(argv) and argv[i + 1] == LONG:
-            return True
-        if arg == f"--bench={LONG}":
-            return True
-    return False
 
 
 def build_parser():

@@ -34,8 +34,7 @@ from .oom import is_oom
 from .progress import Progress, Spent
 from .timing import Timer, measure_ceilings, rotation_count, summarize, sync
 
-PASSES = ("fwd", "bwd", "fwd+bwd")
-BENCHES = ("attention", "projector")
+from .names import BENCHES, PASSES  # noqa: E402  (torch-free, for the command line)
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,9 @@ parameter's whole gradient, and each rank's features the gradient of their own f
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..checks import as_int, integer_tensor_values
-from .parts import head, keys_values, partial_backend_of
-from .partial import ccam_partial_attention
+from .partial import ccam_partial_attention, partial_backend_of
 
 
 def _dist():
@@ -191,15 +189,13 @@ def frame_parallel_forward(proj, features, split_sizes, group):
         summed = _SumGradients.apply(group, *(shared[i] for i in live))
         for i, t in zip(live, summed):
             shared[i] = t
-    query, qn_w, qn_b, q_w, q_b, *kv_weights = shared
-
-    q = F.linear(F.layer_norm(query, (cfg.hidden_size,), qn_w, qn_b, proj.query_norm.eps), q_w, q_b)
-    q = q.view(cfg.num_query, cfg.num_heads, cfg.head_dim)
-    k, v = keys_values(proj, features.reshape(-1, cfg.cross_hidden_size), kv_weights)
+    q = proj._query_states(shared[:5])
+    kv_weights = shared[5:]
+    k, v = proj._keys_values(features.reshape(-1, cfg.cross_hidden_size), kv_weights)
     out, lse = ccam_partial_attention(q, k, v, totals, P, ranges, backend=backend)
     attn = _MergeOverGroup.apply(out, lse, group).to(proj.query.dtype)
     if seed is None:
-        return head(proj, attn)
+        return proj._head(attn)
     # Same dropout masks on every rank: rank 0's seed, in a fork so the caller's RNG is untouched.
     cuda = attn.device.type == "cuda"
     with torch.random.fork_rng(devices=[attn.device.index] if cuda else []):
@@ -208,7 +204,7 @@ def frame_parallel_forward(proj, features, split_sizes, group):
                 torch.cuda.manual_seed(seed)
         else:
             torch.default_generator.manual_seed(seed)
-        return head(proj, attn)
+        return proj._head(attn)
 
 
 def allreduce_bytes(batch: int, num_query: int, num_heads: int, head_dim: int, itemsize: int) -> dict:

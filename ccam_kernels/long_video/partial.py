@@ -397,6 +397,23 @@ def resolve_partial_backend(backend) -> str:
     raise ValueError(f"backend must be one of {['auto', *PARTIAL_BACKENDS]}, got {backend!r}")
 
 
+def partial_backend_of(proj) -> str:
+    """The partial-attention backend for a projector's ``backend``: "auto" -> "torch"; a named
+    backend without partial attention, or that cannot take the module's device, dtype or head
+    dim, is refused (RuntimeError) up front rather than silently replaced."""
+    if callable(proj.backend):
+        raise RuntimeError(
+            "long-video paths need partial attention, which a callable backend does not provide; "
+            "construct the projector with backend='auto', 'torch', 'reference', 'triton' or 'cuda'"
+        )
+    name = resolve_partial_backend(proj.backend)
+    param = proj.query
+    why = refuses_partial(name, param.device.type, param.dtype, proj.config.head_dim)
+    if why:
+        raise RuntimeError(f"backend {name!r} cannot run partial attention for this projector: {why}")
+    return name
+
+
 def ccam_partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_counts: FrameCounts,
                            tokens_per_frame: int, frame_ranges: FrameRanges, *, scale: float | None = None,
                            backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:

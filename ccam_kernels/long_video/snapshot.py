@@ -20,7 +20,7 @@ from typing import Dict, Optional
 
 import torch
 
-# The submodules and parameters that query_heads and keys_values (parts.py) read.
+# The submodules and parameters that query_states and _keys_values (projector.py) read.
 PUSH_SIDE = ("query", "query_norm", "attn.q_proj", "feature_norm", "attn.k_proj", "attn.v_proj")
 
 # Same-size integer dtypes: comparing bits treats NaN as equal to itself and -0.0 as not 0.0.

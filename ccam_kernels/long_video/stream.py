@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..checks import check_int
-from .parts import head, keys_values, partial_backend_of, query_heads
-from .partial import RunningPartial, accumulate_dtype, ccam_partial_attention, merge_partials
+from .partial import RunningPartial, accumulate_dtype, ccam_partial_attention, merge_partials, partial_backend_of
 from .snapshot import ParameterSnapshot
 
 if TYPE_CHECKING:  # the projector imports this module where it is used
@@ -62,7 +61,7 @@ class ProjectorStream:
         self._dtype, self._device = param.dtype, param.device
         acc = accumulate_dtype(param.dtype)
         with _state_mode():
-            self._q = query_heads(proj)
+            self._q = proj.query_states()
             self._snapshot = ParameterSnapshot(proj)
             if self._backend == "torch":  # merged in place, block by block
                 self._running = RunningPartial(self._q, cfg.num_key_value_heads)
@@ -131,7 +130,7 @@ class ProjectorStream:
         t, p, width = chunk.shape
         first = self.frames_done
         with _state_mode():
-            k, v = keys_values(self._proj, chunk.reshape(t * p, width))
+            k, v = self._proj._keys_values(chunk.reshape(t * p, width))
             if self._running is not None:
                 self._running.add(k, v, self.total_frames, p, (first, first + t))
             else:
@@ -149,7 +148,7 @@ class ProjectorStream:
                                f"push the remaining {self.total_frames - self.frames_done} first; {USABLE}")
         with _state_mode():
             out = self._running.result()[0] if self._running is not None else self._out
-            y = head(self._proj, out.to(self._dtype))
+            y = self._proj._head(out.to(self._dtype))
         self._closed = True
         self._out = self._lse = self._q = self._running = self._snapshot = None
         return y

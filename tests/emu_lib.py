@@ -136,6 +136,8 @@ class Emu:
     def __init__(self, path: pathlib.Path):
         self.path = path
         self.lib = ctypes.CDLL(str(path))
+        self.lib.ccam_emu_last_grid.restype = ctypes.c_int64
+        self.grids = {}  # kernel entry ("ccam_emu_fwd", ...) -> its last launch_record()
 
     def _call(self, fn, *args):
         err = ctypes.create_string_buffer(4096)
@@ -151,6 +153,17 @@ class Emu:
     def _run(self, fn, pb, tensors):
         arr = (EmuTensor * len(tensors))(*(_tensor(x, w) for x, w in tensors))
         self._call(fn, ctypes.byref(pb), arr)
+        self.grids[fn] = self.launch_record()
+
+    def launch_record(self) -> dict:
+        """The emulator's last grid: {"grid": (x, y, z), "threads", "smem_bytes", "mma_per_cta":
+        the mma.sync warp instructions each block executed, in launch order (x fastest)}."""
+        geometry = (ctypes.c_int64 * 5)()
+        n = self.lib.ccam_emu_last_grid(geometry, None, 0)
+        counts = (ctypes.c_int64 * max(n, 1))()
+        self.lib.ccam_emu_last_grid(geometry, counts, n)
+        return {"grid": tuple(geometry[:3]), "threads": geometry[3], "smem_bytes": geometry[4],
+                "mma_per_cta": list(counts[:n])}
 
     def forward(self, q, k, v, counts, P, scale, splits=1, schedule=0, seed=0, ranges=None):
         """(out (B, N, H, D) in q's dtype or (S, B, N, H, D) float32 partials, lse). ranges: the

@@ -49,6 +49,16 @@ def test_resource_report_covers_every_kernel_and_arch(compiled):
     assert "fwd_kernel<bf16, 64>" in table
 
 
+def test_perf_model_resource_table_is_current(compiled):
+    """ccam_kernels/perf_model/resources.json holds what ptxas reports for every sm_90a kernel
+    now (regenerate: python -m ccam_kernels.perf_model.resources --write)."""
+    from ccam_kernels.perf_model import resources
+
+    fresh = {kernel: dict(sorted(res.items())) for r in compiled for (kernel, arch), res in r.kernels.items()
+             if arch == "sm_90a"}
+    assert fresh == resources.load()["cuda_sm_90a"]
+
+
 def test_every_kernel_runs_on_tensor_cores(compiled):
     """SASS check: HMMA (mma.sync) in every kernel for both archs, as many as the tile loops
     unroll to (forward at DP=64: 4 k-chunks x 8 key columns for S, 4 x 8 for P V)."""

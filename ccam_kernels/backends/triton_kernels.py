@@ -82,12 +82,16 @@ def _query_tile(FRAMES, KEY_START, FIRST_FRAME, END_FRAME, N, H, G, P, BLOCK_M: 
     return pid_bh, b.to(tl.int64), h, h // G, T, key0, offs_m, limit, lo, hi
 
 
+# (num_warps, num_stages) tried on a GPU (the performance model compiles each for sm_90).
+GPU_CONFIGS = tuple((w, st) for w in (4, 8) for st in (2, 3))
+
+
 def _configs():
     """The autotune space: warps and pipeline stages (block sizes are fixed per head dim, so
     the host-side tile plans stay valid). One config in the interpreter: nothing to time."""
     if interpreting():
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 3)]
+    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in GPU_CONFIGS]
 
 
 # Tuned once per head dim, precision mode and split mode (and argument dtypes): the frame
@@ -296,9 +300,14 @@ def _bwd_dkdv_kernel(
 def block_sizes(head_dim: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D). Small tiles under the interpreter (fast, and many tiles
     straddle frames, so the masked paths are exercised at test shapes)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
     if interpreting():
-        return 16, 16, block_d
+        return 16, 16, max(16, triton.next_power_of_2(head_dim))
+    return gpu_block_sizes(head_dim)
+
+
+def gpu_block_sizes(head_dim: int) -> tuple[int, int, int]:
+    """block_sizes on a GPU (the performance model asks for these on CPU)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
     if block_d >= 128:
         return 64, 32, block_d
     return 64, 64, block_d

@@ -172,6 +172,18 @@ int ccam_emu_bwd_dkdv(const EmuProblem* pb, const EmuTensor* t, char* err, int e
   }
 }
 
+// The last grid: geometry (grid x, y, z, threads, dynamic shared memory bytes) into geometry[5],
+// and the mma.sync warp instructions of each block in launch order (x fastest) into
+// counts[0..capacity). Returns the number of blocks.
+int64_t ccam_emu_last_grid(int64_t* geometry, int64_t* counts, int64_t capacity) {
+  const ccam_emu::Geometry& g = ccam_emu::last_geometry();
+  const int64_t dims[5] = {g.grid_x, g.grid_y, g.grid_z, g.threads, g.smem_bytes};
+  for (int i = 0; i < 5; ++i) geometry[i] = dims[i];
+  const auto& c = ccam_emu::mma_counts();
+  for (int64_t i = 0; i < capacity && i < static_cast<int64_t>(c.size()); ++i) counts[i] = static_cast<int64_t>(c[i]);
+  return static_cast<int64_t>(c.size());
+}
+
 // ---- single instructions, each run by one warp (a 32-thread CTA) ----
 
 static int one_warp(int smem_bytes, const std::function<void()>& body, char* err, int errlen) {

@@ -103,10 +103,59 @@ def test_cli_json_has_the_keys_for_every_backend_and_kernel(capsys):
             assert len(r["mma_per_cta"]) == r["ctas"]
 
 
-def test_cli_table_without_flags_covers_the_issue_shapes():
-    proc = subprocess.run([sys.executable, "-m", "ccam_kernels.perf_model"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    for frames in ("16x1", "96x4", "512x4", "16,96,33,64"):
-        assert f"| {frames} |" in proc.stdout, frames
-    assert "stated, not measured" in proc.stdout
+def test_default_shapes_are_the_issue_shapes():
+    shapes = perf_model.default_shapes()
+    assert {s.frame_counts for s in shapes} == {(t,) * b for t in (16, 32, 64, 96, 512) for b in (1, 4)} | {
+        (16, 96, 33, 64)}
+    assert {(s.num_query, s.heads, s.kv_heads, s.head_dim, s.tokens_per_frame, s.dtype) for s in shapes} == {
+        (1024, 16, 16, 64, 729, "bf16")}
+
+
+def test_cli_table(capsys):
+    assert cli_main(["--frame-counts", "3", "--num-query", "64", "--heads", "2", "--tokens-per-frame", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "| cuda | fwd | 3x1 |" in out and "| triton | dkdv (w" in out and "stated, not measured" in out
+
+
+def test_triton_tune_class_separates_shape_classes():
+    from ccam_kernels.backends.triton_kernels import tune_class
+
+    v12 = tune_class(1024, 96 * 729)
+    assert v12 == tune_class(1024, 90 * 729)  # one class: T = 90 reuses T = 96's tuning
+    assert len({v12, tune_class(1024, 16 * 729), tune_class(20, 3 * 7), tune_class(2048, 96 * 729)}) == 4
+    assert all(c % 16 == 0 for c in (v12, tune_class(1, 1), tune_class(20, 21)))
+
+
+def test_triton_configs_that_spill_on_sm90_are_pruned(monkeypatch):
+    import triton
+
+    from ccam_kernels.backends import triton_kernels
+
+    table = {"triton_sm_90": {"dkdv|D64|w4s2": {"spill_stores": 36, "spill_loads": 36},
+                              "dkdv|D64|w8s2": {"spill_stores": 0, "spill_loads": 0}}}
+    monkeypatch.setattr(resources, "load", lambda: table)
+    configs = [triton.Config({}, num_warps=w, num_stages=2) for w in (4, 8)]
+    kept = triton_kernels._without_spills("dkdv")(configs, {}, BLOCK_D=64)
+    assert [c.num_warps for c in kept] == [8]
+    # every config spilling: keep them all rather than leave the kernel nothing to run
+    table["triton_sm_90"]["dkdv|D64|w8s2"]["spill_stores"] = 4
+    assert len(triton_kernels._without_spills("dkdv")(configs, {}, BLOCK_D=64)) == 2
+
+
+def test_no_triton_config_kept_for_sm90_spills():
+    """With the committed sm_90 table, the prune keeps exactly the configs ptxas reports
+    without spills, and every kernel and head dim keeps at least one."""
+    import triton
+
+    from ccam_kernels.backends import triton_kernels
+
+    table = resources.load()["triton_sm_90"]
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in triton_kernels.GPU_CONFIGS]
+    for kernel in ("fwd", "dq", "dkdv"):
+        for block_d in resources.TRITON_HEAD_DIMS:
+            kept = triton_kernels._without_spills(kernel)(configs, {}, BLOCK_D=block_d)
+            clean = [c for c in configs
+                     if not triton_kernels._spills(table[resources.triton_config_key(kernel, block_d, c.num_warps,
+                                                                                     c.num_stages)])]
+            assert clean, (kernel, block_d, "every config spills on sm_90")
+            assert kept == clean, (kernel, block_d)

@@ -95,9 +95,11 @@ def predict(s: Shape, backends=("cuda", "triton"), sms: int = launches.SMS, rate
                 options = [(name, resident, res)]
             else:
                 options = _triton_options(table, s, launch)
-            best = None
+            best, sims = None, {}
             for config, resident, res in options:
-                sim = machine.schedule(launch.flops, resident, sms, sm_rate)
+                if resident not in sims:  # configs that fit as many CTAs per SM schedule alike
+                    sims[resident] = machine.schedule(launch.flops, resident, sms, sm_rate)
+                sim = sims[resident]
                 if best is None or sim["makespan_s"] < best[3]["makespan_s"]:
                     best = (config, resident, res, sim)
             config, resident, res, sim = best

@@ -51,6 +51,7 @@ def cuda_resources(jobs: int | None = None) -> dict:
 
 # -- Triton ---------------------------------------------------------------------------------
 
+_SIZES = {"N", "H", "G", "P", "D", "TUNE_CLASS"}  # upper-case ints; every other upper-case argument is a pointer
 _POINTERS_FP32 = {"LSE", "DELTA", "DQ"}
 _POINTERS_I64 = {"FRAMES", "KEY_START", "FIRST_FRAME", "END_FRAME", "TILE_SAMPLE", "TILE_START"}
 
@@ -64,7 +65,7 @@ def _triton_signature(fn, constexprs: dict, dtype: str) -> tuple[dict, dict]:
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name.isupper():
+        elif name.isupper() and name not in _SIZES:
             fp32 = name in _POINTERS_FP32 or (name == "O" and constexprs.get("SPLIT"))
             sig[name] = "*i64" if name in _POINTERS_I64 else "*fp32" if fp32 else f"*{dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -82,12 +83,15 @@ _PTXAS_STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (
 
 
 def _ptxas_report(ptx: str, arch: str = "sm_90a") -> dict:
-    from .. import cuda_build
+    """ptxas -v of Triton's PTX, by the ptxas Triton ships (Triton's own choice for sm_90: its
+    PTX version is newer than the toolkit's ptxas may accept)."""
+    from triton.backends.nvidia.compiler import get_ptxas
 
+    ptxas = get_ptxas(90).path
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / "k.ptx"
         path.write_text(ptx)
-        proc = subprocess.run([cuda_build._tool("ptxas"), f"-arch={arch}", "-v", str(path), "-o",
+        proc = subprocess.run([str(ptxas), f"-arch={arch}", "-v", str(path), "-o",
                                str(pathlib.Path(tmp) / "k.cubin")], capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     if proc.returncode:

@@ -178,21 +178,24 @@ class Emu:
         self._run("ccam_emu_fwd", pb, [(q, 0), (k, 0), (v, 0), *((x, 0) for x in plan[:4]), (out, 1), (lse, 1)])
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, counts, P, scale, schedule=0, seed=0, ranges=None, dlse=None):
+    def backward(self, dout, q, k, v, out, lse, counts, P, scale, schedule=0, seed=0, ranges=None, dlse=None,
+                 dq_splits=1):
         """(dq_rows (B, N, H, D) float32, dk, dv). With ranges (and the LSE's gradient dlse):
-        the backward of a partial call over those frame windows (as cuda_backend.partial_backward)."""
+        the backward of a partial call over those frame windows (as cuda_backend.partial_backward).
+        dq_splits > 1: the dQ pass splits each query tile's keys; its partials are summed here
+        in split order (as cuda_backend does)."""
         plan = tiling.window_plan(counts, tuple(ranges or tiling.whole_videos(counts)), P, 64, q.device)
         if ranges is None:
             delta = tiling.softmax_delta(dout, out)
         else:
             lse, delta = tiling.partial_softmax_rows(dout, dlse, out, lse)
-        dq_rows = torch.empty(len(counts), *q.shape[-3:])
+        dq_rows = torch.empty(*((dq_splits,) if dq_splits > 1 else ()), len(counts), *q.shape[-3:])
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         pb = self._problem(q, k, counts, P, scale, 1, schedule, seed)
         common = [(dout, 0), (q, 0), (k, 0), (v, 0), (lse, 0), (delta, 0), *((x, 0) for x in plan[:4])]
         self._run("ccam_emu_bwd_dq", pb, common + [(dq_rows, 1)])
         self._run("ccam_emu_bwd_dkdv", pb, common + [(plan.tile_sample, 0), (plan.tile_start, 0), (dk, 1), (dv, 1)])
-        return dq_rows, dk, dv
+        return (dq_rows.sum(0) if dq_splits > 1 else dq_rows), dk, dv
 
     # single instructions
     def mma(self, a, b, c, bf16):

@@ -53,7 +53,7 @@ def hbm_bytes(s: Shape, kernel: str, splits: int = 1) -> int:
         out = splits * B * N * H * D * 4 if splits > 1 else q
         return q + 2 * kv + out + splits * rows
     if kernel == "dq":
-        return 2 * q + 2 * kv + 2 * rows + B * N * H * D * 4
+        return 2 * q + 2 * kv + 2 * rows + splits * B * N * H * D * 4
     return 2 * q + 2 * kv + 2 * rows + 2 * kv  # dkdv: reads q, dO, k, v, lse, delta; writes dk, dv
 
 

@@ -88,7 +88,7 @@ def cuda_geometry(kernel: str, s: Shape, splits: int = 1, num_key_tiles: int = 0
         return (bh, query_tiles, splits), 128, smem
     inner = bwd_inner(dp)
     if kernel == "dq":
-        return (bh, query_tiles, 1), 128, (2 * 64 + 4 * inner) * _pitch(dp) * e
+        return (bh, query_tiles, splits), 128, (2 * 64 + 4 * inner) * _pitch(dp) * e
     smem = (2 * cuda_backend.BWD_KEY_TILE + 4 * inner) * _pitch(dp) * e + 4 * inner * 4
     return (num_key_tiles, s.heads // s.group, 1), 128, smem
 
@@ -161,13 +161,15 @@ def cuda_launches(s: Shape, sms: int = SMS, splits: int | None = None) -> dict:
     out["fwd"] = fwd
 
     inner = bwd_inner(dp)
-    grid, threads, smem = cuda_geometry("dq", s)
-    dq = Launch("cuda", "dq", grid, threads, smem, block=(bm, inner))
-    for y in range(grid[1]):
-        for x in range(grid[0]):
-            n = -(-bounds[x // s.heads][y][1] // inner)
-            dq.mma.append(4 * n * 3 * dp * inner // 128)
-            dq.l2_bytes.append(2 * bm * D * e + n * 2 * inner * D * e + bm * D * 4 + 2 * bm * 4)
+    # The dQ pass splits each query tile's keys as the forward does (cuda_backend._backward_launch).
+    grid, threads, smem = cuda_geometry("dq", s, splits)
+    dq = Launch("cuda", "dq", grid, threads, smem, splits=splits, block=(bm, inner))
+    for z in range(grid[2]):
+        for y in range(grid[1]):
+            for x in range(grid[0]):
+                n = _split_tiles(bounds[x // s.heads][y][1], inner, splits, z)
+                dq.mma.append(4 * n * 3 * dp * inner // 128)
+                dq.l2_bytes.append(2 * bm * D * e + n * 2 * inner * D * e + bm * D * 4 + 2 * bm * 4)
     out["dq"] = dq
 
     samples, steps = _row_tiles_of_key_tiles(s, cuda_backend.BWD_KEY_TILE, inner)

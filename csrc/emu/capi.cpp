@@ -136,13 +136,15 @@ ccam::BwdParams bwd_params(const EmuProblem& pb, const EmuTensor* t) {
   return p;
 }
 
-// Tensors: dout, q, k, v, lse, delta, frames, key_start, first_frame, end_frame, dq_rows.
+// Tensors: dout, q, k, v, lse, delta, frames, key_start, first_frame, end_frame, dq_rows
+// ((B, N, H, D), or (S, B, N, H, D) for S key splits).
 int ccam_emu_bwd_dq(const EmuProblem* pb, const EmuTensor* t, char* err, int errlen) {
   try {
     static const char* names[] = {"dout", "q", "k", "v", "lse", "delta", "frames", "key_start", "first_frame",
                                   "end_frame", "dq_rows"};
     ccam::BwdParams p = bwd_params(*pb, t);
     p.dq_rows = static_cast<float*>(t[10].data);
+    p.dq_splits = t[10].ndim == 5 ? static_cast<int>(t[10].sizes[0]) : 1;  // (S, B, N, H, D) split partials
     ccam_emu::LaunchScope scope(regions(t, 11, names), schedule_of(*pb));
     dispatch(*pb, [&](auto dtype, auto width) { return ccam::launch_bwd_dq<decltype(dtype), decltype(width)::value>(p, nullptr); });
     return 0;

@@ -61,7 +61,8 @@ def test_perf_model_resource_table_is_current(compiled):
 
 def test_every_kernel_runs_on_tensor_cores(compiled):
     """SASS check: HMMA (mma.sync) in every kernel for both archs, as many as the tile loops
-    unroll to (forward at DP=64: 4 k-chunks x 8 key columns for S, 4 x 8 for P V)."""
+    unroll to (forward at DP=64: 4 k-chunks x 8 key columns for S, 4 x 8 for P V, in each of
+    the two instances of the key-tile loop, unmasked and masked)."""
     counts = {}
     objects = [r.obj for r in compiled if r.source.suffix == ".cu"]
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # one cuobjdump per object
@@ -70,7 +71,7 @@ def test_every_kernel_runs_on_tensor_cores(compiled):
     assert len(counts) == 24 * 2
     for key, ops in counts.items():
         assert ops["HMMA"] > 0, key
-    assert counts[("fwd_kernel<bf16, 64>", "sm_90a")]["HMMA"] == 64
+    assert counts[("fwd_kernel<bf16, 64>", "sm_90a")]["HMMA"] == 2 * 64
 
 
 def test_check_command_exits_nonzero_with_the_compiler_message(tmp_path, monkeypatch):

@@ -11,30 +11,36 @@
 #                         bench-*/ with ccam-bench's outputs, tests*.log/xml, sanitizer logs)
 #
 # All three are rewritten after every step, so a call cut short still brings back what ran.
-# Steps, in order of the evidence they give per minute (each under `timeout`, its limit the
-# smaller of its cap and what is left before the deadline; a step with too little time left
-# is reported as not run):
-#   env       versions, GPU, the one architecture to build (benchmarks/suite_env.py)
-#   build     pip install -e . with the CUDA extension for that architecture only
-#   smoke     every backend at the v1.2 shape, forward and backward (benchmarks/smoke.py)
-#   bench     attention fwd, bwd at 96 and 16 frames, B 1 and 8; projector fwd, fwd+bwd at
-#             96 frames (ccam-bench, its --max-minutes sized from the limit)
-#   results   merge the bench runs, table the winners (benchmarks/suite_table.py)
-#   tests     tests/test_gpu.py and tests/test_cuda.py
-#   sanitizer compute-sanitizer memcheck and racecheck on benchmarks/sanitize_case.py
-#   triton    the triton-marked tests, compiled on the GPU, in what time is left
+# Steps, in the order a first contact with a GPU needs them (each under `timeout`, its limit
+# the smaller of its cap and what is left before the deadline; a step with too little time
+# left is reported as not run):
+#   env        versions, GPU, the one architecture to build (benchmarks/suite_env.py)
+#   build      pip install -e . with the CUDA extension for that architecture only
+#   memcheck   compute-sanitizer memcheck and racecheck on a small case of every kernel (cuda:
+#   racecheck  forward, split forward, dQ, dK/dV; triton: the same) (benchmarks/sanitize_case.py)
+#   smoke      every backend at the v1.2 shape, forward and backward (benchmarks/smoke.py)
+#   tests      tests/test_gpu.py and tests/test_cuda.py
+#   prewarm    the Triton kernels compiled and tuned for the timed shape classes (benchmarks/prewarm.py)
+#   bench-attention  attention fwd, bwd at 96 and 16 frames, B 1 and 8, every contestant but
+#              FlexAttention (its recompiles cost 15 s per shape)
+#   bench-flex FlexAttention at one shape (96 frames, B 1)
+#   results    merge the bench runs, table the winners, and the performance model's prediction
+#              next to each measured row (benchmarks/suite_table.py)
+#   bench-projector  projector fwd, fwd+bwd at 96 frames (no FlexAttention), if time is left
+#   triton     the triton-marked tests, compiled on the GPU, in what time is left
 # Every step runs even if an earlier one failed (a failing test does not hide the benchmark
 # numbers); the exit status is that of the first failed step.
 #
-# Settings (environment): CCAM_SUITE_SECONDS total deadline (default 420, so a device call
-# with timeout_s=480 leaves room for the machine's start-up); CCAM_SUITE_DRY_RUN=1 prints the
+# Settings (environment): CCAM_SUITE_SECONDS total deadline (default 280, so a device call
+# with timeout_s=300 and the machine's start fit in 6 minutes, and a rerun in the 15
+# device-minutes); CCAM_SUITE_DRY_RUN=1 prints the
 # plan (each step's limit if every step before it used its whole limit) and runs nothing;
 # CCAM_SUITE_PYTHON the interpreter (default python3); CCAM_SUITE_SKIP_INSTALL=1 skips the build (a warm machine that has it); MAX_JOBS (default
 # 16) parallel compiles.
 set -uo pipefail
 
 OUT=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}
-BUDGET=${CCAM_SUITE_SECONDS:-420}
+BUDGET=${CCAM_SUITE_SECONDS:-280}
 DRY=${CCAM_SUITE_DRY_RUN:-0}
 GRACE=5  # after its limit a step gets TERM, and KILL this much later
 # Kept free at the end for the last report and archive and a killed step's grace; and the
@@ -125,6 +131,10 @@ publish() {  # SUITE.md and logs.tar.gz in OUT, rewritten after every step (atom
     echo
     if [ -f "$WORK/winners.md" ]; then cat "$WORK/winners.md"; else echo "(no results yet: see bench-*.log)"; fi
     echo
+    echo "## Predicted (performance model, python -m ccam_kernels.perf_model) next to measured"
+    echo
+    if [ -f "$WORK/predicted.md" ]; then cat "$WORK/predicted.md"; else echo "(no results yet)"; fi
+    echo
     echo "## Tests"
     echo
     echo "- tests/test_gpu.py, tests/test_cuda.py: $(summary tests.log '[0-9]+ (passed|failed|error|skipped)')"
@@ -141,7 +151,7 @@ if [ "$DRY" = 1 ]; then
 fi
 
 # 1. The machine, and the one architecture to build.
-run_step env 30 env-step.log "$PYTHON" benchmarks/suite_env.py "$WORK/env.txt"
+run_step env 20 env-step.log "$PYTHON" benchmarks/suite_env.py "$WORK/env.txt"
 ARCH=$( [ -f "$WORK/env.txt" ] && grep -o 'build arch [0-9a-z]*' "$WORK/env.txt" | awk '{print $3}')
 
 # 2. Build: install without network, the CUDA extension when csrc/ holds kernels.
@@ -152,63 +162,75 @@ if [ "${CCAM_SUITE_SKIP_INSTALL:-0}" = 1 ]; then
   skip_step build "skipped (CCAM_SUITE_SKIP_INSTALL=1)"
   CUDA_BUILT=$CUDA_WANTED
 else
-  run_step build 150 build.log env CCAM_BUILD_CUDA="$CUDA_WANTED" ${ARCH:+CCAM_CUDA_ARCHS="$ARCH"} MAX_JOBS="${MAX_JOBS:-16}" \
+  run_step build 120 build.log env CCAM_BUILD_CUDA="$CUDA_WANTED" ${ARCH:+CCAM_CUDA_ARCHS="$ARCH"} MAX_JOBS="${MAX_JOBS:-16}" \
     "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
   if [ "$RC" = 0 ]; then CUDA_BUILT=$CUDA_WANTED; fi
 fi
 
-# 3. Correctness smoke; the backends the suite is there to measure must be usable.
+# 3. compute-sanitizer on a small case of every kernel, before anything else runs them:
+#    memcheck without the caching allocator (each tensor its own allocation, so an access
+#    past one is seen), then racecheck.
+SANITIZE=triton
+if [ "$CUDA_BUILT" = 1 ]; then SANITIZE=cuda,triton; fi
+if [ "$DRY" != 1 ] && ! command -v compute-sanitizer > /dev/null; then
+  skip_step sanitizer "not run: compute-sanitizer is not on the PATH"
+else
+  run_step memcheck 30 sanitizer-memcheck.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    compute-sanitizer --tool memcheck --error-exitcode 1 "$PYTHON" benchmarks/sanitize_case.py --backends "$SANITIZE"
+  run_step racecheck 40 sanitizer-racecheck.log \
+    compute-sanitizer --tool racecheck --error-exitcode 1 "$PYTHON" benchmarks/sanitize_case.py --backends "$SANITIZE"
+fi
+
+# 4. Correctness: the smoke at the v1.2 shape (the backends the suite measures must be
+#    usable), then the GPU tests. With a CUDA build, the cuda backend's tests must run: a skip
+#    (extension missing) fails them.
 REQUIRE=torch,triton
 if [ "$CUDA_BUILT" = 1 ]; then REQUIRE=$REQUIRE,cuda; fi
-run_step smoke 60 smoke.log "$PYTHON" benchmarks/smoke.py --require "$REQUIRE" --json "$WORK/smoke.json"
+run_step smoke 30 smoke.log "$PYTHON" benchmarks/smoke.py --require "$REQUIRE" --json "$WORK/smoke.json"
+run_step tests 60 tests.log env CCAM_REQUIRE_CUDA_BACKEND="$CUDA_BUILT" \
+  "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_cuda.py --junitxml="$WORK/tests.xml"
 
-# 4. The benchmark rows the targets need: two ccam-bench runs (one call's flags multiply).
-bench_minutes() { awk -v s="$1" 'BEGIN { m = (s - 30) / 60; if (m < 0.5) m = 0.5; printf "%.1f", m }'; }
+# 5. The Triton kernels compiled and tuned for the timed shapes, then the benchmark rows:
+#    every contestant but FlexAttention over the rows, FlexAttention at one shape.
+run_step prewarm 30 prewarm.log "$PYTHON" benchmarks/prewarm.py --frames 96,16 --batch 1,8
+bench_minutes() { awk -v s="$1" 'BEGIN { m = (s - 20) / 60; if (m < 0.3) m = 0.3; printf "%.1f", m }'; }
 bench() {  # bench NAME CAP ARGS...
   local name=$1 cap=$2 limit
   shift 2
   limit=$(( BUDGET - RESERVE - HOLD - $(elapsed) ))
   (( limit > cap )) && limit=$cap
-  run_step "bench-$name" "$cap" "bench-$name.log" "$PYTHON" -m ccam_kernels.bench --device cuda --bench "$name" "$@" \
+  run_step "bench-$name" "$cap" "bench-$name.log" "$PYTHON" -m ccam_kernels.bench --device cuda "$@" \
     --max-minutes "$(bench_minutes "$limit")" --out "$WORK/bench-$name"
 }
+NOT_FLEX=reference,torch,triton,cuda,sdpa-cudnn,sdpa-efficient
 HOLD=$(( BUDGET / 28 )); (( HOLD > 15 )) && HOLD=15
-bench attention 120 --pass fwd,bwd --frames 96,16 --batch 1,8
-bench projector 60 --pass fwd,fwd+bwd --frames 96 --batch 1
+bench attention 60 --bench attention --pass fwd,bwd --frames 96,16 --batch 1,8 --backends "$NOT_FLEX"
+bench flex 30 --bench attention --pass fwd,bwd --frames 96 --batch 1 --backends flex
 HOLD=0
 
-# 5. One results.json, and which backend won each row.
-PARTS=()
-for part in "$WORK"/bench-attention/results.json "$WORK"/bench-projector/results.json; do
-  [ -f "$part" ] && PARTS+=("$part")
-done
-if [ "${#PARTS[@]}" -gt 0 ] || [ "$DRY" = 1 ]; then
-  run_step results 15 results.log bash -c '"$0" benchmarks/suite_table.py merge "$1/results.json" "${@:3}" &&
-    "$0" benchmarks/suite_table.py winners "$1/results.json" > "$2/winners.md"' "$PYTHON" "$OUT" "$WORK" "${PARTS[@]}"
-else
-  skip_step results "not run: no benchmark run wrote results"
-fi
+# 6. One results.json, which backend won each row, and the model's prediction next to each
+#    measured row of our kernels.
+merge_results() {
+  PARTS=()
+  for part in "$WORK"/bench-attention/results.json "$WORK"/bench-flex/results.json "$WORK"/bench-projector/results.json; do
+    [ -f "$part" ] && PARTS+=("$part")
+  done
+  if [ "${#PARTS[@]}" -gt 0 ] || [ "$DRY" = 1 ]; then
+    run_step "$1" 15 "$1.log" bash -c '"$0" benchmarks/suite_table.py merge "$1/results.json" "${@:3}" &&
+      "$0" benchmarks/suite_table.py winners "$1/results.json" > "$2/winners.md" &&
+      "$0" benchmarks/suite_table.py predicted "$1/results.json" > "$2/predicted.md"' "$PYTHON" "$OUT" "$WORK" "${PARTS[@]}"
+  else
+    skip_step "$1" "not run: no benchmark run wrote results"
+  fi
+}
+merge_results results
 
-# 6. The rest of the GPU tests. With a CUDA build, the cuda backend's tests must run: a skip
-#    (extension missing) fails them.
-run_step tests 150 tests.log env CCAM_REQUIRE_CUDA_BACKEND="$CUDA_BUILT" \
-  "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_cuda.py --junitxml="$WORK/tests.xml"
-
-# 7. compute-sanitizer on a small case of the cuda backend: memcheck without the caching
-#    allocator (each tensor its own allocation, so an access past one is seen), then racecheck.
-if [ "$CUDA_BUILT" != 1 ]; then
-  skip_step sanitizer "not run: no CUDA extension built"
-elif [ "$DRY" != 1 ] && ! command -v compute-sanitizer > /dev/null; then
-  skip_step sanitizer "not run: compute-sanitizer is not on the PATH"
-else
-  run_step memcheck 60 sanitizer-memcheck.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    compute-sanitizer --tool memcheck --error-exitcode 1 "$PYTHON" benchmarks/sanitize_case.py
-  run_step racecheck 60 sanitizer-racecheck.log \
-    compute-sanitizer --tool racecheck --error-exitcode 1 "$PYTHON" benchmarks/sanitize_case.py
-fi
-
-# 8. The Triton kernels' tests, compiled on the GPU, in what is left.
-run_step triton 150 tests-triton.log "$PYTHON" -m pytest -q -p no:cacheprovider -m triton tests \
+# 7. With time left: the projector rows (merged again), and the Triton tests compiled on the GPU.
+HOLD=$(( BUDGET / 28 )); (( HOLD > 15 )) && HOLD=15
+bench projector 40 --bench projector --pass fwd,fwd+bwd --frames 96 --batch 1 --backends reference,torch,triton,cuda
+HOLD=0
+if [ -f "$WORK/bench-projector/results.json" ] || [ "$DRY" = 1 ]; then merge_results results-projector; fi
+run_step triton 60 tests-triton.log "$PYTHON" -m pytest -q -p no:cacheprovider -m triton tests \
   --junitxml="$WORK/tests-triton.xml"
 
 if [ "$DRY" = 1 ]; then

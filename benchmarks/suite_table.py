@@ -4,6 +4,8 @@ which backend won each benchmark row.
     python benchmarks/suite_table.py merge OUT.json RUN1.json [RUN2.json ...]
     python benchmarks/suite_table.py winners results.json     # markdown table on stdout, and
                                                               # the name to commit the run under
+    python benchmarks/suite_table.py predicted results.json   # the performance model's time next
+                                                              # to each timed row of our kernels
 
 The suite runs ccam-bench once per benchmark (attention rows, projector rows: the cross
 product of one call's flags would time rows nobody needs); ``merge`` joins their rows into one
@@ -76,6 +78,42 @@ def winners(doc: dict) -> str:
     return "\n".join(lines)
 
 
+_MODEL_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def predicted(doc: dict) -> str:
+    """Each timed attention row of the cuda and triton backends (16-bit) with the performance
+    model's prediction for its shape (ccam_kernels.perf_model, the Video-CCAM config's N, H, D
+    and the row's P): the forward's kernel for "fwd", dQ + dK/dV for "bwd", both for "fwd+bwd"."""
+    from ccam_kernels import perf_model
+    from ccam_kernels.config import CCAMConfig
+
+    cfg = CCAMConfig()
+    lines = ["| pass | frames | batch | dtype | backend | measured ms | predicted ms | measured / predicted |",
+             "|---|---|---|---|---|---|---|---|"]
+    cache: dict = {}
+    for row in doc["rows"]:
+        if (row.get("bench") != "attention" or row.get("backend") not in ("cuda", "triton") or row.get("status") != "ok"
+                or row.get("dtype") not in _MODEL_DTYPES or row.get("median_ms") is None):
+            continue
+        counts = tuple(row.get("frame_counts") or [row["frames"]] * row["batch"])
+        shape = perf_model.Shape(num_query=cfg.num_query, heads=cfg.num_heads, kv_heads=cfg.num_heads,
+                                 head_dim=cfg.head_dim, tokens_per_frame=row.get("tokens_per_frame", 729),
+                                 frame_counts=counts, dtype=_MODEL_DTYPES[row["dtype"]])
+        if shape not in cache:
+            cache[shape] = {(r["backend"], r["kernel"]): r["predicted_ms"] for r in perf_model.predict(shape)}
+        model = cache[shape]
+        kernels = {"fwd": ("fwd",), "bwd": ("bwd",), "fwd+bwd": ("fwd", "bwd")}.get(row["pass"], ())
+        if not kernels:
+            continue
+        want = sum(model[(row["backend"], k)] for k in kernels)
+        lines.append(f"| {row['pass']} | {_frames(row)} | {row['batch']} | {row['dtype']} | {row['backend']} | "
+                     f"{row['median_ms']:.3f} | {want:.3f} | {row['median_ms'] / want:.2f} |")
+    if len(lines) == 2:
+        return "(no timed row of the cuda or triton kernels)"
+    return "\n".join(lines)
+
+
 def results_stem(doc: dict) -> str:
     """benchmarks/results/ naming: <device>_<date>_<commit>, e.g. h200_2026-11-21_8bdbce1."""
     device = re.sub(r"[^a-z0-9]+", "-", doc.get("device", "unknown").lower().replace("nvidia", "")).strip("-")
@@ -95,6 +133,10 @@ def main(argv=None) -> int:
         print(winners(doc))
         print(f"\nCommit this run as benchmarks/results/{stem}.json (this results.json) and "
               f"benchmarks/results/{stem}.md (this SUITE.md).")
+        return 0
+    if len(argv) == 2 and argv[0] == "predicted":
+        with open(argv[1]) as f:
+            print(predicted(json.load(f)))
         return 0
     print(__doc__.split("\n\n")[1], file=sys.stderr)
     return 2

@@ -163,14 +163,22 @@ BwdParams bwd_params(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   return p;
 }
 
-// dq_rows: (B, N, H, D) float32, each sample's contribution (the caller sums them for a shared q).
+// dq_rows: (B, N, H, D) float32, each sample's contribution (the caller sums them for a shared
+// q); or (S, B, N, H, D): each key split's contribution (S splits of every query tile's keys,
+// summed by the caller).
 void cuda_bwd_dq(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& frames, const at::Tensor& key_start,
                  const at::Tensor& first_frame, const at::Tensor& end_frame, int64_t tokens_per_frame, double scale,
                  at::Tensor& dq_rows) {
   BwdParams p =
       bwd_params(dout, q, k, v, lse, delta, {frames, key_start, first_frame, end_frame}, tokens_per_frame, scale);
-  check_output(dq_rows, "dq_rows", {p.batch, p.num_query, p.heads, p.head_dim}, at::kFloat, q);
+  p.dq_splits = dq_rows.dim() == 5 ? static_cast<int>(dq_rows.size(0)) : 1;
+  TORCH_CHECK_VALUE(p.dq_splits >= 1 && p.dq_splits <= 64, "ccam_kernels cuda: num_splits must be in 1..64, got ",
+                    p.dq_splits);
+  if (dq_rows.dim() == 5)
+    check_output(dq_rows, "dq_rows", {p.dq_splits, p.batch, p.num_query, p.heads, p.head_dim}, at::kFloat, q);
+  else
+    check_output(dq_rows, "dq_rows", {p.batch, p.num_query, p.heads, p.head_dim}, at::kFloat, q);
   p.dq_rows = dq_rows.data_ptr<float>();
   Device::launch(q, p.head_dim, {{"dout", dout}, {"q", q}, {"k", k}, {"v", v}, {"lse", lse}, {"delta", delta},
                                  {"frames", frames}, {"key_start", key_start}, {"first_frame", first_frame},

@@ -136,6 +136,8 @@ class Emu:
     def __init__(self, path: pathlib.Path):
         self.path = path
         self.lib = ctypes.CDLL(str(path))
+        self.lib.ccam_emu_last_grid.restype = ctypes.c_int64
+        self.grids = {}  # kernel entry ("ccam_emu_fwd", ...) -> its last launch_record()
 
     def _call(self, fn, *args):
         err = ctypes.create_string_buffer(4096)
@@ -151,6 +153,17 @@ class Emu:
     def _run(self, fn, pb, tensors):
         arr = (EmuTensor * len(tensors))(*(_tensor(x, w) for x, w in tensors))
         self._call(fn, ctypes.byref(pb), arr)
+        self.grids[fn] = self.launch_record()
+
+    def launch_record(self) -> dict:
+        """The emulator's last grid: {"grid": (x, y, z), "threads", "smem_bytes", "mma_per_cta":
+        the mma.sync warp instructions each block executed, in launch order (x fastest)}."""
+        geometry = (ctypes.c_int64 * 5)()
+        n = self.lib.ccam_emu_last_grid(geometry, None, 0)
+        counts = (ctypes.c_int64 * max(n, 1))()
+        self.lib.ccam_emu_last_grid(geometry, counts, n)
+        return {"grid": tuple(geometry[:3]), "threads": geometry[3], "smem_bytes": geometry[4],
+                "mma_per_cta": list(counts[:n])}
 
     def forward(self, q, k, v, counts, P, scale, splits=1, schedule=0, seed=0, ranges=None):
         """(out (B, N, H, D) in q's dtype or (S, B, N, H, D) float32 partials, lse). ranges: the
@@ -165,21 +178,24 @@ class Emu:
         self._run("ccam_emu_fwd", pb, [(q, 0), (k, 0), (v, 0), *((x, 0) for x in plan[:4]), (out, 1), (lse, 1)])
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, counts, P, scale, schedule=0, seed=0, ranges=None, dlse=None):
+    def backward(self, dout, q, k, v, out, lse, counts, P, scale, schedule=0, seed=0, ranges=None, dlse=None,
+                 dq_splits=1):
         """(dq_rows (B, N, H, D) float32, dk, dv). With ranges (and the LSE's gradient dlse):
-        the backward of a partial call over those frame windows (as cuda_backend.partial_backward)."""
+        the backward of a partial call over those frame windows (as cuda_backend.partial_backward).
+        dq_splits > 1: the dQ pass splits each query tile's keys; its partials are summed here
+        in split order (as cuda_backend does)."""
         plan = tiling.window_plan(counts, tuple(ranges or tiling.whole_videos(counts)), P, 64, q.device)
         if ranges is None:
             delta = tiling.softmax_delta(dout, out)
         else:
             lse, delta = tiling.partial_softmax_rows(dout, dlse, out, lse)
-        dq_rows = torch.empty(len(counts), *q.shape[-3:])
+        dq_rows = torch.empty(*((dq_splits,) if dq_splits > 1 else ()), len(counts), *q.shape[-3:])
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         pb = self._problem(q, k, counts, P, scale, 1, schedule, seed)
         common = [(dout, 0), (q, 0), (k, 0), (v, 0), (lse, 0), (delta, 0), *((x, 0) for x in plan[:4])]
         self._run("ccam_emu_bwd_dq", pb, common + [(dq_rows, 1)])
         self._run("ccam_emu_bwd_dkdv", pb, common + [(plan.tile_sample, 0), (plan.tile_start, 0), (dk, 1), (dv, 1)])
-        return dq_rows, dk, dv
+        return (dq_rows.sum(0) if dq_splits > 1 else dq_rows), dk, dv
 
     # single instructions
     def mma(self, a, b, c, bf16):

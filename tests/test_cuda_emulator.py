@@ -189,6 +189,7 @@ MUTANTS = {
     "fwd-mask-off-by-one": ("ccam/fwd.cuh", "(e & 1) >= cut) x = -INFINITY", "(e & 1) > cut) x = -INFINITY"),
     "fwd-no-trailing-syncthreads": ("ccam/fwd.cuh", "    __syncthreads();  // this stage is refilled", "    // this stage is refilled"),
     "fwd-wait-group-too-little": ("ccam/fwd.cuh", "cp_async_wait<1>();", "cp_async_wait<2>();"),
+    "fwd-unmasked-tile-past-lo": ("ccam/fwd.cuh", "(lo - key_lo) / BN)", "(lo - key_lo + BN - 1) / BN)"),
     "pv-dropped-trans": ("ccam/tile.cuh", "ldmatrix_x4_trans(b, b_tile", "ldmatrix_x4(b, b_tile"),
     "dkdv-wrong-first-row": ("ccam/bwd.cuh", "const int64_t m_begin = rows_from / BM * BM;",
                              "const int64_t m_begin = rows_from / BM * BM + BM;"),
@@ -196,8 +197,8 @@ MUTANTS = {
                              "if (masked && col <= cut[e / 2]) pr = 0.f;"),
     "dkdv-smem-without-lse-rows": ("ccam/bwd.cuh", "int(Tiles::kSmemElems * sizeof(T) + Tiles::kSmemFloats * sizeof(float))",
                                    "int(Tiles::kSmemElems * sizeof(T))"),
-    "dq-no-syncthreads-after-wait": ("ccam/bwd.cuh", "    cp_async_wait<1>();\n    __syncthreads();\n    const int64_t s0 = int64_t(t) * BN;",
-                                     "    cp_async_wait<1>();\n    const int64_t s0 = int64_t(t) * BN;"),
+    "dq-no-syncthreads-after-wait": ("ccam/bwd.cuh", "    cp_async_wait<1>();\n    __syncthreads();\n    const int64_t s0 = key_lo + int64_t(t) * BN;",
+                                     "    cp_async_wait<1>();\n    const int64_t s0 = key_lo + int64_t(t) * BN;"),
     # frame windows (partial attention): only the window case of problems_found can catch these
     "window-limit-not-shifted": ("ccam/rule.cuh", "(row * frames / num_query + 1 - first_frame) * tokens_per_frame",
                                  "(row * frames / num_query + 1) * tokens_per_frame"),

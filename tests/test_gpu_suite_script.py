@@ -18,8 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_suite.sh"
-STEPS = ["env", "build", "smoke", "bench-attention", "bench-projector", "results", "tests", "memcheck",
-         "racecheck", "triton"]
+STEPS = ["env", "build", "memcheck", "racecheck", "smoke", "tests", "prewarm", "bench-attention", "bench-flex",
+         "results", "bench-projector", "results-projector", "triton"]
 
 # The fake python: logs its arguments (and the build's arch), answers each step, and sleeps
 # forever in the step named by STUB_HANG. suite_table.py runs for real (the real interpreter).
@@ -30,6 +30,8 @@ case " $* " in
   *" benchmarks/suite_env.py "*) step=env ;;
   *" -m pip "*) step=build ;;
   *" benchmarks/smoke.py "*) step=smoke ;;
+  *" benchmarks/prewarm.py "*) step=prewarm ;;
+  *" --backends flex "*) step=bench-flex ;;
   *" --bench attention "*) step=bench-attention ;;
   *" --bench projector "*) step=bench-projector ;;
   *" benchmarks/suite_table.py "*) exec "$STUB_REAL_PYTHON" "$@" ;;
@@ -46,11 +48,12 @@ case $step in
   bench-*)
     all="$*"; out=${all##*--out }; mkdir -p "$out"
     kind=${step#bench-}
-    "$STUB_REAL_PYTHON" -c "import json, sys; d = json.load(open(sys.argv[1])); d['rows'] = [r for r in d['rows'] if r['bench'] == sys.argv[2]]; json.dump(d, open(sys.argv[3], 'w'))" \
+    "$STUB_REAL_PYTHON" -c "import json, sys; d = json.load(open(sys.argv[1])); k = sys.argv[2]; d['rows'] = [r for r in d['rows'] if (r['backend'] == 'flex') == (k == 'flex') and (k == 'flex' or r['bench'] == k)]; json.dump(d, open(sys.argv[3], 'w'))" \
       "$STUB_RESULTS" "$kind" "$out/results.json"
     echo png > "$out/latency.png"; echo "summary" > "$out/summary.md" ;;
   tests | triton) echo "7 passed in 1.00s"; all="$*"; echo "<testsuite/>" > "${all##*--junitxml=}" ;;
   sanitize) echo "sanitize case: max rel err 1e-3" ;;
+  prewarm) echo "prewarm T=96 B=1: 1.0 s" ;;
 esac
 """
 STUB_SANITIZER = """#!/usr/bin/env bash
@@ -76,7 +79,7 @@ RESULTS = {"schema": 1, "commit": "0123456789abcdef", "date": "2026-12-01T10:00:
                     dict(_row("projector", "fwd", "cuda", "ours", 96, 1, 1.0), status="wrong")]}
 
 
-def _run_suite(tmp_path, budget=420, **stub_env):
+def _run_suite(tmp_path, budget=280, **stub_env):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("python3", STUB_PYTHON), ("compute-sanitizer", STUB_SANITIZER)):
@@ -99,13 +102,13 @@ def test_dry_run_plan_fits_the_default_deadline(tmp_path):
     proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out")], capture_output=True, text=True,
                           env=dict(os.environ, CCAM_SUITE_DRY_RUN="1"), timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "deadline 420 s" in proc.stdout
+    assert "deadline 280 s" in proc.stdout
     planned = re.findall(r"^step (\S+) +limit +(\d+) s \(cap +(\d+) s\), done by +(\d+) s", proc.stdout, re.M)
     named = re.findall(r"^step (\S+)", proc.stdout, re.M)
     assert named == STEPS  # the order of evidence per minute
     # Even if every step used its whole limit, the call ends inside the deadline.
     ends = [int(end) for *_, end in planned]
-    assert ends == sorted(ends) and ends[-1] <= 420
+    assert ends == sorted(ends) and ends[-1] <= 280
     assert all(int(limit) <= int(cap) for _, limit, cap, _ in planned)
     assert [name for name, *_ in planned][:4] == STEPS[:4]
     assert not any((tmp_path / "out").iterdir())  # a dry run writes nothing
@@ -118,10 +121,18 @@ def test_suite_with_stub_commands_leaves_three_files(tmp_path):
     # What each step was asked to run: one architecture, the target rows, the cuda tests required.
     assert "-m pip install --no-build-isolation --no-deps -e . ARCHS=90a" in calls
     assert "--require torch,triton,cuda" in calls
-    assert re.search(r"--bench attention --pass fwd,bwd --frames 96,16 --batch 1,8 --max-minutes 1\.5 ", calls)
-    assert re.search(r"--bench projector --pass fwd,fwd\+bwd --frames 96 --batch 1 --max-minutes 0\.5 ", calls)
+    assert re.search(r"--bench attention --pass fwd,bwd --frames 96,16 --batch 1,8 --backends (\S+) --max-minutes 0\.7 ",
+                     calls)
+    assert "flex" not in re.search(r"--frames 96,16 --batch 1,8 --backends (\S+)", calls).group(1)
+    assert re.search(r"--bench attention --pass fwd,bwd --frames 96 --batch 1 --backends flex --max-minutes 0\.3 ", calls)
+    assert re.search(r"--bench projector --pass fwd,fwd\+bwd --frames 96 --batch 1 --backends \S+ --max-minutes 0\.3 ",
+                     calls)
     assert "tests/test_gpu.py tests/test_cuda.py" in calls and "REQUIRE_CUDA=1" in calls
-    assert calls.count("benchmarks/sanitize_case.py") == 2 and "-m triton tests" in calls
+    assert calls.count("benchmarks/sanitize_case.py --backends cuda,triton") == 2 and "-m triton tests" in calls
+    # first contact: the sanitizers right after the build, correctness before any benchmark
+    order = [calls.index(s) for s in ("-m pip", "sanitize_case.py", "benchmarks/smoke.py", "tests/test_gpu.py",
+                                      "benchmarks/prewarm.py", "--bench attention")]
+    assert order == sorted(order)
 
     report = (out / "SUITE.md").read_text()
     for step in STEPS:
@@ -130,9 +141,15 @@ def test_suite_with_stub_commands_leaves_three_files(tmp_path):
     assert "| attention | bwd | 16 | 1 | bfloat16 | **sdpa-cudnn** | cuda 5.000 | sdpa-cudnn 2.500 | 0.50x |" in report
     assert "| projector | fwd | 96 | 1 | bfloat16 | **triton** (ours) | triton 9.000 |" in report  # a wrong row never wins
     assert "7 passed" in report and "ERROR SUMMARY: 0 errors (memcheck)" in report
+    # the model's prediction next to each timed row of our kernels (fwd 96 x 8 triton and cuda, bwd 16 x 1 cuda)
+    predicted = re.findall(r"^\| (fwd|bwd) \| (\d+) \| (\d) \| bfloat16 \| (cuda|triton) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
+                           report, re.M)
+    assert sorted(p[:4] for p in predicted) == [("bwd", "16", "1", "cuda"), ("fwd", "96", "8", "cuda"),
+                                                ("fwd", "96", "8", "triton")]
+    assert all(float(p[5]) > 0 for p in predicted)
     assert "benchmarks/results/h200_2026-12-01_0123456.json" in report
     merged = json.loads((out / "results.json").read_text())
-    assert len(merged["rows"]) == len(RESULTS["rows"]) and len(merged["runs"]) == 2
+    assert len(merged["rows"]) == len(RESULTS["rows"]) and len(merged["runs"]) == 3
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = {Path(n).as_posix().lstrip("./") for n in tar.getnames()}
     assert {"env.txt", "build.log", "smoke.log", "bench-attention/latency.png", "bench-projector/results.json",
@@ -140,17 +157,17 @@ def test_suite_with_stub_commands_leaves_three_files(tmp_path):
 
 
 def test_deadline_holds_when_a_step_hangs_and_no_gpu_is_a_failure(tmp_path):
-    """A 6-second budget with the attention benchmark hanging: the step is killed at its limit,
-    later steps are reported as not run, the call ends inside the budget, and a machine whose
-    torch sees no GPU is a failed step (exit 3), never a green report."""
-    proc, out, seconds, _ = _run_suite(tmp_path, budget=6, STUB_HANG="bench-attention", STUB_NO_GPU="1")
+    """A 6-second budget with the smoke hanging: the step is killed at its limit, later steps
+    are reported as not run, the call ends inside the budget, and a machine whose torch sees
+    no GPU is a failed step (exit 3), never a green report."""
+    proc, out, seconds, _ = _run_suite(tmp_path, budget=6, STUB_HANG="smoke", STUB_NO_GPU="1")
     assert seconds <= 6 + 3, seconds  # the hung step was stopped (sleep 1000 would never end)
     assert proc.returncode == 3, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["SUITE.md", "logs.tar.gz"]
     report = (out / "SUITE.md").read_text()
     assert re.search(r"^\| env \| \d+ \| FAILED \(exit 3\) \|", report, re.M)
-    assert re.search(r"^\| bench-attention \| \d+ \| TIMED OUT", report, re.M)
-    assert re.search(r"^\| tests \| - \| not run: \d+ s left", report, re.M)
+    assert re.search(r"^\| smoke \| \d+ \| TIMED OUT", report, re.M)
+    assert re.search(r"^\| bench-attention \| - \| not run: \d+ s left", report, re.M)
 
 
 def _load(script):

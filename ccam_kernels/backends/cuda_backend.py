@@ -179,13 +179,20 @@ def _backward_launch(dout, q, k, v, lse, delta, frame_counts: tuple, frame_range
     B, (N, H, D) = len(frame_counts), q.shape[-3:]
     p = tiling.window_plan(frame_counts, frame_ranges, tokens_per_frame, BWD_KEY_TILE, q.device)
     plan = (p.frames, p.key_start, p.first_frame, p.end_frame)
-    dq_rows = torch.empty(B, N, H, D, device=q.device, dtype=torch.float32)
+    # The dQ pass splits each query tile's keys as the forward does when one pass of query
+    # tiles would not fill the SMs twice (one video: 256 tiles, the last walking every key):
+    # float32 partials per split, summed here in split order (deterministic).
+    spans = tuple(f1 - f0 for f0, f1 in frame_ranges)
+    splits = tiling.num_splits(B * H * math.ceil(N / FWD_BLOCK_M), spans, tokens_per_frame, FWD_BLOCK_N, q.device)
+    dq_rows = torch.empty(*((splits,) if splits > 1 else ()), B, N, H, D, device=q.device, dtype=torch.float32)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     ops = torch.ops.ccam_kernels
     ops.cuda_bwd_dq(dout, q, k, v, lse, delta, *plan, tokens_per_frame, scale, dq_rows)
     # (with every window empty there is no key tile: the op returns without a launch)
     ops.cuda_bwd_dkdv(dout, q, k, v, lse, delta, *plan, p.tile_sample, p.tile_start, tokens_per_frame, scale, dk, dv)
+    if splits > 1:
+        dq_rows = dq_rows.sum(0)
     dq = dq_rows.sum(0) if q.dim() == 3 else dq_rows
     return dq.to(q.dtype), dk, dv
 

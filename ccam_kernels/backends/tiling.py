@@ -102,7 +102,12 @@ def num_splits(programs: int, frame_counts: tuple, tokens_per_frame: int, block_
         return FORCE_SPLITS
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return splits_for_sms(programs, frame_counts, tokens_per_frame, block_n,
+                          torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def splits_for_sms(programs: int, frame_counts: tuple, tokens_per_frame: int, block_n: int, sms: int) -> int:
+    """num_splits on a GPU with ``sms`` SMs (the performance model asks for an H100's 132)."""
     if programs >= 2 * sms:
         return 1
     key_tiles = max(frame_counts) * tokens_per_frame // block_n

@@ -28,6 +28,8 @@ on the host for a shared q (deterministic).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -82,27 +84,66 @@ def _query_tile(FRAMES, KEY_START, FIRST_FRAME, END_FRAME, N, H, G, P, BLOCK_M: 
     return pid_bh, b.to(tl.int64), h, h // G, T, key0, offs_m, limit, lo, hi
 
 
+# (num_warps, num_stages) tried on a GPU (the performance model compiles each for sm_90).
+GPU_CONFIGS = tuple((w, st) for w in (4, 8) for st in (2, 3))
+ONE_CONFIG_ENV = "CCAM_TRITON_ONE_CONFIG"
+
+
 def _configs():
     """The autotune space: warps and pipeline stages (block sizes are fixed per head dim, so
-    the host-side tile plans stay valid). One config in the interpreter: nothing to time."""
-    if interpreting():
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 3)]
+    the host-side tile plans stay valid). One config in the interpreter (nothing to time) and
+    under CCAM_TRITON_ONE_CONFIG=1 (the GPU suite's compute-sanitizer case: no tuning runs)."""
+    if interpreting() or os.environ.get(ONE_CONFIG_ENV, "") == "1":
+        return [triton.Config({}, num_warps=4, num_stages=1 if interpreting() else 2)]
+    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in GPU_CONFIGS]
 
 
-# Tuned once per head dim, precision mode and split mode (and argument dtypes): the frame
-# counts, batch and sizes are runtime values, so a new T never recompiles nor re-tunes.
-_TUNE_KEY = ["D", "IEEE"]
+def _without_spills(kernel: str):
+    """An early_config_prune that drops the configs whose sm_90 build spills registers
+    (ccam_kernels/perf_model/resources.json: ptxas on each config's PTX, compiled on CPU).
+    The table is Hopper's; other GPUs keep every config (their register file is the same
+    size, so what spills there spills here too, but the table does not say)."""
+
+    def prune(configs, named_args, **kwargs):
+        from ..perf_model import resources
+
+        table = resources.load().get("triton_sm_90", {})
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        kept = [c for c in configs
+                if not _spills(table.get(resources.triton_config_key(kernel, block_d, c.num_warps, c.num_stages)))]
+        return kept or configs
+
+    return prune
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY + ["SPLIT"])
+def _spills(res) -> bool:
+    return bool(res and (res["spill_stores"] or res["spill_loads"]))
+
+
+def tune_class(num_query: int, keys_per_video: int) -> int:
+    """The autotune key's shape class: the query count and the most keys of one video, each
+    rounded up to a power of two, so that a test's tiny shape and the v1.2 shape (N 1024,
+    70k keys) tune apart while frame counts of the same class share one tuning. A multiple of
+    16 (Triton specializes an int argument equal to 1 or divisible by 16: one compile)."""
+    return 16 * (64 * max(num_query - 1, 0).bit_length() + max(keys_per_video - 1, 0).bit_length())
+
+
+# Tuned once per head dim, precision mode, split mode (and argument dtypes) and shape class
+# (tune_class): frame counts, batch and sizes are runtime values, so a new T in the same
+# class never recompiles nor re-tunes. The choice is cached on disk with the compiled kernels
+# (cache_results), so benchmarks/prewarm.py tunes once for every later process.
+_TUNE_KEY = ["D", "IEEE", "TUNE_CLASS"]
+
+
+@triton.autotune(configs=_configs(), key=_TUNE_KEY + ["SPLIT"], prune_configs_by={"early_config_prune": _without_spills("fwd")},
+                 cache_results=True)
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, FRAMES, KEY_START, FIRST_FRAME, END_FRAME,
     stride_qb, stride_qn, stride_qh,
     stride_kl, stride_kh, stride_vl, stride_vh,
     stride_ob, stride_on, stride_oh,
-    N, H, G, P, D, qk_scale, num_splits,
+    N, H, G, P, D, qk_scale, num_splits, TUNE_CLASS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
@@ -178,14 +219,15 @@ def _fwd_kernel(
     tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=row_ok)
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _without_spills("dq")},
+                 cache_results=True)
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, FRAMES, KEY_START, FIRST_FRAME, END_FRAME,
     stride_qb, stride_qn, stride_qh,
     stride_kl, stride_kh, stride_vl, stride_vh,
     stride_db, stride_dn, stride_dh,
-    N, H, G, P, D, qk_scale,
+    N, H, G, P, D, qk_scale, TUNE_CLASS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):
     """dQ of one (sample, head, query tile), float32, into DQ (B, N, H, D) contiguous. A row
@@ -224,7 +266,8 @@ def _bwd_dq_kernel(
     tl.store(dq_base + rows * (H * D) + h * D + offs_d[None, :], dq, mask=rd)
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY)
+@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _without_spills("dkdv")},
+                 cache_results=True)
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, FRAMES, KEY_START, FIRST_FRAME, END_FRAME, TILE_SAMPLE, TILE_START,
@@ -232,7 +275,7 @@ def _bwd_dkdv_kernel(
     stride_kl, stride_kh, stride_vl, stride_vh,
     stride_db, stride_dn, stride_dh,
     stride_dkl, stride_dkh, stride_dvl, stride_dvh,
-    N, H, G, P, D, qk_scale,
+    N, H, G, P, D, qk_scale, TUNE_CLASS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):
     """dK, dV of one key tile of one sample and one kv head, summed over the heads of its group
@@ -296,9 +339,14 @@ def _bwd_dkdv_kernel(
 def block_sizes(head_dim: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D). Small tiles under the interpreter (fast, and many tiles
     straddle frames, so the masked paths are exercised at test shapes)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
     if interpreting():
-        return 16, 16, block_d
+        return 16, 16, max(16, triton.next_power_of_2(head_dim))
+    return gpu_block_sizes(head_dim)
+
+
+def gpu_block_sizes(head_dim: int) -> tuple[int, int, int]:
+    """block_sizes on a GPU (the performance model asks for these on CPU)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
     if block_d >= 128:
         return 64, 32, block_d
     return 64, 64, block_d
@@ -340,6 +388,7 @@ def _forward_launch(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_pe
         q, k, v, o_dst, lse_dst, p.frames, p.key_start, p.first_frame, p.end_frame,
         *tiling.q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *o_strides,
         N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E.value, splits,
+        tune_class(N, max(spans, default=0) * tokens_per_frame),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), SPLIT=split,
     )
     if not split:
@@ -372,7 +421,8 @@ def _backward_launch(dout, q, k, v, lse, delta, frame_counts: tuple, frame_range
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype))
-    sizes = (N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E.value)
+    keys = max((f1 - f0 for f0, f1 in frame_ranges), default=0) * tokens_per_frame
+    sizes = (N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E.value, tune_class(N, keys))
     strides = (*tiling.q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1), dout.stride(2))
     windows = (p.frames, p.key_start, p.first_frame, p.end_frame)

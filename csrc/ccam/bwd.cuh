@@ -1,9 +1,10 @@
 // Backward kernels. Recompute P = exp(S*scale - LSE) from the saved per-row LSE; with
 // delta = rowsum(dO * O) (precomputed by the host), dS = P * (dP - delta), dP = dO V^T.
 //
-// dQ pass: one CTA per (sample x head, query tile), 4 warps of 16 rows, walking the key tiles the
-//   tile sees (as the forward); dQ += dS K, written per sample in float32 (the host sums a
-//   shared q's samples). No atomics.
+// dQ pass: one CTA per (sample x head, query tile, key split), 4 warps of 16 rows, walking its
+//   split's share of the key tiles the tile sees (as the forward); dQ += dS K, written per split
+//   and sample in float32 (the host sums the splits in a fixed order, and a shared q's
+//   samples). No atomics.
 // dK/dV pass: one CTA per (key tile, kv head), 4 warps of 16 keys, walking only the query rows
 //   that see the tile (i >= ceil(f*N/T) for its first frame f), and every head of the GQA group:
 //   dV += P^T dO, dK += dS^T Q. Each key belongs to one CTA: no atomics, deterministic.
@@ -45,7 +46,14 @@ __global__ void __launch_bounds__(128, 2) bwd_dq_kernel(const BwdParams p) {
   const QueryTile tile = query_tile(p, BM);
   const int bh = tile.bh, b = tile.b, h = tile.h, hk = tile.hk;
   const int64_t N = p.num_query, m0 = tile.m0, lo = tile.lo, hi = tile.hi;
-  const int n_tiles = static_cast<int>((hi + BN - 1) / BN);
+  // This CTA's key tiles [key_lo, key_hi): all the tile sees, or its split's share (fwd.cuh).
+  int64_t key_lo = 0, key_hi = hi;
+  if (p.dq_splits > 1) {
+    const int64_t tiles = (hi + BN - 1) / BN, per_split = (tiles + p.dq_splits - 1) / p.dq_splits;
+    key_lo = min(int64_t(blockIdx.z) * per_split, tiles) * BN;
+    key_hi = min(key_lo + per_split * BN, hi);
+  }
+  const int n_tiles = key_hi > key_lo ? static_cast<int>((key_hi - key_lo + BN - 1) / BN) : 0;
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
   const T* dout = static_cast<const T*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h;
@@ -54,13 +62,13 @@ __global__ void __launch_bounds__(128, 2) bwd_dq_kernel(const BwdParams p) {
   const T* safe = static_cast<const T*>(p.q);
 
   auto load_kv = [&](int t) {
-    const int64_t s0 = int64_t(t) * BN;
-    load_tile<BN, DP, 128>(s_k + (t & 1) * Tiles::kKV, k + s0 * p.k_stride_l, p.k_stride_l, hi - s0, p.head_dim, safe);
-    load_tile<BN, DP, 128>(s_v + (t & 1) * Tiles::kKV, v + s0 * p.v_stride_l, p.v_stride_l, hi - s0, p.head_dim, safe);
+    const int64_t s0 = key_lo + int64_t(t) * BN;
+    load_tile<BN, DP, 128>(s_k + (t & 1) * Tiles::kKV, k + s0 * p.k_stride_l, p.k_stride_l, key_hi - s0, p.head_dim, safe);
+    load_tile<BN, DP, 128>(s_v + (t & 1) * Tiles::kKV, v + s0 * p.v_stride_l, p.v_stride_l, key_hi - s0, p.head_dim, safe);
   };
   load_tile<BM, DP, 128>(s_q, q + m0 * p.q_stride_n, p.q_stride_n, N - m0, p.head_dim, safe);
   load_tile<BM, DP, 128>(s_do, dout + m0 * p.do_stride_n, p.do_stride_n, N - m0, p.head_dim, safe);
-  load_kv(0);
+  if (n_tiles > 0) load_kv(0);
   cp_async_commit();
 
   const int64_t row0 = m0 + warp * 16 + lane / 4;
@@ -79,7 +87,7 @@ __global__ void __launch_bounds__(128, 2) bwd_dq_kernel(const BwdParams p) {
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    const int64_t s0 = int64_t(t) * BN;
+    const int64_t s0 = key_lo + int64_t(t) * BN;
     const T* kt = s_k + (t & 1) * Tiles::kKV;
     const T* vt = s_v + (t & 1) * Tiles::kKV;
     float s[BN / 8][4], dp[BN / 8][4];
@@ -102,7 +110,7 @@ __global__ void __launch_bounds__(128, 2) bwd_dq_kernel(const BwdParams p) {
     __syncthreads();
   }
   cp_async_wait<0>();
-  float* out = p.dq_rows + (int64_t(b) * N * p.heads + h) * p.head_dim;
+  float* out = p.dq_rows + ((int64_t(blockIdx.z) * p.batch + b) * N * p.heads + h) * p.head_dim;
   store_strip<float, DP>(out, int64_t(p.heads) * p.head_dim, m0 + warp * 16, N, p.head_dim, dq, p.scale, p.scale);
 }
 
@@ -220,7 +228,7 @@ template <typename T, int DP>
 constexpr Geometry dq_geometry(const BwdParams& p) {
   using Tiles = DqTiles<DP>;
   return {"bwd_dq_kernel", unsigned(p.batch * p.heads), unsigned((p.num_query + Tiles::kBlockM - 1) / Tiles::kBlockM),
-          1u, 128, int(Tiles::kSmemElems * sizeof(T))};
+          unsigned(p.dq_splits), 128, int(Tiles::kSmemElems * sizeof(T))};
 }
 
 template <typename T, int DP>

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cfloat>
+#include <type_traits>
 
 #include "launch.cuh"
 #include "params.h"
@@ -69,7 +70,10 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   uint32_t q_frag[DP / 16][4];
 
-  for (int t = 0; t < n_tiles; ++t) {
+  // One key tile. The masked instance (tag true) masks a tile that straddles some row's limit
+  // (or runs past hi); the unmasked one (tag false) has no mask arithmetic at all and runs the
+  // tiles below the tile's lowest limit `lo`; the rest (at most a few frames' worth) run masked.
+  auto key_tile = [&](int t, auto masked_tag) {
     if (t + 1 < n_tiles) load_kv(t + 1);
     cp_async_commit();
     cp_async_wait<1>();
@@ -86,7 +90,7 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
       for (int i = 0; i < 4; ++i) a[i] = q_frag[kc][i];
     }, s_k + (t & 1) * Tiles::kKV);
 
-    const bool masked = s0 + BN > lo;  // straddles some row's limit (or runs past hi)
+    const bool masked = decltype(masked_tag)::value && s0 + BN > lo;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int cut = tile_cut(limit[half], s0, BN);  // this row's first hidden column of the tile
@@ -124,7 +128,15 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
     }
     gemm_pb<T, DP, BN>(o, s, s_v + (t & 1) * Tiles::kKV);
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
+  };
+  // Tiles [0, n_full) end at or below lo: every row sees them whole. At DP = 128 the two loop
+  // instances together spill registers (ptxas, sm_90a): there one loop tests each tile.
+  const int n_full = DP < 128 && lo > key_lo ? static_cast<int>(min(int64_t(n_tiles), (lo - key_lo) / BN)) : 0;
+  int t = 0;
+  if constexpr (DP < 128) {
+    for (; t < n_full; ++t) key_tile(t, std::false_type{});
   }
+  for (; t < n_tiles; ++t) key_tile(t, std::true_type{});
   cp_async_wait<0>();
 
   // A whole video without splits: every row saw key 0, so l > 0. A split, or a frame window

@@ -49,9 +49,12 @@ struct BwdParams : AttentionShape {
   const float *lse, *delta;  // (B, H, N) float32: natural-log LSE, rowsum(dO * O)
   int64_t do_stride_b, do_stride_n, do_stride_h;
   float scale;
-  // dQ pass: dq_rows (B, N, H, D) float32 contiguous, one slab per sample (summed by the host
-  // for a shared q).
+  // dQ pass: dq_rows (S, B, N, H, D) float32 contiguous, one slab per key split and sample:
+  // with dq_splits = S > 1 each query tile's key tiles are shared among S CTAs (as the
+  // forward's splits), so that one video's 256 query tiles are not one long pole; the host
+  // sums the splits in a fixed order (deterministic), and a shared q's samples.
   float* dq_rows;
+  int dq_splits;
   // dK/dV pass: one program per (key tile, kv head); tiles listed by the host.
   const int64_t *tile_sample, *tile_start;
   int num_key_tiles;

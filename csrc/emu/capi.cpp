@@ -136,13 +136,15 @@ ccam::BwdParams bwd_params(const EmuProblem& pb, const EmuTensor* t) {
   return p;
 }
 
-// Tensors: dout, q, k, v, lse, delta, frames, key_start, first_frame, end_frame, dq_rows.
+// Tensors: dout, q, k, v, lse, delta, frames, key_start, first_frame, end_frame, dq_rows
+// ((B, N, H, D), or (S, B, N, H, D) for S key splits).
 int ccam_emu_bwd_dq(const EmuProblem* pb, const EmuTensor* t, char* err, int errlen) {
   try {
     static const char* names[] = {"dout", "q", "k", "v", "lse", "delta", "frames", "key_start", "first_frame",
                                   "end_frame", "dq_rows"};
     ccam::BwdParams p = bwd_params(*pb, t);
     p.dq_rows = static_cast<float*>(t[10].data);
+    p.dq_splits = t[10].ndim == 5 ? static_cast<int>(t[10].sizes[0]) : 1;  // (S, B, N, H, D) split partials
     ccam_emu::LaunchScope scope(regions(t, 11, names), schedule_of(*pb));
     dispatch(*pb, [&](auto dtype, auto width) { return ccam::launch_bwd_dq<decltype(dtype), decltype(width)::value>(p, nullptr); });
     return 0;
@@ -170,6 +172,18 @@ int ccam_emu_bwd_dkdv(const EmuProblem* pb, const EmuTensor* t, char* err, int e
   } catch (const std::exception& e) {
     return report(e, err, errlen);
   }
+}
+
+// The last grid: geometry (grid x, y, z, threads, dynamic shared memory bytes) into geometry[5],
+// and the mma.sync warp instructions of each block in launch order (x fastest) into
+// counts[0..capacity). Returns the number of blocks.
+int64_t ccam_emu_last_grid(int64_t* geometry, int64_t* counts, int64_t capacity) {
+  const ccam_emu::Geometry& g = ccam_emu::last_geometry();
+  const int64_t dims[5] = {g.grid_x, g.grid_y, g.grid_z, g.threads, g.smem_bytes};
+  for (int i = 0; i < 5; ++i) geometry[i] = dims[i];
+  const auto& c = ccam_emu::mma_counts();
+  for (int64_t i = 0; i < capacity && i < static_cast<int64_t>(c.size()); ++i) counts[i] = static_cast<int64_t>(c[i]);
+  return static_cast<int64_t>(c.size());
 }
 
 // ---- single instructions, each run by one warp (a 32-thread CTA) ----

@@ -124,6 +124,7 @@ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
   in.b[0] = b0, in.b[1] = b1;
   std::memcpy(in.c, c, 16);
   static_assert(sizeof(MmaIn) <= detail::kMaxIn);
+  if (detail::current_tid() % 32 == 0) detail::count_mma();  // once per warp instruction
   detail::collective(bf16 ? "mma.m16n8k16.bf16" : "mma.m16n8k16.f16", bf16, &in, sizeof in, c, 16, mma_compute);
 }
 

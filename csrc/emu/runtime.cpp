@@ -165,6 +165,8 @@ struct Machine {
 };
 
 Machine M;
+Geometry g_last_geometry{"none", 0, 0, 0, 0, 0};
+std::vector<uint64_t> g_mma_counts;
 std::mutex g_launch_mutex;
 std::vector<Region> g_regions;
 Schedule g_schedule;
@@ -298,6 +300,8 @@ void run_grid(const Geometry& g, const std::vector<Region>& regions, const Sched
   M.error.clear();
   M.error_tid = -1;
   M.written.clear();
+  g_last_geometry = g;
+  g_mma_counts.assign(size_t(g.grid_x) * g.grid_y * g.grid_z, 0);
   static std::vector<unsigned char*> stacks;  // kept for the process: one per thread ever used
   while (static_cast<int>(stacks.size()) < g.threads) stacks.push_back(new_stack());
   M.threads.resize(g.threads);
@@ -342,6 +346,9 @@ LaunchScope::~LaunchScope() {
   g_regions.clear();
   g_launch_mutex.unlock();
 }
+
+const Geometry& last_geometry() { return g_last_geometry; }
+const std::vector<uint64_t>& mma_counts() { return g_mma_counts; }
 
 void run_launch(const Geometry& g, const std::function<void()>& body) {
   if (!g_in_scope) fail(std::string("ccam emulator: ") + g.kernel + " launched outside a LaunchScope");
@@ -466,6 +473,11 @@ void collective(const char* kind, int param, const void* in, size_t in_bytes, vo
       if (l != lane) M.threads[wi * 32 + l].state = State::Runnable;
   }
   std::memcpy(out, w.out[lane], out_bytes);
+}
+
+void count_mma() {
+  const Cta& c = g_cta;
+  ++g_mma_counts[(size_t(c.block.z) * c.grid.y + c.block.y) * c.grid.x + c.block.x];
 }
 
 }  // namespace detail

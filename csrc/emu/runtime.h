@@ -102,6 +102,12 @@ void run_launch(const Geometry& g, const std::function<void()>& body);
 void access(const void* p, size_t bytes, bool write, const char* what);
 bool is_shared(const void* p);
 
+// The last grid's geometry and, per block (linear index, x fastest: the hardware's launch
+// order), the mma.sync instructions its warps executed, each warp instruction counted once.
+// The performance model (ccam_kernels/perf_model) predicts the same counts; a test compares.
+const Geometry& last_geometry();
+const std::vector<uint64_t>& mma_counts();
+
 // PTX models (ptx.cpp).
 void cp_async(void* smem, const void* gmem, bool valid);
 void cp_async_commit();
@@ -124,6 +130,8 @@ void shared_access(const void* p, size_t bytes, bool write, int tid, const char*
 // A global access: must be inside a registered tensor's row, aligned, writable for writes.
 void global_access(const void* p, size_t bytes, bool write, const char* what);
 int current_tid();
+// One mma.sync of the current block's warps (called by its lane 0 only).
+void count_mma();
 }  // namespace detail
 
 }  // namespace ccam_emu

@@ -37,23 +37,18 @@ MAX_SEED = 2**63 - 1  # seeds are non-negative int64 values
 IntLike = Union[int, torch.Tensor]
 
 
-def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # a < 2**32 and m < 2**32: the 64-bit product wraps in int64 but keeps all 64 bits (two's
-    # complement), so (prod >> 32) & MASK32 is its high word even when prod reads negative.
-    prod = a * m
-    return (prod >> 32) & MASK32, prod & MASK32
-
-
 def philox4x32_10(c0: IntLike, c1: IntLike, c2: IntLike, c3: IntLike, k0: IntLike, k1: IntLike):
     """Philox4x32-10 of counter (c0, c1, c2, c3) under key (k0, k1): int64 tensors (or ints)
     holding uint32 values, broadcast together -> four int64 tensors of uint32 values."""
-    c0, c1, c2, c3, k0, k1 = (torch.as_tensor(x, dtype=torch.int64) for x in (c0, c1, c2, c3, k0, k1))
+    c0, c1, c2, c3 = (torch.as_tensor(x, dtype=torch.int64) for x in (c0, c1, c2, c3))
     for _ in range(10):
-        hi0, lo0 = _mulhilo(c0, M0)
-        hi1, lo1 = _mulhilo(c2, M1)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        # The 64-bit products of two uint32 values wrap in int64 but keep all 64 bits (two's
+        # complement): >> 32 gives the high word up to sign bits, which the masks after the
+        # xors clear. Low words and c1, c3 are masked only where they reach a multiplier.
+        p0, p1 = c0 * M0, c2 * M1
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & MASK32, p1, ((p0 >> 32) ^ c3 ^ k1) & MASK32, p0
         k0, k1 = (k0 + W0) & MASK32, (k1 + W1) & MASK32
-    return c0, c1, c2, c3
+    return c0, c1 & MASK32, c2, c3 & MASK32
 
 
 def threshold(p: float) -> int:
@@ -69,9 +64,18 @@ def keep_scale(p: float) -> float:
     return 1.0 / (1.0 - p)
 
 
-def _seed_words(seed: IntLike) -> tuple[torch.Tensor, torch.Tensor]:
-    s = torch.as_tensor(seed, dtype=torch.int64)
+def _seed_words(seed: IntLike) -> tuple[IntLike, IntLike]:
+    """The Philox key words of a seed: Python ints for an int or a CPU tensor (cheaper key
+    schedule), int64 0-dim tensors for a seed on an accelerator (no host sync)."""
+    if isinstance(seed, torch.Tensor) and seed.device.type != "cpu":
+        s = seed.to(torch.int64)
+        return s & MASK32, (s >> 32) & MASK32
+    s = int(seed)
     return s & MASK32, (s >> 32) & MASK32
+
+
+def _on(x: IntLike, device) -> IntLike:
+    return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
 def _keep_block(seed: IntLike, offset: int, stream: torch.Tensor, rows: torch.Tensor, key_start: int,
@@ -82,7 +86,7 @@ def _keep_block(seed: IntLike, offset: int, stream: torch.Tensor, rows: torch.Te
     g0, g1 = key_start >> 3, ((key_end - 1) >> 3) + 1
     groups = torch.arange(g0, g1, dtype=torch.int64, device=device) & MASK32
     words = philox4x32_10(groups, rows[..., None] & MASK32, stream[..., None], int(offset) & MASK32,
-                          k0.to(device), k1.to(device))
+                          _on(k0, device), _on(k1, device))
     # key 8 * g + 2 * w + half: word w = (j >> 1) & 3, 16-bit half j & 1 (low half first)
     halves = [x for w in words for x in ((w & 0xFFFF) >= thresh, (w >> 16) >= thresh)]
     keep = torch.stack(halves, dim=-1).flatten(-2)

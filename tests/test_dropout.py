@@ -105,3 +105,112 @@ def test_cuda_header_matches_definition(mask_program):
         got = torch.tensor([[c == "1" for c in line] for line in out.split()])
         want = keep_mask(seed, offset, 2, 5, torch.arange(3, 12), key0, key0 + 70, 6, p)
         assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: every one applies the same mask (the same seed gives the same numbers).
+
+from ccam_kernels.attention import BACKENDS  # noqa: E402
+from ccam_kernels.checks import check_attention_args  # noqa: E402
+from conftest import rel_err  # noqa: E402
+from oracle import attention_oracle, oracle_visibility  # noqa: E402
+
+# (N, H, Hkv, D, frame counts, P, shared q): ragged GQA, T not dividing N, T > N, T = 1
+SHAPES = [(13, 4, 2, 16, (3, 5, 1), 3, False), (9, 2, 1, 16, (11,), 2, True), (7, 2, 2, 16, (2, 1), 4, True)]
+
+
+def run_seeded(backend, q, k, v, counts, P, p, seed, variant=""):
+    """``backend``'s op with an explicit seed (ccam_attention draws one per call)."""
+    problem = check_attention_args(q, k, v, list(counts), P, None, p)
+    return BACKENDS[backend].run(q, k, v, problem, seed=torch.tensor(seed, dtype=torch.int64, device=q.device),
+                                 variant=variant)
+
+
+def dropout_oracle(q, k, v, counts, P, p, seed):
+    """docs/reference.md's dropout in float64, written from its formula: the oracle's softmax
+    probabilities times keep_mask / (1 - p) at every (sample, head, row, key)."""
+    q64, k64, v64 = (x.double() for x in (q, k, v))
+    N, H, D = q64.shape[-3:]
+    kv = torch.arange(H) // (H // k64.shape[1])
+    outs, start = [], 0
+    for b, t in enumerate(counts):
+        kb, vb = k64[start:start + t * P][:, kv], v64[start:start + t * P][:, kv]
+        start += t * P
+        qb = q64 if q64.dim() == 3 else q64[b]
+        s = torch.einsum("nhd,lhd->hnl", qb, kb) / math.sqrt(D)
+        probs = torch.softmax(s.masked_fill(~oracle_visibility(N, t, P), float("-inf")), -1)
+        keep = keep_mask(seed, 0, b, torch.arange(H)[:, None], torch.arange(N)[None], 0, t * P, H, p)
+        outs.append(torch.einsum("hnl,lhd->nhd", probs * keep.double() / (1 - p), vb))
+    return torch.stack(outs)
+
+
+def _inputs(N, H, Hkv, D, counts, P, shared, dtype=torch.float64, device="cpu"):
+    L, B = sum(counts) * P, len(counts)
+    q = torch.randn(*(() if shared else (B,)), N, H, D, dtype=torch.float64)
+    k, v = torch.randn(L, Hkv, D, dtype=torch.float64), torch.randn(L, Hkv, D, dtype=torch.float64)
+    dout = torch.randn(B, N, H, D, dtype=torch.float64)
+    return [x.to(device, dtype) for x in (q, k, v, dout)]
+
+
+@pytest.mark.parametrize("backend,variant", [("reference", ""), ("torch", "explicit"), ("torch", "")])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_float64_backends_match_dropout_oracle(backend, variant, shape):
+    """Output and every gradient of reference and torch vs autograd through the oracle, at
+    float64 precision: the mask, its 1 / (1 - p) scale in float64 (issue 21.4), its recomputation."""
+    q, k, v, dout = _inputs(*shape)
+    counts, P, p, seed = shape[4], shape[5], 0.3, int(torch.randint(0, 2**62, ()))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = run_seeded(backend, q, k, v, counts, P, p, seed, variant)
+    want = dropout_oracle(q, k, v, counts, P, p, seed)
+    assert rel_err(out, want) < 1e-12
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    ref = torch.autograd.grad(want, (q, k, v), dout)
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) < 1e-12
+    plain = attention_oracle(q, k, v, counts, P)
+    assert rel_err(out, plain) > 0.05, "dropout must change the output"
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_gradcheck_float64_fixed_seed(backend):
+    q, k, v, _ = _inputs(5, 2, 1, 16, (3, 2), 2, False)
+    seed = int(torch.randint(0, 2**62, ()))
+    fn = lambda q, k, v: run_seeded(backend, q, k, v, (3, 2), 2, 0.4, seed)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tuple(x.requires_grad_() for x in (q, k, v)), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_masked_keys_never_kept(backend):
+    """Keys a row cannot see stay out of its output with dropout on: changing them (to huge
+    values) leaves every row that cannot see them bitwise unchanged."""
+    N, P, T = 9, 3, 4
+    q, k, v, _ = _inputs(N, 2, 2, 16, (T,), P, True, torch.float32)
+    seed = int(torch.randint(0, 2**62, ()))
+    base = run_seeded(backend, q, k, v, (T,), P, 0.5, seed)
+    k2, v2 = k.clone(), v.clone()
+    k2[(T - 1) * P:], v2[(T - 1) * P:] = 1e4, 1e4  # the last frame
+    moved = run_seeded(backend, q, k2, v2, (T,), P, 0.5, seed)
+    blind = (torch.arange(N) * T) // N < T - 1  # rows that do not see the last frame
+    assert blind.any() and torch.equal(base[:, blind], moved[:, blind])
+    assert not torch.equal(base[:, ~blind], moved[:, ~blind])
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_dropout_p0_is_bitwise_no_dropout(backend):
+    q, k, v, _ = _inputs(*SHAPES[0][:-1], False, torch.float32)
+    plain = run_seeded(backend, q, k, v, SHAPES[0][4], 3, 0.0, 5)
+    from ccam_kernels import ccam_attention
+
+    assert torch.equal(plain, ccam_attention(q, k, v, list(SHAPES[0][4]), 3, backend=backend))
+
+
+def test_seed_from_default_generator():
+    """ccam_attention draws its seed from torch's generator: torch.manual_seed reproduces the
+    masks, and the next call draws new ones."""
+    from ccam_kernels import ccam_attention
+
+    q, k, v, _ = _inputs(9, 2, 1, 16, (3,), 2, True, torch.float32)
+    torch.manual_seed(7)
+    a, b = (ccam_attention(q, k, v, [3], 2, dropout_p=0.5, backend="torch") for _ in range(2))
+    torch.manual_seed(7)
+    assert torch.equal(a, ccam_attention(q, k, v, [3], 2, dropout_p=0.5, backend="torch")) and not torch.equal(a, b)

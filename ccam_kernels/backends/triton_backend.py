@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from . import tiling
 from .attention_ops import define_attention_ops
 from .partial_ops import define_partial_ops
 
@@ -67,13 +68,14 @@ def _kernels():
 
 def _forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, dropout_p: float, seed: int,
              keep_acc: bool, variant: str):
-    # dropout_p is always 0 here (the dispatcher refuses dropout for this backend).
-    return _kernels().forward(q, k, v, frame_counts, tokens_per_frame, scale, keep_acc)
+    return _kernels().forward(q, k, v, frame_counts, tokens_per_frame, scale, keep_acc,
+                              tiling.dropout_of(dropout_p, seed))
 
 
 def _backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int, scale: float, dropout_p: float,
               seed: int, variant: str):
-    return _kernels().backward(dout, q, k, v, out, lse, frame_counts, tokens_per_frame, scale)
+    return _kernels().backward(dout, q, k, v, out, lse, frame_counts, tokens_per_frame, scale,
+                               tiling.dropout_of(dropout_p, seed))
 
 
 # ccam_kernels::triton_attention -> (out (B, N, H, D), lse (B, H, N) float32, acc) and

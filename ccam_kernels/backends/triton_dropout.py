@@ -16,13 +16,24 @@ def dropout_keep(seed, offset, stream, rows, keys, threshold):
     zero = (rows[:, None] * 0 + keys[None, :] * 0).to(tl.uint32)
     c0 = zero + (keys[None, :] >> 3).to(tl.uint32)
     c1 = zero + rows[:, None].to(tl.uint32)
-    c2 = zero + stream.to(tl.uint32)
-    c3 = zero + offset.to(tl.uint32)
+    c2 = zero + tl.to_tensor(stream).to(tl.uint32)
+    c3 = zero + tl.to_tensor(offset).to(tl.uint32)
     u0, u1, u2, u3 = tl.philox(seed, c0, c1, c2, c3)
     lane = (keys[None, :] >> 1) & 3
     word = tl.where(lane == 0, u0, tl.where(lane == 1, u1, tl.where(lane == 2, u2, u3)))
     r = (word >> ((keys[None, :] & 1) * 16).to(tl.uint32)) & 0xFFFF
     return r >= threshold.to(tl.uint32)
+
+
+@triton.jit
+def dropped(p, SEED, stream, rows, keys, threshold, DROPOUT: tl.constexpr):
+    """p with the dropped (row, key) entries zeroed (the 1 / (1 - p) scale is applied by the
+    caller, once per row); p itself when DROPOUT is off (compiled out: the no-dropout kernels
+    are unchanged). SEED: pointer to the int64 seed; offset 0 (docs/reference.md)."""
+    if DROPOUT:
+        return tl.where(dropout_keep(tl.load(SEED), 0, stream, rows, keys, threshold), p, 0.0)
+    else:
+        return p
 
 
 @triton.jit

@@ -110,7 +110,7 @@ def test_cuda_header_matches_definition(mask_program):
 # ---------------------------------------------------------------------------------------------
 # Backends: every one applies the same mask (the same seed gives the same numbers).
 
-from ccam_kernels.attention import BACKENDS  # noqa: E402
+from ccam_kernels.attention import resolve_backend  # noqa: E402
 from ccam_kernels.checks import check_attention_args  # noqa: E402
 from conftest import rel_err  # noqa: E402
 from oracle import attention_oracle, oracle_visibility  # noqa: E402
@@ -122,7 +122,7 @@ SHAPES = [(13, 4, 2, 16, (3, 5, 1), 3, False), (9, 2, 1, 16, (11,), 2, True), (7
 def run_seeded(backend, q, k, v, counts, P, p, seed, variant=""):
     """``backend``'s op with an explicit seed (ccam_attention draws one per call)."""
     problem = check_attention_args(q, k, v, list(counts), P, None, p)
-    return BACKENDS[backend].run(q, k, v, problem, seed=torch.tensor(seed, dtype=torch.int64, device=q.device),
+    return resolve_backend(backend, q, problem).run(q, k, v, problem, seed=torch.tensor(seed, dtype=torch.int64, device=q.device),
                                  variant=variant)
 
 

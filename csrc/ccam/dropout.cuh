@@ -44,6 +44,14 @@ struct Dropout {
   }
 };
 
+// A kernel's dropout for sample b, query head h, keys counted from key_base (the frame window's
+// first key in the video). `seed` is *p.dropout_seed, read by the caller with its checked `load`
+// (only when p.dropout_threshold != 0).
+__device__ __forceinline__ Dropout dropout_of(const AttentionShape& p, uint64_t seed, int64_t b, int64_t h,
+                                              int64_t key_base) {
+  return Dropout{uint32_t(seed), uint32_t(seed >> 32), uint32_t(b * p.heads + h), 0u, p.dropout_threshold, key_base};
+}
+
 __device__ __forceinline__ Dropout make_dropout(uint64_t seed, uint32_t offset, uint32_t threshold, int64_t sample,
                                                 int64_t head, int64_t heads, int64_t key_base) {
   return Dropout{uint32_t(seed), uint32_t(seed >> 32), uint32_t(sample * heads + head), offset, threshold, key_base};

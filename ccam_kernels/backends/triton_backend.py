@@ -84,14 +84,15 @@ ccam_attention_triton = define_attention_ops("triton_attention", _forward, _back
 triton_attention = ccam_attention_triton.op
 
 
-def _partial_forward(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float):
-    return _kernels().partial_forward(q, k, v, frame_counts, frame_ranges, tokens_per_frame, scale)
+def _partial_forward(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float,
+                     dropout=None):
+    return _kernels().partial_forward(q, k, v, frame_counts, frame_ranges, tokens_per_frame, scale, dropout)
 
 
 def _partial_backward(dout, dlse, q, k, v, out, lse, frame_counts: tuple, frame_ranges: tuple,
-                      tokens_per_frame: int, scale: float):
+                      tokens_per_frame: int, scale: float, dropout=None):
     return _kernels().partial_backward(dout, dlse, q, k, v, out, lse, frame_counts, frame_ranges,
-                                       tokens_per_frame, scale)
+                                       tokens_per_frame, scale, dropout)
 
 
 # ccam_kernels::triton_partial_attention -> (out (B, N, H, D) float32, lse (B, H, N) float32)

@@ -62,21 +62,6 @@ def _autocast_dtype(device_type: str):
     return None
 
 
-_DROPOUT_WARNED = False
-
-
-def _warn_dropout_fallback_once() -> None:
-    global _DROPOUT_WARNED
-    if not _DROPOUT_WARNED:
-        _DROPOUT_WARNED = True
-        warnings.warn(
-            "CCAMProjector: attention_dropout > 0 in training mode: the attention runs on the 'torch' "
-            "backend (the Triton kernels have no dropout); the fused LayerNorm + K/V projection still "
-            "runs in Triton. Set attention_dropout=0.0 to keep the attention in Triton.",
-            stacklevel=3,
-        )
-
-
 class CCAMProjector(nn.Module):
     """N learnable queries read the visual tokens of every frame under the CCAM mask.
 
@@ -249,9 +234,9 @@ class CCAMProjector(nn.Module):
                 4-D features, of a wrong form, < 1, or not adding up to F (the message names
                 the argument; docs/reference.md §8.2, §8.5). With ``group``, the same on every
                 rank, naming the rank whose arguments were bad (§8.7).
-            RuntimeError: with ``group``, no initialized process group, attention dropout in
-                training, a callable backend (no partial attention), or a backend that cannot
-                take the module's device, dtype or head dim.
+            RuntimeError: with ``group``, no initialized process group, a callable backend (no
+                partial attention), or a backend that cannot take the module's device, dtype or
+                head dim.
         """
         if group is not None:  # frame-parallel over a process group: see long_video/distributed.py
             from .long_video.distributed import frame_parallel_forward
@@ -266,11 +251,6 @@ class CCAMProjector(nn.Module):
         k, v = self._keys_values(features.reshape(num_frames * tokens_per_frame, cfg.cross_hidden_size))
         dropout_p = cfg.attention_dropout if self.training else 0.0
         backend = self.backend
-        if dropout_p > 0 and backend in ("triton", "auto") and self._fused_projection(features):
-            # The one case that leaves the Triton kernels: attention-probability dropout in
-            # training. The torch backend implements it; say so once per process.
-            _warn_dropout_fallback_once()
-            backend = "torch"
         if callable(backend):
             attn = backend(q, k, v, split_sizes, tokens_per_frame, dropout_p=dropout_p)
         else:
@@ -282,8 +262,9 @@ class CCAMProjector(nn.Module):
 
     def stream(self, total_frames: int) -> "ProjectorStream":
         """A :class:`~ccam_kernels.long_video.stream.ProjectorStream` for one video of
-        ``total_frames`` frames (inference only): ``push((t, P, Cv))`` chunks, then ``finish()``
-        -> (1, N, O), equal to ``self(all_frames, [total_frames])``."""
+        ``total_frames`` frames: ``push((t, P, Cv))`` chunks, then ``finish()`` -> (1, N, O),
+        equal to ``self(all_frames, [total_frames])``; in training mode differentiable, with
+        the same attention dropout under the same torch.manual_seed."""
         from .long_video.stream import ProjectorStream
 
         return ProjectorStream(self, total_frames)

@@ -8,6 +8,13 @@ The state between pushes is the running partial attention of every query over th
 pushed so far, merged by log-sum-exp (``partial.merge_partials``): an (N, H, D) accumulator
 and an (H, N) LSE in float32 (float64 for a float64 module), plus the (N, H, D) query heads,
 computed once. The mask rule needs the video's total frame count, hence ``total_frames``.
+
+In training mode (``proj.train()``) the stream records the autograd graph (``finish()``'s output
+backpropagates into the module and every chunk) and applies attention dropout: one seed, drawn
+from torch's default generator when the stream starts (where the one-shot forward draws its
+own), and a mask that is a function of the key's position in the whole video, so the stream
+gives the one-shot output and gradients under the same torch.manual_seed. Memory then grows
+with the video (the graph keeps every chunk's keys), as any training does.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..backends.attention_ops import draw_seed
 from ..checks import check_int
 from .parts import head, keys_values, partial_backend_of, query_heads
 from .partial import RunningPartial, accumulate_dtype, ccam_partial_attention, merge_partials
@@ -27,27 +35,32 @@ USABLE = "the stream is unchanged and still usable"
 
 
 class ProjectorStream:
-    """Inference-only streaming of one video through a :class:`CCAMProjector` (see module doc).
+    """Streaming of one video through a :class:`CCAMProjector` (see module doc): inference in
+    eval mode, training (autograd, attention dropout) in training mode.
 
     Errors say whether the stream is still usable: a bad chunk (wrong rank, width, dtype,
     device, tokens per frame, or more frames than remain) is a ValueError/TypeError and
     changes nothing; ``finish()`` before every frame arrived is a RuntimeError and changes
-    nothing; after ``finish()``, or once the module's parameters changed, the stream is closed.
+    nothing; switching the module between train and eval mode mid-stream is a RuntimeError;
+    after ``finish()``, or once the module's parameters changed, the stream is closed.
     """
 
     def __init__(self, proj: "CCAMProjector", total_frames: int) -> None:
         self._proj = proj
         self.total_frames = check_int("total_frames", total_frames)
-        self._check_eval()
+        self._training = proj.training
         self._backend = partial_backend_of(proj)
         cfg = proj.config
         param = proj.query
         self._dtype, self._device = param.dtype, param.device
         acc = accumulate_dtype(param.dtype)
-        with torch.no_grad():
+        self._dropout_p = cfg.attention_dropout if self._training else 0.0
+        # Drawn first, where the one-shot forward draws its seed (ccam_attention).
+        self._seed = draw_seed(param.device) if self._dropout_p > 0 else None
+        with torch.set_grad_enabled(self._training and torch.is_grad_enabled()):
             self._q = query_heads(proj)
         self._versions = self._param_versions()
-        if self._backend == "torch":  # merged in place, block by block
+        if self._backend == "torch" and not self._training:  # merged in place, block by block
             self._running = RunningPartial(self._q, cfg.num_key_value_heads)
         else:  # the plain path: one partial per chunk, merged with the state
             self._running = None
@@ -63,13 +76,11 @@ class ProjectorStream:
         # Inference tensors have no version counter, and cannot change outside inference mode.
         return [None if p.is_inference() else p._version for p in self._proj.parameters()]
 
-    def _check_eval(self):
-        if self._proj.training:
-            raise RuntimeError(
-                "proj.stream() is for inference only and the projector is in training mode (dropout "
-                "would differ from one chunk to the next); call proj.eval() first"
-                + ("" if not hasattr(self, "_closed") else f"; {USABLE}")
-            )
+    def _check_mode(self):
+        if self._proj.training != self._training:
+            now, then = ("training", "eval") if self._proj.training else ("eval", "training")
+            raise RuntimeError(f"the projector is in {now} mode but this stream started in {then} mode; "
+                               f"switch it back (or start a new stream); {USABLE}")
 
     def _check_open(self, what: str):
         if self._closed:
@@ -80,7 +91,7 @@ class ProjectorStream:
             raise RuntimeError(f"{what}: the projector's parameters changed since proj.stream() started, "
                                "so the frames pushed so far used other weights; this stream is closed, "
                                "start a new one")
-        self._check_eval()
+        self._check_mode()
 
     def _check_chunk(self, chunk):
         cfg = self._proj.config
@@ -114,13 +125,13 @@ class ProjectorStream:
         self._check_chunk(chunk)
         t, p, width = chunk.shape
         first = self.frames_done
-        with torch.no_grad():
+        with torch.set_grad_enabled(self._training and torch.is_grad_enabled()):
             k, v = keys_values(self._proj, chunk.reshape(t * p, width))
             if self._running is not None:
                 self._running.add(k, v, self.total_frames, p, (first, first + t))
             else:
                 part = ccam_partial_attention(self._q, k, v, (self.total_frames,), p, [(first, first + t)],
-                                              backend=self._backend)
+                                              dropout_p=self._dropout_p, seed=self._seed, backend=self._backend)
                 self._out, self._lse = merge_partials([(self._out, self._lse), part])
         self._tokens_per_frame = p
         self.frames_done = first + t
@@ -132,7 +143,7 @@ class ProjectorStream:
             raise RuntimeError(f"finish() after {self.frames_done} of total_frames={self.total_frames} frames: "
                                f"push the remaining {self.total_frames - self.frames_done} first; {USABLE}")
         out = self._running.result()[0] if self._running is not None else self._out
-        with torch.no_grad():
+        with torch.set_grad_enabled(self._training and torch.is_grad_enabled()):
             y = head(self._proj, out.to(self._dtype))
         self._closed = True
         self._out = self._lse = self._q = self._running = None

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -423,7 +423,7 @@ def resolve_partial_backend(backend) -> str:
 
 def ccam_partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_counts: FrameCounts,
                            tokens_per_frame: int, frame_ranges: FrameRanges, *, scale: float | None = None,
-                           dropout_p: float = 0.0, seed=None,
+                           dropout_p: float = 0.0, seed: Optional[Union[int, torch.Tensor]] = None,
                            backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """CCAM attention of every query of each video over the keys of its frames [f0_b, f1_b) only.
 

@@ -301,10 +301,10 @@ def _bwd_dkdv_kernel(
             p = tl.exp2(s - lse2[:, None])
             dp = _dot(do, tl.trans(v), IEEE)
             if DROPOUT:  # V and dO meet the kept probabilities only, scaled by 1 / (1 - p)
-                keys_v = f0 * P + offs_n
-                dv += _dot(tl.trans(dropped(p * drop_scale, SEED, bh, offs_m.to(tl.int64), keys_v, drop_threshold,
-                                            DROPOUT).to(do.dtype)), do, IEEE)
-                dp = dropped(dp * drop_scale, SEED, bh, offs_m.to(tl.int64), keys_v, drop_threshold, DROPOUT)
+                kept = dropped(tl.full(p.shape, drop_scale, tl.float32), SEED, bh, offs_m.to(tl.int64),
+                               f0 * P + offs_n, drop_threshold, DROPOUT)  # 1 / (1 - p) or 0
+                dv += _dot(tl.trans((p * kept).to(do.dtype)), do, IEEE)
+                dp = dp * kept
             else:
                 dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             ds = p * (dp - delta[:, None])

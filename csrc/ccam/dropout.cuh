@@ -39,7 +39,10 @@ struct Dropout {
     const int64_t j = key_base + key;
     uint32_t c[4] = {uint32_t(j >> 3), uint32_t(row), stream, offset};
     philox4x32_10(c, k0, k1);
-    const uint32_t word = c[(j >> 1) & 3];
+    // Selected with conditionals, not c[(j >> 1) & 3]: a dynamic index would put c in local
+    // memory (stack) in kernels that are already at 255 registers.
+    const int64_t w = (j >> 1) & 3;
+    const uint32_t word = w == 0 ? c[0] : w == 1 ? c[1] : w == 2 ? c[2] : c[3];
     return ((word >> ((j & 1) * 16)) & 0xFFFFu) >= threshold;
   }
 };

@@ -15,7 +15,9 @@
 namespace ccam {
 
 __device__ __forceinline__ void philox4x32_10(uint32_t (&c)[4], uint32_t k0, uint32_t k1) {
-#pragma unroll
+  // Not unrolled: the kernels call this inside unrolled tile loops at up to 255 registers, and
+  // unrolled rounds let the scheduler interleave many calls (register spills at DP = 128).
+#pragma unroll 1
   for (int round = 0; round < 10; ++round) {
     const uint64_t p0 = uint64_t(0xD2511F53u) * c[0], p1 = uint64_t(0xCD9E8D57u) * c[2];
     const uint32_t c1 = c[1], c3 = c[3];

@@ -70,11 +70,11 @@ BACKENDS = {
     "reference": Backend("reference", ccam_attention_reference, lambda: None, ALL_DTYPES, dropout=True),
     "torch": Backend("torch", ccam_attention_torch, lambda: None, ALL_DTYPES, dropout=True),
     "triton": Backend("triton", triton_backend.ccam_attention_triton, triton_backend.why_unusable,
-                      devices_fn=triton_backend.devices, auto_devices=("cuda",),
+                      devices_fn=triton_backend.devices, auto_devices=("cuda",), dropout=True,
                       refuses_inputs=tiling.refuses_head_dim,
                       refuses_dtype_on=triton_backend.refuses_dtype_on),
     "cuda": Backend("cuda", cuda_backend.ccam_attention_cuda, cuda_backend.why_unusable,
-                    devices_fn=cuda_backend.devices, auto_devices=("cuda",),
+                    devices_fn=cuda_backend.devices, auto_devices=("cuda",), dropout=True,
                     refuses_inputs=tiling.refuses_head_dim,
                     refuses_dtype_on=cuda_backend.refuses_dtype_on),
 }
@@ -131,8 +131,9 @@ def ccam_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_coun
             tensor to torch.compile'd code so that new frame counts never recompile.
         tokens_per_frame: P, keys per frame.
         scale: softmax scale, default 1 / sqrt(D).
-        dropout_p: dropout on the attention probabilities (0 in inference). Backends
-            "reference" and "torch" implement it.
+        dropout_p: dropout on the attention probabilities (0 in inference); every backend
+            applies the same mask, a function of (seed, sample, head, row, key) drawn from
+            torch's default generator for the inputs' device (docs/reference.md, dropout).
         backend: "auto", "reference", "torch", "triton" or "cuda".
 
     Raises:

@@ -68,21 +68,6 @@ def _autocast_dtype(device_type: str):
 _AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)
 
 
-_DROPOUT_WARNED = False
-
-
-def _warn_dropout_fallback_once() -> None:
-    global _DROPOUT_WARNED
-    if not _DROPOUT_WARNED:
-        _DROPOUT_WARNED = True
-        warnings.warn(
-            "CCAMProjector: attention_dropout > 0 in training mode: the attention runs on the 'torch' "
-            "backend (the Triton kernels have no dropout); the fused LayerNorm + K/V projection still "
-            "runs in Triton. Set attention_dropout=0.0 to keep the attention in Triton.",
-            stacklevel=3,
-        )
-
-
 def _unpad(frames: torch.Tensor, counts):
     """(B, T_max, P, Cv) padded frames and their counts T_b <= T_max -> the packed (F, P, Cv)
     frames and the counts: padding frames are dropped here, before any projection, so no K/V
@@ -357,9 +342,9 @@ class CCAMProjector(nn.Module):
                 wrong form, < 1, not adding up to F, or (padded 4-D features) not B counts
                 <= T_max (the message names the argument; docs/reference.md §8.2, §8.5). With
                 ``group``, the same on every rank, naming the rank whose arguments were bad (§8.7).
-            RuntimeError: with ``group``, no initialized process group, attention dropout in
-                training, a callable backend (no partial attention), or a backend that cannot
-                take the module's device, dtype or head dim.
+            RuntimeError: with ``group``, no initialized process group, a callable backend (no
+                partial attention), or a backend that cannot take the module's device, dtype or
+                head dim.
         """
         if group is not None:  # frame-parallel over a process group: see long_video/distributed.py
             from .long_video.distributed import frame_parallel_forward
@@ -373,11 +358,6 @@ class CCAMProjector(nn.Module):
         x = features.reshape(num_frames * tokens_per_frame, cfg.cross_hidden_size)
         dropout_p = cfg.attention_dropout if self.training else 0.0
         backend = self.backend
-        if dropout_p > 0 and backend in ("triton", "auto") and self._fused_projection(features):
-            # The one case that leaves the Triton kernels: attention-probability dropout in
-            # training. The torch backend implements it; say so once per process.
-            _warn_dropout_fallback_once()
-            backend = "torch"
         if self._checkpointing is not None and self.training and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
@@ -412,8 +392,9 @@ class CCAMProjector(nn.Module):
 
     def stream(self, total_frames: int) -> "ProjectorStream":
         """A :class:`~ccam_kernels.long_video.stream.ProjectorStream` for one video of
-        ``total_frames`` frames (inference only): ``push((t, P, Cv))`` chunks, then ``finish()``
-        -> (1, N, O), equal to ``self(all_frames, [total_frames])``."""
+        ``total_frames`` frames: ``push((t, P, Cv))`` chunks, then ``finish()`` -> (1, N, O),
+        equal to ``self(all_frames, [total_frames])``; in training mode differentiable, with
+        the same attention dropout under the same torch.manual_seed."""
         from .long_video.stream import ProjectorStream
 
         return ProjectorStream(self, total_frames)

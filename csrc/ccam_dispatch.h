@@ -41,13 +41,15 @@ struct Buffer {
 #define CCAM_DEFINE_OPS(m) \
   m.def( \
       "cuda_fwd(Tensor q, Tensor k, Tensor v, Tensor frames, Tensor key_start, Tensor first_frame, " \
-      "Tensor end_frame, int tokens_per_frame, float scale, int num_splits, Tensor(a!) out, Tensor(b!) lse) -> ()"); \
+      "Tensor end_frame, int tokens_per_frame, float scale, int num_splits, Tensor(a!) out, Tensor(b!) lse, " \
+      "Tensor? dropout_seed=None, int dropout_threshold=0, float dropout_scale=1.0) -> ()"); \
   m.def( \
       "cuda_bwd_dq(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, Tensor frames, " \
       "Tensor key_start, Tensor first_frame, Tensor end_frame, int tokens_per_frame, float scale, " \
-      "Tensor(a!) dq_rows) -> ()"); \
+      "Tensor(a!) dq_rows, Tensor? dropout_seed=None, int dropout_threshold=0, float dropout_scale=1.0) -> ()"); \
   m.def( \
       "cuda_bwd_dkdv(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, Tensor frames, " \
       "Tensor key_start, Tensor first_frame, Tensor end_frame, Tensor tile_sample, Tensor tile_start, " \
       "int tokens_per_frame, float scale, " \
-      "Tensor(a!) dk, Tensor(b!) dv) -> ()");
+      "Tensor(a!) dk, Tensor(b!) dv, Tensor? dropout_seed=None, int dropout_threshold=0, " \
+      "float dropout_scale=1.0) -> ()");

@@ -92,6 +92,27 @@ AttentionShape check_problem(const at::Tensor& q, const at::Tensor& k, const at:
   return s;
 }
 
+// The dropout part of the parameters; returns the seed tensor the kernels may read (a dummy
+// one when dropout is off: the launch names every buffer, and the kernels then never read it).
+at::Tensor set_dropout(AttentionShape& s, const std::optional<at::Tensor>& seed, int64_t threshold, double scale,
+                       const at::Tensor& q) {
+  TORCH_CHECK_VALUE(threshold >= 0 && threshold <= 65536, "ccam_kernels cuda: dropout_threshold must be in 0..65536, got ",
+                    threshold);
+  if (threshold == 0) {
+    s.dropout_seed = nullptr;
+    s.dropout_threshold = 0;
+    s.dropout_scale = 1.f;
+    return at::zeros({1}, q.options().dtype(at::kLong));
+  }
+  TORCH_CHECK_VALUE(seed.has_value() && seed->scalar_type() == at::kLong && seed->numel() == 1 && seed->is_contiguous(),
+                    "ccam_kernels cuda: dropout needs dropout_seed, an int64 tensor of one element");
+  check_on(*seed, "dropout_seed", q);
+  s.dropout_seed = seed->data_ptr<int64_t>();
+  s.dropout_threshold = static_cast<uint32_t>(threshold);
+  s.dropout_scale = static_cast<float>(scale);
+  return *seed;
+}
+
 void check_output(const at::Tensor& x, const char* name, at::IntArrayRef shape, at::ScalarType dtype,
                   const at::Tensor& q) {
   TORCH_CHECK_VALUE(x.sizes() == shape && x.scalar_type() == dtype, "ccam_kernels cuda: ", name, " must be ", dtype,
@@ -105,10 +126,12 @@ void check_output(const at::Tensor& x, const char* name, at::IntArrayRef shape, 
 // backward); lse: (B, H, N), or (S, B, H, N), float32.
 void cuda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& frames,
               const at::Tensor& key_start, const at::Tensor& first_frame, const at::Tensor& end_frame,
-              int64_t tokens_per_frame, double scale, int64_t num_splits, at::Tensor& out, at::Tensor& lse) {
+              int64_t tokens_per_frame, double scale, int64_t num_splits, at::Tensor& out, at::Tensor& lse,
+              const std::optional<at::Tensor>& dropout_seed, int64_t dropout_threshold, double dropout_scale) {
   FwdParams p{};
   static_cast<AttentionShape&>(p) =
       check_problem(q, k, v, {frames, key_start, first_frame, end_frame}, tokens_per_frame, scale);
+  const at::Tensor seed = set_dropout(p, dropout_seed, dropout_threshold, dropout_scale, q);
   TORCH_CHECK_VALUE(num_splits >= 1 && num_splits <= 64, "ccam_kernels cuda: num_splits must be in 1..64, got ",
                     num_splits);
   const int64_t B = p.batch, N = p.num_query, H = p.heads, D = p.head_dim;
@@ -130,7 +153,8 @@ void cuda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   Device::launch(q, p.head_dim, {{"q", q}, {"k", k}, {"v", v}, {"frames", frames}, {"key_start", key_start},
-                                 {"first_frame", first_frame}, {"end_frame", end_frame}, {"out", out, true}, {"lse", lse, true}},
+                                 {"first_frame", first_frame}, {"end_frame", end_frame}, {"out", out, true}, {"lse", lse, true},
+                                 {"dropout_seed", seed}},
                  [&](auto dtype, auto width, cudaStream_t stream) {
     return launch_fwd<decltype(dtype), decltype(width)::value>(p, stream);
   });
@@ -169,9 +193,11 @@ BwdParams bwd_params(const at::Tensor& dout, const at::Tensor& q, const at::Tens
 void cuda_bwd_dq(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& frames, const at::Tensor& key_start,
                  const at::Tensor& first_frame, const at::Tensor& end_frame, int64_t tokens_per_frame, double scale,
-                 at::Tensor& dq_rows) {
+                 at::Tensor& dq_rows, const std::optional<at::Tensor>& dropout_seed, int64_t dropout_threshold,
+                 double dropout_scale) {
   BwdParams p =
       bwd_params(dout, q, k, v, lse, delta, {frames, key_start, first_frame, end_frame}, tokens_per_frame, scale);
+  const at::Tensor seed = set_dropout(p, dropout_seed, dropout_threshold, dropout_scale, q);
   p.dq_splits = dq_rows.dim() == 5 ? static_cast<int>(dq_rows.size(0)) : 1;
   TORCH_CHECK_VALUE(p.dq_splits >= 1 && p.dq_splits <= 64, "ccam_kernels cuda: num_splits must be in 1..64, got ",
                     p.dq_splits);
@@ -182,7 +208,7 @@ void cuda_bwd_dq(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& 
   p.dq_rows = dq_rows.data_ptr<float>();
   Device::launch(q, p.head_dim, {{"dout", dout}, {"q", q}, {"k", k}, {"v", v}, {"lse", lse}, {"delta", delta},
                                  {"frames", frames}, {"key_start", key_start}, {"first_frame", first_frame},
-                                 {"end_frame", end_frame}, {"dq_rows", dq_rows, true}},
+                                 {"end_frame", end_frame}, {"dq_rows", dq_rows, true}, {"dropout_seed", seed}},
                  [&](auto dtype, auto width, cudaStream_t stream) {
     return launch_bwd_dq<decltype(dtype), decltype(width)::value>(p, stream);
   });
@@ -194,9 +220,11 @@ void cuda_bwd_dkdv(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& frames,
                    const at::Tensor& key_start, const at::Tensor& first_frame, const at::Tensor& end_frame,
                    const at::Tensor& tile_sample, const at::Tensor& tile_start, int64_t tokens_per_frame, double scale,
-                   at::Tensor& dk, at::Tensor& dv) {
+                   at::Tensor& dk, at::Tensor& dv, const std::optional<at::Tensor>& dropout_seed,
+                   int64_t dropout_threshold, double dropout_scale) {
   BwdParams p =
       bwd_params(dout, q, k, v, lse, delta, {frames, key_start, first_frame, end_frame}, tokens_per_frame, scale);
+  const at::Tensor seed = set_dropout(p, dropout_seed, dropout_threshold, dropout_scale, q);
   TORCH_CHECK_VALUE(tile_sample.scalar_type() == at::kLong && tile_start.scalar_type() == at::kLong &&
                         tile_sample.dim() == 1 && tile_start.sizes() == tile_sample.sizes(),
                     "ccam_kernels cuda: tile_sample and tile_start must be int64 (tiles,), got ",
@@ -228,7 +256,8 @@ void cuda_bwd_dkdv(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   Device::launch(q, p.head_dim, {{"dout", dout}, {"q", q}, {"k", k}, {"v", v}, {"lse", lse}, {"delta", delta},
                                  {"frames", frames}, {"key_start", key_start}, {"first_frame", first_frame},
                                  {"end_frame", end_frame}, {"tile_sample", tile_sample},
-                                 {"tile_start", tile_start}, {"dk", dk, true}, {"dv", dv, true}},
+                                 {"tile_start", tile_start}, {"dk", dk, true}, {"dv", dv, true},
+                                 {"dropout_seed", seed}},
                  [&](auto dtype, auto width, cudaStream_t stream) {
     return launch_bwd_dkdv<decltype(dtype), decltype(width)::value>(p, stream);
   });

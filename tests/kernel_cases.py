@@ -65,3 +65,64 @@ def check_lse(lse, q, k, counts, P, scale, tol):
         s = s.masked_fill(~visible[None], float("-inf"))
         assert (lse[b].double() - torch.logsumexp(s, -1)).abs().max() < tol
         offs += t * P
+
+
+# -- attention dropout (docs/reference.md §3.1.1) ------------------------------------------
+
+# (N, H, Hkv, D, frame counts, P, shared q): ragged GQA batched, T > N shared. Small: the
+# Triton interpreter evaluates Philox op by op.
+DROPOUT_CASES = [
+    pytest.param(21, 4, 2, 16, (5, 2), 5, False, id="ragged-gqa-batched"),
+    pytest.param(16, 2, 1, 40, (19, 1), 2, True, id="T-greater-than-N-D40"),
+]
+DROPOUT_SPLIT_CASE = (21, 2, 1, 16, (5, 2, 7), 5, False)
+
+
+def run_seeded(backend, q, k, v, counts, P, p, seed):
+    """``backend``'s op with an explicit dropout seed (ccam_attention draws one per call)."""
+    from ccam_kernels.attention import resolve_backend
+    from ccam_kernels.checks import check_attention_args
+
+    problem = check_attention_args(q, k, v, list(counts), P, None, p)
+    return resolve_backend(backend, q, problem).run(q, k, v, problem,
+                                                    seed=torch.tensor(seed, dtype=torch.int64, device=q.device))
+
+
+def check_dropout_against_reference(backend, q, k, v, dout, counts, P, dtype, tol, p=0.3):
+    """Output and dq/dk/dv with dropout on, against autograd through the float64 reference
+    backend with the same seed (the same mask, a function of position); p = 0 is bitwise the
+    no-dropout call."""
+    seed = int(torch.randint(0, 2**62, ()))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = run_seeded(backend, q, k, v, counts, P, p, seed)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    want = run_seeded("reference", q64, k64, v64, counts, P, p, seed)
+    refs = torch.autograd.grad(want, (q64, k64, v64), dout.cpu().double())
+    assert rel_err(out.cpu(), want) <= tol
+    for name, g, r in zip(("dq", "dk", "dv"), grads, refs):
+        assert g.dtype == dtype and rel_err(g.cpu(), r) <= 2 * tol, name
+    plain = ccam_attention(q, k, v, list(counts), P, backend=backend)
+    assert rel_err(out, plain) > 0.05, "dropout must change the output"
+    with torch.no_grad():
+        assert torch.equal(run_seeded(backend, q, k, v, counts, P, 0.0, seed), plain)
+
+
+def check_dropout_partials_merge(backend, q, k, v, counts, P, dtype, tol, p=0.3):
+    """Partials of a frame split with one seed merge into the one-call dropped attention."""
+    from ccam_kernels.long_video.partial import ccam_partial_attention, merge_partials
+
+    seed = int(torch.randint(0, 2**62, ()))
+    full = run_seeded(backend, q, k, v, counts, P, p, seed)
+    cuts = [t // 2 for t in counts]
+    starts = [0]
+    for t in counts:
+        starts.append(starts[-1] + t * P)
+    parts = []
+    for ranges in ([(0, c) for c in cuts], [(c, t) for c, t in zip(cuts, counts)]):
+        idx = torch.cat([torch.arange(starts[b] + f0 * P, starts[b] + f1 * P) for b, (f0, f1) in enumerate(ranges)])
+        idx = idx.to(k.device)
+        parts.append(ccam_partial_attention(q, k[idx], v[idx], counts, P, ranges, dropout_p=p, seed=seed,
+                                            backend=backend))
+    merged, _ = merge_partials(parts)
+    assert rel_err(merged, full.float()) <= tol

@@ -283,7 +283,7 @@ STEMS = [
     "merge_partials: every partial must have the shapes of the first, got out",
     "merge_partials: every partial must have the dtypes and device of the first, got",
     "long-video paths need partial attention, which a callable backend does not provide",
-    "proj.stream() is for inference only and the projector is in training mode",
+    "but this stream started in",
     "this stream is closed (finished, or its parameters changed)",
     "the projector's parameters changed since proj.stream() started",
     "the stream is unchanged and still usable",
@@ -298,7 +298,6 @@ STEMS = [
     "finish() after",
     "group= needs torch.distributed, which this PyTorch build does not provide",
     "group= needs an initialized process group",
-    "group= does not implement attention-probability dropout in training",
     "split_sizes must be None when features is (B, t, P, Cv), got",
     "features must be (F, P, Cv) or (B, t, P, Cv), got shape",
     "split_sizes must be a non-empty sequence of ints >= 0 (frames of each video on this rank), got",
@@ -312,7 +311,6 @@ STEMS = [
     "CCAMConfig ignores unknown config keys:",
     "does not set",
     "keeps no cache",
-    "attention_dropout > 0 in training mode",
 ]
 
 # Modules whose raises and warnings answer user input: every message must contain a stem.

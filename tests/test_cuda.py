@@ -21,6 +21,7 @@ from ccam_kernels.attention import BACKENDS
 from ccam_kernels.backends import cuda_backend, tiling
 from conftest import rel_err
 from kernel_cases import CASES, check_against_oracle, check_deterministic, check_lse, make_inputs
+from kernel_cases import DROPOUT_CASES, DROPOUT_SPLIT_CASE, check_dropout_against_reference, check_dropout_partials_merge
 from oracle import attention_oracle
 
 GPU = torch.cuda.is_available()
@@ -231,3 +232,22 @@ if SWEEP:
             monkeypatch.setenv("CCAM_EMU_SCHEDULE", pick("linear", "reverse", f"random:{seed + case}"))
         print(dict(N=N, H=H, Hkv=Hkv, D=D, counts=counts, P=P, shared=shared, dtype=dtype))
         _check(*_inputs(N, H, Hkv, D, counts, P, shared, dtype), counts, P, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,H,Hkv,D,counts,P,shared", DROPOUT_CASES)
+def test_cuda_dropout_matches_reference(N, H, Hkv, D, counts, P, shared, dtype):
+    """Attention dropout: forward and every gradient against the reference with the same seed."""
+    q, k, v, dout = _inputs(N, H, Hkv, D, counts, P, shared, dtype)
+    check_dropout_against_reference("cuda", q, k, v, dout, counts, P, dtype, TOLERANCE[dtype])
+
+
+def test_cuda_dropout_with_splits_and_partials(monkeypatch):
+    """Split-KV programs and frame windows draw the same mask (keys counted from the video's start)."""
+    dtype = DTYPES[-1] if "cuda" == "cuda" else DTYPES[0]
+    q, k, v, dout = _inputs(*DROPOUT_SPLIT_CASE, dtype)
+    counts, P = DROPOUT_SPLIT_CASE[4:6]
+    monkeypatch.setattr(tiling, "FORCE_SPLITS", 3)
+    check_dropout_against_reference("cuda", q, k, v, dout, counts, P, dtype, TOLERANCE[dtype])
+    monkeypatch.setattr(tiling, "FORCE_SPLITS", None)
+    check_dropout_partials_merge("cuda", q, k, v, counts, P, dtype, TOLERANCE[dtype])

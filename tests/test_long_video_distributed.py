@@ -1,8 +1,9 @@
 """Frame-parallel projector (proj(..., group=...)) with gloo on CPU, 2 and 3 processes spawned
 here: output and every gradient equal to one process running the whole batch (float64,
 <= 1e-10), uneven shards including a rank with no frame of some video and a rank with no frame
-at all; hidden dropout draws the same masks on every rank; a bad argument on one rank raises
-on every rank (no hang)."""
+at all; hidden dropout draws the same masks on every rank; attention dropout in training gives
+the one-process output and gradients under the same manual seed (rank 0's); a bad argument on
+one rank raises on every rank (no hang)."""
 
 from __future__ import annotations
 
@@ -27,19 +28,41 @@ def local_slice(x, shards, rank):
     return torch.cat(parts)
 
 
-def _check_rank(rank, shards, seed):
+def _train_both(rank, shards, seed, **changes):
+    """(ref, proj, x, local, y_ref, y): one process and this rank, both backpropagated; the
+    generator is seeded alike for the one-process run and on rank 0 (the others on purpose not)."""
     group = dist.group.WORLD
     counts = [sum(col) for col in zip(*shards)]
-    ref = make_projector(seed=seed).train()
-    proj = make_projector(seed=seed).train()
+    ref = make_projector(seed=seed, **changes).train()
+    proj = make_projector(seed=seed, **changes).train()
     x = features(sum(counts), P, seed=seed + 1).requires_grad_(True)
+    torch.manual_seed(seed + 7)
     y_ref = ref(x, counts)
     g = torch.randn(y_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 2))
     (y_ref * g).sum().backward()
 
     local = local_slice(x.detach(), shards, rank).clone().requires_grad_(True)
+    torch.manual_seed(seed + 7 if rank == 0 else seed + 50 + rank)
     y = proj(local, shards[rank], group=group)
     (y * g).sum().backward()
+    return ref, proj, x, local, y_ref, y
+
+
+def _check_rank(rank, shards, seed):
+    group = dist.group.WORLD
+    counts = [sum(col) for col in zip(*shards)]
+    ref, proj, x, local, y_ref, y = _train_both(rank, shards, seed)
+    _check_equal(rank, shards, ref, proj, x, local, y_ref, y)
+
+    # Attention dropout in training (the released config's 0.1; here 0.3): rank 0's seed and
+    # a mask of the key's position in the video make it the one-process computation.
+    dropped = _train_both(rank, shards, seed, attention_dropout=0.3)
+    _check_equal(rank, shards, *dropped)
+    assert rel_err(dropped[-1], y) > 1e-3, "attention dropout must change the output"
+    _check_more(rank, shards, seed, group, counts, ref, proj, x, local)
+
+
+def _check_equal(rank, shards, ref, proj, x, local, y_ref, y):
     assert rel_err(y, y_ref) <= 1e-10, rel_err(y, y_ref)
     ref_params = dict(ref.named_parameters())
     for name, p in proj.named_parameters():
@@ -56,6 +79,8 @@ def _check_rank(rank, shards, seed):
     if want.numel():
         assert rel_err(local.grad, want) <= 1e-10, (rank, rel_err(local.grad, want))
 
+
+def _check_more(rank, shards, seed, group, counts, ref, proj, x, local):
     with torch.no_grad():  # inference: no gradient machinery, same output
         assert rel_err(proj.eval()(local, shards[rank], group=group), ref.eval()(x, counts)) <= 1e-10
 

@@ -39,17 +39,36 @@ def test_stream_one_frame_at_a_time_under_inference_mode():
     assert rel_err(got, want) <= 1e-12
 
 
-def test_refuses_training_mode():
+def test_refuses_a_mode_switch_mid_stream():
     proj = make_projector()
-    with pytest.raises(RuntimeError, match="training mode.*proj.eval"):
-        proj.stream(4)
     s = proj.eval().stream(4)
     proj.train()
-    with pytest.raises(RuntimeError, match="training mode.*still usable"):
+    with pytest.raises(RuntimeError, match="training mode.*started in eval mode.*still usable"):
         s.push(features(1, 2))
     proj.eval()
     s.push(features(4, 2))
     assert s.finish().shape == (1, 13, 20)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_stream_in_training_mode_equals_one_shot_with_dropout(backend, seed):
+    """Training mode: the same output (attention and hidden dropout) and the same gradient of
+    every parameter and of the features as the one-shot projector, under the same manual seed."""
+    proj = make_projector(backend=backend, seed=seed, attention_dropout=0.3, dropout=0.2).train()
+    x = features(7, 3, seed=seed + 1).requires_grad_()
+    w = torch.randn(1, 13, 20, dtype=torch.float64)
+    torch.manual_seed(seed)
+    want = proj(x, [7])
+    want_grads = torch.autograd.grad((want * w).sum(), [x, *proj.parameters()])
+    torch.manual_seed(seed)
+    got = stream_in_random_chunks(proj, x, random.Random(seed))
+    got_grads = torch.autograd.grad((got * w).sum(), [x, *proj.parameters()])
+    assert rel_err(got, want) <= 1e-12
+    for g, r in zip(got_grads, want_grads):  # (k_proj.bias's gradient is 0 up to rounding)
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    proj.eval()
+    with torch.no_grad():
+        assert rel_err(proj(x, [7]), want) > 1e-3, "dropout must have changed the training output"
 
 
 def test_bad_chunks_leave_the_stream_usable():

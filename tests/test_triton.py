@@ -12,6 +12,7 @@ from ccam_kernels.backends import tiling, triton_backend
 from conftest import CUDA, rel_err
 from conftest import TRITON_DEVICE as DEVICE, TRITON_DTYPES as DTYPES, TRITON_TOLERANCE as TOLERANCE
 from kernel_cases import CASES, check_against_oracle, check_deterministic, check_lse, make_inputs
+from kernel_cases import DROPOUT_CASES, DROPOUT_SPLIT_CASE, check_dropout_against_reference, check_dropout_partials_merge
 from oracle import attention_oracle
 
 pytest.importorskip("triton", reason="triton is not installed")
@@ -106,3 +107,22 @@ def test_triton_lse_is_the_natural_log_sum_exp():
     q, k, v, _ = _inputs(N, H, 1, D, counts, P, True, torch.float32)
     _, lse, _ = triton_backend.triton_attention(q, k, v, torch.tensor(counts), P, D ** -0.5)
     check_lse(lse, q, k, counts, P, D ** -0.5, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,H,Hkv,D,counts,P,shared", DROPOUT_CASES)
+def test_triton_dropout_matches_reference(N, H, Hkv, D, counts, P, shared, dtype):
+    """Attention dropout: forward and every gradient against the reference with the same seed."""
+    q, k, v, dout = _inputs(N, H, Hkv, D, counts, P, shared, dtype)
+    check_dropout_against_reference("triton", q, k, v, dout, counts, P, dtype, TOLERANCE[dtype])
+
+
+def test_triton_dropout_with_splits_and_partials(monkeypatch):
+    """Split-KV programs and frame windows draw the same mask (keys counted from the video's start)."""
+    dtype = DTYPES[-1] if "triton" == "cuda" else DTYPES[0]
+    q, k, v, dout = _inputs(*DROPOUT_SPLIT_CASE, dtype)
+    counts, P = DROPOUT_SPLIT_CASE[4:6]
+    monkeypatch.setattr(tiling, "FORCE_SPLITS", 3)
+    check_dropout_against_reference("triton", q, k, v, dout, counts, P, dtype, TOLERANCE[dtype])
+    monkeypatch.setattr(tiling, "FORCE_SPLITS", None)
+    check_dropout_partials_merge("triton", q, k, v, counts, P, dtype, TOLERANCE[dtype])

@@ -24,8 +24,12 @@ as one opaque node, without graph breaks:
   (errors near 100% in dq and dk), while from the float32 accumulator it is consistent with the
   dP that the backward computes. ``ccam_attention`` asks for it when a 16-bit forward records a
   graph; the backward op then receives it as ``o``.
-* ``seed``: an int64 CPU scalar tensor fixing the dropout masks (the backward redraws the
-  forward's masks from it); drawn by ``ccam_attention`` from torch's generator.
+* ``seed``: an int64 scalar tensor fixing the dropout masks (ccam_kernels/dropout.py: the mask
+  is a function of the seed and the position, so the backward recomputes the forward's masks);
+  drawn by ``ccam_attention`` on the inputs' device from torch's default generator for that
+  device, a fresh one per call (which advances the generator, on CUDA its Philox offset, as
+  PyTorch's fused dropout does). It stays a tensor down to the kernels (they read it from
+  memory): no host sync, no value baked into a compiled graph. None when dropout_p = 0.
 * ``variant``: a backend's implementation choice ("" = its best; the torch backend takes
   "flash" or "explicit" so tests can run each engine).
 
@@ -58,8 +62,8 @@ import torch
 # Why every op carries it: module doc (a graph would replay the frame counts of its capture).
 CUDAGRAPH_UNSAFE = (torch.Tag.cudagraph_unsafe,)
 
-__all__ = ["CUDAGRAPH_UNSAFE", "define_attention_ops", "on_tensor_device", "checked_counts", "autocast_inputs",
-           "NO_DOUBLE_BACKWARD", "lse_dtype", "as_fakes_promise"]
+__all__ = ["CUDAGRAPH_UNSAFE", "define_attention_ops", "draw_seed", "on_tensor_device", "checked_counts",
+           "autocast_inputs", "NO_DOUBLE_BACKWARD", "lse_dtype", "as_fakes_promise"]
 
 NO_DOUBLE_BACKWARD = (
     "ccam_attention has no double backward (its backward is not differentiable): call "
@@ -142,15 +146,22 @@ def _register_autocast(op, name: str) -> None:
         _LIBRARY.impl(name, cast_then_run, key)
 
 
-def _seed(seed: Optional[torch.Tensor]) -> int:
-    return 0 if seed is None else int(seed)
+def _seed(seed: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return seed if seed is None or seed.dim() == 0 else seed.reshape(())
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A dropout seed: a 0-dim int64 tensor on ``device``, from torch's default generator for
+    that device, so torch.manual_seed reproduces the masks (no host sync on CUDA)."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
 
 
 def define_attention_ops(name: str, forward: Callable, backward: Callable,
                          device_context: Callable = on_tensor_device) -> Callable:
-    """forward(q, k, v, frame_counts: tuple, P, scale, dropout_p, seed: int, keep_acc, variant)
+    """forward(q, k, v, frame_counts: tuple, P, scale, dropout_p, seed, keep_acc, variant)
         -> (out (B, N, H, D), lse (B, H, N), acc (B, N, H, D) float32 or None);
-    backward(dout, q, k, v, o, lse, frame_counts: tuple, P, scale, dropout_p, seed: int, variant)
+    backward(dout, q, k, v, o, lse, frame_counts: tuple, P, scale, dropout_p, seed, variant)
+        (seed: a 0-dim int64 tensor, or None when dropout_p = 0)
         -> (dq, dk, dv), dense, shaped like q, k, v.
     Returns ``run(q, k, v, problem, *, seed=None, variant="") -> out``."""
     qualname = f"ccam_kernels::{name}"
@@ -216,9 +227,7 @@ def define_attention_ops(name: str, forward: Callable, backward: Callable,
     def run(q, k, v, problem, *, seed: Optional[torch.Tensor] = None, variant: str = "") -> torch.Tensor:
         """The backend's entry point, for checked arguments (checks.check_attention_args)."""
         if seed is None and problem.dropout_p > 0:
-            # Drawn from torch's generator, so torch.manual_seed reproduces the masks; the
-            # backward redraws the forward's masks from it.
-            seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+            seed = draw_seed(q.device)
         # A 16-bit forward that records a graph keeps its float32 output for the backward.
         keep_acc = (q.dtype in (torch.float16, torch.bfloat16) and torch.is_grad_enabled()
                     and any(x.requires_grad for x in (q, k, v)))

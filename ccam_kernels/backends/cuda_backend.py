@@ -134,8 +134,15 @@ def _rows_aligned(x: torch.Tensor) -> torch.Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
 
+def _dropout_args(dropout, device) -> tuple:
+    """The ops' (dropout_seed, dropout_threshold, dropout_scale) of a tiling.Dropout or None."""
+    if dropout is None:
+        return None, 0, 1.0
+    return dropout.seed_on(device).contiguous(), dropout.threshold, dropout.scale
+
+
 def _forward_launch(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float,
-                    out=None):
+                    out=None, dropout=None):
     """The forward over each sample's frame window [f0, f1) (k, v: the windows' keys; the
     whole-video op is the windows [0, T)). With ``out`` (B, N, H, D) and one split the kernel
     writes ``out`` and this returns (out, lse); otherwise the kernel writes float32 split
@@ -146,13 +153,14 @@ def _forward_launch(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_pe
     spans = tuple(f1 - f0 for f0, f1 in frame_ranges)
     splits = tiling.num_splits(programs, spans, tokens_per_frame, FWD_BLOCK_N, q.device)
     plan = (p.frames, p.key_start, p.first_frame, p.end_frame)
+    drop = _dropout_args(dropout, q.device)
     if splits > 1 or out is None:
         parts = torch.empty(splits, B, N, H, D, device=q.device, dtype=torch.float32)
         lse_parts = torch.empty(splits, B, H, N, device=q.device, dtype=torch.float32)
-        torch.ops.ccam_kernels.cuda_fwd(q, k, v, *plan, tokens_per_frame, scale, splits, parts, lse_parts)
+        torch.ops.ccam_kernels.cuda_fwd(q, k, v, *plan, tokens_per_frame, scale, splits, parts, lse_parts, *drop)
         return tiling.merge_splits(parts, lse_parts)
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-    torch.ops.ccam_kernels.cuda_fwd(q, k, v, *plan, tokens_per_frame, scale, 1, out, lse)
+    torch.ops.ccam_kernels.cuda_fwd(q, k, v, *plan, tokens_per_frame, scale, 1, out, lse, *drop)
     return out, lse
 
 
@@ -160,21 +168,23 @@ def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, d
             seed: int = 0, keep_acc: bool = False, variant: str = ""):
     """(out (B, N, H, D) in q's dtype, lse (B, H, N) float32, acc): with ``keep_acc`` the kernel
     writes float32 partials even without a split and ``acc`` is the float32 output (else None).
-    dropout_p is always 0 here (the dispatcher refuses dropout for this backend)."""
+    With dropout_p > 0 the kernels apply ccam_kernels.dropout's mask of ``seed``."""
     q, k, v = (_rows_aligned(x) for x in (q, k, v))
-    return tiling.whole_video_forward(_forward_launch, q, k, v, frame_counts, tokens_per_frame, scale, keep_acc)
+    return tiling.whole_video_forward(_forward_launch, q, k, v, frame_counts, tokens_per_frame, scale, keep_acc,
+                                      dropout=tiling.dropout_of(dropout_p, seed))
 
 
-def partial_forward(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float):
+def partial_forward(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float,
+                    dropout=None):
     """Partial attention (long_video/partial.py): every query of sample b over the keys of its
     frames [f0_b, f1_b) only, which is all k and v hold. -> (out (B, N, H, D) float32, lse
     (B, H, N) float32), out = 0 and lse = -inf for rows that see none of those frames."""
     q, k, v = (_rows_aligned(x) for x in (q, k, v))
-    return _forward_launch(q, k, v, frame_counts, frame_ranges, tokens_per_frame, scale)
+    return _forward_launch(q, k, v, frame_counts, frame_ranges, tokens_per_frame, scale, dropout=dropout)
 
 
 def _backward_launch(dout, q, k, v, lse, delta, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int,
-                     scale: float):
+                     scale: float, dropout=None):
     """(dq, dk, dv) from the softmax's per-row (lse, delta), over each sample's frame window."""
     B, (N, H, D) = len(frame_counts), q.shape[-3:]
     p = tiling.window_plan(frame_counts, frame_ranges, tokens_per_frame, BWD_KEY_TILE, q.device)
@@ -188,9 +198,11 @@ def _backward_launch(dout, q, k, v, lse, delta, frame_counts: tuple, frame_range
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     ops = torch.ops.ccam_kernels
-    ops.cuda_bwd_dq(dout, q, k, v, lse, delta, *plan, tokens_per_frame, scale, dq_rows)
+    drop = _dropout_args(dropout, q.device)
+    ops.cuda_bwd_dq(dout, q, k, v, lse, delta, *plan, tokens_per_frame, scale, dq_rows, *drop)
     # (with every window empty there is no key tile: the op returns without a launch)
-    ops.cuda_bwd_dkdv(dout, q, k, v, lse, delta, *plan, p.tile_sample, p.tile_start, tokens_per_frame, scale, dk, dv)
+    ops.cuda_bwd_dkdv(dout, q, k, v, lse, delta, *plan, p.tile_sample, p.tile_start, tokens_per_frame, scale, dk, dv,
+                      *drop)
     if splits > 1:
         dq_rows = dq_rows.sum(0)
     dq = dq_rows.sum(0) if q.dim() == 3 else dq_rows
@@ -204,17 +216,17 @@ def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int
     q, k, v, dout = (_rows_aligned(x) for x in (q, k, v, dout))
     delta = tiling.softmax_delta(dout, out)
     return _backward_launch(dout, q, k, v, lse, delta, frame_counts, tiling.whole_videos(frame_counts),
-                            tokens_per_frame, scale)
+                            tokens_per_frame, scale, tiling.dropout_of(dropout_p, seed))
 
 
 def partial_backward(dout, dlse, q, k, v, out, lse, frame_counts: tuple, frame_ranges: tuple,
-                     tokens_per_frame: int, scale: float):
+                     tokens_per_frame: int, scale: float, dropout=None):
     """Gradients of ``partial_forward``'s (out, lse) -> (dq, dk, dv): the whole-video
     kernels with the LSE's gradient folded into delta (tiling.partial_softmax_rows)."""
     dout = _rows_aligned(dout.to(q.dtype))  # the kernels' dots are 16-bit: dout in q's dtype
     q, k, v = (_rows_aligned(x) for x in (q, k, v))
     lse, delta = tiling.partial_softmax_rows(dout, dlse, out, lse)
-    return _backward_launch(dout, q, k, v, lse, delta, frame_counts, frame_ranges, tokens_per_frame, scale)
+    return _backward_launch(dout, q, k, v, lse, delta, frame_counts, frame_ranges, tokens_per_frame, scale, dropout)
 
 
 # ccam_kernels::cuda_attention -> (out, lse, acc) and ccam_kernels::cuda_attention_backward -> (dq, dk, dv).

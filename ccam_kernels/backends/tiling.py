@@ -14,6 +14,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..dropout import threshold as dropout_threshold
+
 FORCE_SPLITS = None  # tests (and tuning) set an exact number of key splits
 MAX_SPLITS = 8
 
@@ -36,7 +38,34 @@ def whole_videos(frame_counts: tuple) -> tuple:
     return tuple((0, t) for t in frame_counts)
 
 
-def whole_video_forward(launch, q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, keep_acc: bool):
+class Dropout(NamedTuple):
+    """A kernel launch's attention dropout (ccam_kernels/dropout.py): its seed, an int64
+    0-dim tensor the kernels read from memory, and the probability p."""
+
+    seed: torch.Tensor
+    p: float
+
+    @property
+    def threshold(self) -> int:
+        return dropout_threshold(self.p)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / (1.0 - self.p)
+
+    def seed_on(self, device) -> torch.Tensor:
+        return self.seed.to(device=device, dtype=torch.int64).reshape(1)
+
+
+def dropout_of(dropout_p: float, seed) -> Optional[Dropout]:
+    """The Dropout of an op call, or None when dropout_p is 0 (the no-dropout kernels)."""
+    if dropout_p <= 0:
+        return None
+    return Dropout(seed, float(dropout_p))
+
+
+def whole_video_forward(launch, q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, keep_acc: bool,
+                        dropout: Optional[Dropout] = None):
     """A kernel backend's whole-video forward: its window launch over [0, T_b) of every sample.
     ``launch(q, k, v, frame_counts, frame_ranges, tokens_per_frame, scale, out)`` writes into
     ``out`` (q's dtype) when given one and the kernels need no split, and returns (acc, lse);
@@ -44,7 +73,7 @@ def whole_video_forward(launch, q, k, v, frame_counts: tuple, tokens_per_frame: 
     B, (N, H, D) = len(frame_counts), q.shape[-3:]
     out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
     acc, lse = launch(q, k, v, frame_counts, whole_videos(frame_counts), tokens_per_frame, scale,
-                      None if keep_acc else out)
+                      None if keep_acc else out, dropout=dropout)
     if acc is out:
         return out, lse, None
     out.copy_(acc)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..dropout import keep_mask, keep_scale
 from ..mask import first_query_of_frame, key_offsets, mask_block
 from .attention_ops import define_attention_ops
 
@@ -135,10 +136,39 @@ class _FlashCPUEngine:
         return dq[0], dk[0], dv[0]
 
 
+@dataclass(frozen=True)
+class BlockDropout:
+    """The dropout of one block: ``keep_scale`` evaluates ccam_kernels.dropout.keep_mask at
+    the block's (head, row, key) positions, so the backward recomputes exactly the forward's
+    masks without storing them, and every block plan (and frame window) gives the same ones.
+    Rows are folded: row r of kv head kv is query query_start + r // G of head kv * G + r % G;
+    keys count from the start of the sample's video."""
+
+    p: float
+    seed: torch.Tensor
+    sample: int
+    query_start: int
+    query_end: int
+    key_start: int
+    key_end: int
+    num_heads: int
+    group: int
+
+    def keep_scale(self, dtype: torch.dtype, device) -> torch.Tensor:
+        """(Hkv, R, K): 1 / (1 - p) where kept, 0 where dropped, in ``dtype`` (the engine's
+        accumulation dtype: float64 stays float64)."""
+        G = self.group
+        r = torch.arange((self.query_end - self.query_start) * G, device=device)
+        heads = torch.arange(0, self.num_heads, G, device=device)[:, None] + r % G  # (Hkv, R)
+        keep = keep_mask(self.seed, 0, self.sample, heads, self.query_start + r // G, self.key_start,
+                         self.key_end, self.num_heads, self.p)
+        return torch.where(keep, torch.tensor(keep_scale(self.p), dtype=dtype, device=device),
+                           torch.zeros((), dtype=dtype, device=device))
+
+
 class _ExplicitEngine:
-    """Scores as one matmul in float32 (float64 for float64 inputs), softmax by hand.
-    Dropout masks are drawn from a generator seeded per block, so the backward redraws
-    exactly the masks of the forward without storing them."""
+    """Scores as one matmul in float32 (float64 for float64 inputs), softmax by hand, with
+    dropout (a BlockDropout) applied to the probabilities."""
 
     name = "explicit"
 
@@ -154,26 +184,14 @@ class _ExplicitEngine:
             s.masked_fill_(~mask, float("-inf"))
         return s
 
-    @staticmethod
-    def _keep(shape, device, dropout):
-        """(keep_scale or None): the dropout multiplier of a block, redrawn from its seed."""
-        if dropout is None:
-            return None
-        p, seed = dropout
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-        keep = torch.rand(shape, generator=gen, device=device) >= p
-        return keep.to(torch.float32) / (1.0 - p)
-
     @classmethod
     def forward(cls, qf, kf, vf, mask, scale, dropout):
         cd = _accumulate_dtype(qf.dtype)
         s = cls._scores(qf.to(cd), kf.to(cd), mask, scale)
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s.sub_(lse[..., None]))
-        keep = cls._keep(p.shape, p.device, dropout)
-        if keep is not None:
-            p.mul_(keep.to(p.dtype))
+        if dropout is not None:
+            p.mul_(dropout.keep_scale(cd, p.device))
         o = torch.matmul(p, vf.to(cd))
         return o, lse
 
@@ -182,10 +200,9 @@ class _ExplicitEngine:
         cd = _accumulate_dtype(qf.dtype)
         dof32, qf32, kf32, vf32 = dof.to(cd), qf.to(cd), kf.to(cd), vf.to(cd)
         p = torch.exp(cls._scores(qf32, kf32, mask, scale).sub_(lse.to(cd)[..., None]))
-        keep = cls._keep(p.shape, p.device, dropout)
+        keep = None if dropout is None else dropout.keep_scale(cd, p.device)
         dp = torch.matmul(dof32, vf32.transpose(-1, -2))
         if keep is not None:
-            keep = keep.to(cd)
             dv = torch.matmul((p * keep).transpose(-1, -2), dof32)
             dp.mul_(keep)
         else:
@@ -207,10 +224,6 @@ def choose_engine(device: torch.device, dropout_p: float):
     raise AssertionError("the explicit engine is always usable")
 
 
-def _block_seed(seed: int, sample: int, block: int) -> int:
-    return (seed + 0x9E3779B97F4A7C15 * (sample * 1_000_003 + block + 1)) % (2**63)
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -227,10 +240,13 @@ def _block_mask(problem, frames, blk, device):
 def _walk_blocks(problem: _Shape, frames: int, key_offset: int, sample: int, seed: int, device):
     """Per block of one sample: (folded row slice, packed key slice, mask or None, dropout or None)."""
     G = problem.group_size
-    for i, blk in enumerate(plan_blocks(problem.num_query, frames, problem.tokens_per_frame)):
+    for blk in plan_blocks(problem.num_query, frames, problem.tokens_per_frame):
         rows = slice(blk.query_start * G, blk.query_end * G)
         keys = slice(key_offset + blk.key_start, key_offset + blk.key_end)
-        dropout = (problem.dropout_p, _block_seed(seed, sample, i)) if problem.dropout_p > 0 else None
+        dropout = None
+        if problem.dropout_p > 0:
+            dropout = BlockDropout(problem.dropout_p, seed, sample, blk.query_start, blk.query_end, blk.key_start,
+                                   blk.key_end, problem.num_heads, G)
         yield rows, keys, _block_mask(problem, frames, blk, device), dropout
 
 

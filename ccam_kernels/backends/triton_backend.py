@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from . import tiling
 from .attention_ops import define_attention_ops
 from .partial_ops import define_partial_ops
 
@@ -69,13 +70,14 @@ def _kernels():
 
 def _forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, dropout_p: float, seed: int,
              keep_acc: bool, variant: str):
-    # dropout_p is always 0 here (the dispatcher refuses dropout for this backend).
-    return _kernels().forward(q, k, v, frame_counts, tokens_per_frame, scale, keep_acc)
+    return _kernels().forward(q, k, v, frame_counts, tokens_per_frame, scale, keep_acc,
+                              tiling.dropout_of(dropout_p, seed))
 
 
 def _backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int, scale: float, dropout_p: float,
               seed: int, variant: str):
-    return _kernels().backward(dout, q, k, v, out, lse, frame_counts, tokens_per_frame, scale)
+    return _kernels().backward(dout, q, k, v, out, lse, frame_counts, tokens_per_frame, scale,
+                               tiling.dropout_of(dropout_p, seed))
 
 
 # ccam_kernels::triton_attention -> (out (B, N, H, D), lse (B, H, N) float32, acc) and
@@ -84,14 +86,15 @@ ccam_attention_triton = define_attention_ops("triton_attention", _forward, _back
 triton_attention = ccam_attention_triton.op
 
 
-def _partial_forward(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float):
-    return _kernels().partial_forward(q, k, v, frame_counts, frame_ranges, tokens_per_frame, scale)
+def _partial_forward(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float,
+                     dropout=None):
+    return _kernels().partial_forward(q, k, v, frame_counts, frame_ranges, tokens_per_frame, scale, dropout)
 
 
 def _partial_backward(dout, dlse, q, k, v, out, lse, frame_counts: tuple, frame_ranges: tuple,
-                      tokens_per_frame: int, scale: float):
+                      tokens_per_frame: int, scale: float, dropout=None):
     return _kernels().partial_backward(dout, dlse, q, k, v, out, lse, frame_counts, frame_ranges,
-                                       tokens_per_frame, scale)
+                                       tokens_per_frame, scale, dropout)
 
 
 # ccam_kernels::triton_partial_attention -> (out (B, N, H, D) float32, lse (B, H, N) float32)

@@ -24,6 +24,12 @@ scale*log2(e)); saves the natural-log LSE per row, (B, H, N) float32, for the ba
 Backward: delta = rowsum(dO * O) precomputed; dK/dV by key tile (the GQA group's heads summed
 in the program: no atomics); dQ by query tile, per sample, in float32, summed over the batch
 on the host for a shared q (deterministic).
+
+Dropout (DROPOUT, a compile-time switch: off, the kernels are the no-dropout ones): the P V
+product and the backward's P and dP use P with the entries ccam_kernels.dropout drops zeroed
+(triton_dropout.dropped, at row i, key j counted from the start of the video, stream
+b * H + h), and the 1 / (1 - p) scale is applied once per row (forward: to the output; backward:
+to dP). The LSE and the softmax statistics are those of P without dropout.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import triton.language as tl
 
 from . import tiling
 from .triton_backend import interpreting
+from .triton_dropout import dropped
 
 # Globals read inside kernels must be constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -128,24 +135,24 @@ def tune_class(num_query: int, keys_per_video: int) -> int:
     return 16 * (64 * max(num_query - 1, 0).bit_length() + max(keys_per_video - 1, 0).bit_length())
 
 
-# Tuned once per head dim, precision mode, split mode (and argument dtypes) and shape class
-# (tune_class): frame counts, batch and sizes are runtime values, so a new T in the same
-# class never recompiles nor re-tunes. The choice is cached on disk with the compiled kernels
-# (cache_results), so benchmarks/prewarm.py tunes once for every later process.
-_TUNE_KEY = ["D", "IEEE", "TUNE_CLASS"]
+# Tuned once per head dim, precision mode, split mode, dropout mode (and argument dtypes) and
+# shape class (tune_class): frame counts, batch and sizes are runtime values, so a new T in the
+# same class never recompiles nor re-tunes. The choice is cached on disk with the compiled
+# kernels (cache_results), so benchmarks/prewarm.py tunes once for every later process.
+_TUNE_KEY = ["D", "IEEE", "TUNE_CLASS", "DROPOUT"]
 
 
 @triton.autotune(configs=_configs(), key=_TUNE_KEY + ["SPLIT"], prune_configs_by={"early_config_prune": _without_spills("fwd")},
                  cache_results=True)
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, FRAMES, KEY_START, FIRST_FRAME, END_FRAME,
+    Q, K, V, O, LSE, FRAMES, KEY_START, FIRST_FRAME, END_FRAME, SEED,
     stride_qb, stride_qn, stride_qh,
     stride_kl, stride_kh, stride_vl, stride_vh,
     stride_ob, stride_on, stride_oh,
-    N, H, G, P, D, qk_scale, num_splits, TUNE_CLASS,
+    N, H, G, P, D, qk_scale, num_splits, TUNE_CLASS, drop_threshold, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """One (query tile, sample, head), or with SPLIT one share of its key tiles: then O and LSE
     are the split's partials (num_splits, B, N, H, D) and (num_splits, B, H, N), merged by
@@ -156,6 +163,7 @@ def _fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
     d_ok = offs_d < D
+    win0 = tl.load(FIRST_FRAME + b).to(tl.int64) * P  # dropout counts keys from the video's start
 
     q_ptrs = Q + b * stride_qb + offs_m[:, None].to(tl.int64) * stride_qn + h * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -188,6 +196,7 @@ def _fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        p = dropped(p, SEED, pid_bh, offs_m.to(tl.int64), win0 + offs_n, drop_threshold, DROPOUT)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     # Key tiles that straddle a frame boundary of some row: masked from the rows' limits.
@@ -205,6 +214,7 @@ def _fwd_kernel(
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        p = dropped(p, SEED, pid_bh, offs_m.to(tl.int64), win0 + offs_n, drop_threshold, DROPOUT)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
 
@@ -212,7 +222,10 @@ def _fwd_kernel(
     # or a window after a row's frame, may have seen nothing live for a row: its partial is
     # then 0 with LSE -inf (weight 0 in the merge).
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = acc * (drop_scale / l_safe)[:, None]
+    else:
+        out = acc / l_safe[:, None]
     o_ptrs = O + b * stride_ob + offs_m[:, None].to(tl.int64) * stride_on + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
@@ -223,12 +236,13 @@ def _fwd_kernel(
                  cache_results=True)
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, FRAMES, KEY_START, FIRST_FRAME, END_FRAME,
+    Q, K, V, DO, LSE, DELTA, DQ, FRAMES, KEY_START, FIRST_FRAME, END_FRAME, SEED,
     stride_qb, stride_qn, stride_qh,
     stride_kl, stride_kh, stride_vl, stride_vh,
     stride_db, stride_dn, stride_dh,
-    N, H, G, P, D, qk_scale, TUNE_CLASS,
+    N, H, G, P, D, qk_scale, TUNE_CLASS, drop_threshold, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """dQ of one (sample, head, query tile), float32, into DQ (B, N, H, D) contiguous. A row
     that sees nothing of its window must come with a finite LSE (its p is then 0)."""
@@ -246,6 +260,7 @@ def _bwd_dq_kernel(
     k_base = K + key0 * stride_kl + hk * stride_kh
     v_base = V + key0 * stride_vl + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    win0 = tl.load(FIRST_FRAME + b).to(tl.int64) * P
 
     full_end = (lo // BLOCK_N) * BLOCK_N
     for start in range(0, hi, BLOCK_N):
@@ -258,6 +273,8 @@ def _bwd_dq_kernel(
             s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
         dp = _dot(do, vt, IEEE)
+        if DROPOUT:  # dO reaches the kept probabilities only, scaled by 1 / (1 - p)
+            dp = dropped(dp * drop_scale, SEED, pid_bh, offs_m.to(tl.int64), win0 + offs_n, drop_threshold, DROPOUT)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
     # p was exp2(s*log2e*scale - lse*log2e): dS/dq carries the softmax scale once.
@@ -270,13 +287,14 @@ def _bwd_dq_kernel(
                  cache_results=True)
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, FRAMES, KEY_START, FIRST_FRAME, END_FRAME, TILE_SAMPLE, TILE_START,
+    Q, K, V, DO, LSE, DELTA, DK, DV, FRAMES, KEY_START, FIRST_FRAME, END_FRAME, TILE_SAMPLE, TILE_START, SEED,
     stride_qb, stride_qn, stride_qh,
     stride_kl, stride_kh, stride_vl, stride_vh,
     stride_db, stride_dn, stride_dh,
     stride_dkl, stride_dkh, stride_dvl, stride_dvh,
-    N, H, G, P, D, qk_scale, TUNE_CLASS,
+    N, H, G, P, D, qk_scale, TUNE_CLASS, drop_threshold, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """dK, dV of one key tile of one sample and one kv head, summed over the heads of its group
     and over the rows that see it (rows >= ceil(f*N/T) for a key of frame f). Keys and tile
@@ -324,8 +342,14 @@ def _bwd_dkdv_kernel(
                 limit = ((offs_m.to(tl.int64) * T) // N + 1 - f0) * P  # may be <= 0: masked
                 s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
             p = tl.exp2(s - lse2[:, None])
-            dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             dp = _dot(do, tl.trans(v), IEEE)
+            if DROPOUT:  # V and dO meet the kept probabilities only, scaled by 1 / (1 - p)
+                kept = dropped(tl.full(p.shape, drop_scale, tl.float32), SEED, bh, offs_m.to(tl.int64),
+                               f0 * P + offs_n, drop_threshold, DROPOUT)  # 1 / (1 - p) or 0
+                dv += _dot(tl.trans((p * kept).to(do.dtype)), do, IEEE)
+                dp = dp * kept
+            else:
+                dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             ds = p * (dp - delta[:, None])
             dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     dk = dk * (qk_scale * LN2)
@@ -366,8 +390,16 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _dropout_args(dropout, device) -> tuple:
+    """(SEED pointer tensor, threshold, scale, DROPOUT) of the kernels; ``dropout`` is None or
+    tiling.Dropout (seed tensor, p)."""
+    if dropout is None:
+        return torch.zeros(1, dtype=torch.int64, device=device), 0, 1.0, False
+    return dropout.seed_on(device), dropout.threshold, dropout.scale, True
+
+
 def _forward_launch(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float,
-                    out=None):
+                    out=None, dropout=None):
     """The forward over each sample's frame window (k, v: the windows' keys). With ``out``
     (B, N, H, D) and one split, the kernel writes ``out`` and this returns (out, lse);
     otherwise the kernel writes float32 split partials: (merged float32 output, lse)."""
@@ -384,35 +416,40 @@ def _forward_launch(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_pe
     else:
         o_dst, lse_dst = out, torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     o_strides = (o_dst.stride(-4), o_dst.stride(-3), o_dst.stride(-2))
+    seed, drop_threshold, drop_scale, drop = _dropout_args(dropout, q.device)
     _fwd_kernel[(*grid, splits)](
-        q, k, v, o_dst, lse_dst, p.frames, p.key_start, p.first_frame, p.end_frame,
+        q, k, v, o_dst, lse_dst, p.frames, p.key_start, p.first_frame, p.end_frame, seed,
         *tiling.q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *o_strides,
         N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E.value, splits,
-        tune_class(N, max(spans, default=0) * tokens_per_frame),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), SPLIT=split,
+        tune_class(N, max(spans, default=0) * tokens_per_frame), drop_threshold, drop_scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), SPLIT=split, DROPOUT=drop,
     )
     if not split:
         return out, lse_dst
     return tiling.merge_splits(o_dst, lse_dst)
 
 
-def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, keep_acc: bool = False):
+def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, keep_acc: bool = False,
+            dropout=None):
     """(out (B, N, H, D) in q's dtype, lse (B, H, N) float32, acc): with ``keep_acc`` the kernel
-    writes float32 partials even without a split, and ``acc`` is the float32 output (else None)."""
+    writes float32 partials even without a split, and ``acc`` is the float32 output (else None).
+    ``dropout``: None or a tiling.Dropout."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    return tiling.whole_video_forward(_forward_launch, q, k, v, frame_counts, tokens_per_frame, scale, keep_acc)
+    return tiling.whole_video_forward(_forward_launch, q, k, v, frame_counts, tokens_per_frame, scale, keep_acc,
+                                      dropout=dropout)
 
 
-def partial_forward(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float):
+def partial_forward(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float,
+                    dropout=None):
     """Partial attention (long_video/partial.py): every query of sample b over the keys of its
     frames [f0_b, f1_b) only, which is all k and v hold. -> (out (B, N, H, D) float32, lse
     (B, H, N) float32), out = 0 and lse = -inf for rows that see none of those frames."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    return _forward_launch(q, k, v, frame_counts, frame_ranges, tokens_per_frame, scale)
+    return _forward_launch(q, k, v, frame_counts, frame_ranges, tokens_per_frame, scale, dropout=dropout)
 
 
 def _backward_launch(dout, q, k, v, lse, delta, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int,
-                     scale: float):
+                     scale: float, dropout=None):
     """(dq, dk, dv) from the softmax's per-row (lse, delta), over each sample's frame window."""
     B, (N, H, D), Hkv = len(frame_counts), q.shape[-3:], k.shape[1]
     block_m, block_n, block_d = block_sizes(D)
@@ -420,38 +457,39 @@ def _backward_launch(dout, q, k, v, lse, delta, frame_counts: tuple, frame_range
     dq_rows = torch.empty(B, N, H, D, device=q.device, dtype=torch.float32)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype))
+    seed, drop_threshold, drop_scale, drop = _dropout_args(dropout, q.device)
+    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), DROPOUT=drop)
     keys = max((f1 - f0 for f0, f1 in frame_ranges), default=0) * tokens_per_frame
-    sizes = (N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E.value, tune_class(N, keys))
+    sizes = (N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E.value, tune_class(N, keys), drop_threshold, drop_scale)
     strides = (*tiling.q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1), dout.stride(2))
     windows = (p.frames, p.key_start, p.first_frame, p.end_frame)
     _bwd_dq_kernel[(B * H, triton.cdiv(N, block_m))](
-        q, k, v, dout, lse, delta, dq_rows, *windows, *strides, *sizes, **common)
+        q, k, v, dout, lse, delta, dq_rows, *windows, seed, *strides, *sizes, **common)
     if p.tile_sample.numel():  # no key tile when every window is empty (k, v have no rows)
         _bwd_dkdv_kernel[(p.tile_sample.numel(), Hkv)](
-            q, k, v, dout, lse, delta, dk, dv, *windows, p.tile_sample, p.tile_start, *strides,
+            q, k, v, dout, lse, delta, dk, dv, *windows, p.tile_sample, p.tile_start, seed, *strides,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *sizes, **common)
     dq = dq_rows.sum(0) if q.dim() == 3 else dq_rows
     return dq.to(q.dtype), dk, dv
 
 
-def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int, scale: float):
+def backward(dout, q, k, v, out, lse, frame_counts: tuple, tokens_per_frame: int, scale: float, dropout=None):
     """(dq, dk, dv) shaped like q, k, v and dense (an input may have any strides, even
     overlapping ones: its gradient never inherits them). dq of a shared q sums the samples'
     contributions. ``out`` is float32 for 16-bit inputs (the forward's accumulator)."""
     q, k, v, dout = (_last_dim_contiguous(x) for x in (q, k, v, dout))
     delta = tiling.softmax_delta(dout, out)
     return _backward_launch(dout, q, k, v, lse, delta, frame_counts, tiling.whole_videos(frame_counts),
-                            tokens_per_frame, scale)
+                            tokens_per_frame, scale, dropout)
 
 
 def partial_backward(dout, dlse, q, k, v, out, lse, frame_counts: tuple, frame_ranges: tuple,
-                     tokens_per_frame: int, scale: float):
+                     tokens_per_frame: int, scale: float, dropout=None):
     """Gradients of ``partial_forward``'s (out, lse) -> (dq, dk, dv): the whole-video
     kernels with the LSE's gradient folded into delta (tiling.partial_softmax_rows)."""
     # The kernels' dots take one dtype: the upstream gradient in q's.
     dout = _last_dim_contiguous(dout.to(q.dtype))
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     lse, delta = tiling.partial_softmax_rows(dout, dlse, out, lse)
-    return _backward_launch(dout, q, k, v, lse, delta, frame_counts, frame_ranges, tokens_per_frame, scale)
+    return _backward_launch(dout, q, k, v, lse, delta, frame_counts, frame_ranges, tokens_per_frame, scale, dropout)

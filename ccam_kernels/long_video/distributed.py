@@ -5,9 +5,12 @@
 Each rank holds consecutive frames of each video (rank order = frame order; any split, zero
 frames allowed). Per call:
 
-1. one all-gather of the split sizes (with P, a dropout seed and any argument error, so a bad
+1. one all-gather of the split sizes (with P, the dropout seeds and any argument error, so a bad
    argument on one rank raises the same error on every rank instead of hanging the others);
-2. local K/V and the partial attention of every query over this rank's frames (``partial``);
+2. local K/V and the partial attention of every query over this rank's frames (``partial``),
+   with attention dropout in training: rank 0's seed on every rank, and the mask is a function
+   of the key's position in the whole video (ccam_kernels.dropout), so the merged attention is
+   the one-process one with that seed;
 3. one all-reduce (MAX) of the partial LSEs, (B, H, N) floats: the common shift that keeps
    exp() finite with logits in the thousands;
 4. one all-reduce (SUM) of [w * out, w], (B, N, H, D + 1) floats, w = exp(lse - shift): the
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from ..backends.attention_ops import draw_seed
 from ..checks import as_int, integer_tensor_values
 from .partial import ccam_partial_attention, partial_backend_of
 
@@ -133,8 +137,9 @@ def _local_args(proj, features, split_sizes):
 
 
 def _exchange(proj, features, split_sizes, group, dist):
-    """All-gather of (splits, P, seed, error) -> (features, local splits, every rank's splits, P, seed).
-    Raises on every rank when any rank's arguments are bad, naming that rank."""
+    """All-gather of (splits, P, seeds, error) -> (features, local splits, every rank's splits, P,
+    (hidden dropout seed, attention dropout seed)): rank 0's seeds. Raises on every rank when
+    any rank's arguments are bad, naming that rank."""
     cfg = proj.config
     error = features_out = splits = None
     try:
@@ -144,8 +149,14 @@ def _exchange(proj, features, split_sizes, group, dist):
     except Exception as exc:  # noqa: BLE001 - anything else raised here must reach every rank too (no hang)
         error = ("ValueError", f"{type(exc).__name__} while checking the arguments: {exc}")
     tokens = None if error else features_out.shape[1]
+    # Attention dropout: drawn first, as the one-process forward draws it (ccam_attention), from
+    # torch's generator for the module's device, so torch.manual_seed gives the same masks.
+    attn_seed = None
+    if proj.training and cfg.attention_dropout > 0:
+        attn_seed = int(draw_seed(proj.query.device))
     # Hidden dropout must draw the same masks on every rank: rank 0's seed is everyone's.
     seed = int(torch.randint(0, 2**62, (1,))) if proj.training and cfg.dropout > 0 else None
+    seed = (seed, attn_seed)
     gathered = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, (splits, tokens, seed, error), group=group)
     errors = [(r, e) for r, (_, _, _, e) in enumerate(gathered) if e is not None]
@@ -168,13 +179,8 @@ def frame_parallel_forward(proj, features, split_sizes, group):
     """The projector with this rank's frames of each video; returns the full (B, N, O) on every rank."""
     dist = _dist()
     cfg = proj.config
-    if proj.training and cfg.attention_dropout > 0:
-        raise RuntimeError(
-            "group= does not implement attention-probability dropout in training (each rank would drop "
-            "its own keys with its own masks); use attention_dropout=0.0, or eval mode"
-        )
     backend = partial_backend_of(proj)
-    features, splits, all_splits, P, seed = _exchange(proj, features, split_sizes, group, dist)
+    features, splits, all_splits, P, (seed, attn_seed) = _exchange(proj, features, split_sizes, group, dist)
     rank = dist.get_rank(group)
     totals = [sum(col) for col in zip(*all_splits)]
     firsts = [sum(s[b] for s in all_splits[:rank]) for b in range(len(splits))]
@@ -192,7 +198,11 @@ def frame_parallel_forward(proj, features, split_sizes, group):
     q = proj._query_states(shared[:5])
     kv_weights = shared[5:]
     k, v = proj._keys_values(features.reshape(-1, cfg.cross_hidden_size), kv_weights)
-    out, lse = ccam_partial_attention(q, k, v, totals, P, ranges, backend=backend)
+    if attn_seed is None:
+        out, lse = ccam_partial_attention(q, k, v, totals, P, ranges, backend=backend)
+    else:
+        out, lse = ccam_partial_attention(q, k, v, totals, P, ranges, dropout_p=cfg.attention_dropout, seed=attn_seed,
+                                          backend=backend)
     attn = _MergeOverGroup.apply(out, lse, group).to(proj.query.dtype)
     if seed is None:
         return proj._head(attn)

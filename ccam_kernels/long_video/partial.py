@@ -23,15 +23,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
 from ..attention import BACKENDS as ATTENTION_BACKENDS
-from ..checks import ALL_DTYPES, as_int, check_int, check_scale, normalize_frame_counts
+from ..checks import ALL_DTYPES, as_int, check_int, check_probability, check_scale, normalize_frame_counts
+from ..dropout import keep_mask, keep_scale
 from ..mask import frame_of_query, mask_block
 from ..backends import cuda_backend, tiling, triton_backend
-from ..backends.torch_prefix import _fold, _unfold, choose_engine
+from ..backends.attention_ops import draw_seed
+from ..backends.torch_prefix import BlockDropout, _fold, _unfold, choose_engine
 from ..api_types import FrameCounts, FrameRanges, Partials
 
 __all__ = ["ccam_partial_attention", "merge_partials", "PARTIAL_BACKENDS", "refuses_partial"]
@@ -137,7 +139,7 @@ def check_partial_args(q, k, v, frame_counts, tokens_per_frame, frame_ranges, sc
 # reference: the specification of a partial, as plainly as possible.
 
 
-def partial_reference(q, k, v, problem: PartialProblem):
+def partial_reference(q, k, v, problem: PartialProblem, dropout_p: float = 0.0, seed=None):
     N, H, P, G = problem.num_query, problem.num_heads, problem.tokens_per_frame, problem.group_size
     acc = accumulate_dtype(q.dtype)
     offsets = problem.key_offsets()
@@ -155,6 +157,11 @@ def partial_reference(q, k, v, problem: PartialProblem):
         s = torch.where(sees[:, None], s, torch.zeros((), dtype=acc, device=q.device))
         lse = torch.where(sees, torch.logsumexp(s, dim=-1), float("-inf"))  # (H, N)
         p = torch.where(sees[:, None], torch.exp(s - torch.where(sees, lse, 0.0)[..., None]), 0.0)
+        if dropout_p > 0:  # the mask at the range's keys, counted from the video's start
+            keep = keep_mask(seed, 0, b, torch.arange(H, device=q.device)[:, None],
+                             torch.arange(N, device=q.device)[None], f0 * P, f1 * P, H, dropout_p)
+            p = p * torch.where(keep, torch.tensor(keep_scale(dropout_p), dtype=acc, device=q.device),
+                                torch.zeros((), dtype=acc, device=q.device))
         outs.append(torch.einsum("hnl,lhd->nhd", p, vb))
         lses.append(lse)
     return torch.stack(outs), torch.stack(lses)
@@ -207,8 +214,9 @@ def plan_partial_blocks(num_query: int, num_frames: int, tokens_per_frame: int, 
     return tuple(blocks)
 
 
-def _walk(problem: PartialProblem, b: int, device, cap_by_frames: bool = True):
-    """(folded rows, packed key slice, mask or None) of every block of sample b."""
+def _walk(problem: PartialProblem, b: int, device, cap_by_frames: bool = True, dropout=None):
+    """(folded rows, packed key slice, mask or None, BlockDropout or None) of every block of
+    sample b; ``dropout``: None or (p, seed tensor)."""
     N, P, G = problem.num_query, problem.tokens_per_frame, problem.group_size
     total, (f0, f1) = problem.frame_counts[b], problem.frame_ranges[b]
     base = problem.key_offsets()[b]
@@ -217,7 +225,11 @@ def _walk(problem: PartialProblem, b: int, device, cap_by_frames: bool = True):
         if blk.masked:
             mask = mask_block(N, total, P, (blk.q0, blk.q1), (f0 * P + blk.k0, f0 * P + blk.k1), device=device)
             mask = mask.repeat_interleave(G, dim=0)  # folded rows: query i -> rows i*G .. i*G+G-1
-        yield slice(blk.q0 * G, blk.q1 * G), slice(base + blk.k0, base + blk.k1), mask
+        drop = None
+        if dropout is not None:  # keys counted from the video's start: the same masks as one call
+            drop = BlockDropout(dropout[0], dropout[1], b, blk.q0, blk.q1, f0 * P + blk.k0, f0 * P + blk.k1,
+                                problem.num_heads, G)
+        yield slice(blk.q0 * G, blk.q1 * G), slice(base + blk.k0, base + blk.k1), mask, drop
 
 
 def _lse_unfold(lse_f: torch.Tensor, num_query: int) -> torch.Tensor:
@@ -234,13 +246,14 @@ def _lse_fold(lse: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return lse.view(num_kv_heads, g, n).permute(0, 2, 1).reshape(num_kv_heads, n * g)
 
 
-def _merge_blocks_into(qf, k, v, problem: PartialProblem, b: int, engine, o_acc, lse, cap_by_frames=True):
+def _merge_blocks_into(qf, k, v, problem: PartialProblem, b: int, engine, o_acc, lse, cap_by_frames=True,
+                       dropout=None):
     """Merge sample b's blocks into its running folded state, in place: o_acc (Hkv, N*G, D),
     lse (Hkv, N*G), both in the accumulation dtype; (0, -inf) is the empty state."""
     acc = o_acc.dtype
-    for rows, keys, mask in _walk(problem, b, qf.device, cap_by_frames):
+    for rows, keys, mask, drop in _walk(problem, b, qf.device, cap_by_frames, dropout):
         o_blk, lse_blk = engine.forward(
-            qf[:, rows], k[keys].transpose(0, 1), v[keys].transpose(0, 1), mask, problem.scale, None
+            qf[:, rows], k[keys].transpose(0, 1), v[keys].transpose(0, 1), mask, problem.scale, drop
         )
         lse_blk = lse_blk.to(acc)
         # w = exp(lse_blk) / (exp(lse_old) + exp(lse_blk)); exactly 1 when lse_old = -inf.
@@ -249,7 +262,7 @@ def _merge_blocks_into(qf, k, v, problem: PartialProblem, b: int, engine, o_acc,
         lse[:, rows] = torch.logaddexp(lse[:, rows], lse_blk)
 
 
-def _partial_forward(q, k, v, problem: PartialProblem, engine):
+def _partial_forward(q, k, v, problem: PartialProblem, engine, dropout=None):
     B, N, H, D = len(problem.frame_counts), problem.num_query, problem.num_heads, problem.head_dim
     Hkv = problem.num_kv_heads
     acc = accumulate_dtype(q.dtype)
@@ -259,7 +272,7 @@ def _partial_forward(q, k, v, problem: PartialProblem, engine):
         qf = _fold(q if problem.shared_query else q[b], Hkv)
         o_acc = torch.zeros(Hkv, qf.shape[1], D, dtype=acc, device=q.device)
         lse = torch.full((Hkv, qf.shape[1]), float("-inf"), dtype=acc, device=q.device)
-        _merge_blocks_into(qf, k, v, problem, b, engine, o_acc, lse)
+        _merge_blocks_into(qf, k, v, problem, b, engine, o_acc, lse, dropout=dropout)
         out[b] = _unfold(o_acc, N)
         lse_out[b] = _lse_unfold(lse, N)
     return out, lse_out
@@ -293,7 +306,7 @@ class RunningPartial:
         return _unfold(self.out, n)[None], _lse_unfold(self.lse, n)[None]
 
 
-def _partial_backward(dout, dlse, q, k, v, out, lse_all, problem: PartialProblem):
+def _partial_backward(dout, dlse, q, k, v, out, lse_all, problem: PartialProblem, dropout=None):
     """Gradients of (out, lse) -> (dq, dk, dv). Per block, with p = exp(s - lse) the block's
     slice of the range's softmax:  dv = p^T dO,  ds = p * (dO v^T - delta + dLSE) with
     delta = rowsum(dO * O) over the range's output (d lse / d s = p adds the dLSE term)."""
@@ -309,14 +322,20 @@ def _partial_backward(dout, dlse, q, k, v, out, lse_all, problem: PartialProblem
         # Rows that see nothing of the range belong to no block; their (inf) LSE is never read.
         shift = (dof * _fold(out[b].to(cd), Hkv)).sum(-1) - _lse_fold(dlse[b].to(cd), Hkv)
         dqf = torch.zeros(Hkv, qf.shape[1], D, dtype=cd, device=q.device)
-        for rows, keys, mask in _walk(problem, b, q.device):
+        for rows, keys, mask, drop in _walk(problem, b, q.device, dropout=dropout):
             kb, vb = k[keys].transpose(0, 1).to(cd), v[keys].transpose(0, 1).to(cd)
             s = torch.matmul(qf[:, rows], kb.transpose(-1, -2)).mul_(problem.scale)
             if mask is not None:
                 s.masked_fill_(~mask, float("-inf"))
             p = torch.exp(s.sub_(lsef[:, rows, None]))
-            dv[keys] += torch.matmul(p.transpose(-1, -2), dof[:, rows]).transpose(0, 1)
-            ds = p.mul_(torch.matmul(dof[:, rows], vb.transpose(-1, -2)).sub_(shift[:, rows, None]))
+            dp = torch.matmul(dof[:, rows], vb.transpose(-1, -2))
+            if drop is not None:  # V and dO meet the kept probabilities only, scaled by 1 / (1 - p)
+                keep = drop.keep_scale(cd, q.device)
+                dv[keys] += torch.matmul((p * keep).transpose(-1, -2), dof[:, rows]).transpose(0, 1)
+                dp.mul_(keep)
+            else:
+                dv[keys] += torch.matmul(p.transpose(-1, -2), dof[:, rows]).transpose(0, 1)
+            ds = p.mul_(dp.sub_(shift[:, rows, None]))
             dqf[:, rows] += torch.matmul(ds, kb).mul_(problem.scale)
             dk[keys] += torch.matmul(ds.transpose(-1, -2), qf[:, rows]).mul_(problem.scale).transpose(0, 1)
         if problem.shared_query:
@@ -328,25 +347,25 @@ def _partial_backward(dout, dlse, q, k, v, out, lse_all, problem: PartialProblem
 
 class _PartialTorch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, problem, engine):
-        out, lse = _partial_forward(q, k, v, problem, engine)
+    def forward(ctx, q, k, v, problem, engine, dropout):
+        out, lse = _partial_forward(q, k, v, problem, engine, dropout)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.problem = problem
+        ctx.problem, ctx.dropout = problem, dropout
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _partial_backward(dout, dlse, q, k, v, out, lse, ctx.problem)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _partial_backward(dout, dlse, q, k, v, out, lse, ctx.problem, ctx.dropout)
+        return dq, dk, dv, None, None, None
 
 
-def partial_torch(q, k, v, problem: PartialProblem):
-    engine = choose_engine(q.device, 0.0)
+def partial_torch(q, k, v, problem: PartialProblem, dropout_p: float = 0.0, seed=None):
+    engine = choose_engine(q.device, dropout_p)
     # PyTorch's fused CPU attention misreads strided head dims: unit stride for every engine.
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    return _PartialTorch.apply(q, k, v, problem, engine)
+    return _PartialTorch.apply(q, k, v, problem, engine, (dropout_p, seed) if dropout_p > 0 else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,11 +385,11 @@ def kernel_partial(name: str, run: Callable) -> Callable:
     """The partial backend of kernel backend ``name``: ``refuses_partial``'s checks, then its
     partial op ``run(q, k, v, problem) -> (out, lse)`` (float32 both, also for 16-bit inputs)."""
 
-    def partial_kernel(q, k, v, problem: PartialProblem):
+    def partial_kernel(q, k, v, problem: PartialProblem, dropout_p: float = 0.0, seed=None):
         why = refuses_partial(name, q.device.type, q.dtype, problem.head_dim)
         if why:
             raise RuntimeError(f"backend {name!r} cannot run partial attention here: {why}")
-        return run(q, k, v, problem)
+        return run(q, k, v, problem, dropout_p, seed)
 
     return partial_kernel
 
@@ -416,6 +435,7 @@ def partial_backend_of(proj) -> str:
 
 def ccam_partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_counts: FrameCounts,
                            tokens_per_frame: int, frame_ranges: FrameRanges, *, scale: float | None = None,
+                           dropout_p: float = 0.0, seed: Optional[Union[int, torch.Tensor]] = None,
                            backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """CCAM attention of every query of each video over the keys of its frames [f0_b, f1_b) only.
 
@@ -427,6 +447,11 @@ def ccam_partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fr
         tokens_per_frame: P.
         frame_ranges: B pairs (f0_b, f1_b), 0 <= f0_b <= f1_b <= T_b (an empty range is allowed).
         scale: softmax scale, default 1 / sqrt(D).
+        dropout_p: attention dropout (ccam_kernels.dropout's mask, keys counted from the start
+            of the video: partials of any split of the frames with one seed merge into the
+            whole video's dropped attention; the LSE is that of the undropped scores).
+        seed: the dropout seed, an int or an int64 0-dim tensor; drawn from torch's default
+            generator for q's device when None. Pass the same one for every range of a video.
         backend: "auto" (= "torch"), "torch", "reference", "triton" (CUDA tensors, or CPU
             under TRITON_INTERPRET=1; float32, float16, bfloat16; head dims 16..128, multiples of 8)
             or "cuda" (CUDA tensors, or CPU under CCAM_CUDA_EMULATE=1; float16, bfloat16; the
@@ -439,7 +464,12 @@ def ccam_partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fr
         has lse = -inf and out = 0. Differentiable in q, k and v through both outputs.
     """
     problem = check_partial_args(q, k, v, frame_counts, tokens_per_frame, frame_ranges, scale)
-    return PARTIAL_BACKENDS[resolve_partial_backend(backend)](q, k, v, problem)
+    dropout_p = check_probability("dropout_p", dropout_p)
+    run = PARTIAL_BACKENDS[resolve_partial_backend(backend)]
+    if dropout_p == 0:
+        return run(q, k, v, problem)
+    seed = draw_seed(q.device) if seed is None else torch.as_tensor(seed, dtype=torch.int64, device=q.device)
+    return run(q, k, v, problem, dropout_p, seed.reshape(()))
 
 
 def _check_partials(partials) -> list:

@@ -13,6 +13,7 @@
 // = 0 for rows that see nothing of the window (every P of theirs is masked to 0).
 #pragma once
 
+#include "dropout.cuh"
 #include "launch.cuh"
 #include "params.h"
 #include "rule.cuh"
@@ -79,6 +80,9 @@ __global__ void __launch_bounds__(128, 2) bwd_dq_kernel(const BwdParams p) {
   const float lse2[2] = {row0 < N ? load(lse + row0) * 1.4426950408889634f : INFINITY,
                          row0 + 8 < N ? load(lse + row0 + 8) * 1.4426950408889634f : INFINITY};
   const float dlt[2] = {row0 < N ? load(delta + row0) : 0.f, row0 + 8 < N ? load(delta + row0 + 8) : 0.f};
+  // Dropout: dO reaches the kept probabilities only, scaled by 1 / (1 - p): dP -> keep * dP / (1 - p).
+  const Dropout drop = dropout_of(p, p.dropout_threshold ? load(p.dropout_seed) : 0, b, h,
+                                  tile.sample.first_frame * p.tokens_per_frame);
 
   float dq[DP / 8][4];
   zero(dq);
@@ -104,7 +108,10 @@ __global__ void __launch_bounds__(128, 2) bwd_dq_kernel(const BwdParams p) {
         const int half = e / 2;
         float pr = exp2_approx(s[j][e] * p.scale_log2 - lse2[half]);
         if (masked && j * 8 + 2 * (lane % 4) + (e & 1) >= cut[half]) pr = 0.f;
-        s[j][e] = pr * (dp[j][e] - dlt[half]);  // dS
+        float dpv = dp[j][e];
+        if (drop.on())
+          dpv = drop.keep(row0 + 8 * half, s0 + j * 8 + 2 * (lane % 4) + (e & 1)) ? dpv * p.dropout_scale : 0.f;
+        s[j][e] = pr * (dpv - dlt[half]);  // dS
       }
     gemm_pb<T, DP, BN>(dq, s, kt);
     __syncthreads();
@@ -202,6 +209,9 @@ __global__ void __launch_bounds__(128, 2) bwd_dkdv_kernel(const BwdParams p) {
     gemm_abt<T, DP, BM>(dpt, [&](int kc, uint32_t(&a)[4]) { load_a<DP>(a, s_v, warp * 16, kc); }, dot);
     const bool masked = m0 < rows_full;
     const int cut[2] = {tile_cut(seen_from[0], m0, BM), tile_cut(seen_from[1], m0, BM)};  // first row seeing the key
+    // Dropout of this step's head: V and dO meet the kept probabilities only, scaled by 1 / (1 - p).
+    const Dropout drop = dropout_of(p, p.dropout_threshold ? load(p.dropout_seed) : 0, b,
+                                    hk * p.group + step / n_row_tiles, sample.first_frame * p.tokens_per_frame);
 #pragma unroll
     for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
@@ -209,8 +219,14 @@ __global__ void __launch_bounds__(128, 2) bwd_dkdv_kernel(const BwdParams p) {
         const int col = j * 8 + 2 * (lane % 4) + (e & 1);
         float pr = exp2_approx(pt[j][e] * p.scale_log2 - load(s_lse + st * BM + col));
         if (masked && col < cut[e / 2]) pr = 0.f;
+        float dpv = dpt[j][e];
         pt[j][e] = pr;
-        dpt[j][e] = pr * (dpt[j][e] - load(s_delta + st * BM + col));  // dS^T
+        if (drop.on()) {
+          const bool kept = drop.keep(m0 + col, key_a + 8 * (e / 2));
+          pt[j][e] = kept ? pr * p.dropout_scale : 0.f;
+          dpv = kept ? dpv * p.dropout_scale : 0.f;
+        }
+        dpt[j][e] = pr * (dpv - load(s_delta + st * BM + col));  // dS^T
       }
     gemm_pb<T, DP, BM>(dv, pt, dot);
     gemm_pb<T, DP, BM>(dk, dpt, qt);

@@ -12,6 +12,7 @@
 #include <cfloat>
 #include <type_traits>
 
+#include "dropout.cuh"
 #include "launch.cuh"
 #include "params.h"
 #include "rule.cuh"
@@ -65,6 +66,10 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
   // This thread's two rows (g and g + 8 of its warp's strip) and their visible-key limits.
   const int64_t row0 = m0 + warp * 16 + lane / 4;
   const int64_t limit[2] = {tile.sample.key_limit(row0), tile.sample.key_limit(row0 + 8)};
+  // Dropout zeroes P's dropped entries before P V (the row sums l stay those of P) and scales
+  // the output by 1 / (1 - p); keys counted from the video's start (the window's first key + s0 + col).
+  const Dropout drop = dropout_of(p, p.dropout_threshold ? load(p.dropout_seed) : 0, b, h,
+                                  tile.sample.first_frame * p.tokens_per_frame);
   float o[DP / 8][4];
   zero(o);
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
@@ -120,6 +125,13 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
           sum += s[j][e];
         }
       l_run[half] = l_run[half] * alpha + sum;  // per-thread partial: alpha is uniform per row
+      if (drop.on()) {
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+          for (int e = 2 * half; e < 2 * half + 2; ++e)
+            if (!drop.keep(row0 + 8 * half, s0 + j * 8 + 2 * (lane % 4) + (e & 1))) s[j][e] = 0.f;
+      }
 #pragma unroll
       for (int j = 0; j < DP / 8; ++j) {
         o[j][2 * half] *= alpha;
@@ -146,7 +158,7 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const float l = quad_sum(l_run[half]);
-    inv[half] = l > 0.f ? 1.f / l : 0.f;
+    inv[half] = l > 0.f ? (drop.on() ? p.dropout_scale : 1.f) / l : 0.f;
     lse[half] = l > 0.f ? (m_run[half] + __log2f(l)) * 0.6931471805599453f : -INFINITY;
   }
   const int64_t strip = m0 + warp * 16;

@@ -30,6 +30,10 @@ struct AttentionShape {
   int64_t q_stride_b, q_stride_n, q_stride_h;
   int64_t k_stride_l, k_stride_h, v_stride_l, v_stride_h;
   float scale_log2;  // softmax scale * log2(e): the kernels work in the log2 domain
+  // Attention dropout (dropout.cuh): off when dropout_threshold == 0 (dropout_seed then unread).
+  const int64_t* dropout_seed;  // (1,) int64, read by the kernels (no host copy of the seed)
+  uint32_t dropout_threshold;   // ceil(p * 65536)
+  float dropout_scale;          // 1 / (1 - p)
 };
 
 struct FwdParams : AttentionShape {

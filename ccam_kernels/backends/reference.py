@@ -1,7 +1,7 @@
 """The "reference" backend: the specification, written as plainly as possible.
 
-Per sample: build the dense (N, T*P) boolean mask from the mask rule and hand it to
-``torch.nn.functional.scaled_dot_product_attention``. Slow on purpose; never tuned.
+Per sample and frame f: the rows of frame f (from the mask rule) attend to the keys of frames
+0..f, softmax(q k^T * scale) v in plain tensor ops. Slow on purpose; never tuned.
 
 It runs as the custom op ``ccam_kernels::reference_attention`` like every backend (one op shape
 for autocast, torch.compile and torch.export; attention_ops.py). Its backward differentiates
@@ -13,14 +13,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..mask import dense_mask, key_offsets
+from ..mask import dense_mask, first_query_of_frame, key_offsets
 from .attention_ops import define_attention_ops, lse_dtype
 
 
 def _attend(q, k, v, frame_counts: tuple, P: int, scale: float, dropout_p: float, seed: int):
-    """(B, N, H, D) output of the plain formula; differentiable by autograd."""
+    """(B, N, H, D) output of the plain formula; differentiable by autograd. The rows of frame f
+    attend to the keys of frames 0..f, sliced: a key a row does not see takes no part in its
+    arithmetic, so a NaN or inf reaches exactly what the formula makes it reach
+    (docs/reference.md §3.4; a mask would multiply a hidden NaN value by probability 0)."""
     offsets = key_offsets(frame_counts, P)
-    num_query, num_heads = q.shape[-3], q.shape[-2]
+    num_query, group = q.shape[-3], q.shape[-2] // k.shape[1]
+    acc = lse_dtype(q.dtype)
     outs = []
     # Dropout masks come from a generator state fixed by the seed, so the backward's
     # recomputation draws exactly the forward's masks.
@@ -29,15 +33,20 @@ def _attend(q, k, v, frame_counts: tuple, P: int, scale: float, dropout_p: float
         if dropout_p > 0:
             torch.manual_seed(seed)
         for b, frames in enumerate(frame_counts):
-            qb = q if q.dim() == 3 else q[b]
-            kb, vb = k[offsets[b]:offsets[b + 1]], v[offsets[b]:offsets[b + 1]]
-            out = F.scaled_dot_product_attention(  # SDPA's own layout: (batch=1, heads, tokens, D)
-                qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None],
-                attn_mask=dense_mask(num_query, frames, P, device=q.device),
-                dropout_p=dropout_p, scale=scale, enable_gqa=num_heads != k.shape[1],
-            )
-            outs.append(out[0].transpose(0, 1))
-    return torch.stack(outs)
+            qb = (q if q.dim() == 3 else q[b]).to(acc)
+            kb = k[offsets[b]:offsets[b + 1]].to(acc).repeat_interleave(group, dim=1)  # (L_b, H, D)
+            vb = v[offsets[b]:offsets[b + 1]].to(acc).repeat_interleave(group, dim=1)
+            first = first_query_of_frame(num_query, frames)
+            rows = []
+            for f in range(frames):
+                if first[f] == first[f + 1]:
+                    continue  # no query has frame f
+                seen = slice(0, (f + 1) * P)
+                s = torch.einsum("nhd,lhd->hnl", qb[first[f]:first[f + 1]], kb[seen]) * scale
+                p = F.dropout(torch.softmax(s, dim=-1), dropout_p)
+                rows.append(torch.einsum("hnl,lhd->nhd", p, vb[seen]))
+            outs.append(torch.cat(rows))
+    return torch.stack(outs).to(q.dtype)
 
 
 def _lse(q, k, frame_counts: tuple, P: int, scale: float) -> torch.Tensor:

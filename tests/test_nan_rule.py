@@ -38,7 +38,7 @@ def _poison(tensors: dict, which: str, key: int = None) -> None:
     and v at key ``key`` when given."""
     name, kind = which.split("-")
     x = tensors[name]
-    flat = x.view(-1) if key is None else x[key].view(-1)
+    flat = x.view(-1) if key is None or name in ("q", "dout") else x[key].view(-1)
     value = float("nan") if kind == "nan" else float("inf") * (1 if torch.rand(()) < 0.5 else -1)
     flat[torch.randint(flat.numel(), ())] = value
 

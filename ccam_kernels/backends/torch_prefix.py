@@ -158,7 +158,11 @@ class _ExplicitEngine:
     def forward(cls, qf, kf, vf, scale, dropout):
         cd = _accumulate_dtype(qf.dtype)
         s = cls._scores(qf.to(cd), kf.to(cd), scale)
+        # A row with a +inf score has no softmax (its output is NaN): its LSE is NaN too, not
+        # +inf, so that the backward's probabilities of every key of the row are NaN, as the
+        # autograd of softmax gives (and as the kernels' online softmax gives).
         lse = torch.logsumexp(s, dim=-1)
+        lse = lse.masked_fill(lse == float("inf"), float("nan"))
         p = torch.exp(s.sub_(lse[..., None]))
         keep = cls._keep(p.shape, p.device, dropout)
         if keep is not None:

@@ -1,4 +1,4 @@
-"""The NaN rule (docs/reference.md §3.4): row i's output is a function of q[i] and of the
+"""The NaN rule (docs/reference.md §7, "NaN and inf"): row i's output is a function of q[i] and of the
 keys/values row i sees, nothing else, and so are the gradients. A NaN or inf in an input
 reaches exactly the outputs and gradient entries that the formula makes it reach: the same
 non-finite entries as the row-by-row float64 oracle (tests/oracle.py, attention_rows_oracle),
@@ -101,7 +101,7 @@ def test_plain_backends_follow_the_formula_every_dtype(backend, dtype, poison):
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_issue_repro(backend):
-    """docs/reference.md §3.4's two examples: a NaN in q[0] makes row 0 NaN (the torch backend
+    """docs/reference.md §7, "NaN and inf"'s two examples: a NaN in q[0] makes row 0 NaN (the torch backend
     returned 0), and a NaN in the last frame's v leaves the rows that do not see it finite
     (the reference returned NaN everywhere)."""
     q = torch.randn(4, 2, 16)

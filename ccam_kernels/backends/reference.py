@@ -21,7 +21,7 @@ def _attend(q, k, v, frame_counts: tuple, P: int, scale: float, dropout_p: float
     """(B, N, H, D) output of the plain formula; differentiable by autograd. The rows of frame f
     attend to the keys of frames 0..f, sliced: a key a row does not see takes no part in its
     arithmetic, so a NaN or inf reaches exactly what the formula makes it reach
-    (docs/reference.md §3.4; a mask would multiply a hidden NaN value by probability 0)."""
+    (docs/reference.md §7, "NaN and inf"; a mask would multiply a hidden NaN value by probability 0)."""
     offsets = key_offsets(frame_counts, P)
     num_query, group = q.shape[-3], q.shape[-2] // k.shape[1]
     acc = lse_dtype(q.dtype)

@@ -122,7 +122,7 @@ def partial_softmax_rows(dout: torch.Tensor, dlse: torch.Tensor, out: torch.Tens
     and the whole-video kernels compute the rest. Rows that see nothing of the window have
     p = 0: their LSE is passed as 0 (not -inf, which would make exp(s - lse) NaN) and their
     delta as 0 (whatever dlse holds there). A NaN LSE (a row with a NaN score) stays NaN: that
-    row's gradients are NaN (docs/reference.md §3.4). ``dout`` in the kernels' input dtype, so
+    row's gradients are NaN (docs/reference.md §7, "NaN and inf"). ``dout`` in the kernels' input dtype, so
     that delta matches the dp the kernels compute (as in the whole-video backward)."""
     seen = ~torch.isneginf(lse)
     delta = torch.where(seen, softmax_delta(dout, out) - dlse.float(), 0.0).contiguous()

@@ -8,7 +8,7 @@ segments of a few frames. Segment ``[fa, fb)`` is seen by the query suffix
 * the few rows whose frame ``f`` lies in ``[fa, fb - 1)`` straddle it: one block per such frame,
   its rows against the frames ``[fa, f]``. So every block is plain attention over keys all its
   rows see, and a NaN or inf in a key no row of a block sees never enters its arithmetic (a mask
-  would multiply it by probability 0: docs/reference.md §3.4).
+  would multiply it by probability 0: docs/reference.md §7, "NaN and inf").
 
 Each block returns a partial output normalized over its own keys and the log-sum-exp (LSE) of
 its scores; partials are merged by their LSE, as split-KV flash attention does. The backward
@@ -193,11 +193,22 @@ class _ExplicitEngine:
 ENGINES = {e.name: e for e in (_FlashCPUEngine, _ExplicitEngine)}
 
 
-def choose_engine(device: torch.device, dropout_p: float):
+def choose_engine(device: torch.device, dropout_p: float, inputs: tuple = ()):
+    """The best usable engine for tensors on ``device``; the explicit one when ``inputs`` hold a
+    NaN or inf (see :func:`_for_inputs`)."""
     for engine in (_FlashCPUEngine, _ExplicitEngine):
         if engine.usable(device, dropout_p):
-            return engine
+            return _for_inputs(engine, inputs)
     raise AssertionError("the explicit engine is always usable")
+
+
+def _for_inputs(engine, inputs: tuple):
+    """The fused CPU kernel returns 0 for a row whose scores are all NaN, where the NaN rule
+    wants NaN: inputs holding a NaN or inf go to the explicit engine. The fused kernel runs on
+    CPU only, so the check costs no device sync."""
+    if engine is _FlashCPUEngine and not all(bool(torch.isfinite(x).all()) for x in inputs):
+        return _ExplicitEngine
+    return engine
 
 
 def _block_seed(seed: int, sample: int, block: int) -> int:
@@ -316,13 +327,9 @@ def _engine(variant: str, device: torch.device, dropout_p: float, dtype: torch.d
     """The engine of a call: the one named by ``variant``, else the best usable one. 16-bit
     inputs whose float32 output feeds a backward (``needs_acc``) use the explicit engine: the
     fused CPU kernel rounds each block's partial output to 16 bits, and the backward's delta
-    needs the unrounded one. So do ``inputs`` with a NaN or inf, even under variant "flash": the
-    fused kernel returns 0 for a row whose scores are all NaN (the NaN rule wants NaN). It runs
-    on CPU only, so the check costs no device sync."""
-    eng = _choose(variant, device, dropout_p, dtype, needs_acc)
-    if eng is _FlashCPUEngine and not all(bool(torch.isfinite(x).all()) for x in inputs):
-        return _ExplicitEngine
-    return eng
+    needs the unrounded one. So do ``inputs`` with a NaN or inf, even under variant "flash"
+    (:func:`_for_inputs`)."""
+    return _for_inputs(_choose(variant, device, dropout_p, dtype, needs_acc), inputs)
 
 
 def _choose(variant: str, device: torch.device, dropout_p: float, dtype: torch.dtype, needs_acc: bool):

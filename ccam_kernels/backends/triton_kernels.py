@@ -63,7 +63,7 @@ def _nonfinite(x):
 
 @triton.jit
 def _seen_nonfinite(seen, x, IEEE: tl.constexpr):
-    """The NaN rule (docs/reference.md §3.4) in a tile that straddles the rows' limits: x's rows
+    """The NaN rule (docs/reference.md §7, "NaN and inf") in a tile that straddles the rows' limits: x's rows
     (keys, or query rows in the dK/dV pass) include some that a row of ``seen`` (rows, x rows)
     does not see, whose weight 0 times a NaN or inf would still be NaN. The product runs on x
     with its NaN and inf zeroed, and this adds what each row does see of them: per (row,

@@ -83,7 +83,7 @@ __device__ __forceinline__ int tile_cut(int64_t bound, int64_t start, int width)
   return rel < 0 ? -1 : rel > width ? width : static_cast<int>(rel);
 }
 
-// The NaN rule (docs/reference.md §3.4): a tile that straddles the rows' limits holds keys (or,
+// The NaN rule (docs/reference.md §7, "NaN and inf"): a tile that straddles the rows' limits holds keys (or,
 // in the dK/dV pass, query rows) that some rows (keys) of the product do not see, and their
 // probability 0 times a NaN or inf would still be NaN. Each thread checks the chunks it copied
 // (own_chunks_finite) and one barrier-OR tells the CTA; in the rare tile that holds a NaN or

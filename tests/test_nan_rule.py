@@ -165,3 +165,39 @@ def test_cuda_follows_the_formula(case, poison):
 def test_cuda_follows_the_formula_bf16_tiles(poison):
     """Several query tiles (64 rows) and key tiles, bfloat16."""
     check_nan_rule("cuda", torch.bfloat16, (80, 2, 1, 16, (9,), 11, True), poison, TOLERANCE[torch.bfloat16])
+
+
+# ---- partial attention and its merge (docs/reference.md §5.1) ------------------------------
+
+
+def _merged_partials(backend, q, k, v, dout, T, P, cut):
+    """Frames [0, cut) and [cut, T) of one video as two partials, merged: (out, dq, dk, dv)."""
+    from ccam_kernels.long_video import ccam_partial_attention, merge_partials
+
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    qq, kk, vv = leaves
+    parts = [ccam_partial_attention(qq, kk[f0 * P:f1 * P], vv[f0 * P:f1 * P], (T,), P, [(f0, f1)], backend=backend)
+             for f0, f1 in ((0, cut), (cut, T))]
+    out, _ = merge_partials(parts)
+    grads = torch.autograd.grad(out, leaves, dout.to(out.dtype))
+    return (out.detach(), *grads)
+
+
+@pytest.mark.parametrize("backend,dtype", [("reference", torch.float32), ("torch", torch.float32),
+                                           ("triton", torch.float32), ("cuda", torch.float16)], ids=str)
+@pytest.mark.parametrize("poison", ["q-nan", "k-nan", "v-nan", "dout-nan"])
+def test_merged_partials_follow_the_formula(backend, dtype, poison, request):
+    """A NaN in the second range's keys reaches only the rows that see them; its partial's LSE
+    carries a NaN row into the merge."""
+    if backend == "triton":
+        pytest.importorskip("triton", reason="triton is not installed")
+        request.getfixturevalue("triton_here")
+    if backend == "cuda":
+        request.getfixturevalue("cuda_here")
+    N, T, P = 6, 5, 3
+    q, k, v, dout = make_inputs(N, 2, 1, 16, (T,), P, True, dtype, DEVICE)
+    _poison(dict(q=q, k=k, v=v, dout=dout), poison, key=(T - 1) * P + 1 if poison[0] in "kv" else None)
+    got = _merged_partials(backend, q, k, v, dout, T, P, cut=2)
+    want = _oracle(q, k, v, dout, (T,), P)[1:]
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        _same_nonfinite(f"{backend} partial {poison}: {name}", g, w, True, 2 * TOLERANCE[dtype])

@@ -444,7 +444,7 @@ def merge_partials(partials: Partials) -> tuple[torch.Tensor, torch.Tensor]:
     top = torch.where(torch.isfinite(top), top, torch.zeros((), dtype=top.dtype, device=top.device))
     weights = torch.exp(lses - top)  # -inf -> 0
     norm = weights.sum(0)  # (B, H, N)
-    seen = norm > 0
+    seen = norm != 0  # a NaN norm (a NaN LSE: a row with a NaN score) keeps out and LSE NaN
     safe_norm = torch.where(seen, norm, torch.ones((), dtype=norm.dtype, device=norm.device))
     lse = torch.where(seen, top + torch.log(safe_norm), float("-inf"))
     w = (weights / safe_norm).transpose(-1, -2).unsqueeze(-1)  # (R, B, N, H, 1)

@@ -144,7 +144,10 @@ __device__ __forceinline__ void add_seen_nonfinite(float (&acc)[DP / 8][4], cons
                                                    const int (&end)[2]) {
   const int lane = threadIdx.x % 32;
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(tile);
+  // Unrolled: acc must stay in registers (a runtime index would move it to local memory).
+#pragma unroll
   for (int j = 0; j < DP / 8; ++j)
+#pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int col = j * 8 + 2 * (lane % 4) + (e & 1);
       float sum = 0.f;

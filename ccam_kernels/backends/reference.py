@@ -43,7 +43,9 @@ def _attend(q, k, v, frame_counts: tuple, P: int, scale: float, dropout_p: float
                     continue  # no query has frame f
                 seen = slice(0, (f + 1) * P)
                 s = torch.einsum("nhd,lhd->hnl", qb[first[f]:first[f + 1]], kb[seen]) * scale
-                p = F.dropout(torch.softmax(s, dim=-1), dropout_p)
+                p = torch.softmax(s, dim=-1)
+                if dropout_p > 0:  # (F.dropout draws random numbers even at p = 0)
+                    p = F.dropout(p, dropout_p)
                 rows.append(torch.einsum("hnl,lhd->nhd", p, vb[seen]))
             outs.append(torch.cat(rows))
     return torch.stack(outs).to(q.dtype)

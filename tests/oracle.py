@@ -115,3 +115,33 @@ def projector_oracle(state: dict, cfg, features: torch.Tensor, split_sizes=None)
     u = ln(h, "mlp_norm", C)
     h = h + lin(F.silu(lin(u, "mlp.gate_proj")) * lin(u, "mlp.up_proj"), "mlp.down_proj")
     return lin(ln(h, "out_norm", C), "out_proj")
+
+
+def attention_rows_oracle(q, k, v, frame_counts, tokens_per_frame, scale=None):
+    """docs/reference.md §3.1 in float64, row by row from the keys each row sees and nothing
+    else: the rows of frame f attend to the keys of frames 0..f of their sample, sliced (no
+    mask, so no product with a key a row cannot see). The NaN rule's oracle: a NaN or inf
+    anywhere reaches exactly the outputs and gradients the formula makes it reach.
+    Same arguments and result as :func:`attention_oracle`; differentiable."""
+    counts = _counts(frame_counts)
+    P = int(tokens_per_frame)
+    q64, k64, v64 = q.to(torch.float64), k.to(torch.float64), v.to(torch.float64)
+    N, H, D = q64.shape[-3:]
+    kv_head = torch.arange(H) // (H // k64.shape[1])
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    outs, start = [], 0
+    for b, frames in enumerate(counts):
+        qb = q64 if q64.dim() == 3 else q64[b]
+        query_frame = oracle_frame_of_query(N, frames)
+        rows = []
+        for f in range(frames):
+            sel = (query_frame == f).nonzero().flatten()
+            if sel.numel() == 0:
+                continue
+            kf = k64[start:start + (f + 1) * P][:, kv_head]  # (keys seen, H, D)
+            vf = v64[start:start + (f + 1) * P][:, kv_head]
+            probs = torch.softmax(torch.einsum("nhd,lhd->hnl", qb[sel], kf) * scale, dim=-1)
+            rows.append(torch.einsum("hnl,lhd->nhd", probs, vf))
+        outs.append(torch.cat(rows))
+        start += frames * P
+    return torch.stack(outs)

@@ -1,7 +1,7 @@
 """The "reference" backend: the specification, written as plainly as possible.
 
-Per sample: build the dense (N, T*P) boolean mask from the mask rule and hand it to
-``torch.nn.functional.scaled_dot_product_attention``. Slow on purpose; never tuned.
+Per sample and frame f: the rows of frame f (from the mask rule) attend to the keys of frames
+0..f, softmax(q k^T * scale) v in plain tensor ops. Slow on purpose; never tuned.
 
 It runs as the custom op ``ccam_kernels::reference_attention`` like every backend (one op shape
 for autocast, torch.compile and torch.export; attention_ops.py). Its backward differentiates
@@ -15,46 +15,48 @@ import torch
 import torch.nn.functional as F
 
 from ..dropout import keep_mask, keep_scale
-from ..mask import dense_mask, key_offsets
+from ..mask import dense_mask, first_query_of_frame, key_offsets
 from .attention_ops import define_attention_ops, lse_dtype
 
 
-def _dropped_attention(qb, kb, vb, mask, scale, dropout_p, seed, sample):
-    """(N, H, D) attention of one sample with its dropout mask (dropout.keep_mask at every
-    (head, row, key) of the sample), computed in the LSE's dtype (float64 for float64)."""
-    num_query, num_heads = qb.shape[0], qb.shape[1]
-    acc = lse_dtype(qb.dtype)
-    group = num_heads // kb.shape[1]
-    kh, vh = (x.to(acc).repeat_interleave(group, dim=1) for x in (kb, vb))
-    s = torch.einsum("nhd,lhd->hnl", qb.to(acc), kh) * scale
-    probs = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
-    keep = keep_mask(seed, 0, sample, torch.arange(num_heads, device=qb.device)[:, None],
-                     torch.arange(num_query, device=qb.device)[None], 0, kb.shape[0], num_heads, dropout_p)
-    # 1 / (1 - p) as a tensor of the computation's dtype (a Python scalar in torch.where
-    # would make a float32 tensor: 1e-8 relative error for float64 inputs).
-    probs = probs * torch.where(keep, torch.tensor(keep_scale(dropout_p), dtype=acc, device=qb.device),
-                                torch.zeros((), dtype=acc, device=qb.device))
-    return torch.einsum("hnl,lhd->nhd", probs, vh).to(qb.dtype)
-
-
 def _attend(q, k, v, frame_counts: tuple, P: int, scale: float, dropout_p: float, seed):
-    """(B, N, H, D) output of the plain formula; differentiable by autograd."""
+    """(B, N, H, D) output of the plain formula; differentiable by autograd. The rows of frame f
+    attend to the keys of frames 0..f, sliced: a key a row does not see takes no part in its
+    arithmetic, so a NaN or inf reaches exactly what the formula makes it reach
+    (docs/reference.md §7, "NaN and inf"; a mask would multiply a hidden NaN value by probability 0).
+    With dropout, each kept probability is scaled by 1 / (1 - p) and the rest are 0, by
+    dropout.keep_mask at every (head, row, key) of the sample; computed in the LSE's dtype
+    (float64 for float64 inputs)."""
     offsets = key_offsets(frame_counts, P)
     num_query, num_heads = q.shape[-3], q.shape[-2]
+    group = num_heads // k.shape[1]
+    acc = lse_dtype(q.dtype)
+    heads = torch.arange(num_heads, device=q.device)[:, None]
+    # 1 / (1 - p) as a tensor of the computation's dtype (a Python scalar in torch.where would
+    # make a float32 tensor: 1e-8 relative error for float64 inputs).
+    kept, dropped = (torch.tensor(x, dtype=acc, device=q.device) for x in (keep_scale(dropout_p) if dropout_p > 0
+                                                                             else 1.0, 0.0))
     outs = []
     for b, frames in enumerate(frame_counts):
-        qb = q if q.dim() == 3 else q[b]
-        kb, vb = k[offsets[b]:offsets[b + 1]], v[offsets[b]:offsets[b + 1]]
-        mask = dense_mask(num_query, frames, P, device=q.device)
-        if dropout_p > 0:
-            outs.append(_dropped_attention(qb, kb, vb, mask, scale, dropout_p, seed, b))
-            continue
-        out = F.scaled_dot_product_attention(  # SDPA's own layout: (batch=1, heads, tokens, D)
-            qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None],
-            attn_mask=mask, scale=scale, enable_gqa=num_heads != k.shape[1],
-        )
-        outs.append(out[0].transpose(0, 1))
-    return torch.stack(outs)
+        qb = (q if q.dim() == 3 else q[b]).to(acc)
+        kb = k[offsets[b]:offsets[b + 1]].to(acc).repeat_interleave(group, dim=1)  # (L_b, H, D)
+        vb = v[offsets[b]:offsets[b + 1]].to(acc).repeat_interleave(group, dim=1)
+        first = first_query_of_frame(num_query, frames)
+        rows = []
+        for f in range(frames):
+            r0, r1 = first[f], first[f + 1]
+            if r0 == r1:
+                continue  # no query has frame f
+            seen = slice(0, (f + 1) * P)
+            s = torch.einsum("nhd,lhd->hnl", qb[r0:r1], kb[seen]) * scale
+            p = torch.softmax(s, dim=-1)
+            if dropout_p > 0:
+                keep = keep_mask(seed, 0, b, heads, torch.arange(r0, r1, device=q.device)[None], 0, (f + 1) * P,
+                                 num_heads, dropout_p)
+                p = p * torch.where(keep, kept, dropped)
+            rows.append(torch.einsum("hnl,lhd->nhd", p, vb[seen]))
+        outs.append(torch.cat(rows))
+    return torch.stack(outs).to(q.dtype)
 
 
 def _lse(q, k, frame_counts: tuple, P: int, scale: float) -> torch.Tensor:

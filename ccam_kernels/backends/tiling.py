@@ -170,9 +170,10 @@ def partial_softmax_rows(dout: torch.Tensor, dlse: torch.Tensor, out: torch.Tens
     gradient folds into the softmax backward's per-row constant: ds = p * (dp - (delta - dlse)),
     and the whole-video kernels compute the rest. Rows that see nothing of the window have
     p = 0: their LSE is passed as 0 (not -inf, which would make exp(s - lse) NaN) and their
-    delta as 0 (whatever dlse holds there). ``dout`` in the kernels' input dtype, so that delta
-    matches the dp the kernels compute (as in the whole-video backward)."""
-    seen = torch.isfinite(lse)
+    delta as 0 (whatever dlse holds there). A NaN LSE (a row with a NaN score) stays NaN: that
+    row's gradients are NaN (docs/reference.md §7, "NaN and inf"). ``dout`` in the kernels' input dtype, so
+    that delta matches the dp the kernels compute (as in the whole-video backward)."""
+    seen = ~torch.isneginf(lse)
     delta = torch.where(seen, softmax_delta(dout, out) - dlse.float(), 0.0).contiguous()
     return torch.where(seen, lse, 0.0).contiguous(), delta
 

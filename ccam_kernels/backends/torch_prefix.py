@@ -1,12 +1,14 @@
 """The "torch" backend: prefix-aware CCAM attention in plain PyTorch ops.
 
-No N x L mask is ever built and no fully masked tile is computed. The keys of each sample are
-cut into segments of a few frames. Segment ``[fa, fb)`` is seen by the query suffix
+No mask is ever built and no masked pair is computed. The keys of each sample are cut into
+segments of a few frames. Segment ``[fa, fb)`` is seen by the query suffix
 ``[first_query_of_frame[fa], N)`` (queries are ordered by frame), and within that suffix:
 
-* rows whose frame is ``>= fb - 1`` see the whole segment: attention without a mask;
-* the few rows whose frame lies in ``[fa, fb - 1)`` straddle it: attention over the frames
-  ``[fa, fb - 1)`` with a small ``(rows, keys)`` mask from :func:`ccam_kernels.mask.mask_block`.
+* rows whose frame is ``>= fb - 1`` see the whole segment: one block;
+* the few rows whose frame ``f`` lies in ``[fa, fb - 1)`` straddle it: one block per such frame,
+  its rows against the frames ``[fa, f]``. So every block is plain attention over keys all its
+  rows see, and a NaN or inf in a key no row of a block sees never enters its arithmetic (a mask
+  would multiply it by probability 0: docs/reference.md §7, "NaN and inf").
 
 Each block returns a partial output normalized over its own keys and the log-sum-exp (LSE) of
 its scores; partials are merged by their LSE, as split-KV flash attention does. The backward
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dropout import keep_mask, keep_scale
-from ..mask import first_query_of_frame, key_offsets, mask_block
+from ..mask import first_query_of_frame, key_offsets
 from .attention_ops import define_attention_ops
 
 # Keys per segment. Large enough that each fused call streams a long K/V block (fewer
@@ -48,25 +50,23 @@ class Block:
     query_end: int
     key_start: int
     key_end: int
-    masked: bool  # True only for rows that straddle a frame boundary inside the key range
 
 
 @functools.lru_cache(maxsize=1024)
 def plan_blocks(num_query: int, num_frames: int, tokens_per_frame: int) -> tuple[Block, ...]:
-    """The blocks that cover exactly the visible (query, key) pairs of one sample, plus the
-    masked pairs inside straddling blocks. Cached: depends only on (N, T, P)."""
+    """The blocks that cover exactly the visible (query, key) pairs of one sample, each pair
+    once. Cached: depends only on (N, T, P)."""
     N, T, P = num_query, num_frames, tokens_per_frame
     frames_per_segment = max(1, min(math.ceil(SEGMENT_KEYS / P), T // MIN_SEGMENTS))
     first = first_query_of_frame(N, T)
     blocks = []
     for fa in range(0, T, frames_per_segment):
         fb = min(T, fa + frames_per_segment)
-        row_first, row_full = first[fa], first[fb - 1]
-        if row_full < N:
-            blocks.append(Block(row_full, N, fa * P, fb * P, masked=False))
-        if row_first < row_full:
-            # These rows have frames in [fa, fb - 1): they never see frame fb - 1.
-            blocks.append(Block(row_first, row_full, fa * P, (fb - 1) * P, masked=True))
+        if first[fb - 1] < N:
+            blocks.append(Block(first[fb - 1], N, fa * P, fb * P))
+        for f in range(fa, fb - 1):  # the rows of frame f see the segment's frames [fa, f]
+            if first[f] < first[f + 1]:
+                blocks.append(Block(first[f], first[f + 1], fa * P, (f + 1) * P))
     return tuple(blocks)
 
 
@@ -94,13 +94,14 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
-# Engines. Shapes: qf, dof, of (Hkv, R, D); kf, vf (Hkv, Lk, D); lse (Hkv, R); mask (R, Lk) bool
-# or None. forward -> (o (Hkv, R, D), lse (Hkv, R)); backward -> (dq, dk, dv).
+# Engines. Shapes: qf, dof, of (Hkv, R, D); kf, vf (Hkv, Lk, D); lse (Hkv, R); every row sees
+# every key. forward -> (o (Hkv, R, D), lse (Hkv, R)); backward -> (dq, dk, dv).
 
 
 class _FlashCPUEngine:
     """PyTorch's fused CPU flash-attention kernel (the op behind SDPA on CPU), which also
-    returns the LSE. Private ATen op: used only when present; no dropout."""
+    returns the LSE. Private ATen op: used only when present; no dropout; finite inputs only
+    (it returns 0 for a row whose scores are all NaN, where the formula gives NaN)."""
 
     name = "flash"
 
@@ -113,25 +114,16 @@ class _FlashCPUEngine:
             and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
         )
 
-    @staticmethod
-    def _additive(mask, dtype):
-        if mask is None:
-            return None
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-
     @classmethod
-    def forward(cls, qf, kf, vf, mask, scale, dropout):
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qf[None], kf[None], vf[None], attn_mask=cls._additive(mask, qf.dtype), scale=scale
-        )
+    def forward(cls, qf, kf, vf, scale, dropout):
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qf[None], kf[None], vf[None], scale=scale)
         return o[0], lse[0]
 
     @classmethod
-    def backward(cls, dof, qf, kf, vf, of, lse, mask, scale, dropout):
+    def backward(cls, dof, qf, kf, vf, of, lse, scale, dropout):
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             # The fused kernel takes O in the inputs' dtype (it computes delta from it itself).
-            dof[None], qf[None], kf[None], vf[None], of.to(qf.dtype)[None], lse[None], 0.0, False,
-            attn_mask=cls._additive(mask, qf.dtype), scale=scale,
+            dof[None], qf[None], kf[None], vf[None], of.to(qf.dtype)[None], lse[None], 0.0, False, scale=scale,
         )
         return dq[0], dk[0], dv[0]
 
@@ -177,18 +169,19 @@ class _ExplicitEngine:
         return True
 
     @staticmethod
-    def _scores(qf, kf, mask, scale):
-        """Scores of already up-cast qf, kf, with -inf where the mask hides a key."""
-        s = torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale)
-        if mask is not None:
-            s.masked_fill_(~mask, float("-inf"))
-        return s
+    def _scores(qf, kf, scale):
+        """Scores of already up-cast qf, kf."""
+        return torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale)
 
     @classmethod
-    def forward(cls, qf, kf, vf, mask, scale, dropout):
+    def forward(cls, qf, kf, vf, scale, dropout):
         cd = _accumulate_dtype(qf.dtype)
-        s = cls._scores(qf.to(cd), kf.to(cd), mask, scale)
+        s = cls._scores(qf.to(cd), kf.to(cd), scale)
+        # A row with a +inf score has no softmax (its output is NaN): its LSE is NaN too, not
+        # +inf, so that the backward's probabilities of every key of the row are NaN, as the
+        # autograd of softmax gives (and as the kernels' online softmax gives).
         lse = torch.logsumexp(s, dim=-1)
+        lse = lse.masked_fill(lse == float("inf"), float("nan"))
         p = torch.exp(s.sub_(lse[..., None]))
         if dropout is not None:
             p.mul_(dropout.keep_scale(cd, p.device))
@@ -196,10 +189,10 @@ class _ExplicitEngine:
         return o, lse
 
     @classmethod
-    def backward(cls, dof, qf, kf, vf, of, lse, mask, scale, dropout):
+    def backward(cls, dof, qf, kf, vf, of, lse, scale, dropout):
         cd = _accumulate_dtype(qf.dtype)
         dof32, qf32, kf32, vf32 = dof.to(cd), qf.to(cd), kf.to(cd), vf.to(cd)
-        p = torch.exp(cls._scores(qf32, kf32, mask, scale).sub_(lse.to(cd)[..., None]))
+        p = torch.exp(cls._scores(qf32, kf32, scale).sub_(lse.to(cd)[..., None]))
         keep = None if dropout is None else dropout.keep_scale(cd, p.device)
         dp = torch.matmul(dof32, vf32.transpose(-1, -2))
         if keep is not None:
@@ -217,28 +210,29 @@ class _ExplicitEngine:
 ENGINES = {e.name: e for e in (_FlashCPUEngine, _ExplicitEngine)}
 
 
-def choose_engine(device: torch.device, dropout_p: float):
+def choose_engine(device: torch.device, dropout_p: float, inputs: tuple = ()):
+    """The best usable engine for tensors on ``device``; the explicit one when ``inputs`` hold a
+    NaN or inf (see :func:`_for_inputs`)."""
     for engine in (_FlashCPUEngine, _ExplicitEngine):
         if engine.usable(device, dropout_p):
-            return engine
+            return _for_inputs(engine, inputs)
     raise AssertionError("the explicit engine is always usable")
+
+
+def _for_inputs(engine, inputs: tuple):
+    """The fused CPU kernel returns 0 for a row whose scores are all NaN, where the NaN rule
+    wants NaN: inputs holding a NaN or inf go to the explicit engine. The fused kernel runs on
+    CPU only, so the check costs no device sync."""
+    if engine is _FlashCPUEngine and not all(bool(torch.isfinite(x).all()) for x in inputs):
+        return _ExplicitEngine
+    return engine
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def _block_mask(problem, frames, blk, device):
-    if not blk.masked:
-        return None
-    m = mask_block(
-        problem.num_query, frames, problem.tokens_per_frame,
-        (blk.query_start, blk.query_end), (blk.key_start, blk.key_end), device=device,
-    )
-    return m.repeat_interleave(problem.group_size, dim=0)  # folded rows: query i -> rows i*G..i*G+G-1
-
-
 def _walk_blocks(problem: _Shape, frames: int, key_offset: int, sample: int, seed: int, device):
-    """Per block of one sample: (folded row slice, packed key slice, mask or None, dropout or None)."""
+    """Per block of one sample: (folded row slice, packed key slice, dropout or None)."""
     G = problem.group_size
     for blk in plan_blocks(problem.num_query, frames, problem.tokens_per_frame):
         rows = slice(blk.query_start * G, blk.query_end * G)
@@ -247,7 +241,7 @@ def _walk_blocks(problem: _Shape, frames: int, key_offset: int, sample: int, see
         if problem.dropout_p > 0:
             dropout = BlockDropout(problem.dropout_p, seed, sample, blk.query_start, blk.query_end, blk.key_start,
                                    blk.key_end, problem.num_heads, G)
-        yield rows, keys, _block_mask(problem, frames, blk, device), dropout
+        yield rows, keys, dropout
 
 
 @dataclass(frozen=True)
@@ -300,9 +294,9 @@ def _forward(q, k, v, problem: _Shape, engine, seed):
         qf = qf_shared if qf_shared is not None else _fold(q[b], Hkv)
         o_acc = torch.zeros(Hkv, N * G, D, dtype=acc, device=q.device)
         lse = lse_all[b].fill_(float("-inf"))
-        for rows, keys, mask, dropout in _walk_blocks(problem, frames, offsets[b], b, seed, q.device):
+        for rows, keys, dropout in _walk_blocks(problem, frames, offsets[b], b, seed, q.device):
             o_blk, lse_blk = engine.forward(
-                qf[:, rows], k[keys].transpose(0, 1), v[keys].transpose(0, 1), mask, problem.scale, dropout
+                qf[:, rows], k[keys].transpose(0, 1), v[keys].transpose(0, 1), problem.scale, dropout
             )
             # Merge by LSE: new = old * (1 - w) + blk * w, w = exp(lse_blk) / (exp(lse_old) + exp(lse_blk)).
             # With lse_old = -inf (first block of a row) w = 1 exactly.
@@ -329,10 +323,10 @@ def _backward(dout, q, k, v, o, lse_heads, problem: _Shape, engine, seed):
         qf = qf_shared if qf_shared is not None else _fold(q[b], Hkv)
         dof, of = _fold(dout[b], Hkv), _fold(o[b], Hkv)
         dqf = torch.zeros(Hkv, N * G, problem.head_dim, dtype=acc, device=q.device)
-        for rows, keys, mask, dropout in _walk_blocks(problem, frames, offsets[b], b, seed, q.device):
+        for rows, keys, dropout in _walk_blocks(problem, frames, offsets[b], b, seed, q.device):
             dq_blk, dk_blk, dv_blk = engine.backward(
                 dof[:, rows], qf[:, rows], k[keys].transpose(0, 1), v[keys].transpose(0, 1),
-                of[:, rows], lse_all[b][:, rows], mask, problem.scale, dropout,
+                of[:, rows], lse_all[b][:, rows], problem.scale, dropout,
             )
             dqf[:, rows] += dq_blk
             dk[keys] += dk_blk.transpose(0, 1)
@@ -344,11 +338,17 @@ def _backward(dout, q, k, v, o, lse_heads, problem: _Shape, engine, seed):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _engine(variant: str, device: torch.device, dropout_p: float, dtype: torch.dtype, *, needs_acc: bool):
+def _engine(variant: str, device: torch.device, dropout_p: float, dtype: torch.dtype, *, needs_acc: bool,
+            inputs: tuple):
     """The engine of a call: the one named by ``variant``, else the best usable one. 16-bit
     inputs whose float32 output feeds a backward (``needs_acc``) use the explicit engine: the
     fused CPU kernel rounds each block's partial output to 16 bits, and the backward's delta
-    needs the unrounded one."""
+    needs the unrounded one. So do ``inputs`` with a NaN or inf, even under variant "flash"
+    (:func:`_for_inputs`)."""
+    return _for_inputs(_choose(variant, device, dropout_p, dtype, needs_acc), inputs)
+
+
+def _choose(variant: str, device: torch.device, dropout_p: float, dtype: torch.dtype, needs_acc: bool):
     if variant:
         if variant not in ENGINES:
             raise ValueError(f"torch backend variant must be one of {['', *ENGINES]}, got {variant!r}")
@@ -365,14 +365,14 @@ def _op_forward(q, k, v, frame_counts, P, scale, dropout_p, seed, keep_acc, vari
     # PyTorch's fused CPU kernel reads wrong values when the head dim is strided (seen with
     # torch 2.13): give every engine rows with unit stride, copying only tensors that lack it.
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    eng = _engine(variant, q.device, dropout_p, q.dtype, needs_acc=keep_acc)
+    eng = _engine(variant, q.device, dropout_p, q.dtype, needs_acc=keep_acc, inputs=(q, k, v))
     out, lse, out_acc = _forward(q, k, v, _shape(q, k, frame_counts, P, scale, dropout_p), eng, seed)
     return out, lse, (out_acc.float() if keep_acc and out_acc.dtype != torch.float64 else None)
 
 
 def _op_backward(dout, q, k, v, o, lse, frame_counts, P, scale, dropout_p, seed, variant):
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
-    eng = _engine(variant, q.device, dropout_p, q.dtype, needs_acc=True)
+    eng = _engine(variant, q.device, dropout_p, q.dtype, needs_acc=True, inputs=(q, k, v, dout))
     return _backward(dout, q, k, v, o, lse, _shape(q, k, frame_counts, P, scale, dropout_p), eng, seed)
 
 

@@ -66,6 +66,26 @@ def _window_limit(rows, T, N, P, win0, n_keys):
 
 
 @triton.jit
+def _nonfinite(x):
+    return (x != x) | (tl.abs(x) == float("inf"))
+
+
+@triton.jit
+def _seen_nonfinite(seen, x, IEEE: tl.constexpr):
+    """The NaN rule (docs/reference.md §7, "NaN and inf") in a tile that straddles the rows' limits: x's rows
+    (keys, or query rows in the dK/dV pass) include some that a row of ``seen`` (rows, x rows)
+    does not see, whose weight 0 times a NaN or inf would still be NaN. The product runs on x
+    with its NaN and inf zeroed, and this adds what each row does see of them: per (row,
+    column), NaN, +inf, -inf, or their sum, from counts (dots of 0/1 values, exact)."""
+    one = seen.to(x.dtype)
+    nan = _dot(one, (x != x).to(x.dtype), IEEE)
+    pos = _dot(one, (x == float("inf")).to(x.dtype), IEEE)
+    neg = _dot(one, (x == -float("inf")).to(x.dtype), IEEE)
+    return (tl.where(nan > 0, float("nan"), 0.0) + tl.where(pos > 0, float("inf"), 0.0)
+            + tl.where(neg > 0, -float("inf"), 0.0))
+
+
+@triton.jit
 def _query_tile(FRAMES, KEY_START, FIRST_FRAME, END_FRAME, N, H, G, P, BLOCK_M: tl.constexpr):
     """What a program of a (B*H, query tiles[, splits]) grid owns: its (sample, head, kv head),
     the sample's frame count and first key, its rows, each row's visible-key limit and the
@@ -205,7 +225,8 @@ def _fwd_kernel(
         n_ok = offs_n < hi
         kt = tl.load(k_base + offs_n[None, :] * stride_kl + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = _dot(q, kt, IEEE) * qk_scale
-        s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
+        seen = offs_n[None, :] < limit[:, None]
+        s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing live yet (in a split not starting at key 0, or a row before its
         # frame window): subtract 0 instead of -inf, so its p and alpha are 0, not NaN.
@@ -215,20 +236,24 @@ def _fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         p = dropped(p, SEED, pid_bh, offs_m.to(tl.int64), win0 + offs_n, drop_threshold, DROPOUT)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        bad = _nonfinite(v)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), tl.where(bad, tl.zeros_like(v), v), IEEE)
+        if tl.max(bad.to(tl.int32)) > 0:  # rare: a NaN or inf value, kept from rows that do not see it
+            acc += _seen_nonfinite(seen, v, IEEE)
         m_i = m_new
 
     # A whole video without splits: every valid row saw key 0 (frame 0), so l_i > 0. A split,
     # or a window after a row's frame, may have seen nothing live for a row: its partial is
-    # then 0 with LSE -inf (weight 0 in the merge).
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    # then 0 with LSE -inf (weight 0 in the merge). A row with a NaN score has l_i = NaN:
+    # output and LSE NaN.
+    l_safe = tl.where(l_i == 0, 1.0, l_i)
     if DROPOUT:
         out = acc * (drop_scale / l_safe)[:, None]
     else:
         out = acc / l_safe[:, None]
     o_ptrs = O + b * stride_ob + offs_m[:, None].to(tl.int64) * stride_on + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+    lse = tl.where(l_i == 0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=row_ok)
 
 
@@ -269,13 +294,18 @@ def _bwd_dq_kernel(
         kt = tl.load(k_base + offs_n[None, :] * stride_kl + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         vt = tl.load(v_base + offs_n[None, :] * stride_vl + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = _dot(q, kt, IEEE) * qk_scale
-        if start >= full_end:  # a straddling tile: the mask, from the rows' limits
-            s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
         dp = _dot(do, vt, IEEE)
         if DROPOUT:  # dO reaches the kept probabilities only, scaled by 1 / (1 - p)
             dp = dropped(dp * drop_scale, SEED, pid_bh, offs_m.to(tl.int64), win0 + offs_n, drop_threshold, DROPOUT)
         ds = p * (dp - delta[:, None])
+        if start >= full_end:  # a straddling tile: the mask, from the rows' limits
+            seen = offs_n[None, :] < limit[:, None]
+            ds = tl.where(seen, ds, 0.0)  # exactly 0, even where a hidden key's V or K is NaN
+            bad = _nonfinite(kt)
+            if tl.max(bad.to(tl.int32)) > 0:  # rare: a NaN or inf key, kept from rows that do not see it
+                dq += _seen_nonfinite(seen, tl.trans(kt), IEEE)
+                kt = tl.where(bad, tl.zeros_like(kt), kt)
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
     # p was exp2(s*log2e*scale - lse*log2e): dS/dq carries the softmax scale once.
     dq = dq * (qk_scale * LN2)
@@ -338,9 +368,6 @@ def _bwd_dkdv_kernel(
             delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
             # Padded rows load q = dO = 0: their p is finite and they add nothing to dK, dV.
             s = _dot(q, tl.trans(k), IEEE) * qk_scale
-            if m0 < m_full:  # rows that straddle: each row's limit
-                limit = ((offs_m.to(tl.int64) * T) // N + 1 - f0) * P  # may be <= 0: masked
-                s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
             p = tl.exp2(s - lse2[:, None])
             dp = _dot(do, tl.trans(v), IEEE)
             if DROPOUT:  # V and dO meet the kept probabilities only, scaled by 1 / (1 - p)
@@ -351,6 +378,21 @@ def _bwd_dkdv_kernel(
             else:
                 dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             ds = p * (dp - delta[:, None])
+            if m0 < m_full:  # rows that straddle: each row's limit (padded rows see nothing)
+                limit = ((offs_m.to(tl.int64) * T) // N + 1 - f0) * P  # may be <= 0: masked
+                seen = (offs_n[None, :] < limit[:, None]) & row_ok[:, None]
+                # Exactly 0 where the row does not see the key: a NaN key or a NaN row's LSE
+                # makes such an entry's p NaN, a NaN value its dp.
+                p = tl.where(seen, p, 0.0)
+                ds = tl.where(seen, ds, 0.0)
+                bad_q = _nonfinite(q)
+                bad_do = _nonfinite(do)
+                if tl.max((bad_q | bad_do).to(tl.int32)) > 0:  # rare: a NaN or inf row, kept from keys it does not see
+                    dk += _seen_nonfinite(tl.trans(seen), q, IEEE)
+                    dv += _seen_nonfinite(tl.trans(seen), do, IEEE)
+                    q = tl.where(bad_q, tl.zeros_like(q), q)
+                    do = tl.where(bad_do, tl.zeros_like(do), do)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     dk = dk * (qk_scale * LN2)
     tl.store(DK + keys * stride_dkl + hk * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd)

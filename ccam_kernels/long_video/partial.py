@@ -11,7 +11,7 @@ and ``o_r = 0``, i.e. weight 0. This is the split-KV merge of the kernels, expos
 a video can be processed frame chunk by frame chunk (``stream.py``) or across processes
 (``distributed.py``).
 
-Backends: "reference" (dense mask over the range, plain autograd), "torch" (blocks of
+Backends: "reference" (each frame's rows against the range's keys they see, plain autograd), "torch" (blocks of
 frames as the torch backend plans them, no N x L mask, its own backward that takes the
 gradient of the output *and* of the LSE), "triton" and "cuda" (the whole-video kernels over a
 frame window: backends/partial_ops.py, their partial_forward/backward, registered in
@@ -30,7 +30,7 @@ import torch
 from ..attention import BACKENDS as ATTENTION_BACKENDS
 from ..checks import ALL_DTYPES, as_int, check_int, check_probability, check_scale, normalize_frame_counts
 from ..dropout import keep_mask, keep_scale
-from ..mask import frame_of_query, mask_block
+from ..mask import first_query_of_frame, frame_of_query
 from ..backends import cuda_backend, tiling, triton_backend
 from ..backends.attention_ops import draw_seed
 from ..backends.torch_prefix import BlockDropout, _fold, _unfold, choose_engine
@@ -140,7 +140,12 @@ def check_partial_args(q, k, v, frame_counts, tokens_per_frame, frame_ranges, sc
 
 
 def partial_reference(q, k, v, problem: PartialProblem, dropout_p: float = 0.0, seed=None):
-    N, H, P, G = problem.num_query, problem.num_heads, problem.tokens_per_frame, problem.group_size
+    """Per sample and frame f, the rows of frame f against the range's keys of frames [f0, f],
+    sliced (never masked: a key a row does not see takes no part in its arithmetic, so a NaN or
+    inf reaches exactly what the formula makes it reach, docs/reference.md §7, "NaN and inf").
+    Rows whose frame is before the range see nothing: (out 0, LSE -inf). With dropout, the
+    mask at the range's keys, counted from the video's start (dropout.keep_mask)."""
+    N, H, D, P, G = problem.num_query, problem.num_heads, problem.head_dim, problem.tokens_per_frame, problem.group_size
     acc = accumulate_dtype(q.dtype)
     offsets = problem.key_offsets()
     outs, lses = [], []
@@ -148,22 +153,28 @@ def partial_reference(q, k, v, problem: PartialProblem, dropout_p: float = 0.0, 
         qb = (q if problem.shared_query else q[b]).to(acc)
         kb = k[offsets[b]:offsets[b + 1]].to(acc).repeat_interleave(G, dim=1)  # (Lr, H, D)
         vb = v[offsets[b]:offsets[b + 1]].to(acc).repeat_interleave(G, dim=1)
-        mask = mask_block(N, total, P, (0, N), (f0 * P, f1 * P), device=q.device)  # (N, Lr)
-        sees = mask.any(-1)  # queries that see at least one frame of the range
-        s = torch.einsum("nhd,lhd->hnl", qb, kb) * problem.scale
-        s = s.masked_fill(~mask, float("-inf"))
-        # Rows that see nothing get finite dummy scores, so neither the LSE nor its gradient
-        # ever evaluates exp(-inf - -inf); their results are then set to (-inf, 0).
-        s = torch.where(sees[:, None], s, torch.zeros((), dtype=acc, device=q.device))
-        lse = torch.where(sees, torch.logsumexp(s, dim=-1), float("-inf"))  # (H, N)
-        p = torch.where(sees[:, None], torch.exp(s - torch.where(sees, lse, 0.0)[..., None]), 0.0)
-        if dropout_p > 0:  # the mask at the range's keys, counted from the video's start
-            keep = keep_mask(seed, 0, b, torch.arange(H, device=q.device)[:, None],
-                             torch.arange(N, device=q.device)[None], f0 * P, f1 * P, H, dropout_p)
-            p = p * torch.where(keep, torch.tensor(keep_scale(dropout_p), dtype=acc, device=q.device),
-                                torch.zeros((), dtype=acc, device=q.device))
-        outs.append(torch.einsum("hnl,lhd->nhd", p, vb))
-        lses.append(lse)
+        first = first_query_of_frame(N, total)
+        out_rows, lse_rows = [], []
+        for f in range(total):
+            r0, r1 = first[f], first[f + 1]
+            seen = (min(f + 1, f1) - f0) * P  # the range's keys that the rows of frame f see
+            if r0 == r1:
+                continue
+            if seen <= 0:
+                out_rows.append(torch.zeros(r1 - r0, H, D, dtype=acc, device=q.device))
+                lse_rows.append(torch.full((H, r1 - r0), float("-inf"), dtype=acc, device=q.device))
+                continue
+            s = torch.einsum("nhd,lhd->hnl", qb[r0:r1], kb[:seen]) * problem.scale
+            p = torch.softmax(s, dim=-1)
+            if dropout_p > 0:  # the mask at the range's keys, counted from the video's start
+                keep = keep_mask(seed, 0, b, torch.arange(H, device=q.device)[:, None],
+                                 torch.arange(r0, r1, device=q.device)[None], f0 * P, f0 * P + seen, H, dropout_p)
+                p = p * torch.where(keep, torch.tensor(keep_scale(dropout_p), dtype=acc, device=q.device),
+                                    torch.zeros((), dtype=acc, device=q.device))
+            out_rows.append(torch.einsum("hnl,lhd->nhd", p, vb[:seen]))
+            lse_rows.append(torch.logsumexp(s, dim=-1))
+        outs.append(torch.cat(out_rows))
+        lses.append(torch.cat(lse_rows, dim=1))
     return torch.stack(outs), torch.stack(lses)
 
 
@@ -179,15 +190,15 @@ class Block:
     q1: int
     k0: int
     k1: int
-    masked: bool  # rows that straddle a frame boundary inside the block
 
 
 def plan_partial_blocks(num_query: int, num_frames: int, tokens_per_frame: int, f0: int, f1: int,
                         cap_by_frames: bool = True):
     """Blocks covering exactly the visible pairs of queries x frames [f0, f1) of a video with
-    ``num_frames`` frames (plus masked pairs inside straddling blocks). Queries are ordered by
-    frame, so segment [fa, fb) is seen whole by rows ``[first[fb-1], N)`` and in part by rows
-    ``[first[fa], first[fb-1])``, whose frames lie in [fa, fb-1).
+    ``num_frames`` frames, each pair once. Queries are ordered by frame, so segment [fa, fb) is
+    seen whole by rows ``[first[fb-1], N)`` (one block), and the rows of each frame f in
+    [fa, fb-1) see its frames [fa, f] (one block per such frame: no mask, so a key a block's row
+    does not see never enters its arithmetic, docs/reference.md §7, "NaN and inf").
 
     Host work and memory are O(N + blocks), never O(num_frames): a stream of an hour-long
     video plans each chunk from the chunk's own frames (and nothing is cached per chunk).
@@ -201,35 +212,30 @@ def plan_partial_blocks(num_query: int, num_frames: int, tokens_per_frame: int, 
         frames_per_segment = max(1, min(frames_per_segment, T // MIN_SEGMENTS))
     starts = list(range(f0, f1, frames_per_segment))
     ends = [min(f1, fa + frames_per_segment) for fa in starts]
-    # first query whose frame is >= f, for the frames needed only (mask.frame_of_query is the rule).
-    wanted = torch.tensor(starts + [fb - 1 for fb in ends], dtype=torch.int64)
-    first = torch.searchsorted(frame_of_query(N, T), wanted, side="left").tolist()
+    # first query whose frame is >= f, for f in [f0, f1] only (mask.frame_of_query is the rule).
+    first = torch.searchsorted(frame_of_query(N, T), torch.arange(f0, f1 + 1), side="left").tolist()
     blocks = []
-    for i, (fa, fb) in enumerate(zip(starts, ends)):
-        row_first, row_full = first[i], first[len(starts) + i]
-        if row_full < N:
-            blocks.append(Block(row_full, N, (fa - f0) * P, (fb - f0) * P, masked=False))
-        if row_first < row_full:
-            blocks.append(Block(row_first, row_full, (fa - f0) * P, (fb - 1 - f0) * P, masked=True))
+    for fa, fb in zip(starts, ends):
+        if first[fb - 1 - f0] < N:
+            blocks.append(Block(first[fb - 1 - f0], N, (fa - f0) * P, (fb - f0) * P))
+        for f in range(fa, fb - 1):  # the rows of frame f see the segment's frames [fa, f]
+            if first[f - f0] < first[f + 1 - f0]:
+                blocks.append(Block(first[f - f0], first[f + 1 - f0], (fa - f0) * P, (f + 1 - f0) * P))
     return tuple(blocks)
 
 
 def _walk(problem: PartialProblem, b: int, device, cap_by_frames: bool = True, dropout=None):
-    """(folded rows, packed key slice, mask or None, BlockDropout or None) of every block of
-    sample b; ``dropout``: None or (p, seed tensor)."""
+    """(folded rows, packed key slice, BlockDropout or None) of every block of sample b;
+    ``dropout``: None or (p, seed tensor)."""
     N, P, G = problem.num_query, problem.tokens_per_frame, problem.group_size
     total, (f0, f1) = problem.frame_counts[b], problem.frame_ranges[b]
     base = problem.key_offsets()[b]
     for blk in plan_partial_blocks(N, total, P, f0, f1, cap_by_frames):
-        mask = None
-        if blk.masked:
-            mask = mask_block(N, total, P, (blk.q0, blk.q1), (f0 * P + blk.k0, f0 * P + blk.k1), device=device)
-            mask = mask.repeat_interleave(G, dim=0)  # folded rows: query i -> rows i*G .. i*G+G-1
         drop = None
         if dropout is not None:  # keys counted from the video's start: the same masks as one call
             drop = BlockDropout(dropout[0], dropout[1], b, blk.q0, blk.q1, f0 * P + blk.k0, f0 * P + blk.k1,
                                 problem.num_heads, G)
-        yield slice(blk.q0 * G, blk.q1 * G), slice(base + blk.k0, base + blk.k1), mask, drop
+        yield slice(blk.q0 * G, blk.q1 * G), slice(base + blk.k0, base + blk.k1), drop
 
 
 def _lse_unfold(lse_f: torch.Tensor, num_query: int) -> torch.Tensor:
@@ -251,10 +257,9 @@ def _merge_blocks_into(qf, k, v, problem: PartialProblem, b: int, engine, o_acc,
     """Merge sample b's blocks into its running folded state, in place: o_acc (Hkv, N*G, D),
     lse (Hkv, N*G), both in the accumulation dtype; (0, -inf) is the empty state."""
     acc = o_acc.dtype
-    for rows, keys, mask, drop in _walk(problem, b, qf.device, cap_by_frames, dropout):
-        o_blk, lse_blk = engine.forward(
-            qf[:, rows], k[keys].transpose(0, 1), v[keys].transpose(0, 1), mask, problem.scale, drop
-        )
+    for rows, keys, drop in _walk(problem, b, qf.device, cap_by_frames, dropout):
+        o_blk, lse_blk = engine.forward(qf[:, rows], k[keys].transpose(0, 1), v[keys].transpose(0, 1), problem.scale,
+                                        drop)
         lse_blk = lse_blk.to(acc)
         # w = exp(lse_blk) / (exp(lse_old) + exp(lse_blk)); exactly 1 when lse_old = -inf.
         w = torch.sigmoid(lse_blk - lse[:, rows])
@@ -293,13 +298,13 @@ class RunningPartial:
         acc = accumulate_dtype(q.dtype)
         self.out = torch.zeros(num_kv_heads, self.qf.shape[1], q.shape[-1], dtype=acc, device=q.device)
         self.lse = torch.full(self.out.shape[:2], float("-inf"), dtype=acc, device=q.device)
-        self.engine = choose_engine(q.device, 0.0)
 
     def add(self, k, v, total_frames: int, tokens_per_frame: int, frame_range) -> None:
         problem = check_partial_args(self.q, k, v, (total_frames,), tokens_per_frame, [frame_range], None)
         k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
         with torch.no_grad():
-            _merge_blocks_into(self.qf, k, v, problem, 0, self.engine, self.out, self.lse, cap_by_frames=False)
+            engine = choose_engine(self.q.device, 0.0, inputs=(self.q, k, v))
+            _merge_blocks_into(self.qf, k, v, problem, 0, engine, self.out, self.lse, cap_by_frames=False)
 
     def result(self):
         n = self.q.shape[0]
@@ -322,11 +327,9 @@ def _partial_backward(dout, dlse, q, k, v, out, lse_all, problem: PartialProblem
         # Rows that see nothing of the range belong to no block; their (inf) LSE is never read.
         shift = (dof * _fold(out[b].to(cd), Hkv)).sum(-1) - _lse_fold(dlse[b].to(cd), Hkv)
         dqf = torch.zeros(Hkv, qf.shape[1], D, dtype=cd, device=q.device)
-        for rows, keys, mask, drop in _walk(problem, b, q.device, dropout=dropout):
+        for rows, keys, drop in _walk(problem, b, q.device, dropout=dropout):
             kb, vb = k[keys].transpose(0, 1).to(cd), v[keys].transpose(0, 1).to(cd)
             s = torch.matmul(qf[:, rows], kb.transpose(-1, -2)).mul_(problem.scale)
-            if mask is not None:
-                s.masked_fill_(~mask, float("-inf"))
             p = torch.exp(s.sub_(lsef[:, rows, None]))
             dp = torch.matmul(dof[:, rows], vb.transpose(-1, -2))
             if drop is not None:  # V and dO meet the kept probabilities only, scaled by 1 / (1 - p)
@@ -362,7 +365,7 @@ class _PartialTorch(torch.autograd.Function):
 
 
 def partial_torch(q, k, v, problem: PartialProblem, dropout_p: float = 0.0, seed=None):
-    engine = choose_engine(q.device, dropout_p)
+    engine = choose_engine(q.device, dropout_p, inputs=(q, k, v))
     # PyTorch's fused CPU attention misreads strided head dims: unit stride for every engine.
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     return _PartialTorch.apply(q, k, v, problem, engine, (dropout_p, seed) if dropout_p > 0 else None)
@@ -514,7 +517,7 @@ def merge_partials(partials: Partials) -> tuple[torch.Tensor, torch.Tensor]:
     top = torch.where(torch.isfinite(top), top, torch.zeros((), dtype=top.dtype, device=top.device))
     weights = torch.exp(lses - top)  # -inf -> 0
     norm = weights.sum(0)  # (B, H, N)
-    seen = norm > 0
+    seen = norm != 0  # a NaN norm (a NaN LSE: a row with a NaN score) keeps out and LSE NaN
     safe_norm = torch.where(seen, norm, torch.ones((), dtype=norm.dtype, device=norm.device))
     lse = torch.where(seen, top + torch.log(safe_norm), float("-inf"))
     w = (weights / safe_norm).transpose(-1, -2).unsqueeze(-1)  # (R, B, N, H, 1)

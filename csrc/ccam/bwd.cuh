@@ -90,29 +90,36 @@ __global__ void __launch_bounds__(128, 2) bwd_dq_kernel(const BwdParams p) {
     if (t + 1 < n_tiles) load_kv(t + 1);
     cp_async_commit();
     cp_async_wait<1>();
-    __syncthreads();
     const int64_t s0 = key_lo + int64_t(t) * BN;
-    const T* kt = s_k + (t & 1) * Tiles::kKV;
+    const bool masked = s0 + BN > lo;
+    T* kt = s_k + (t & 1) * Tiles::kKV;
     const T* vt = s_v + (t & 1) * Tiles::kKV;
+    const bool nonfinite = __syncthreads_or(masked && !own_chunks_finite<BN, DP, 128>(kt));  // tile.cuh
     float s[BN / 8][4], dp[BN / 8][4];
     zero(s);
     zero(dp);
     gemm_abt<T, DP, BN>(s, [&](int kc, uint32_t(&a)[4]) { load_a<DP>(a, s_q, warp * 16, kc); }, kt);
     gemm_abt<T, DP, BN>(dp, [&](int kc, uint32_t(&a)[4]) { load_a<DP>(a, s_do, warp * 16, kc); }, vt);
-    const bool masked = s0 + BN > lo;
     const int cut[2] = {tile_cut(limit[0], s0, BN), tile_cut(limit[1], s0, BN)};
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int half = e / 2;
-        float pr = exp2_approx(s[j][e] * p.scale_log2 - lse2[half]);
-        if (masked && j * 8 + 2 * (lane % 4) + (e & 1) >= cut[half]) pr = 0.f;
+        const float pr = exp2_approx(s[j][e] * p.scale_log2 - lse2[half]);
+        // dS, exactly 0 where the row does not see the key (its dP may be NaN from a hidden V).
+        const bool hidden = masked && j * 8 + 2 * (lane % 4) + (e & 1) >= cut[half];
         float dpv = dp[j][e];
         if (drop.on())
           dpv = drop.keep(row0 + 8 * half, s0 + j * 8 + 2 * (lane % 4) + (e & 1)) ? dpv * p.dropout_scale : 0.f;
-        s[j][e] = pr * (dpv - dlt[half]);  // dS
+        s[j][e] = hidden ? 0.f : pr * (dpv - dlt[half]);
       }
+    if (nonfinite) {  // rare: keep a hidden key's NaN or inf out of the rows that do not see it
+      add_seen_nonfinite<DP>(dq, kt, {0, 0}, {cut[0] < 0 ? 0 : cut[0], cut[1] < 0 ? 0 : cut[1]});
+      __syncthreads();
+      zero_own_nonfinite<BN, DP, 128>(kt);
+      __syncthreads();
+    }
     gemm_pb<T, DP, BN>(dq, s, kt);
     __syncthreads();
   }
@@ -197,37 +204,50 @@ __global__ void __launch_bounds__(128, 2) bwd_dkdv_kernel(const BwdParams p) {
     if (step + 1 < steps) load_rows(step + 1);
     cp_async_commit();
     cp_async_wait<1>();
-    __syncthreads();
     const int st = step & 1;
     const int64_t m0 = m_begin + int64_t(step % n_row_tiles) * BM;
-    const T* qt = s_q + st * Tiles::kQ;
-    const T* dot = s_do + st * Tiles::kQ;
+    const bool masked = m0 < rows_full;
+    T* qt = s_q + st * Tiles::kQ;
+    T* dot = s_do + st * Tiles::kQ;
+    const bool nonfinite = __syncthreads_or(  // tile.cuh
+        masked && !(own_chunks_finite<BM, DP, 128>(qt) && own_chunks_finite<BM, DP, 128>(dot)));
     float pt[BM / 8][4], dpt[BM / 8][4];  // P^T and dP^T: keys x query rows
     zero(pt);
     zero(dpt);
     gemm_abt<T, DP, BM>(pt, [&](int kc, uint32_t(&a)[4]) { load_a<DP>(a, s_k, warp * 16, kc); }, qt);
     gemm_abt<T, DP, BM>(dpt, [&](int kc, uint32_t(&a)[4]) { load_a<DP>(a, s_v, warp * 16, kc); }, dot);
-    const bool masked = m0 < rows_full;
     const int cut[2] = {tile_cut(seen_from[0], m0, BM), tile_cut(seen_from[1], m0, BM)};  // first row seeing the key
     // Dropout of this step's head: V and dO meet the kept probabilities only, scaled by 1 / (1 - p).
     const Dropout drop = dropout_of(p, p.dropout_threshold ? load(p.dropout_seed) : 0, b,
                                     hk * p.group + step / n_row_tiles, sample.first_frame * p.tokens_per_frame);
+    const int rows = N - m0 < BM ? static_cast<int>(N - m0) : BM;
 #pragma unroll
     for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = j * 8 + 2 * (lane % 4) + (e & 1);
-        float pr = exp2_approx(pt[j][e] * p.scale_log2 - load(s_lse + st * BM + col));
-        if (masked && col < cut[e / 2]) pr = 0.f;
-        float dpv = dpt[j][e];
-        pt[j][e] = pr;
+        const float pr = exp2_approx(pt[j][e] * p.scale_log2 - load(s_lse + st * BM + col));
+        // P and dS exactly 0 where the row does not see the key, or is past N (a NaN key
+        // makes such a row's score NaN, a NaN row's LSE makes its P NaN).
+        const bool hidden = masked && (col < cut[e / 2] || col >= rows);
+        float pv = hidden ? 0.f : pr, dpv = dpt[j][e];
         if (drop.on()) {
           const bool kept = drop.keep(m0 + col, key_a + 8 * (e / 2));
-          pt[j][e] = kept ? pr * p.dropout_scale : 0.f;
+          pv = kept ? pv * p.dropout_scale : 0.f;
           dpv = kept ? dpv * p.dropout_scale : 0.f;
         }
-        dpt[j][e] = pr * (dpv - load(s_delta + st * BM + col));  // dS^T
+        pt[j][e] = pv;
+        dpt[j][e] = hidden ? 0.f : pr * (dpv - load(s_delta + st * BM + col));  // dS^T
       }
+    if (nonfinite) {  // rare: keep a hidden row's NaN or inf out of the keys it does not see
+      const int begin[2] = {cut[0] < 0 ? 0 : cut[0], cut[1] < 0 ? 0 : cut[1]}, end[2] = {rows, rows};
+      add_seen_nonfinite<DP>(dv, dot, begin, end);
+      add_seen_nonfinite<DP>(dk, qt, begin, end);
+      __syncthreads();
+      zero_own_nonfinite<BM, DP, 128>(qt);
+      zero_own_nonfinite<BM, DP, 128>(dot);
+      __syncthreads();
+    }
     gemm_pb<T, DP, BM>(dv, pt, dot);
     gemm_pb<T, DP, BM>(dk, dpt, qt);
     __syncthreads();

@@ -82,12 +82,22 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
     if (t + 1 < n_tiles) load_kv(t + 1);
     cp_async_commit();
     cp_async_wait<1>();
-    __syncthreads();
+    const int64_t s0 = key_lo + int64_t(t) * BN;
+    // Straddles some row's limit (or runs past hi); never in the unmasked instance.
+    const bool masked = decltype(masked_tag)::value && s0 + BN > lo;
+    T* vt = s_v + (t & 1) * Tiles::kKV;
+    // A NaN or inf value in a masked tile must reach only the rows that see its key (tile.cuh).
+    // The unmasked instance needs no check: every row sees every key of its tiles.
+    bool nonfinite = false;
+    if constexpr (decltype(masked_tag)::value) {
+      nonfinite = __syncthreads_or(masked && !own_chunks_finite<BN, DP, 128>(vt));
+    } else {
+      __syncthreads();
+    }
     if (t == 0) {
 #pragma unroll
       for (int kc = 0; kc < DP / 16; ++kc) load_a<DP>(q_frag[kc], s_q, warp * 16, kc);
     }
-    const int64_t s0 = key_lo + int64_t(t) * BN;
     float s[BN / 8][4];
     zero(s);
     gemm_abt<T, DP, BN>(s, [&](int kc, uint32_t(&a)[4]) {
@@ -95,7 +105,6 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
       for (int i = 0; i < 4; ++i) a[i] = q_frag[kc][i];
     }, s_k + (t & 1) * Tiles::kKV);
 
-    const bool masked = decltype(masked_tag)::value && s0 + BN > lo;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int cut = tile_cut(limit[half], s0, BN);  // this row's first hidden column of the tile
@@ -138,7 +147,14 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
         o[j][2 * half + 1] *= alpha;
       }
     }
-    gemm_pb<T, DP, BN>(o, s, s_v + (t & 1) * Tiles::kKV);
+    if (nonfinite) {  // rare: keep a hidden key's NaN or inf out of the rows that do not see it
+      const int cut0 = tile_cut(limit[0], s0, BN), cut1 = tile_cut(limit[1], s0, BN);
+      add_seen_nonfinite<DP>(o, vt, {0, 0}, {cut0 < 0 ? 0 : cut0, cut1 < 0 ? 0 : cut1});
+      __syncthreads();
+      zero_own_nonfinite<BN, DP, 128>(vt);
+      __syncthreads();
+    }
+    gemm_pb<T, DP, BN>(o, s, vt);
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
   };
   // Tiles [0, n_full) end at or below lo: every row sees them whole. At DP = 128 the two loop
@@ -153,13 +169,13 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
 
   // A whole video without splits: every row saw key 0, so l > 0. A split, or a frame window
   // after a row's frame, may have seen nothing live for a row: its output is then 0 with LSE
-  // -inf (weight 0 in the merge).
+  // -inf (weight 0 in the merge). A row with a NaN score has l = NaN: output and LSE NaN.
   float inv[2], lse[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const float l = quad_sum(l_run[half]);
-    inv[half] = l > 0.f ? (drop.on() ? p.dropout_scale : 1.f) / l : 0.f;
-    lse[half] = l > 0.f ? (m_run[half] + __log2f(l)) * 0.6931471805599453f : -INFINITY;
+    inv[half] = l == 0.f ? 0.f : (drop.on() ? p.dropout_scale : 1.f) / l;
+    lse[half] = l == 0.f ? -INFINITY : (m_run[half] + __log2f(l)) * 0.6931471805599453f;
   }
   const int64_t strip = m0 + warp * 16;
   if (p.out_partial) {

@@ -83,6 +83,79 @@ __device__ __forceinline__ int tile_cut(int64_t bound, int64_t start, int width)
   return rel < 0 ? -1 : rel > width ? width : static_cast<int>(rel);
 }
 
+// The NaN rule (docs/reference.md §7, "NaN and inf"): a tile that straddles the rows' limits holds keys (or,
+// in the dK/dV pass, query rows) that some rows (keys) of the product do not see, and their
+// probability 0 times a NaN or inf would still be NaN. Each thread checks the chunks it copied
+// (own_chunks_finite) and one barrier-OR tells the CTA; in the rare tile that holds a NaN or
+// inf, each thread adds to its accumulators the non-finite values its rows see
+// (add_seen_nonfinite), then the non-finite values are zeroed (zero_own_nonfinite) for the MMA.
+template <typename T>
+constexpr uint32_t kExponentBits = std::is_same_v<T, __half> ? 0x7c00u : 0x7f80u;
+
+// A 16-bit value, given by its bits, as a float when it is NaN or +-inf; 0 when it is finite.
+template <typename T>
+__device__ __forceinline__ float nonfinite_part(uint16_t bits) {
+  constexpr uint32_t e = kExponentBits<T>;
+  if ((bits & e) != e) return 0.f;
+  if (bits & 0x7fffu & ~e) return NAN;
+  return bits & 0x8000u ? -INFINITY : INFINITY;
+}
+
+// Whether the 16-byte chunks this thread copied into a tile (load_tile's mapping) are finite.
+template <int ROWS, int DP, int THREADS, typename T>
+__device__ __forceinline__ bool own_chunks_finite(const T* tile) {
+  constexpr int kChunks = DP / 8;
+  constexpr uint32_t lo = kExponentBits<T>, hi = lo << 16;
+  bool finite = true;
+#pragma unroll
+  for (int i = 0; i < ROWS * kChunks / THREADS; ++i) {
+    const int c = threadIdx.x + i * THREADS;
+    const uint32_t* x = reinterpret_cast<const uint32_t*>(tile + (c / kChunks) * kPitch<DP> + (c % kChunks) * 8);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const uint32_t bits = load(x + w);
+      finite = finite && (bits & lo) != lo && (bits & hi) != hi;
+    }
+  }
+  return finite;
+}
+
+// Zero the NaN and inf values of the chunks this thread copied into a tile.
+template <int ROWS, int DP, int THREADS, typename T>
+__device__ __forceinline__ void zero_own_nonfinite(T* tile) {
+  constexpr int kChunks = DP / 8;
+  constexpr uint32_t lo = kExponentBits<T>, hi = lo << 16;
+  for (int i = 0; i < ROWS * kChunks / THREADS; ++i) {
+    const int c = threadIdx.x + i * THREADS;
+    uint32_t* x = reinterpret_cast<uint32_t*>(tile + (c / kChunks) * kPitch<DP> + (c % kChunks) * 8);
+    for (int w = 0; w < 4; ++w) {
+      uint32_t bits = load(x + w);
+      const uint32_t kept = ((bits & lo) == lo ? 0u : 0xffffu) | ((bits & hi) == hi ? 0u : 0xffff0000u);
+      if (kept != 0xffffffffu) store(x + w, bits & kept);
+    }
+  }
+}
+
+// acc (this warp's 16 x DP strip, C-fragment layout) += for each of this thread's two rows
+// (half 0: row g, half 1: row g + 8) and each of its columns, the sum of the non-finite values
+// of tile rows [begin[half], end[half]) in that column: the NaN and inf that the row sees.
+template <int DP, typename T>
+__device__ __forceinline__ void add_seen_nonfinite(float (&acc)[DP / 8][4], const T* tile, const int (&begin)[2],
+                                                   const int (&end)[2]) {
+  const int lane = threadIdx.x % 32;
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(tile);
+  // Unrolled: acc must stay in registers (a runtime index would move it to local memory).
+#pragma unroll
+  for (int j = 0; j < DP / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = j * 8 + 2 * (lane % 4) + (e & 1);
+      float sum = 0.f;
+      for (int r = begin[e / 2]; r < end[e / 2]; ++r) sum += nonfinite_part<T>(load(bits + r * kPitch<DP> + col));
+      acc[j][e] += sum;
+    }
+}
+
 template <int R, int C>
 __device__ __forceinline__ void zero(float (&x)[R][C]) {
 #pragma unroll

@@ -154,6 +154,7 @@ struct Machine {
   const std::vector<Region>* regions = nullptr;
   const std::function<void()>* body = nullptr;
   int barrier_arrived = 0;
+  bool barrier_or = false, barrier_result = false;  // __syncthreads_or: the arrivals' OR, the last result
   uint64_t epoch = 0;
   std::string error;
   int error_tid = -1;
@@ -233,6 +234,7 @@ void run_cta(const std::vector<int>& order) {
   std::memset(ccam::smem_bytes, 0xFF, M.geometry->smem_bytes);  // NaN in fp16, bf16 and fp32
   ++M.epoch;
   M.barrier_arrived = 0;
+  M.barrier_or = false;
   for (auto& w : M.warps) w.arrived = 0;
   for (auto& t : M.threads) {
     t.state = State::Runnable;
@@ -489,18 +491,28 @@ void access(const void* p, size_t bytes, bool write, const char* what) {
     detail::global_access(p, bytes, write, what);
 }
 
-void syncthreads() {
+int syncthreads_or(int predicate);
+void syncthreads() { syncthreads_or(0); }
+
+// bar.red.or (__syncthreads_or): the barrier, returning to every thread whether any thread
+// arrived with a non-zero predicate. The last arrival publishes the result before it wakes the
+// others, and they read it on waking, before any of them can arrive at the next barrier.
+int syncthreads_or(int predicate) {
   ThreadState& t = cur();
+  M.barrier_or = M.barrier_or || predicate != 0;
   if (++M.barrier_arrived < static_cast<int>(M.threads.size())) {
     t.state = State::Blocked;
     t.waiting_at = "__syncthreads";
     yield_to_scheduler(t);
   } else {
+    M.barrier_result = M.barrier_or;
+    M.barrier_or = false;
     M.barrier_arrived = 0;
     ++M.epoch;
     for (auto& o : M.threads)
       if (&o != &t) o.state = State::Runnable;
   }
+  return M.barrier_result;
 }
 
 // ---- cp.async (PTX ISA, Data Movement and Conversion Instructions: "cp.async",

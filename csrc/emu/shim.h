@@ -79,6 +79,7 @@ inline float bf16_to_float(uint16_t b) {
 // Warp shuffle (shfl.sync.bfly.b32): every lane of the warp must arrive with the same mask.
 float shfl_xor(unsigned mask, float value, int lane_mask);
 void syncthreads();
+int syncthreads_or(int predicate);
 
 }  // namespace ccam_emu
 
@@ -90,6 +91,7 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
 }
 inline float __log2f(float x) { return log2f(x); }
 inline void __syncthreads() { ccam_emu::syncthreads(); }
+inline int __syncthreads_or(int predicate) { return ccam_emu::syncthreads_or(predicate); }
 inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
   return ccam_emu::shfl_xor(mask, value, lane_mask);
 }

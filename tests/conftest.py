@@ -110,3 +110,29 @@ def triton_here():
     if not CUDA and not triton_backend.interpreting():
         pytest.fail("no CUDA and TRITON_INTERPRET is not set: run the tests through conftest (pytest tests/)")
     assert triton_backend.why_unusable() is None
+
+
+def require_cuda_backend(monkeypatch) -> None:
+    """The cuda ops on this machine: without a GPU the CPU emulation build (which must build:
+    a failure, never a skip); on a GPU the built extension, else a skip with the reason (a
+    failure where CCAM_REQUIRE_CUDA_BACKEND=1, as in the GPU suite)."""
+    from ccam_kernels.attention import BACKENDS
+    from ccam_kernels.backends import cuda_backend
+
+    if not CUDA:
+        monkeypatch.setenv(cuda_backend.EMULATE_ENV, "1")
+        why = BACKENDS["cuda"].why_unusable()
+        if why:
+            pytest.fail(f"the cuda backend's CPU emulation is unusable: {why}")
+        return
+    why = BACKENDS["cuda"].why_unusable()
+    if why:
+        if os.environ.get("CCAM_REQUIRE_CUDA_BACKEND") == "1":
+            pytest.fail(f"the cuda backend is required here but unusable: {why}")
+        pytest.skip(f"cuda backend unusable: {why}")
+
+
+@pytest.fixture
+def cuda_here(monkeypatch):
+    """For tests of the cuda backend: see :func:`require_cuda_backend`."""
+    require_cuda_backend(monkeypatch)

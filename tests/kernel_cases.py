@@ -126,3 +126,15 @@ def check_dropout_partials_merge(backend, q, k, v, counts, P, dtype, tol, p=0.3)
                                             backend=backend))
     merged, _ = merge_partials(parts)
     assert rel_err(merged, full.float()) <= tol
+
+
+def check_dropout_with_splits_and_partials(backend, q, k, v, dout, dtype, tolerance, monkeypatch):
+    """Split-KV programs and frame windows draw the same mask as one program (keys counted from
+    the video's start): forced splits against the reference, then partials merged."""
+    from ccam_kernels.backends import tiling
+
+    counts, P = DROPOUT_SPLIT_CASE[4:6]
+    monkeypatch.setattr(tiling, "FORCE_SPLITS", 3)
+    check_dropout_against_reference(backend, q, k, v, dout, counts, P, dtype, tolerance)
+    monkeypatch.setattr(tiling, "FORCE_SPLITS", None)
+    check_dropout_partials_merge(backend, q, k, v, counts, P, dtype, tolerance)

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from ccam_kernels import CCAMConfig, CCAMProjector, available_backends, ccam_attention
-from ccam_kernels.attention import BACKENDS
 from ccam_kernels.backends import cuda_backend, tiling
 from conftest import rel_err
 from kernel_cases import CASES, check_against_oracle, check_deterministic, check_lse, make_inputs
-from kernel_cases import DROPOUT_CASES, DROPOUT_SPLIT_CASE, check_dropout_against_reference, check_dropout_partials_merge
+from kernel_cases import (DROPOUT_CASES, DROPOUT_SPLIT_CASE, check_dropout_against_reference,
+                          check_dropout_with_splits_and_partials)
 from oracle import attention_oracle
 
 GPU = torch.cuda.is_available()
@@ -31,18 +31,8 @@ TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # docs/reference.md §7
 
 
 @pytest.fixture(autouse=True)
-def cuda_backend_here(monkeypatch):
-    if not GPU:
-        monkeypatch.setenv(cuda_backend.EMULATE_ENV, "1")
-        why = BACKENDS["cuda"].why_unusable()
-        if why:
-            pytest.fail(f"the cuda backend's CPU emulation is unusable: {why}")
-        return
-    why = BACKENDS["cuda"].why_unusable()
-    if why:
-        if os.environ.get("CCAM_REQUIRE_CUDA_BACKEND") == "1":
-            pytest.fail(f"the cuda backend is required here but unusable: {why}")
-        pytest.skip(f"cuda backend unusable: {why}")
+def cuda_backend_here(cuda_here):
+    """Every test of this file (and of those importing this fixture) runs the cuda ops."""
 
 
 def _inputs(N, H, Hkv, D, counts, P, shared, dtype, scale_q=1.0):
@@ -244,10 +234,6 @@ def test_cuda_dropout_matches_reference(N, H, Hkv, D, counts, P, shared, dtype):
 
 def test_cuda_dropout_with_splits_and_partials(monkeypatch):
     """Split-KV programs and frame windows draw the same mask (keys counted from the video's start)."""
-    dtype = DTYPES[-1] if "cuda" == "cuda" else DTYPES[0]
+    dtype = DTYPES[-1]
     q, k, v, dout = _inputs(*DROPOUT_SPLIT_CASE, dtype)
-    counts, P = DROPOUT_SPLIT_CASE[4:6]
-    monkeypatch.setattr(tiling, "FORCE_SPLITS", 3)
-    check_dropout_against_reference("cuda", q, k, v, dout, counts, P, dtype, TOLERANCE[dtype])
-    monkeypatch.setattr(tiling, "FORCE_SPLITS", None)
-    check_dropout_partials_merge("cuda", q, k, v, counts, P, dtype, TOLERANCE[dtype])
+    check_dropout_with_splits_and_partials("cuda", q, k, v, dout, dtype, TOLERANCE[dtype], monkeypatch)

@@ -14,8 +14,6 @@ import pytest
 import torch
 
 from ccam_kernels import ccam_attention
-from ccam_kernels.attention import BACKENDS
-from ccam_kernels.backends import cuda_backend
 from conftest import CUDA, rel_err
 from kernel_cases import make_inputs
 from oracle import attention_rows_oracle
@@ -142,15 +140,6 @@ def test_triton_follows_the_formula_keys_no_row_sees(dtype, poison):
     """T > N: the poisoned key may be one that no row sees (its dK, dV are then 0)."""
     pytest.importorskip("triton", reason="triton is not installed")
     check_nan_rule("triton", dtype, CASES[2].values[0], poison, TOLERANCE[dtype])
-
-
-@pytest.fixture
-def cuda_here(monkeypatch):
-    if not CUDA:
-        monkeypatch.setenv(cuda_backend.EMULATE_ENV, "1")
-    why = BACKENDS["cuda"].why_unusable()
-    if why:
-        pytest.fail(f"the cuda backend is unusable: {why}")
 
 
 @pytest.mark.usefixtures("cuda_here")

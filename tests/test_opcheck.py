@@ -21,16 +21,14 @@ run on the device, bfloat16 included. Shapes are tiny: opcheck runs each op seve
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
 
-from ccam_kernels.attention import BACKENDS
 from ccam_kernels.backends import cuda_backend, tiling, triton_backend
 from ccam_kernels.backends.reference import ccam_attention_reference
 from ccam_kernels.backends.torch_prefix import ccam_attention_torch
-from conftest import CUDA, TRITON_DEVICE, TRITON_DTYPES
+from conftest import CUDA, TRITON_DEVICE, TRITON_DTYPES, require_cuda_backend
 from test_long_video_partial import keys_of_ranges
 
 FAST = ("test_schema", "test_autograd_registration", "test_faketensor")
@@ -71,19 +69,7 @@ def _inputs(dtype, layout, shared, counts, device):
 
 
 def _cuda_here(monkeypatch):
-    """The cuda ops on this machine: on the emulation build without a GPU (which must build);
-    on a GPU the built extension, else a skip with the reason (a failure in the GPU suite)."""
-    if not CUDA:
-        monkeypatch.setenv(cuda_backend.EMULATE_ENV, "1")
-        why = BACKENDS["cuda"].why_unusable()
-        if why:
-            pytest.fail(f"the cuda backend's CPU emulation is unusable: {why}")
-        return
-    why = BACKENDS["cuda"].why_unusable()
-    if why:
-        if os.environ.get("CCAM_REQUIRE_CUDA_BACKEND") == "1":
-            pytest.fail(f"the cuda backend is required here but unusable: {why}")
-        pytest.skip(f"cuda backend unusable: {why}")
+    require_cuda_backend(monkeypatch)
 
 
 def check_attention_ops(run, dtype, layout, keep_acc, shared, counts, variant, device, *, dropout_p=0.0,

@@ -12,7 +12,8 @@ from ccam_kernels.backends import tiling, triton_backend
 from conftest import CUDA, rel_err
 from conftest import TRITON_DEVICE as DEVICE, TRITON_DTYPES as DTYPES, TRITON_TOLERANCE as TOLERANCE
 from kernel_cases import CASES, check_against_oracle, check_deterministic, check_lse, make_inputs
-from kernel_cases import DROPOUT_CASES, DROPOUT_SPLIT_CASE, check_dropout_against_reference, check_dropout_partials_merge
+from kernel_cases import (DROPOUT_CASES, DROPOUT_SPLIT_CASE, check_dropout_against_reference,
+                          check_dropout_with_splits_and_partials)
 from oracle import attention_oracle
 
 pytest.importorskip("triton", reason="triton is not installed")
@@ -119,10 +120,6 @@ def test_triton_dropout_matches_reference(N, H, Hkv, D, counts, P, shared, dtype
 
 def test_triton_dropout_with_splits_and_partials(monkeypatch):
     """Split-KV programs and frame windows draw the same mask (keys counted from the video's start)."""
-    dtype = DTYPES[-1] if "triton" == "cuda" else DTYPES[0]
+    dtype = DTYPES[0]
     q, k, v, dout = _inputs(*DROPOUT_SPLIT_CASE, dtype)
-    counts, P = DROPOUT_SPLIT_CASE[4:6]
-    monkeypatch.setattr(tiling, "FORCE_SPLITS", 3)
-    check_dropout_against_reference("triton", q, k, v, dout, counts, P, dtype, TOLERANCE[dtype])
-    monkeypatch.setattr(tiling, "FORCE_SPLITS", None)
-    check_dropout_partials_merge("triton", q, k, v, counts, P, dtype, TOLERANCE[dtype])
+    check_dropout_with_splits_and_partials("triton", q, k, v, dout, dtype, TOLERANCE[dtype], monkeypatch)

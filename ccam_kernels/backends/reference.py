@@ -12,7 +12,6 @@ the same plain computation with autograd, recomputing the dropout masks from the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..dropout import keep_mask, keep_scale
 from ..mask import dense_mask, first_query_of_frame, key_offsets

@@ -373,10 +373,7 @@ def _bwd_dkdv_kernel(
             if DROPOUT:  # V and dO meet the kept probabilities only, scaled by 1 / (1 - p)
                 kept = dropped(tl.full(p.shape, drop_scale, tl.float32), SEED, bh, offs_m.to(tl.int64),
                                f0 * P + offs_n, drop_threshold, DROPOUT)  # 1 / (1 - p) or 0
-                dv += _dot(tl.trans((p * kept).to(do.dtype)), do, IEEE)
                 dp = dp * kept
-            else:
-                dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             ds = p * (dp - delta[:, None])
             if m0 < m_full:  # rows that straddle: each row's limit (padded rows see nothing)
                 limit = ((offs_m.to(tl.int64) * T) // N + 1 - f0) * P  # may be <= 0: masked
@@ -392,6 +389,8 @@ def _bwd_dkdv_kernel(
                     dv += _seen_nonfinite(tl.trans(seen), do, IEEE)
                     q = tl.where(bad_q, tl.zeros_like(q), q)
                     do = tl.where(bad_do, tl.zeros_like(do), do)
+            if DROPOUT:
+                p = p * kept
             dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     dk = dk * (qk_scale * LN2)

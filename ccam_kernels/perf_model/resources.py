@@ -53,7 +53,7 @@ def cuda_resources(jobs: int | None = None) -> dict:
 
 _SIZES = {"N", "H", "G", "P", "D", "TUNE_CLASS"}  # upper-case ints; every other upper-case argument is a pointer
 _POINTERS_FP32 = {"LSE", "DELTA", "DQ"}
-_POINTERS_I64 = {"FRAMES", "KEY_START", "FIRST_FRAME", "END_FRAME", "TILE_SAMPLE", "TILE_START"}
+_POINTERS_I64 = {"FRAMES", "KEY_START", "FIRST_FRAME", "END_FRAME", "TILE_SAMPLE", "TILE_START", "SEED"}
 
 
 def _triton_signature(fn, constexprs: dict, dtype: str) -> tuple[dict, dict]:
@@ -69,7 +69,7 @@ def _triton_signature(fn, constexprs: dict, dtype: str) -> tuple[dict, dict]:
             fp32 = name in _POINTERS_FP32 or (name == "O" and constexprs.get("SPLIT"))
             sig[name] = "*i64" if name in _POINTERS_I64 else "*fp32" if fp32 else f"*{dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "qk_scale":
+        elif name in ("qk_scale", "drop_scale"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -121,7 +121,8 @@ def _compile_triton(args) -> tuple[str, dict]:
 
     fn = getattr(triton_kernels, {"fwd": "_fwd_kernel", "dq": "_bwd_dq_kernel", "dkdv": "_bwd_dkdv_kernel"}[kernel]).fn
     block_m, block_n, _ = triton_kernels.gpu_block_sizes(block_d)
-    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=False)
+    # The kernels without dropout (DROPOUT compiles it out), as the v1.2 inference shape runs them.
+    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=False, DROPOUT=False)
     if "SPLIT" in fn.arg_names:
         constexprs["SPLIT"] = False
     sig, attrs = _triton_signature(fn, constexprs, "bf16")

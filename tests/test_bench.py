@@ -336,7 +336,7 @@ def test_ccam_bench_end_to_end(tmp_path, tiny_config, capsys):
     doc = json.loads((out / "results.json").read_text())
     for key in ("schema", "commit", "date", "device", "torch", "triton", "cuda", "ceilings", "rows", "settings"):
         assert key in doc
-    assert doc["schema"] == 1 and doc["complete"] is True
+    assert doc["schema"] == 2 and doc["complete"] is True
     assert doc["settings"]["tokens_per_frame"] == 3 and doc["settings"]["config"]["num_query"] == 13
     assert doc["ceilings"]["matmul_tflops"] > 0 and doc["ceilings"]["copy_gbps"] > 0
     att, proj = C.default_contestants("attention", CPU), C.default_contestants("projector", CPU)
@@ -349,6 +349,10 @@ def test_ccam_bench_end_to_end(tmp_path, tiny_config, capsys):
             continue
         assert row["status"] == "ok", row
         assert row["median_ms"] > 0 and row["tflops"] > 0 and row["pct_of_ceiling"] > 0
+        # each row's % of ceiling is against its own case's ceiling, measured around the case
+        assert row["ceiling_tflops"] == max(row["ceiling_before_tflops"], row["ceiling_after_tflops"]) > 0
+        assert row["pct_of_ceiling"] == pytest.approx(100 * row["tflops"] / row["ceiling_tflops"])
+        assert isinstance(row["noisy"], bool)
         assert row["repeats"] == 4 and row["spread_pct"] is not None
         assert row["max_rel_err"] < 1e-5, row
         assert row["frame_counts"] in ([1], list(SHARED_COUNTS)) and row["dtype"] == "float32"

@@ -185,7 +185,7 @@ def compare_docs(device_b="CPU Test Processor (4 threads)"):
         make_row("sdpa-cudnn", 16, median_ms=1.0),
         make_row("torch", 16, median_ms=10.0, dtype="bfloat16", bench="projector"),
     ], commit="bbbbbbbbbbbbbbbb", device=device_b)
-    b["ceilings"] = {"matmul_tflops": 2.0, "matmul_dtype": "float32", "copy_gbps": 20.0}
+    b["ceilings"] = {"matmul_tflops": 1.5, "matmul_dtype": "float32", "copy_gbps": 20.0}  # same machine speed
     return a, b
 
 
@@ -252,18 +252,18 @@ def test_format_comparison_text():
     assert lines[0] == ("A: aaaaaaaaaa · 2025-01-02T03:04:05+00:00 · CPU Test Processor (4 threads) · "
                         "ceilings: GEMM 1.500 TFLOP/s (float32), copy 12.5 GB/s")
     assert lines[1].startswith("B: bbbbbbbbbb · ")
-    assert "GEMM 2.000 TFLOP/s" in lines[1] and "copy 20.0 GB/s" in lines[1]
+    assert "GEMM 1.500 TFLOP/s" in lines[1] and "copy 20.0 GB/s" in lines[1]
     assert "WARNING" not in text
     header = next(line for line in lines if line.startswith("bench"))
     assert header.split() == ["bench", "pass", "frames", "B", "dtype", "backend",
-                              "A", "ms", "B", "ms", "B/A", "verdict"]
+                              "A", "ms", "B", "ms", "raw", "B/A", "B/A", "verdict"]
     torch_line = next(line for line in lines if " 10.000 " in line and "8.000" in line)
     assert torch_line.split() == ["attention", "fwd", "16", "1", "bfloat16", "torch",
-                                  "10.000", "8.000", "0.800", "faster"]
+                                  "10.000", "8.000", "0.800", "0.800", "faster"]
     ragged_line = next(line for line in lines if "3,7" in line)
-    assert ragged_line.split()[-4:] == ["5.000", "10.000", "2.000", "slower"]
+    assert ragged_line.split()[-5:] == ["5.000", "10.000", "2.000", "2.000", "slower"]
     oom_line = next(line for line in lines if "oom" in line)
-    assert oom_line.split() == ["attention", "fwd", "32", "1", "bfloat16", "flex", "4.000", "oom", "-",
+    assert oom_line.split() == ["attention", "fwd", "32", "1", "bfloat16", "flex", "4.000", "oom", "-", "-",
                                 "not", "comparable", "(ok/oom)"]
     geomean = math.exp((math.log(1.25) + math.log(10 / 12) + math.log(10 / 10.5) + math.log(2 / 2.04)
                         + math.log(0.5)) / 5)
@@ -321,8 +321,8 @@ def test_main_markdown(tmp_path, capsys):
     assert cmp.main([str(fa), str(fb), "--markdown", "--backend", "torch"]) == 0
     lines = capsys.readouterr().out.splitlines()
     table = [line for line in lines if line.startswith("|")]
-    assert table[0] == "| bench | pass | frames | B | dtype | backend | A ms | B ms | B/A | verdict |"
-    assert "| attention | fwd | 16 | 1 | bfloat16 | torch | 10.000 | 8.000 | 0.800 | faster |" in table
+    assert table[0] == "| bench | pass | frames | B | dtype | backend | A ms | B ms | raw B/A | B/A | verdict |"
+    assert "| attention | fwd | 16 | 1 | bfloat16 | torch | 10.000 | 8.000 | 0.800 | 0.800 | faster |" in table
     assert len(table) == 2 + 5  # header, separator, five torch entries
 
 
@@ -351,3 +351,71 @@ def test_main_rejects_bad_threshold(tmp_path):
     with pytest.raises(SystemExit) as exc:
         cmp.main([str(fa), str(fa), "--threshold", "-1"])
     assert exc.value.code == 2
+
+
+# -- compare: normalized by each run's GEMM ceilings; dtypes matched on request --------------
+
+
+def test_compare_normalizes_by_each_rows_ceiling():
+    """Identical code on a machine half as fast: B's latency doubles, and so does A's ceiling
+    over B's; the normalized ratio is 1 ("same"), the raw one 2, and a warning names the gap."""
+    a = make_doc([make_row("torch", 16, median_ms=10.0), make_row("flex", 16, median_ms=4.0)])
+    b = make_doc([make_row("torch", 16, median_ms=20.0), make_row("flex", 16, median_ms=8.0)])
+    b["ceilings"] = {"matmul_tflops": 0.75, "matmul_dtype": "float32", "copy_gbps": 12.5}
+    a["rows"][0]["ceiling_tflops"], b["rows"][0]["ceiling_tflops"] = 1.6, 0.8  # the case's own ceilings
+    torch_e, flex_e = cmp.compare(a, b)
+    assert torch_e["raw_ratio"] == pytest.approx(2.0) and torch_e["ratio"] == pytest.approx(1.0)
+    assert torch_e["verdict"] == "same"
+    # flex has no case ceiling: the runs' rates stand in (1.5 vs 0.75)
+    assert flex_e["ceiling_a"] == 1.5 and flex_e["ceiling_b"] == 0.75 and flex_e["ratio"] == pytest.approx(1.0)
+    raw = cmp.compare(a, b, normalize=False)
+    assert raw[0]["ratio"] == pytest.approx(2.0) and raw[0]["verdict"] == "slower"
+    text = cmp.format_comparison(cmp.compare(a, b), a, b)
+    warnings = [line for line in text.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 2 and "differ by 50%" in warnings[0] and "2 of 2 matched rows" in warnings[1]
+
+
+def test_compare_no_ceiling_warning_within_ten_percent():
+    a = make_doc([make_row("torch", 16, median_ms=10.0)])
+    b = make_doc([make_row("torch", 16, median_ms=10.0)])
+    b["ceilings"] = {"matmul_tflops": 1.5 * 1.09, "matmul_dtype": "float32", "copy_gbps": 12.5}
+    assert "WARNING" not in cmp.format_comparison(cmp.compare(a, b), a, b)
+
+
+def test_compare_across_dtypes_when_asked(tmp_path, capsys):
+    a = make_doc([make_row("torch", 16, median_ms=10.0, dtype="float32"),
+                  make_row("torch", 16, median_ms=9.0, dtype="bfloat16")])
+    b = make_doc([make_row("torch", 16, median_ms=5.0, dtype="bfloat16")])
+    plain = cmp.compare(a, b)
+    assert [e["verdict"] for e in plain] == ["only in A", "faster"]  # bfloat16 with bfloat16 only
+    across = cmp.compare(a, b, dtypes=("float32", "bfloat16"))
+    assert len(across) == 1 and across[0]["raw_ratio"] == pytest.approx(0.5) and across[0]["verdict"] == "faster"
+    fa, fb = write_json(tmp_path / "a.json", a), write_json(tmp_path / "b.json", b)
+    assert cmp.main([str(fa), str(fb), "--dtypes", "float32:bfloat16"]) == 0
+    assert "1 compared: 1 faster" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cmp.main([str(fa), str(fb), "--dtypes", "float32"])
+
+
+def test_noisy_rows_are_marked_in_the_tables():
+    from ccam_kernels.bench.report import format_summary, markdown_text
+    from ccam_kernels.bench.timing import case_ceiling, noisy_reason
+
+    drift = make_row("torch", 16, median_ms=10.0)
+    drift.update(case_ceiling(1.0, 0.7))  # the machine slowed 30% during the case
+    over = make_row("flex", 16, median_ms=4.0)
+    over.update(case_ceiling(1.0, 0.9), pct_of_ceiling=127.8)
+    fine = make_row("reference", 16, median_ms=20.0)
+    fine.update(case_ceiling(1.0, 0.85))  # 15%: within the 20% allowed
+    assert drift["ceiling_tflops"] == 1.0 and drift["ceiling_drift_pct"] == pytest.approx(30.0)
+    for row in (drift, over, fine):
+        row["noisy_reason"] = noisy_reason(row)
+        row["noisy"] = row["noisy_reason"] is not None
+    assert "moved 30%" in drift["noisy_reason"] and over["noisy_reason"] == "128% of the ceiling"
+    assert fine["noisy"] is False
+    doc = make_doc([fine, drift, over])
+    doc["ceilings"]["matmul_tflops_by_dtype"] = {"float32": 1.5}
+    md = markdown_text(doc)
+    assert md.count("| NOISY |") == 2 and "moved 30% during the case" in md
+    summary = format_summary(doc)
+    assert summary.count("NOISY") == 3  # two cells and the legend line

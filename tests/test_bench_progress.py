@@ -215,8 +215,10 @@ def test_run_case_reports_every_call_it_ran():
     settings = Settings(warmup=2, repeats=3, rounds=2)
     ceilings = {"matmul_tflops_by_dtype": {"float32": 0.1}, "matmul_tflops": 0.1}
     rows = run_case(_tiny_case(), ["reference", "torch"], Timer(torch.device("cpu")), settings, ceilings, Log(),
-                    clock=ticking, spent=spent)
+                    clock=ticking, spent=spent, gemm_rate=lambda device, dtype: 0.1)
     assert [r["status"] for r in rows] == ["ok", "ok"]
+    ceiling = spent.pop("ceiling")  # the GEMM rate, once before the case and once after
+    assert ceiling.calls == 2 and ceiling.timed == 0 and ceiling.seconds >= 2
     timed = settings.rounds * settings.repeats
     assert spent["reference"].calls == 1 + 1 + settings.warmup + timed  # the anchor is a reference call
     assert spent["torch"].calls == 1 + settings.warmup + timed

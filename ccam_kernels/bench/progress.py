@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 
 # Contestants that compute the dense masked scores: their work is the dense attention FLOPs.
 DENSE = ("reference", "sdpa-efficient", "sdpa-cudnn", "sdpa-flash")
+# Calls whose cost does not grow with the case: the GEMM ceiling measured around each case.
+FIXED = ("ceiling",)
 
 
 @dataclass
@@ -129,6 +131,8 @@ class Progress:
         if base is None:
             return None
         measured = base.spent[name].per_call
+        if name in FIXED:
+            return measured
         if case.bench == "attention":
             return measured * _ratio(_work(case, name), _work(base.case, name))
         attn_here = self.per_call(name, dataclasses.replace(case, bench="attention"))

@@ -18,7 +18,8 @@ COLUMNS = [
     ("spread_pct", "spread %", "{:.1f}"), ("tflops", "TFLOP/s", "{:.3f}"),
     ("pct_of_ceiling", "% ceiling", "{:.1f}"), ("speedup_vs_reference", "x ref", "{:.2f}"),
     ("x_floor", "x floor", "{:.2f}"), ("max_rel_err", "rel err", "{:.1e}"), ("peak_mem_mb", "peak MB", "{:.0f}"),
-    ("compile_s", "compile s", "{:.1f}"),
+    ("compile_s", "compile s", "{:.1f}"), ("ceiling_tflops", "ceiling TFLOP/s", "{:.3g}"),
+    ("noisy", "noisy", "{}"),
 ]
 
 
@@ -74,7 +75,7 @@ def build_result(result: dict, device: torch.device, commit: tuple | None = None
         triton_version = None
     sha, dirty = commit or git_commit()
     return {
-        "schema": 1,
+        "schema": 2,
         "commit": sha,
         "commit_dirty": dirty,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -92,6 +93,8 @@ def build_result(result: dict, device: torch.device, commit: tuple | None = None
 
 def _cell(row, key, fmt):
     value = row.get(key)
+    if key == "noisy":
+        return "NOISY" if value else "-"
     if value is None:
         return row.get("status", "-") if key == "median_ms" else "-"
     if isinstance(value, list):
@@ -122,9 +125,12 @@ def markdown_text(doc: dict) -> str:
             f" · triton {doc.get('triton')}\n\n")
     if not doc.get("complete", True):
         out.append("**Partial run**: written after a case finished; the run did not reach its end.\n\n")
-    out.append(f"Ceilings measured in this run: GEMM TFLOP/s {rates}; copy {c['copy_gbps']:.1f} GB/s.\n\n"
+    out.append(f"Ceilings measured at the start of this run: GEMM TFLOP/s {rates}; copy {c['copy_gbps']:.1f} GB/s.\n\n"
             "TFLOP/s counts live FLOPs only (masked pairs excluded), the same count for every backend; "
-            "'% ceiling' divides it by the GEMM rate of the row's dtype. 'spread %' is how far apart the "
+            "'% ceiling' divides it by 'ceiling TFLOP/s', the GEMM rate of the row's dtype measured "
+            "before and after its own case (the better of the two). 'noisy' marks a row whose case's "
+            "ceiling moved more than 20% between those two, or above 100% of its ceiling: its numbers "
+            "do not hold. 'spread %' is how far apart the "
             "medians of the interleaved timing rounds are. 'x ref' is the speedup over the reference; "
             "'x floor' (projector) is the latency over the roofline floor, every FLOP at the GEMM rate. "
             "'rel err' is the largest ||x - x_ref|| / ||x_ref|| over the output (and, when the pass has a "
@@ -132,6 +138,12 @@ def markdown_text(doc: dict) -> str:
             "weight) against the reference evaluated in float32 in the same run. 'peak MB' is the peak "
             "memory of a call above its inputs; 'compile s' is the first call of a compiled anchor.\n\n")
     out.append(format_table(doc["rows"], markdown=True) + "\n")
+    noisy = [r for r in doc["rows"] if r.get("noisy")]
+    if noisy:
+        out.append("\nNoisy rows (their numbers do not hold; run them again on a quieter machine):\n\n")
+        for r in noisy:
+            out.append(f"- {r['bench']} {r['pass']} T={r['frames']} B={r['batch']} {r['dtype']} "
+                    f"{r['backend']}: {r.get('noisy_reason')}\n")
     if failed:
         out.append("\nRows without a time:\n\n")
         for r in failed:
@@ -168,6 +180,8 @@ def format_summary(doc: dict) -> str:
             text = _ms(r["median_ms"])
             if r.get("speedup_vs_reference") and r["backend"] != "reference":
                 text += f" ({r['speedup_vs_reference']:.2f}x)"
+            if r.get("noisy"):
+                text += " NOISY"
         cells[case, r["backend"]] = text
         if r.get("floor_ms"):
             floors[case] = _ms(r["floor_ms"])
@@ -178,7 +192,8 @@ def format_summary(doc: dict) -> str:
         f"GEMM {c['matmul_tflops']:.3g} TFLOP/s ({c['matmul_dtype']}), copy {c['copy_gbps']:.0f} GB/s",
         "",
         "Median ms per call; (Nx) = speedup over the reference in the same run."
-        + (" floor ms = all FLOPs of the projector at the measured GEMM rate." if floors else ""),
+        + (" floor ms = all FLOPs of the projector at the measured GEMM rate." if floors else "")
+        + " NOISY = the GEMM ceiling moved >20% during the case, or the row exceeds 100% of it (results.md says which).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",

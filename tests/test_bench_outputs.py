@@ -30,6 +30,8 @@ def make_row(backend, frames, *, bench="attention", pass_="fwd", dtype="bfloat16
         "repeats": 3, "tflops": 1.0 / median_ms if ok else None, "pct_of_ceiling": 10.0 / median_ms if ok else None,
         "peak_mem_mb": peak_mem_mb if ok else None, "max_rel_err": 1e-3 if ok else None,
         "speedup_vs_reference": (speedup if speedup is not None else 1.0) if ok else None, "compile_s": None,
+        "speedup_vs_dense": (speedup if speedup is not None else 1.0) if ok else None,
+        "dense_peer": "reference" if ok else None, "speedup_vs_flex": None,
     }
 
 

@@ -19,7 +19,7 @@ import os
 # (kind, row key, y-axis label, what (suptitle), log y axis)
 FIGURES = (
     ("latency", "median_ms", "median latency (ms)", "median latency", True),
-    ("speedup", "speedup_vs_reference", "speedup vs reference (x)", "speedup vs reference", False),
+    ("speedup", "speedup_vs_dense", "speedup vs fastest dense-mask peer (x)", "speedup vs the fastest dense-mask peer", False),
     ("pct_of_ceiling", "pct_of_ceiling", "% of GEMM ceiling", "% of measured GEMM ceiling", False),
     ("peak_memory", "peak_mem_mb", "peak memory (MB)", "peak memory", True),
 )

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from ccam_kernels.bench import compare as cmp
-from ccam_kernels.bench.plots import PALETTE, REFERENCE_COLOR, backend_colors, write_plots
+from ccam_kernels.bench.plots import CONTESTANT_COLORS, PALETTE, REFERENCE_COLOR, backend_colors, write_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -92,7 +92,8 @@ def test_write_plots_cpu_doc_files_and_no_peak_memory(tmp_path):
         assert path == str(tmp_path / f"{kind}.png")
         assert open(path, "rb").read(8) == PNG_MAGIC
         # two panels (attention fwd B=1, projector fwd B=1) side by side at dpi 110
-        assert png_size(path) == (round(2 * 4.4 * 110), round((3.3 + 0.4) * 110))
+        width, height = png_size(path)  # the height grows with the title's lines and the legend
+        assert width == round(2 * 4.4 * 110) and round(3.3 * 110) < height < round(5 * 110)
     assert not (tmp_path / "peak_memory.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latency.png", "pct_of_ceiling.png", "speedup.png"]
 
@@ -110,7 +111,8 @@ def test_write_plots_panels_lines_and_colors(tmp_path, saved_figures):
     by_kind = dict(zip(paths, saved_figures))
     colors = backend_colors({"reference", "torch", "flex"})
     for kind, fig in by_kind.items():
-        assert fig._suptitle.get_text().endswith(" · NVIDIA H200 · bfloat16 · 2025-01-02 · commit 0123456789")
+        assert fig._suptitle.get_text().replace("\n", " ").endswith(
+            " · NVIDIA H200 · bfloat16 · 2025-01-02 · commit 0123456789")
         axes = fig.get_axes()
         # the ragged row (B=2) makes no panel; the oom row is not a point
         assert [ax.get_title() for ax in axes] == ["attention fwd, B=1, bfloat16", "projector fwd, B=1, bfloat16"]
@@ -137,7 +139,8 @@ def test_write_plots_grid_at_most_three_columns(tmp_path, saved_figures):
             for bench in ("attention", "projector") for p in ("fwd", "fwd+bwd")
             for b in ("reference", "torch") for f in (1, 16)]
     paths = write_plots(make_doc(rows), str(tmp_path))
-    assert png_size(paths["latency"]) == (round(3 * 4.4 * 110), round((2 * 3.3 + 0.4) * 110))
+    width, height = png_size(paths["latency"])
+    assert width == round(3 * 4.4 * 110) and height >= round(2 * 3.3 * 110)
     titles = [ax.get_title() for ax in saved_figures[0].get_axes()]
     assert titles == ["attention fwd, B=1, bfloat16", "attention fwd+bwd, B=1, bfloat16",
                       "projector fwd, B=1, bfloat16", "projector fwd+bwd, B=1, bfloat16"]
@@ -157,10 +160,58 @@ def test_write_plots_without_matplotlib(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_backend_colors_fixed_palette_by_sorted_name():
+def test_backend_colors_fixed_per_contestant_across_runs():
+    """A contestant's colour does not depend on which others ran: the same in every run."""
     colors = backend_colors({"triton", "reference", "flex", "torch"})
-    assert colors == {"flex": PALETTE[0], "torch": PALETTE[1], "triton": PALETTE[2], "reference": REFERENCE_COLOR}
-    assert backend_colors({"torch", "flex"}) == {"flex": PALETTE[0], "torch": PALETTE[1]}
+    assert colors["reference"] == REFERENCE_COLOR
+    assert backend_colors({"flex"}) == {"flex": colors["flex"]}
+    assert backend_colors({"torch", "sdpa-flash"})["torch"] == colors["torch"]
+    assert len(set(CONTESTANT_COLORS.values())) == len(CONTESTANT_COLORS)  # all distinct
+    from ccam_kernels.bench.names import ATTENTION_CONTESTANTS, PROJECTOR_CONTESTANTS
+    assert set(ATTENTION_CONTESTANTS) | set(PROJECTOR_CONTESTANTS) <= set(CONTESTANT_COLORS)
+    new = backend_colors({"new-kernel"})["new-kernel"]
+    assert new in PALETTE and backend_colors({"new-kernel", "torch"})["new-kernel"] == new
+
+
+def test_plots_show_the_spread_and_keep_title_and_legend_clear(tmp_path):
+    """Each line has a band over its rows' interquartile range (q1..q3; median +- iqr/2 for old
+    rows); a ratio's band carries the row's own range through 1/latency. Drawn: the (long)
+    title lies inside the figure and the legend overlaps no panel."""
+    from matplotlib.collections import PolyCollection
+
+    from ccam_kernels.bench.plots import build_figures, spread_band
+
+    row = make_row("torch", 16, median_ms=10.0)
+    row.update(q1_ms=8.0, q3_ms=12.5, pct_of_ceiling=40.0, speedup_vs_dense=2.0)
+    assert spread_band(row, "median_ms") == (8.0, 12.5)
+    assert spread_band(row, "pct_of_ceiling") == pytest.approx((32.0, 50.0))
+    assert spread_band(row, "speedup_vs_dense") == pytest.approx((1.6, 2.5))
+    assert spread_band(row, "peak_mem_mb") is None
+    old = make_row("torch", 16, median_ms=10.0)
+    old["iqr_ms"] = 2.0
+    assert spread_band(old, "median_ms") == (9.0, 11.0)
+    rows = []
+    for backend, ms in (("reference", 4.0), ("torch", 2.0), ("flex", 1.0)):
+        for frames in (1, 16, 32):
+            r = make_row(backend, frames, median_ms=ms * frames)
+            r.update(q1_ms=0.9 * ms * frames, q3_ms=1.2 * ms * frames)
+            rows.append(r)
+    doc = make_doc(rows, device="A device with a very long name " * 3)  # one panel: the narrowest figure
+    for kind, fig in build_figures(doc).items():
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        ax = fig.get_axes()[0]
+        bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+        if kind != "peak_memory":
+            assert len(bands) == 3, kind
+            assert {tuple(b.get_facecolor()[0][:3]) for b in bands} == {
+                tuple(int(backend_colors({n})[n][i:i + 2], 16) / 255 for i in (1, 3, 5)) for n in ("reference", "torch", "flex")}
+        fig_box = fig.bbox
+        title = fig._suptitle.get_window_extent(renderer)
+        assert title.x0 >= fig_box.x0 and title.x1 <= fig_box.x1 and title.y1 <= fig_box.y1, kind
+        legend = fig.legends[0].get_window_extent(renderer)
+        assert not legend.overlaps(ax.get_window_extent(renderer)), kind
+        assert {t.get_text() for t in fig.legends[0].get_texts()} == {"reference (ours)", "torch (ours)", "flex"}
 
 
 # -------------------------------------------------------------------------------- compare

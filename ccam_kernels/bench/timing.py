@@ -110,6 +110,8 @@ def summarize(rounds: list[list[float]], peaks: list) -> dict:
         "min_ms": min(times),
         "max_ms": max(times),
         "iqr_ms": q[2] - q[0],
+        "q1_ms": q[0],
+        "q3_ms": q[2],
         "spread_pct": 100.0 * (max(medians) - min(medians)) / median if len(medians) > 1 else None,
         "round_medians_ms": medians,
         "repeats": len(times),

@@ -305,3 +305,29 @@ def test_flex_and_gpu_triton_declare_their_compiles():
     triton = C.make_contestant("projector", "triton")
     triton.inputs = inputs  # on CPU (the interpreter) nothing is compiled
     assert triton.compile_note() is None
+
+
+# -- the machine's speed: the GEMM rate measured around each case ----------------------------
+
+
+def test_times_scale_with_the_machines_speed_and_a_moving_load_gives_a_range():
+    """A case measured while the machine ran at half its later speed predicts half its time
+    now; every part (warm calls, compiles, the rest, the ceiling's own GEMMs) scales alike.
+    When the rates seen differ by more than 20% the note gives the range they imply."""
+    p = Progress()
+    spent = spent_of(torch=(3, 14.0, 2, 8.0), ceiling=(2, 2.0, 0, 0.0))  # 4 s a warm call, 2 s compile
+    p.finished(FakeCase("attention", 1.0), 20.0, spent, rates=(0.01, 0.01))
+    assert p.seconds_left([FakeCase("attention", 2.0)]) == pytest.approx(3 * 8.0 + 2.0 + 2 * 1.0 + 4.0)
+    p.finished(FakeCase("attention", 0.5), 0.0, {}, rates=(0.02, 0.02))  # the load dropped: twice as fast now
+    assert p.rate_now() == 0.02 and p.rate_range() == (0.01, 0.02)
+    left = (3 * 8.0 + 2.0 + 2 * 1.0 + 4.0) / 2
+    assert p.seconds_left([FakeCase("attention", 2.0)]) == pytest.approx(left)
+    assert p.note([FakeCase("attention", 2.0)]) == (
+        f", about {left:.0f} s left ({left:.0f}-{2 * left:.0f} s as the load goes: the GEMM rate has ranged "
+        "0.01-0.02 TFLOP/s in this run) (from 2 finished cases)")
+    steady = Progress()
+    steady.finished(FakeCase("attention", 1.0), 20.0, spent, rates=(0.01, 0.0115))  # within 20%: no range
+    assert "as the load goes" not in steady.note([FakeCase("attention", 2.0)])
+    unmeasured = Progress()
+    unmeasured.finished(FakeCase("attention", 1.0), 20.0, spent)
+    assert unmeasured.seconds_left([FakeCase("attention", 2.0)]) == pytest.approx(32.0)

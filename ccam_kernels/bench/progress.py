@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 DENSE = ("reference", "sdpa-efficient", "sdpa-cudnn", "sdpa-flash")
 # Calls whose cost does not grow with the case: the GEMM ceiling measured around each case.
 FIXED = ("ceiling",)
+# When the GEMM rates measured so far differ by more than this, the note gives a range too.
+LOAD_MOVES_PCT = 20.0
 
 
 @dataclass
@@ -86,6 +88,11 @@ class Finished:
     seconds: float  # the whole case
     spent: dict = field(default_factory=dict)  # contestant -> Spent
     input_bytes: float = 1.0
+    rates: tuple = ()  # the GEMM rates measured before and after the case (the machine's speed)
+
+    @property
+    def rate(self) -> float | None:
+        return sum(self.rates) / len(self.rates) if self.rates else None
 
     @property
     def rest_s(self) -> float:
@@ -110,9 +117,27 @@ class Progress:
         self.done: list[Finished] = []
         self.input_bytes = input_bytes or (lambda case: 1.0)
 
-    def finished(self, case, seconds: float, spent: dict | None = None) -> None:
+    def finished(self, case, seconds: float, spent: dict | None = None, rates=()) -> None:
+        """``rates``: the GEMM rates measured around the case (runner.run_case's ceilings)."""
         spent = {n: s for n, s in (spent or {}).items() if s.calls > 0}
-        self.done.append(Finished(case, seconds, spent, self.input_bytes(case)))
+        rates = tuple(r for r in rates if r and r > 0)
+        self.done.append(Finished(case, seconds, spent, self.input_bytes(case), rates))
+
+    def rate_now(self) -> float | None:
+        """The machine's speed now: the GEMM rate around the last finished case that measured it."""
+        return next((f.rate for f in reversed(self.done) if f.rate), None)
+
+    def _slow(self, f: Finished) -> float:
+        """How much slower the machine is now than during ``f``: its times scale by this. On a
+        shared machine the load moves the GEMM rate by tens of % within minutes, and every
+        call's time moves with it."""
+        now = self.rate_now()
+        return f.rate / now if f.rate and now else 1.0
+
+    def rate_range(self) -> tuple | None:
+        """(lowest, highest) GEMM rate measured around the finished cases, or None."""
+        rates = [r for f in self.done for r in f.rates]
+        return (min(rates), max(rates)) if rates else None
 
     def _base(self, case, name: str | None = None) -> Finished | None:
         """The finished case of ``case``'s bench with the most work (of ``name``, when given,
@@ -130,7 +155,7 @@ class Progress:
         base = self._base(case, name)
         if base is None:
             return None
-        measured = base.spent[name].per_call
+        measured = base.spent[name].per_call * self._slow(base)
         if name in FIXED:
             return measured
         if case.bench == "attention":
@@ -144,7 +169,7 @@ class Progress:
 
     def extra_s(self, name: str) -> float:
         """Mean compile and warm-up time of ``name`` per finished case that ran it."""
-        seen = [f.spent[name].extra_s for f in self.done if name in f.spent]
+        seen = [f.spent[name].extra_s * self._slow(f) for f in self.done if name in f.spent]
         return sum(seen) / len(seen) if seen else 0.0
 
     def estimate(self, case) -> float | None:
@@ -152,7 +177,7 @@ class Progress:
         base = self._base(case)
         if base is None:
             return None
-        total = base.rest_s * _ratio(self.input_bytes(case), base.input_bytes)
+        total = base.rest_s * self._slow(base) * _ratio(self.input_bytes(case), base.input_bytes)
         for name, spent in base.spent.items():
             total += spent.calls * self.per_call(name, case) + self.extra_s(name)
         return max(total, 0.0)
@@ -173,7 +198,15 @@ class Progress:
         for case in remaining:
             if self._base(case) is None:
                 unknown[case.bench] = unknown.get(case.bench, 0) + 1
-        parts = [f"about {left:.0f} s left"] if left is not None else []
+        parts = []
+        if left is not None:
+            parts.append(f"about {left:.0f} s left")
+            span, now = self.rate_range(), self.rate_now()
+            if span and now and span[1] > span[0] * (1 + LOAD_MOVES_PCT / 100):
+                # The load has moved the machine's speed: the estimate holds only if it stays
+                # at the last case's level. Say so, with what the range seen so far implies.
+                parts[-1] += (f" ({left * now / span[1]:.0f}-{left * now / span[0]:.0f} s as the load goes: the "
+                              f"GEMM rate has ranged {span[0]:.3g}-{span[1]:.3g} TFLOP/s in this run)")
         parts += [f"{n} {bench} case{'s' if n != 1 else ''} not yet measured" for bench, n in unknown.items()]
         n = len(self.done)
         return f", {' + '.join(parts)} (from {n} finished case{'s' if n != 1 else ''})"

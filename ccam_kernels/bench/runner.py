@@ -421,8 +421,11 @@ def run_suite(cases, contestants, device, settings: Settings = Settings(), *, lo
         log(f"[{i + 1}/{len(cases)}] {case.label}  (elapsed {elapsed:.0f} s{progress.note(cases[i:])})")
         case_t0, spent = clock(), {}
         try:
-            rows += run_case(case, names, timer, settings, ceilings, log, budget, clock=clock, spent=spent)
-            progress.finished(case, clock() - case_t0, spent)
+            case_rows = run_case(case, names, timer, settings, ceilings, log, budget, clock=clock, spent=spent)
+            rows += case_rows
+            rates = next(((r["ceiling_before_tflops"], r["ceiling_after_tflops"]) for r in case_rows
+                          if r.get("ceiling_before_tflops")), ())
+            progress.finished(case, clock() - case_t0, spent, rates)
         except DeviceLost as exc:
             lost = str(exc)
             log(f"  THE CUDA CONTEXT IS LOST ({lost}); the remaining cases become skipped rows")

@@ -31,6 +31,14 @@ call) is averaged over every finished case that ran the contestant: FlexAttentio
 a new shape took 15-16 s, one found in inductor's disk cache 1-3 s, the first of the process
 6-12 s (measured in these runs), so no case is special.
 
+The machine's speed: every case measures the GEMM rate before and after it (runner.py, for its
+ceiling), and on a shared machine that rate moves by tens of % within minutes, every call's time
+with it (a base case measured during a load spike carried the spike into every later estimate).
+So each finished case's times are scaled by its rate over the rate around the last finished
+case (the machine's speed now), and when the rates seen so far differ by more than
+LOAD_MOVES_PCT the note also gives the range those rates imply: the load's future is what the
+estimate cannot know, and it says so.
+
 Nothing here is a prior guess: a bench's cases get no number before one of its cases
 finished (the progress line counts them instead). How well it does is measured in
 docs/benchmarks.md (the progress paragraph): within 1.3x before 8 of the 13 measured cases
@@ -101,8 +109,14 @@ class Finished:
 
 
 def _work(case, name: str) -> float:
-    """Contestant ``name``'s attention work in ``case``."""
-    return case.attention_work(dense=name in DENSE)
+    """Contestant ``name``'s attention work in ``case``: live FLOPs for ours and flex; for the
+    dense-mask contestants the geometric mean of the dense and the live FLOPs. Measured on the
+    2-core CPU machine (--quick, this commit): from T=1 to T=16 the reference (SDPA with the
+    mask, no LSE) grew 8.7x and sdpa-flash 11.7x, between the live (8.5x) and the dense (16x)
+    ratios, and the dense ratio alone overestimated every later case."""
+    if name in DENSE:
+        return (case.attention_work(dense=True) * case.attention_work(dense=False)) ** 0.5
+    return case.attention_work(dense=False)
 
 
 def _ratio(a: float, b: float) -> float:
@@ -168,8 +182,13 @@ class Progress:
         return attn_here + max(measured - attn_base, 0.0) * _ratio(case.gemm_flops(), base.case.gemm_flops())
 
     def extra_s(self, name: str) -> float:
-        """Mean compile and warm-up time of ``name`` per finished case that ran it."""
+        """Mean compile and warm-up time of ``name`` per finished case that ran it, its first
+        case left out once there are others."""
         seen = [f.spent[name].extra_s * self._slow(f) for f in self.done if name in f.spent]
+        # The first case a contestant runs in also pays its once-per-process costs (the torch
+        # backend's first call took 4.2 s at T=1, then ~0 s; flex's first compile 6.9-28 s, then
+        # 1-3 s): once later cases exist, they alone say what a case pays.
+        seen = seen[1:] or seen
         return sum(seen) / len(seen) if seen else 0.0
 
     def estimate(self, case) -> float | None:

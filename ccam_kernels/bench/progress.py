@@ -20,8 +20,8 @@ So the runner records, per case and contestant, the calls run and their wall tim
 
 The base case is the finished case of the same bench with the most work (the same pass and
 dtype when there is one). The warm per-call time is the mean timed call. It scales with that
-contestant's own work: dense attention FLOPs for the reference and the SDPA anchors, live FLOPs
-for ours and flex. A projector call is its attention plus its GEMMs, which run at very
+contestant's own work (_work): for the reference and the SDPA anchors the geometric mean of the
+dense and the live attention FLOPs, live FLOPs for ours and flex. A projector call is its attention plus its GEMMs, which run at very
 different rates (in these CPU runs the reference attention bench at 4-12% of the GEMM ceiling,
 the projector with our attention at 51-78%, mostly GEMMs): its attention part is the same
 contestant's attention-bench call at that shape (estimated as above) and the rest scales with

@@ -144,7 +144,7 @@ def test_projector_contestants_agree_with_reference(name):
     c.prepare(inputs)
     got = C.run_once(c, "fwd")
     assert (got[0] - want[0]).abs().max() < 1e-5
-    assert inputs.module.backend == (name if name != "flex" else C._FLEX)
+    assert inputs.module.backend == {"flex": C._FLEX, "reference": C.reference_formula}.get(name, name)
 
 
 def test_pass_functions_time_only_the_backward():
@@ -336,7 +336,7 @@ def test_ccam_bench_end_to_end(tmp_path, tiny_config, capsys):
     doc = json.loads((out / "results.json").read_text())
     for key in ("schema", "commit", "date", "device", "torch", "triton", "cuda", "ceilings", "rows", "settings"):
         assert key in doc
-    assert doc["schema"] == 1 and doc["complete"] is True
+    assert doc["schema"] == 2 and doc["complete"] is True
     assert doc["settings"]["tokens_per_frame"] == 3 and doc["settings"]["config"]["num_query"] == 13
     assert doc["ceilings"]["matmul_tflops"] > 0 and doc["ceilings"]["copy_gbps"] > 0
     att, proj = C.default_contestants("attention", CPU), C.default_contestants("projector", CPU)
@@ -349,11 +349,19 @@ def test_ccam_bench_end_to_end(tmp_path, tiny_config, capsys):
             continue
         assert row["status"] == "ok", row
         assert row["median_ms"] > 0 and row["tflops"] > 0 and row["pct_of_ceiling"] > 0
+        # each row's % of ceiling is against its own case's ceiling, measured around the case
+        assert row["ceiling_tflops"] == max(row["ceiling_before_tflops"], row["ceiling_after_tflops"]) > 0
+        assert row["pct_of_ceiling"] == pytest.approx(100 * row["tflops"] / row["ceiling_tflops"])
+        assert isinstance(row["noisy"], bool)
         assert row["repeats"] == 4 and row["spread_pct"] is not None
         assert row["max_rel_err"] < 1e-5, row
         assert row["frame_counts"] in ([1], list(SHARED_COUNTS)) and row["dtype"] == "float32"
         if row["backend"] == "reference":
             assert row["speedup_vs_reference"] == 1.0
+        # speed is against the fastest dense-mask peer: sdpa-flash on CPU for attention; the
+        # projector has no SDPA anchor, so its reference (SDPA with the dense mask) stands in
+        peer = "sdpa-flash" if row["bench"] == "attention" and "sdpa-flash" in att else "reference"
+        assert row["dense_peer"] == peer and row["speedup_vs_dense"] > 0
         if row["bench"] == "projector":
             assert row["floor_ms"] > 0 and row["x_floor"] == pytest.approx(row["median_ms"] / row["floor_ms"])
         if row["backend"] == "flex":
@@ -426,3 +434,46 @@ def test_compare_warns_on_different_problems_and_unknown_filters(tmp_path, capsy
     assert "different tokens_per_frame (3 vs 729)" in capsys.readouterr().out
     assert compare_main(docs + ["--backend", "trition"]) == 2
     assert "in neither run" in capsys.readouterr().err
+
+
+def test_speedups_against_the_fastest_dense_peer_and_flex():
+    """Injected medians: the fastest sdpa-* row is the peer (the reference is not, even when
+    faster); without an sdpa row the reference is; flex gives its own column."""
+    from ccam_kernels.bench.runner import add_speedups
+
+    def rows(**ms):
+        return [{"backend": b.replace("_", "-"), "median_ms": m} for b, m in ms.items()]
+
+    case = rows(reference=2.0, torch=4.0, sdpa_efficient=8.0, sdpa_cudnn=6.0, flex=12.0, triton=None)
+    add_speedups(case)
+    by = {r["backend"]: r for r in case}
+    assert by["torch"]["dense_peer"] == "sdpa-cudnn" and by["torch"]["speedup_vs_dense"] == 1.5
+    assert by["torch"]["speedup_vs_flex"] == 3.0 and by["torch"]["speedup_vs_reference"] == 0.5
+    assert by["sdpa-efficient"]["speedup_vs_dense"] == 0.75
+    assert "speedup_vs_dense" not in by["triton"]  # no time, no ratio
+    proj = rows(reference=10.0, torch=5.0)
+    add_speedups(proj)
+    assert proj[1]["dense_peer"] == "reference" and proj[1]["speedup_vs_dense"] == 2.0
+    assert "speedup_vs_flex" not in proj[1]
+    none = rows(torch=5.0)
+    add_speedups(none)
+    assert "dense_peer" not in none[0]
+
+
+def test_reference_contestant_times_the_reference_formula_without_its_lse():
+    """The reference row's function is the reference backend's output and gradients, exactly
+    (float64, GQA, a ragged batch), minus the LSE the op also computes."""
+    from ccam_kernels import ccam_attention
+    from ccam_kernels.bench.contestants import reference_formula
+
+    counts, P = (3, 1, 2), 4
+    q = torch.randn(5, 4, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(sum(counts) * P, 2, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(sum(counts) * P, 2, 8, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(len(counts), 5, 4, 8, dtype=torch.float64)
+    results = []
+    for fn in (reference_formula, lambda *a: ccam_attention(*a, backend="reference")):
+        out = fn(q, k, v, counts, P)
+        results.append([out.detach(), *torch.autograd.grad(out, (q, k, v), dout)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)  # float64: the same math

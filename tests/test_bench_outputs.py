@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from ccam_kernels.bench import compare as cmp
-from ccam_kernels.bench.plots import PALETTE, REFERENCE_COLOR, backend_colors, write_plots
+from ccam_kernels.bench.plots import CONTESTANT_COLORS, PALETTE, REFERENCE_COLOR, backend_colors, write_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -30,6 +30,8 @@ def make_row(backend, frames, *, bench="attention", pass_="fwd", dtype="bfloat16
         "repeats": 3, "tflops": 1.0 / median_ms if ok else None, "pct_of_ceiling": 10.0 / median_ms if ok else None,
         "peak_mem_mb": peak_mem_mb if ok else None, "max_rel_err": 1e-3 if ok else None,
         "speedup_vs_reference": (speedup if speedup is not None else 1.0) if ok else None, "compile_s": None,
+        "speedup_vs_dense": (speedup if speedup is not None else 1.0) if ok else None,
+        "dense_peer": "reference" if ok else None, "speedup_vs_flex": None,
     }
 
 
@@ -90,7 +92,8 @@ def test_write_plots_cpu_doc_files_and_no_peak_memory(tmp_path):
         assert path == str(tmp_path / f"{kind}.png")
         assert open(path, "rb").read(8) == PNG_MAGIC
         # two panels (attention fwd B=1, projector fwd B=1) side by side at dpi 110
-        assert png_size(path) == (round(2 * 4.4 * 110), round((3.3 + 0.4) * 110))
+        width, height = png_size(path)  # the height grows with the title's lines and the legend
+        assert width == round(2 * 4.4 * 110) and round(3.3 * 110) < height < round(5 * 110)
     assert not (tmp_path / "peak_memory.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latency.png", "pct_of_ceiling.png", "speedup.png"]
 
@@ -108,7 +111,8 @@ def test_write_plots_panels_lines_and_colors(tmp_path, saved_figures):
     by_kind = dict(zip(paths, saved_figures))
     colors = backend_colors({"reference", "torch", "flex"})
     for kind, fig in by_kind.items():
-        assert fig._suptitle.get_text().endswith(" · NVIDIA H200 · bfloat16 · 2025-01-02 · commit 0123456789")
+        assert fig._suptitle.get_text().replace("\n", " ").endswith(
+            " · NVIDIA H200 · bfloat16 · 2025-01-02 · commit 0123456789")
         axes = fig.get_axes()
         # the ragged row (B=2) makes no panel; the oom row is not a point
         assert [ax.get_title() for ax in axes] == ["attention fwd, B=1, bfloat16", "projector fwd, B=1, bfloat16"]
@@ -135,7 +139,8 @@ def test_write_plots_grid_at_most_three_columns(tmp_path, saved_figures):
             for bench in ("attention", "projector") for p in ("fwd", "fwd+bwd")
             for b in ("reference", "torch") for f in (1, 16)]
     paths = write_plots(make_doc(rows), str(tmp_path))
-    assert png_size(paths["latency"]) == (round(3 * 4.4 * 110), round((2 * 3.3 + 0.4) * 110))
+    width, height = png_size(paths["latency"])
+    assert width == round(3 * 4.4 * 110) and height >= round(2 * 3.3 * 110)
     titles = [ax.get_title() for ax in saved_figures[0].get_axes()]
     assert titles == ["attention fwd, B=1, bfloat16", "attention fwd+bwd, B=1, bfloat16",
                       "projector fwd, B=1, bfloat16", "projector fwd+bwd, B=1, bfloat16"]
@@ -155,10 +160,58 @@ def test_write_plots_without_matplotlib(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_backend_colors_fixed_palette_by_sorted_name():
+def test_backend_colors_fixed_per_contestant_across_runs():
+    """A contestant's colour does not depend on which others ran: the same in every run."""
     colors = backend_colors({"triton", "reference", "flex", "torch"})
-    assert colors == {"flex": PALETTE[0], "torch": PALETTE[1], "triton": PALETTE[2], "reference": REFERENCE_COLOR}
-    assert backend_colors({"torch", "flex"}) == {"flex": PALETTE[0], "torch": PALETTE[1]}
+    assert colors["reference"] == REFERENCE_COLOR
+    assert backend_colors({"flex"}) == {"flex": colors["flex"]}
+    assert backend_colors({"torch", "sdpa-flash"})["torch"] == colors["torch"]
+    assert len(set(CONTESTANT_COLORS.values())) == len(CONTESTANT_COLORS)  # all distinct
+    from ccam_kernels.bench.names import ATTENTION_CONTESTANTS, PROJECTOR_CONTESTANTS
+    assert set(ATTENTION_CONTESTANTS) | set(PROJECTOR_CONTESTANTS) <= set(CONTESTANT_COLORS)
+    new = backend_colors({"new-kernel"})["new-kernel"]
+    assert new in PALETTE and backend_colors({"new-kernel", "torch"})["new-kernel"] == new
+
+
+def test_plots_show_the_spread_and_keep_title_and_legend_clear(tmp_path):
+    """Each line has a band over its rows' interquartile range (q1..q3; median +- iqr/2 for old
+    rows); a ratio's band carries the row's own range through 1/latency. Drawn: the (long)
+    title lies inside the figure and the legend overlaps no panel."""
+    from matplotlib.collections import PolyCollection
+
+    from ccam_kernels.bench.plots import build_figures, spread_band
+
+    row = make_row("torch", 16, median_ms=10.0)
+    row.update(q1_ms=8.0, q3_ms=12.5, pct_of_ceiling=40.0, speedup_vs_dense=2.0)
+    assert spread_band(row, "median_ms") == (8.0, 12.5)
+    assert spread_band(row, "pct_of_ceiling") == pytest.approx((32.0, 50.0))
+    assert spread_band(row, "speedup_vs_dense") == pytest.approx((1.6, 2.5))
+    assert spread_band(row, "peak_mem_mb") is None
+    old = make_row("torch", 16, median_ms=10.0)
+    old["iqr_ms"] = 2.0
+    assert spread_band(old, "median_ms") == (9.0, 11.0)
+    rows = []
+    for backend, ms in (("reference", 4.0), ("torch", 2.0), ("flex", 1.0)):
+        for frames in (1, 16, 32):
+            r = make_row(backend, frames, median_ms=ms * frames)
+            r.update(q1_ms=0.9 * ms * frames, q3_ms=1.2 * ms * frames)
+            rows.append(r)
+    doc = make_doc(rows, device="A device with a very long name " * 3)  # one panel: the narrowest figure
+    for kind, fig in build_figures(doc).items():
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        ax = fig.get_axes()[0]
+        bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+        if kind != "peak_memory":
+            assert len(bands) == 3, kind
+            assert {tuple(b.get_facecolor()[0][:3]) for b in bands} == {
+                tuple(int(backend_colors({n})[n][i:i + 2], 16) / 255 for i in (1, 3, 5)) for n in ("reference", "torch", "flex")}
+        fig_box = fig.bbox
+        title = fig._suptitle.get_window_extent(renderer)
+        assert title.x0 >= fig_box.x0 and title.x1 <= fig_box.x1 and title.y1 <= fig_box.y1, kind
+        legend = fig.legends[0].get_window_extent(renderer)
+        assert not legend.overlaps(ax.get_window_extent(renderer)), kind
+        assert {t.get_text() for t in fig.legends[0].get_texts()} == {"reference (ours)", "torch (ours)", "flex"}
 
 
 # -------------------------------------------------------------------------------- compare
@@ -185,7 +238,7 @@ def compare_docs(device_b="CPU Test Processor (4 threads)"):
         make_row("sdpa-cudnn", 16, median_ms=1.0),
         make_row("torch", 16, median_ms=10.0, dtype="bfloat16", bench="projector"),
     ], commit="bbbbbbbbbbbbbbbb", device=device_b)
-    b["ceilings"] = {"matmul_tflops": 2.0, "matmul_dtype": "float32", "copy_gbps": 20.0}
+    b["ceilings"] = {"matmul_tflops": 1.5, "matmul_dtype": "float32", "copy_gbps": 20.0}  # same machine speed
     return a, b
 
 
@@ -252,18 +305,18 @@ def test_format_comparison_text():
     assert lines[0] == ("A: aaaaaaaaaa · 2025-01-02T03:04:05+00:00 · CPU Test Processor (4 threads) · "
                         "ceilings: GEMM 1.500 TFLOP/s (float32), copy 12.5 GB/s")
     assert lines[1].startswith("B: bbbbbbbbbb · ")
-    assert "GEMM 2.000 TFLOP/s" in lines[1] and "copy 20.0 GB/s" in lines[1]
+    assert "GEMM 1.500 TFLOP/s" in lines[1] and "copy 20.0 GB/s" in lines[1]
     assert "WARNING" not in text
     header = next(line for line in lines if line.startswith("bench"))
     assert header.split() == ["bench", "pass", "frames", "B", "dtype", "backend",
-                              "A", "ms", "B", "ms", "B/A", "verdict"]
+                              "A", "ms", "B", "ms", "raw", "B/A", "B/A", "verdict"]
     torch_line = next(line for line in lines if " 10.000 " in line and "8.000" in line)
     assert torch_line.split() == ["attention", "fwd", "16", "1", "bfloat16", "torch",
-                                  "10.000", "8.000", "0.800", "faster"]
+                                  "10.000", "8.000", "0.800", "0.800", "faster"]
     ragged_line = next(line for line in lines if "3,7" in line)
-    assert ragged_line.split()[-4:] == ["5.000", "10.000", "2.000", "slower"]
+    assert ragged_line.split()[-5:] == ["5.000", "10.000", "2.000", "2.000", "slower"]
     oom_line = next(line for line in lines if "oom" in line)
-    assert oom_line.split() == ["attention", "fwd", "32", "1", "bfloat16", "flex", "4.000", "oom", "-",
+    assert oom_line.split() == ["attention", "fwd", "32", "1", "bfloat16", "flex", "4.000", "oom", "-", "-",
                                 "not", "comparable", "(ok/oom)"]
     geomean = math.exp((math.log(1.25) + math.log(10 / 12) + math.log(10 / 10.5) + math.log(2 / 2.04)
                         + math.log(0.5)) / 5)
@@ -321,8 +374,8 @@ def test_main_markdown(tmp_path, capsys):
     assert cmp.main([str(fa), str(fb), "--markdown", "--backend", "torch"]) == 0
     lines = capsys.readouterr().out.splitlines()
     table = [line for line in lines if line.startswith("|")]
-    assert table[0] == "| bench | pass | frames | B | dtype | backend | A ms | B ms | B/A | verdict |"
-    assert "| attention | fwd | 16 | 1 | bfloat16 | torch | 10.000 | 8.000 | 0.800 | faster |" in table
+    assert table[0] == "| bench | pass | frames | B | dtype | backend | A ms | B ms | raw B/A | B/A | verdict |"
+    assert "| attention | fwd | 16 | 1 | bfloat16 | torch | 10.000 | 8.000 | 0.800 | 0.800 | faster |" in table
     assert len(table) == 2 + 5  # header, separator, five torch entries
 
 
@@ -351,3 +404,71 @@ def test_main_rejects_bad_threshold(tmp_path):
     with pytest.raises(SystemExit) as exc:
         cmp.main([str(fa), str(fa), "--threshold", "-1"])
     assert exc.value.code == 2
+
+
+# -- compare: normalized by each run's GEMM ceilings; dtypes matched on request --------------
+
+
+def test_compare_normalizes_by_each_rows_ceiling():
+    """Identical code on a machine half as fast: B's latency doubles, and so does A's ceiling
+    over B's; the normalized ratio is 1 ("same"), the raw one 2, and a warning names the gap."""
+    a = make_doc([make_row("torch", 16, median_ms=10.0), make_row("flex", 16, median_ms=4.0)])
+    b = make_doc([make_row("torch", 16, median_ms=20.0), make_row("flex", 16, median_ms=8.0)])
+    b["ceilings"] = {"matmul_tflops": 0.75, "matmul_dtype": "float32", "copy_gbps": 12.5}
+    a["rows"][0]["ceiling_tflops"], b["rows"][0]["ceiling_tflops"] = 1.6, 0.8  # the case's own ceilings
+    torch_e, flex_e = cmp.compare(a, b)
+    assert torch_e["raw_ratio"] == pytest.approx(2.0) and torch_e["ratio"] == pytest.approx(1.0)
+    assert torch_e["verdict"] == "same"
+    # flex has no case ceiling: the runs' rates stand in (1.5 vs 0.75)
+    assert flex_e["ceiling_a"] == 1.5 and flex_e["ceiling_b"] == 0.75 and flex_e["ratio"] == pytest.approx(1.0)
+    raw = cmp.compare(a, b, normalize=False)
+    assert raw[0]["ratio"] == pytest.approx(2.0) and raw[0]["verdict"] == "slower"
+    text = cmp.format_comparison(cmp.compare(a, b), a, b)
+    warnings = [line for line in text.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 2 and "differ by 50%" in warnings[0] and "2 of 2 matched rows" in warnings[1]
+
+
+def test_compare_no_ceiling_warning_within_ten_percent():
+    a = make_doc([make_row("torch", 16, median_ms=10.0)])
+    b = make_doc([make_row("torch", 16, median_ms=10.0)])
+    b["ceilings"] = {"matmul_tflops": 1.5 * 1.09, "matmul_dtype": "float32", "copy_gbps": 12.5}
+    assert "WARNING" not in cmp.format_comparison(cmp.compare(a, b), a, b)
+
+
+def test_compare_across_dtypes_when_asked(tmp_path, capsys):
+    a = make_doc([make_row("torch", 16, median_ms=10.0, dtype="float32"),
+                  make_row("torch", 16, median_ms=9.0, dtype="bfloat16")])
+    b = make_doc([make_row("torch", 16, median_ms=5.0, dtype="bfloat16")])
+    plain = cmp.compare(a, b)
+    assert [e["verdict"] for e in plain] == ["only in A", "faster"]  # bfloat16 with bfloat16 only
+    across = cmp.compare(a, b, dtypes=("float32", "bfloat16"))
+    assert len(across) == 1 and across[0]["raw_ratio"] == pytest.approx(0.5) and across[0]["verdict"] == "faster"
+    fa, fb = write_json(tmp_path / "a.json", a), write_json(tmp_path / "b.json", b)
+    assert cmp.main([str(fa), str(fb), "--dtypes", "float32:bfloat16"]) == 0
+    assert "1 compared: 1 faster" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cmp.main([str(fa), str(fb), "--dtypes", "float32"])
+
+
+def test_noisy_rows_are_marked_in_the_tables():
+    from ccam_kernels.bench.report import format_summary, markdown_text
+    from ccam_kernels.bench.timing import case_ceiling, noisy_reason
+
+    drift = make_row("torch", 16, median_ms=10.0)
+    drift.update(case_ceiling(1.0, 0.7))  # the machine slowed 30% during the case
+    over = make_row("flex", 16, median_ms=4.0)
+    over.update(case_ceiling(1.0, 0.9), pct_of_ceiling=127.8)
+    fine = make_row("reference", 16, median_ms=20.0)
+    fine.update(case_ceiling(1.0, 0.85))  # 15%: within the 20% allowed
+    assert drift["ceiling_tflops"] == 1.0 and drift["ceiling_drift_pct"] == pytest.approx(30.0)
+    for row in (drift, over, fine):
+        row["noisy_reason"] = noisy_reason(row)
+        row["noisy"] = row["noisy_reason"] is not None
+    assert "moved 30%" in drift["noisy_reason"] and over["noisy_reason"] == "128% of the ceiling"
+    assert fine["noisy"] is False
+    doc = make_doc([fine, drift, over])
+    doc["ceilings"]["matmul_tflops_by_dtype"] = {"float32": 1.5}
+    md = markdown_text(doc)
+    assert md.count("| NOISY |") == 2 and "moved 30% during the case" in md
+    summary = format_summary(doc)
+    assert summary.count("NOISY") == 3  # two cells and the legend line

@@ -71,10 +71,9 @@ def test_frame_axis_labels_are_the_plain_frame_counts():
 def test_legend_marks_our_backends_and_not_the_anchors():
     figures = build_figures(spans_doc())
     for fig in figures.values():
-        for ax in fig.get_axes():
-            labels = {t.get_text() for t in ax.get_legend().get_texts()}
-            assert labels <= {f"{b} (ours)" for b in OURS} | set(ANCHORS), labels
-            assert "torch (ours)" in labels and "flex" in labels
+        labels = {t.get_text() for t in fig.legends[0].get_texts()}  # one legend, below the panels
+        assert labels <= {f"{b} (ours)" for b in OURS} | set(ANCHORS), labels
+        assert "torch (ours)" in labels and "flex" in labels
     assert legend_label("flex", "anchor") == "flex" and legend_label("cuda", "ours") == "cuda (ours)"
     assert legend_label("reference", "reference") == "reference (ours)"
     # A document written before rows had a kind: our backend names are still marked.
@@ -87,7 +86,7 @@ def test_title_names_device_dtype_date_and_commit():
     doc = make_doc(rows, device="NVIDIA H200")
     doc["commit_dirty"] = True
     for kind, fig in build_figures(doc).items():
-        title = fig._suptitle.get_text()
+        title = fig._suptitle.get_text().replace("\n", " ")  # wrapped to the figure's width
         assert title.endswith(" · NVIDIA H200 · bfloat16, float16 · 2025-01-02 · commit 0123456789 (dirty)"), title
 
 
@@ -124,11 +123,16 @@ def test_long_video_figure_legend_and_title():
            "settings": {"config": {"num_query": 256, "hidden_size": 256}, "tokens_per_frame": 16,
                         "dtype": "float32"}}
     fig = long_figure(doc)
-    title = fig._suptitle.get_text()
+    title = fig._suptitle.get_text().replace("\n", " ")
     assert title == ("CCAMProjector, N=256, C=256, P=16 · CPU Test (1 threads) · float32 · 2026-12-01 · "
                      "commit 994896d847")
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["one-shot (ours)", "stream, 32 frames/push (ours)"]
+    memory, time_ = fig.get_axes()
+    # the table's units: peak MB and median ms, the values as long.json has them
+    assert "MB" in memory.get_ylabel() and time_.get_ylabel() == "median ms"
+    assert list(time_.get_lines()[0].get_ydata()) == [r["median_ms"] for r in rows if r["mode"] == "one-shot"]
     for ax in fig.get_axes():
-        labels = [t.get_text() for t in ax.get_legend().get_texts()]
-        assert labels == ["one-shot (ours)", "stream, 32 frames/push (ours)"]
+        assert ax.get_legend() is None  # clear of the lines
         assert [len(line.get_xdata()) for line in ax.get_lines()] == [3, 3]
     assert long_figure({**doc, "rows": rows[-1:]}) is None

@@ -82,13 +82,14 @@ def test_no_estimate_before_a_case_finished():
 
 def test_each_contestant_scales_with_its_own_work():
     """The reference computes the dense masked scores, ours only the live pairs: from T=1
-    (dense = live) to a case with 16x the dense and 8x the live work, the reference's calls
-    grow 16x and torch's 8x. Every call counts at the warm (timed) per-call time."""
+    (dense = live) to a case with 32x the dense and 8x the live work, the reference's calls
+    grow 16x (the geometric mean: measured, dense-mask contestants grow between the two) and
+    torch's 8x. Every call counts at the warm (timed) per-call time."""
     p = Progress()
     # reference: 7 calls in 10 s, of which 4 timed in 4 s (1 s each: the others warmed up);
     # torch: 6 calls, 4 timed in 2 s. The rest of the case: 3 s.
     p.finished(FakeCase("attention", 1e9), 25.0, spent_of(reference=(7, 10.0, 4, 4.0), torch=(6, 12.0, 4, 2.0)))
-    big = FakeCase("attention", 8e9, dense=16e9)
+    big = FakeCase("attention", 8e9, dense=32e9)
     assert p.per_call("reference", big) == pytest.approx(16.0)
     assert p.per_call("torch", big) == pytest.approx(4.0)
     # Plus the first calls' time beyond a warm call (3 s and 9 s: compiles, warm-ups) and the rest.
@@ -101,8 +102,12 @@ def test_the_base_is_the_largest_finished_case_and_compiles_are_averaged():
     p.finished(FakeCase("attention", 1.0), 21.0, spent_of(flex=(3, 20.0, 2, 2.0)))  # 1 s a call, 17 s compiling
     p.finished(FakeCase("attention", 4.0), 20.0, spent_of(flex=(3, 18.0, 2, 8.0)))  # 4 s a call, 6 s compiling
     p.finished(FakeCase("attention", 2.0), 9.0, spent_of(flex=(3, 8.0, 2, 4.0)))  # 2 s a call, 2 s compiling
-    # Base: the 4.0 case (4 s per call, 2 s of rest); compiles: the mean per case (25 s / 3).
-    assert p.seconds_left([FakeCase("attention", 8.0)]) == pytest.approx(3 * 8 + 25 / 3 + 2)
+    # Base: the 4.0 case (4 s per call, 2 s of rest); compiles: the mean per case, the first
+    # case (which also paid the once-per-process costs) left out: (6 + 2) / 2.
+    assert p.seconds_left([FakeCase("attention", 8.0)]) == pytest.approx(3 * 8 + 4 + 2)
+    first_only = Progress()
+    first_only.finished(FakeCase("attention", 1.0), 21.0, spent_of(flex=(3, 20.0, 2, 2.0)))
+    assert first_only.extra_s("flex") == pytest.approx(17.0)  # nothing else to go on
 
 
 def test_the_rest_of_a_case_scales_with_its_input_bytes():
@@ -115,9 +120,9 @@ def test_a_projector_call_is_its_attention_from_the_attention_bench_plus_its_gem
     p = Progress()
     p.finished(FakeCase("attention", 1.0, dense=1.0), 4.0, spent_of(reference=(4, 4.0, 4, 4.0)))  # 1 s a call
     p.finished(FakeCase("projector", 1.0, dense=1.0, gemm=10.0), 12.0, spent_of(reference=(4, 12.0, 4, 12.0)))
-    big = FakeCase("projector", 8.0, dense=16.0, gemm=20.0)
+    big = FakeCase("projector", 8.0, dense=32.0, gemm=20.0)
     # 3 s a call: 1 s of attention (the attention bench's reference at this shape) + 2 s of
-    # GEMMs. At 16x the dense work and 2x the GEMMs: 16 + 2 * 2 = 20 s a call.
+    # GEMMs. At 16x the reference's work (sqrt(32 x 8)) and 2x the GEMMs: 16 + 2 * 2 = 20 s a call.
     assert p.per_call("reference", big) == pytest.approx(20.0)
     assert p.seconds_left([big]) == pytest.approx(4 * 20)
     # Without an attention case, the whole call scales with GEMM + attention FLOPs.
@@ -181,8 +186,8 @@ def test_run_suite_prints_estimates_from_the_measured_cases(monkeypatch):
     assert heads[2] == "[3/4] p1  (elapsed 90 s, 2 projector cases not yet measured (from 2 finished cases))"
     # After p1 (10 s a call: 6 s of attention, as a2 at half the work, + 4 s of GEMMs): p2 =
     # 3 calls of (12 s attention + 2 x 4 s GEMMs) + the reference's mean compile and warm-up per
-    # case (12 s, 0, 0) + p1's 1 s of rest.
-    assert heads[3] == "[4/4] p2  (elapsed 121 s, about 65 s left (from 3 finished cases))"
+    # case after its first (0, 0; a1's 12 s was the process's first) + p1's 1 s of rest.
+    assert heads[3] == "[4/4] p2  (elapsed 121 s, about 61 s left (from 3 finished cases))"
 
 
 def test_the_work_measures_of_a_real_case():
@@ -215,8 +220,10 @@ def test_run_case_reports_every_call_it_ran():
     settings = Settings(warmup=2, repeats=3, rounds=2)
     ceilings = {"matmul_tflops_by_dtype": {"float32": 0.1}, "matmul_tflops": 0.1}
     rows = run_case(_tiny_case(), ["reference", "torch"], Timer(torch.device("cpu")), settings, ceilings, Log(),
-                    clock=ticking, spent=spent)
+                    clock=ticking, spent=spent, gemm_rate=lambda device, dtype: 0.1)
     assert [r["status"] for r in rows] == ["ok", "ok"]
+    ceiling = spent.pop("ceiling")  # the GEMM rate, once before the case and once after
+    assert ceiling.calls == 2 and ceiling.timed == 0 and ceiling.seconds >= 2
     timed = settings.rounds * settings.repeats
     assert spent["reference"].calls == 1 + 1 + settings.warmup + timed  # the anchor is a reference call
     assert spent["torch"].calls == 1 + settings.warmup + timed
@@ -303,3 +310,29 @@ def test_flex_and_gpu_triton_declare_their_compiles():
     triton = C.make_contestant("projector", "triton")
     triton.inputs = inputs  # on CPU (the interpreter) nothing is compiled
     assert triton.compile_note() is None
+
+
+# -- the machine's speed: the GEMM rate measured around each case ----------------------------
+
+
+def test_times_scale_with_the_machines_speed_and_a_moving_load_gives_a_range():
+    """A case measured while the machine ran at half its later speed predicts half its time
+    now; every part (warm calls, compiles, the rest, the ceiling's own GEMMs) scales alike.
+    When the rates seen differ by more than 20% the note gives the range they imply."""
+    p = Progress()
+    spent = spent_of(torch=(3, 14.0, 2, 8.0), ceiling=(2, 2.0, 0, 0.0))  # 4 s a warm call, 2 s compile
+    p.finished(FakeCase("attention", 1.0), 20.0, spent, rates=(0.01, 0.01))
+    assert p.seconds_left([FakeCase("attention", 2.0)]) == pytest.approx(3 * 8.0 + 2.0 + 2 * 1.0 + 4.0)
+    p.finished(FakeCase("attention", 0.5), 0.0, {}, rates=(0.02, 0.02))  # the load dropped: twice as fast now
+    assert p.rate_now() == 0.02 and p.rate_range() == (0.01, 0.02)
+    left = (3 * 8.0 + 2.0 + 2 * 1.0 + 4.0) / 2
+    assert p.seconds_left([FakeCase("attention", 2.0)]) == pytest.approx(left)
+    assert p.note([FakeCase("attention", 2.0)]) == (
+        f", about {left:.0f} s left ({left:.0f}-{2 * left:.0f} s as the load goes: the GEMM rate has ranged "
+        "0.01-0.02 TFLOP/s in this run) (from 2 finished cases)")
+    steady = Progress()
+    steady.finished(FakeCase("attention", 1.0), 20.0, spent, rates=(0.01, 0.0115))  # within 20%: no range
+    assert "as the load goes" not in steady.note([FakeCase("attention", 2.0)])
+    unmeasured = Progress()
+    unmeasured.finished(FakeCase("attention", 1.0), 20.0, spent)
+    assert unmeasured.seconds_left([FakeCase("attention", 2.0)]) == pytest.approx(32.0)

@@ -278,12 +278,12 @@ def long_figure(doc: dict):
         from matplotlib.figure import Figure
     except ImportError:
         return None
-    from .plots import figure_title, legend_label
+    from .plots import figure_title, legend_label, wrap_title
 
     rows = [r for r in doc["rows"] if r["status"] == "ok" and r["mode"] in ("one-shot", "stream")]
     if not rows:
         return None
-    fig = Figure(figsize=(10, 4.2))
+    fig = Figure(figsize=(10, 4.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
     for mode, color in (("one-shot", "#d62728"), ("stream", "#1f77b4")):
@@ -293,17 +293,17 @@ def long_figure(doc: dict):
         name = mode if mode == "one-shot" else f"stream, {mine[0]['chunk_frames']} frames/push"
         label = legend_label(name, "ours")
         axes[0].plot([r["frames"] for r in mine], [r["peak_mem_mb"] for r in mine], "o-", color=color, label=label)
-        axes[1].plot([r["frames"] for r in mine], [r["median_ms"] / 1e3 for r in mine], "o-", color=color, label=label)
-    axes[0].set(xlabel="frames", ylabel="peak memory above start (MB)", title="peak memory")
-    axes[1].set(xlabel="frames", ylabel="median time (s)", title="time")
+        axes[1].plot([r["frames"] for r in mine], [r["median_ms"] for r in mine], "o-", color=color, label=label)
+    # The axes in the table's units (long.json and the printed table: peak MB, median ms).
+    axes[0].set(xlabel="frames", ylabel="peak MB (above the call's start)", title="peak memory")
+    axes[1].set(xlabel="frames", ylabel="median ms", title="time")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2, frameon=False)
     s = doc["settings"]
     what = (f"CCAMProjector, N={s['config']['num_query']}, C={s['config']['hidden_size']}, "
             f"P={s['tokens_per_frame']}")
-    fig.suptitle(figure_title(what, doc, [s["dtype"]]), fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(wrap_title(figure_title(what, doc, [s["dtype"]]), 9.7, 10), fontsize=10)
     return fig
 
 

@@ -1,7 +1,11 @@
 """PNG figures of a ccam-bench result document: latency, speedup, % of ceiling, peak memory.
 
 Every figure has one panel per (bench, pass, batch, dtype) combination, frames on the x axis
-and one line per backend; a backend keeps its colour across all figures of a document.
+and one line per backend, with the spread of its timed calls as a band around it (the
+interquartile range of the calls; for the ratios, the same range carried through the row's own
+latency). A contestant has one fixed colour in every figure of every run (CONTESTANT_COLORS),
+so two runs' plots read alike. The legend sits below the panels, one for the figure, so it
+never covers a line; the title wraps to the figure's width, so it is never clipped.
 Only rows with status "ok", an int ``frames`` (ragged batches are left to the tables) and a
 value for the plotted metric are drawn; a panel or figure without such rows is left out.
 
@@ -19,28 +23,66 @@ import os
 # (kind, row key, y-axis label, what (suptitle), log y axis)
 FIGURES = (
     ("latency", "median_ms", "median latency (ms)", "median latency", True),
-    ("speedup", "speedup_vs_reference", "speedup vs reference (x)", "speedup vs reference", False),
+    ("speedup", "speedup_vs_dense", "speedup vs fastest dense-mask peer (x)", "speedup vs the fastest dense-mask peer", False),
     ("pct_of_ceiling", "pct_of_ceiling", "% of GEMM ceiling", "% of measured GEMM ceiling", False),
     ("peak_memory", "peak_mem_mb", "peak memory (MB)", "peak memory", True),
 )
 
 REFERENCE_COLOR = "#000000"
-PALETTE = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-    "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f",
-)
+# One colour per contestant, the same in every run: ours in strong colours, the anchors apart.
+CONTESTANT_COLORS = {
+    "reference": REFERENCE_COLOR, "torch": "#1f77b4", "triton": "#ff7f0e", "cuda": "#2ca02c",
+    "flex": "#d62728", "sdpa-efficient": "#9467bd", "sdpa-cudnn": "#8c564b", "sdpa-flash": "#e377c2",
+}
+# For a name not above (a future contestant): a colour picked by the name itself, never by
+# which other contestants ran.
+PALETTE = ("#17becf", "#bcbd22", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5")
 MAX_COLUMNS = 3
 _PASS_ORDER = {"fwd": 0, "bwd": 1, "fwd+bwd": 2}
 
 
+def contestant_color(name: str) -> str:
+    """The fixed colour of a contestant: CONTESTANT_COLORS, else one chosen by the name's CRC."""
+    import zlib
+
+    return CONTESTANT_COLORS.get(name) or PALETTE[zlib.crc32(name.encode()) % len(PALETTE)]
+
+
 def backend_colors(backends) -> dict[str, str]:
-    """Colour of each backend: "reference" is always black, the others take the palette in
-    sorted-name order (cycling if there are more backends than colours)."""
-    others = sorted({b for b in backends if b != "reference"})
-    colors = {b: PALETTE[i % len(PALETTE)] for i, b in enumerate(others)}
-    if "reference" in backends:
-        colors["reference"] = REFERENCE_COLOR
-    return colors
+    """{backend: its fixed colour}, whatever else is in ``backends``."""
+    return {b: contestant_color(b) for b in set(backends)}
+
+
+_INVERSE = ("speedup_vs_dense", "pct_of_ceiling")  # metrics that scale as 1 / the row's latency
+
+
+def spread_band(row: dict, key: str):
+    """(low, high) of a plotted metric over the row's interquartile range of calls, or None:
+    latency from q1_ms to q3_ms (median +- iqr_ms / 2 for rows without them); a ratio over the
+    row's latency carried through the same range."""
+    median = row.get("median_ms")
+    if key not in ("median_ms", *_INVERSE) or not median:
+        return None
+    q1, q3 = row.get("q1_ms"), row.get("q3_ms")
+    if q1 is None or q3 is None:
+        iqr = row.get("iqr_ms")
+        if iqr is None:
+            return None
+        q1, q3 = median - iqr / 2, median + iqr / 2
+    if key == "median_ms":
+        return q1, q3
+    if q1 <= 0:
+        return None
+    return row[key] * median / q3, row[key] * median / q1
+
+
+def wrap_title(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` broken at its spaces into lines that fit ``width_in`` inches at ``fontsize``
+    points (a character is at most ~0.62 em wide in the default sans font)."""
+    import textwrap
+
+    chars = max(20, int(width_in * 72 / (0.62 * fontsize)))
+    return "\n".join(textwrap.wrap(text, chars, break_on_hyphens=False))
 
 
 OURS_KINDS = ("ours", "reference")
@@ -157,7 +199,10 @@ def build_figures(doc: dict) -> dict:
             continue
         ncols = min(MAX_COLUMNS, len(panels))
         nrows = math.ceil(len(panels) / ncols)
-        fig = Figure(figsize=(4.4 * ncols, 3.3 * nrows + 0.4), dpi=110)
+        width = 4.4 * ncols
+        title = wrap_title(figure_title(what, doc, [p[3] for p in panels]), width - 0.3, 9)
+        # room for the title's lines and the legend below the panels
+        fig = Figure(figsize=(width, 3.3 * nrows + 0.25 * title.count("\n") + 1.0), dpi=110, layout="constrained")
         FigureCanvasAgg(fig)
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
         for ax in axes[len(panels):]:
@@ -166,9 +211,14 @@ def build_figures(doc: dict) -> dict:
             bench, pass_, batch, dtype = panel
             in_panel = [r for r in sel if _panel_key(r) == panel]
             for backend in sorted({r["backend"] for r in in_panel}):
-                pts = sorted((r["frames"], r[key]) for r in in_panel if r["backend"] == backend)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3,
+                mine = sorted((r for r in in_panel if r["backend"] == backend), key=lambda r: r["frames"])
+                ax.plot([r["frames"] for r in mine], [r[key] for r in mine], marker="o", markersize=3,
                         linewidth=1.2, color=colors[backend], label=legend_label(backend, kinds.get(backend)))
+                bands = [(r["frames"], spread_band(r, key)) for r in mine]
+                bands = [(f, b) for f, b in bands if b is not None and (not log_y or b[0] > 0)]
+                if bands:
+                    ax.fill_between([f for f, _ in bands], [b[0] for _, b in bands], [b[1] for _, b in bands],
+                                    color=colors[backend], alpha=0.18, linewidth=0)
             if kind == "speedup":
                 ax.axhline(1.0, color="#555555", linestyle="--", linewidth=0.9)
             frames = sorted({r["frames"] for r in in_panel})
@@ -187,8 +237,15 @@ def build_figures(doc: dict) -> dict:
             ax.set_xlabel("frames per video", fontsize=7)
             ax.set_ylabel(ylabel, fontsize=7)
             ax.grid(True, which="both", alpha=0.3, linewidth=0.5)
-            ax.legend(fontsize=6, loc="best", frameon=False)
-        fig.suptitle(figure_title(what, doc, [p[3] for p in panels]), fontsize=9)
-        fig.tight_layout()
+        handles = {}
+        for ax in axes[:len(panels)]:
+            for line in ax.get_lines():
+                if not line.get_label().startswith("_"):
+                    handles.setdefault(line.get_label(), line)
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", fontsize=7,
+                   ncols=min(len(handles), 4 * ncols), frameon=False,
+                   title="line: median; band: middle half of the timed calls" if kind != "peak_memory" else None,
+                   title_fontsize=7)
+        fig.suptitle(title, fontsize=9)
         figures[kind] = fig
     return figures

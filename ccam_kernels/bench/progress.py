@@ -20,8 +20,8 @@ So the runner records, per case and contestant, the calls run and their wall tim
 
 The base case is the finished case of the same bench with the most work (the same pass and
 dtype when there is one). The warm per-call time is the mean timed call. It scales with that
-contestant's own work: dense attention FLOPs for the reference and the SDPA anchors, live FLOPs
-for ours and flex. A projector call is its attention plus its GEMMs, which run at very
+contestant's own work (_work): for the reference and the SDPA anchors the geometric mean of the
+dense and the live attention FLOPs, live FLOPs for ours and flex. A projector call is its attention plus its GEMMs, which run at very
 different rates (in these CPU runs the reference attention bench at 4-12% of the GEMM ceiling,
 the projector with our attention at 51-78%, mostly GEMMs): its attention part is the same
 contestant's attention-bench call at that shape (estimated as above) and the rest scales with
@@ -30,6 +30,14 @@ with GEMM + attention FLOPs. The compile and warm-up part (a first call's time b
 call) is averaged over every finished case that ran the contestant: FlexAttention's compile of
 a new shape took 15-16 s, one found in inductor's disk cache 1-3 s, the first of the process
 6-12 s (measured in these runs), so no case is special.
+
+The machine's speed: every case measures the GEMM rate before and after it (runner.py, for its
+ceiling), and on a shared machine that rate moves by tens of % within minutes, every call's time
+with it (a base case measured during a load spike carried the spike into every later estimate).
+So each finished case's times are scaled by its rate over the rate around the last finished
+case (the machine's speed now), and when the rates seen so far differ by more than
+LOAD_MOVES_PCT the note also gives the range those rates imply: the load's future is what the
+estimate cannot know, and it says so.
 
 Nothing here is a prior guess: a bench's cases get no number before one of its cases
 finished (the progress line counts them instead). How well it does is measured in
@@ -48,6 +56,10 @@ from dataclasses import dataclass, field
 
 # Contestants that compute the dense masked scores: their work is the dense attention FLOPs.
 DENSE = ("reference", "sdpa-efficient", "sdpa-cudnn", "sdpa-flash")
+# Calls whose cost does not grow with the case: the GEMM ceiling measured around each case.
+FIXED = ("ceiling",)
+# When the GEMM rates measured so far differ by more than this, the note gives a range too.
+LOAD_MOVES_PCT = 20.0
 
 
 @dataclass
@@ -84,6 +96,11 @@ class Finished:
     seconds: float  # the whole case
     spent: dict = field(default_factory=dict)  # contestant -> Spent
     input_bytes: float = 1.0
+    rates: tuple = ()  # the GEMM rates measured before and after the case (the machine's speed)
+
+    @property
+    def rate(self) -> float | None:
+        return sum(self.rates) / len(self.rates) if self.rates else None
 
     @property
     def rest_s(self) -> float:
@@ -92,8 +109,14 @@ class Finished:
 
 
 def _work(case, name: str) -> float:
-    """Contestant ``name``'s attention work in ``case``."""
-    return case.attention_work(dense=name in DENSE)
+    """Contestant ``name``'s attention work in ``case``: live FLOPs for ours and flex; for the
+    dense-mask contestants the geometric mean of the dense and the live FLOPs. Measured on the
+    2-core CPU machine (--quick, this commit): from T=1 to T=16 the reference (SDPA with the
+    mask, no LSE) grew 8.7x and sdpa-flash 11.7x, between the live (8.5x) and the dense (16x)
+    ratios, and the dense ratio alone overestimated every later case."""
+    if name in DENSE:
+        return (case.attention_work(dense=True) * case.attention_work(dense=False)) ** 0.5
+    return case.attention_work(dense=False)
 
 
 def _ratio(a: float, b: float) -> float:
@@ -108,9 +131,27 @@ class Progress:
         self.done: list[Finished] = []
         self.input_bytes = input_bytes or (lambda case: 1.0)
 
-    def finished(self, case, seconds: float, spent: dict | None = None) -> None:
+    def finished(self, case, seconds: float, spent: dict | None = None, rates=()) -> None:
+        """``rates``: the GEMM rates measured around the case (runner.run_case's ceilings)."""
         spent = {n: s for n, s in (spent or {}).items() if s.calls > 0}
-        self.done.append(Finished(case, seconds, spent, self.input_bytes(case)))
+        rates = tuple(r for r in rates if r and r > 0)
+        self.done.append(Finished(case, seconds, spent, self.input_bytes(case), rates))
+
+    def rate_now(self) -> float | None:
+        """The machine's speed now: the GEMM rate around the last finished case that measured it."""
+        return next((f.rate for f in reversed(self.done) if f.rate), None)
+
+    def _slow(self, f: Finished) -> float:
+        """How much slower the machine is now than during ``f``: its times scale by this. On a
+        shared machine the load moves the GEMM rate by tens of % within minutes, and every
+        call's time moves with it."""
+        now = self.rate_now()
+        return f.rate / now if f.rate and now else 1.0
+
+    def rate_range(self) -> tuple | None:
+        """(lowest, highest) GEMM rate measured around the finished cases, or None."""
+        rates = [r for f in self.done for r in f.rates]
+        return (min(rates), max(rates)) if rates else None
 
     def _base(self, case, name: str | None = None) -> Finished | None:
         """The finished case of ``case``'s bench with the most work (of ``name``, when given,
@@ -128,7 +169,9 @@ class Progress:
         base = self._base(case, name)
         if base is None:
             return None
-        measured = base.spent[name].per_call
+        measured = base.spent[name].per_call * self._slow(base)
+        if name in FIXED:
+            return measured
         if case.bench == "attention":
             return measured * _ratio(_work(case, name), _work(base.case, name))
         attn_here = self.per_call(name, dataclasses.replace(case, bench="attention"))
@@ -139,8 +182,13 @@ class Progress:
         return attn_here + max(measured - attn_base, 0.0) * _ratio(case.gemm_flops(), base.case.gemm_flops())
 
     def extra_s(self, name: str) -> float:
-        """Mean compile and warm-up time of ``name`` per finished case that ran it."""
-        seen = [f.spent[name].extra_s for f in self.done if name in f.spent]
+        """Mean compile and warm-up time of ``name`` per finished case that ran it, its first
+        case left out once there are others."""
+        seen = [f.spent[name].extra_s * self._slow(f) for f in self.done if name in f.spent]
+        # The first case a contestant runs in also pays its once-per-process costs (the torch
+        # backend's first call took 4.2 s at T=1, then ~0 s; flex's first compile 6.9-28 s, then
+        # 1-3 s): once later cases exist, they alone say what a case pays.
+        seen = seen[1:] or seen
         return sum(seen) / len(seen) if seen else 0.0
 
     def estimate(self, case) -> float | None:
@@ -148,7 +196,7 @@ class Progress:
         base = self._base(case)
         if base is None:
             return None
-        total = base.rest_s * _ratio(self.input_bytes(case), base.input_bytes)
+        total = base.rest_s * self._slow(base) * _ratio(self.input_bytes(case), base.input_bytes)
         for name, spent in base.spent.items():
             total += spent.calls * self.per_call(name, case) + self.extra_s(name)
         return max(total, 0.0)
@@ -169,7 +217,15 @@ class Progress:
         for case in remaining:
             if self._base(case) is None:
                 unknown[case.bench] = unknown.get(case.bench, 0) + 1
-        parts = [f"about {left:.0f} s left"] if left is not None else []
+        parts = []
+        if left is not None:
+            parts.append(f"about {left:.0f} s left")
+            span, now = self.rate_range(), self.rate_now()
+            if span and now and span[1] > span[0] * (1 + LOAD_MOVES_PCT / 100):
+                # The load has moved the machine's speed: the estimate holds only if it stays
+                # at the last case's level. Say so, with what the range seen so far implies.
+                parts[-1] += (f" ({left * now / span[1]:.0f}-{left * now / span[0]:.0f} s as the load goes: the "
+                              f"GEMM rate has ranged {span[0]:.3g}-{span[1]:.3g} TFLOP/s in this run)")
         parts += [f"{n} {bench} case{'s' if n != 1 else ''} not yet measured" for bench, n in unknown.items()]
         n = len(self.done)
         return f", {' + '.join(parts)} (from {n} finished case{'s' if n != 1 else ''})"

@@ -16,9 +16,11 @@ COLUMNS = [
     ("bench", "bench", "{}"), ("pass", "pass", "{}"), ("frames", "frames", "{}"), ("batch", "B", "{}"),
     ("dtype", "dtype", "{}"), ("backend", "backend", "{}"), ("median_ms", "median ms", "{:.3f}"),
     ("spread_pct", "spread %", "{:.1f}"), ("tflops", "TFLOP/s", "{:.3f}"),
-    ("pct_of_ceiling", "% ceiling", "{:.1f}"), ("speedup_vs_reference", "x ref", "{:.2f}"),
+    ("pct_of_ceiling", "% ceiling", "{:.1f}"), ("speedup_vs_dense", "x dense", "{:.2f}"),
+    ("dense_peer", "dense peer", "{}"), ("speedup_vs_flex", "x flex", "{:.2f}"),
     ("x_floor", "x floor", "{:.2f}"), ("max_rel_err", "rel err", "{:.1e}"), ("peak_mem_mb", "peak MB", "{:.0f}"),
-    ("compile_s", "compile s", "{:.1f}"),
+    ("compile_s", "compile s", "{:.1f}"), ("ceiling_tflops", "ceiling TFLOP/s", "{:.3g}"),
+    ("noisy", "noisy", "{}"),
 ]
 
 
@@ -74,7 +76,7 @@ def build_result(result: dict, device: torch.device, commit: tuple | None = None
         triton_version = None
     sha, dirty = commit or git_commit()
     return {
-        "schema": 1,
+        "schema": 2,
         "commit": sha,
         "commit_dirty": dirty,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -92,6 +94,8 @@ def build_result(result: dict, device: torch.device, commit: tuple | None = None
 
 def _cell(row, key, fmt):
     value = row.get(key)
+    if key == "noisy":
+        return "NOISY" if value else "-"
     if value is None:
         return row.get("status", "-") if key == "median_ms" else "-"
     if isinstance(value, list):
@@ -122,16 +126,28 @@ def markdown_text(doc: dict) -> str:
             f" · triton {doc.get('triton')}\n\n")
     if not doc.get("complete", True):
         out.append("**Partial run**: written after a case finished; the run did not reach its end.\n\n")
-    out.append(f"Ceilings measured in this run: GEMM TFLOP/s {rates}; copy {c['copy_gbps']:.1f} GB/s.\n\n"
+    out.append(f"Ceilings measured at the start of this run: GEMM TFLOP/s {rates}; copy {c['copy_gbps']:.1f} GB/s.\n\n"
             "TFLOP/s counts live FLOPs only (masked pairs excluded), the same count for every backend; "
-            "'% ceiling' divides it by the GEMM rate of the row's dtype. 'spread %' is how far apart the "
-            "medians of the interleaved timing rounds are. 'x ref' is the speedup over the reference; "
+            "'% ceiling' divides it by 'ceiling TFLOP/s', the GEMM rate of the row's dtype measured "
+            "before and after its own case (the better of the two). 'noisy' marks a row whose case's "
+            "ceiling moved more than 20% between those two, or above 100% of its ceiling: its numbers "
+            "do not hold. 'spread %' is how far apart the "
+            "medians of the interleaved timing rounds are. 'x dense' is the speedup over the fastest dense-mask peer of the "
+            "same case ('dense peer': an SDPA anchor with the dense mask where one ran, else the reference, "
+            "the same SDPA call per sample); 'x flex' the speedup over FlexAttention. The reference anchors "
+            "the errors, not the speed (its ratio stays in the JSON as speedup_vs_reference). "
             "'x floor' (projector) is the latency over the roofline floor, every FLOP at the GEMM rate. "
             "'rel err' is the largest ||x - x_ref|| / ||x_ref|| over the output (and, when the pass has a "
             "backward, the input gradients: q, k, v; for the projector the features, query and k_proj "
             "weight) against the reference evaluated in float32 in the same run. 'peak MB' is the peak "
             "memory of a call above its inputs; 'compile s' is the first call of a compiled anchor.\n\n")
     out.append(format_table(doc["rows"], markdown=True) + "\n")
+    noisy = [r for r in doc["rows"] if r.get("noisy")]
+    if noisy:
+        out.append("\nNoisy rows (their numbers do not hold; run them again on a quieter machine):\n\n")
+        for r in noisy:
+            out.append(f"- {r['bench']} {r['pass']} T={r['frames']} B={r['batch']} {r['dtype']} "
+                    f"{r['backend']}: {r.get('noisy_reason')}\n")
     if failed:
         out.append("\nRows without a time:\n\n")
         for r in failed:
@@ -153,7 +169,7 @@ def _ms(value: float) -> str:
 
 
 def format_summary(doc: dict) -> str:
-    """The short table: one line per case, one column per backend, "median ms (x ref)";
+    """The short table: one line per case, one column per backend, "median ms (x dense)";
     for projector rows also the roofline floor. Markdown."""
     rows = doc["rows"]
     backends = list(dict.fromkeys(r["backend"] for r in sorted(rows, key=lambda r: r["kind"] != "reference")))
@@ -166,8 +182,10 @@ def format_summary(doc: dict) -> str:
             text = r.get("status", "-")
         else:
             text = _ms(r["median_ms"])
-            if r.get("speedup_vs_reference") and r["backend"] != "reference":
-                text += f" ({r['speedup_vs_reference']:.2f}x)"
+            if r.get("speedup_vs_dense") and r["backend"] != r.get("dense_peer"):
+                text += f" ({r['speedup_vs_dense']:.2f}x)"
+            if r.get("noisy"):
+                text += " NOISY"
         cells[case, r["backend"]] = text
         if r.get("floor_ms"):
             floors[case] = _ms(r["floor_ms"])
@@ -177,8 +195,11 @@ def format_summary(doc: dict) -> str:
         f"ccam-bench · {doc['date'][:10]} · commit `{doc['commit'][:10]}` · {doc['device']} · "
         f"GEMM {c['matmul_tflops']:.3g} TFLOP/s ({c['matmul_dtype']}), copy {c['copy_gbps']:.0f} GB/s",
         "",
-        "Median ms per call; (Nx) = speedup over the reference in the same run."
-        + (" floor ms = all FLOPs of the projector at the measured GEMM rate." if floors else ""),
+        "Median ms per call; (Nx) = speedup over the case's fastest dense-mask peer in the same run "
+        "(an sdpa-* anchor where one ran, else the reference: SDPA with the dense mask), results.md "
+        "names it and gives the speedup over flex."
+        + (" floor ms = all FLOPs of the projector at the measured GEMM rate." if floors else "")
+        + " NOISY = the GEMM ceiling moved >20% during the case, or the row exceeds 100% of it (results.md says which).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",

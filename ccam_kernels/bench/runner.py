@@ -32,7 +32,7 @@ from .contestants import (
 from .flops import attention_flops, dense_attention_flops, projector_flops, projector_gemm_flops
 from .oom import is_oom
 from .progress import Progress, Spent
-from .timing import Timer, measure_ceilings, rotation_count, summarize, sync
+from .timing import Timer, case_ceiling, gemm_tflops, measure_ceilings, noisy_reason, rotation_count, summarize, sync
 
 from .names import BENCHES, PASSES  # noqa: E402  (torch-free, for the command line)
 
@@ -84,7 +84,9 @@ class Settings:
 
 
 _NOT_TIMED = dict(median_ms=None, min_ms=None, max_ms=None, iqr_ms=None, spread_pct=None, repeats=0,
-                  tflops=None, pct_of_ceiling=None, peak_mem_mb=None, speedup_vs_reference=None)
+                  tflops=None, pct_of_ceiling=None, peak_mem_mb=None, speedup_vs_reference=None,
+                  speedup_vs_dense=None, dense_peer=None, speedup_vs_flex=None,
+                  noisy=False, noisy_reason=None)
 
 
 def _base_row(case: BenchCase, name: str) -> dict:
@@ -94,6 +96,7 @@ def _base_row(case: BenchCase, name: str) -> dict:
         "frames": counts[0] if len(set(counts)) == 1 else counts, "frame_counts": counts,
         "batch": len(counts), "dtype": str(case.dtype).replace("torch.", ""), "gflop": case.flops() / 1e9,
         "status": "ok", "reason": None, "max_rel_err": None, "compile_s": None, **_NOT_TIMED,
+        "ceiling_tflops": None, "ceiling_before_tflops": None, "ceiling_after_tflops": None, "ceiling_drift_pct": None,
     }
 
 
@@ -189,13 +192,18 @@ def _first_call(contestant, name: str, pass_: str, device, log, clock):
 
 
 def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings: dict, log,
-             budget_s: float | None = None, clock=time.perf_counter, spent: dict | None = None) -> list[dict]:
+             budget_s: float | None = None, clock=time.perf_counter, spent: dict | None = None,
+             gemm_rate=gemm_tflops) -> list[dict]:
     """Rows of one case, one per contestant; "reference" should come first (it anchors the
     error column). ``budget_s`` caps the time spent in timed calls by lowering repeats.
     ``spent`` (a dict) receives each contestant's calls and their wall time (progress.Spent),
-    from which the time-left estimate is made."""
+    from which the time-left estimate is made. ``gemm_rate(device, dtype)`` measures the GEMM
+    ceiling before and after the case (a "ceiling" entry of ``spent``)."""
     device = timer.device
     spent = {} if spent is None else spent
+    t0 = clock()
+    before = gemm_rate(device, case.dtype)
+    spent.setdefault("ceiling", Spent()).add(1, clock() - t0)
     torch.manual_seed(zlib.crc32(case.label.encode()))  # fresh random data, the same in every run
     inputs_type = AttentionInputs if case.bench == "attention" else ProjectorInputs
     num_sets = rotation_count(inputs_type.bytes_per_set(case), device)
@@ -292,28 +300,63 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
                     _fail(row, "error", capture_reason(exc, []))
             spent.setdefault(row["backend"], Spent()).add(done, clock() - t0, timed=True)
 
+    t0 = clock()
+    ceiling = case_ceiling(before, gemm_rate(device, case.dtype))
+    spent["ceiling"].add(1, clock() - t0)
+    rate = ceiling["ceiling_tflops"]
+    log(f"  GEMM ceiling {before:.3g} -> {ceiling['ceiling_after_tflops']:.3g} TFLOP/s"
+        f" ({ceiling['ceiling_drift_pct']:.0f}% apart)")
     flops = case.flops()
-    rate = ceilings["matmul_tflops_by_dtype"].get(str(case.dtype).replace("torch.", ""), ceilings["matmul_tflops"])
+    for row in rows:
+        row.update(ceiling)
     for contestant, row, *_ in live:
         if row["status"] == "ok":
             row.update(summarize(times[id(contestant)], peaks[id(contestant)]))
             row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
             row["pct_of_ceiling"] = 100.0 * row["tflops"] / rate
+            row["noisy_reason"] = noisy_reason(row)
+            row["noisy"] = row["noisy_reason"] is not None
             spread = f", spread {row['spread_pct']:.1f}%" if row["spread_pct"] is not None else ""
+            noisy = f"  NOISY: {row['noisy_reason']}" if row["noisy"] else ""
             log(f"  {row['backend']:<15} {row['median_ms']:10.3f} ms  {row['tflops']:8.3f} TFLOP/s  "
-                f"{row['pct_of_ceiling']:5.1f}% of ceiling  ({row['repeats']} calls{spread})")
+                f"{row['pct_of_ceiling']:5.1f}% of ceiling  ({row['repeats']} calls{spread}){noisy}")
         contestant.release()
-    ref_ms = next((r["median_ms"] for r in rows if r["backend"] == "reference"), None)
+    add_speedups(rows)
     for row in rows:
-        if ref_ms and row["median_ms"]:
-            row["speedup_vs_reference"] = ref_ms / row["median_ms"]
         if case.bench == "projector":
-            # The roofline floor: every GEMM and live attention FLOP at the measured GEMM rate.
+            # The roofline floor: every GEMM and live attention FLOP at the case's GEMM rate.
             row["floor_ms"] = flops / (rate * 1e12) * 1e3
             row["x_floor"] = row["median_ms"] / row["floor_ms"] if row["median_ms"] else None
     del inputs, live
     _free(device)
     return rows
+
+
+def dense_peer(rows: list[dict]) -> dict | None:
+    """The fastest timed dense-mask peer of a case: the SDPA anchors (SDPA with the dense mask)
+    where they ran, else the reference (the same SDPA call per sample, without an LSE)."""
+    timed = [r for r in rows if r.get("median_ms")]
+    peers = [r for r in timed if r["backend"].startswith("sdpa-")] or [r for r in timed if r["backend"] == "reference"]
+    return min(peers, key=lambda r: r["median_ms"]) if peers else None
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """The speed columns of one case's rows: against the fastest dense-mask peer
+    (``speedup_vs_dense``, naming it in ``dense_peer``), against flex, and (demoted: the
+    reference anchors the errors, not the speed) against the reference."""
+    peer = dense_peer(rows)
+    flex_ms = next((r["median_ms"] for r in rows if r["backend"] == "flex"), None)
+    ref_ms = next((r["median_ms"] for r in rows if r["backend"] == "reference"), None)
+    for row in rows:
+        ms = row.get("median_ms")
+        if not ms:
+            continue
+        if peer is not None:
+            row["speedup_vs_dense"], row["dense_peer"] = peer["median_ms"] / ms, peer["backend"]
+        if flex_ms:
+            row["speedup_vs_flex"] = flex_ms / ms
+        if ref_ms:
+            row["speedup_vs_reference"] = ref_ms / ms
 
 
 def input_bytes(case: BenchCase, device: torch.device) -> int:
@@ -378,8 +421,11 @@ def run_suite(cases, contestants, device, settings: Settings = Settings(), *, lo
         log(f"[{i + 1}/{len(cases)}] {case.label}  (elapsed {elapsed:.0f} s{progress.note(cases[i:])})")
         case_t0, spent = clock(), {}
         try:
-            rows += run_case(case, names, timer, settings, ceilings, log, budget, clock=clock, spent=spent)
-            progress.finished(case, clock() - case_t0, spent)
+            case_rows = run_case(case, names, timer, settings, ceilings, log, budget, clock=clock, spent=spent)
+            rows += case_rows
+            rates = next(((r["ceiling_before_tflops"], r["ceiling_after_tflops"]) for r in case_rows
+                          if r.get("ceiling_before_tflops")), ())
+            progress.finished(case, clock() - case_t0, spent, rates)
         except DeviceLost as exc:
             lost = str(exc)
             log(f"  THE CUDA CONTEXT IS LOST ({lost}); the remaining cases become skipped rows")

@@ -110,6 +110,8 @@ def summarize(rounds: list[list[float]], peaks: list) -> dict:
         "min_ms": min(times),
         "max_ms": max(times),
         "iqr_ms": q[2] - q[0],
+        "q1_ms": q[0],
+        "q3_ms": q[2],
         "spread_pct": 100.0 * (max(medians) - min(medians)) / median if len(medians) > 1 else None,
         "round_medians_ms": medians,
         "repeats": len(times),
@@ -145,7 +147,45 @@ def measure_ceilings(device: torch.device, dtypes=()) -> dict:
     }
 
 
-def _best_of(timer: Timer, run, repeats: int) -> float:
+def gemm_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 3) -> float:
+    """One GEMM rate of ``dtype`` now: the best of ``repeats`` n³ products (n = 8192 on GPU, 1024
+    on CPU, where the run ceiling's 2048 costs 2.6 s a measurement on a loaded 2-core machine
+    and 1024 0.4 s). Measured before and after every case, so each row has the ceiling of the
+    minutes it ran in (a shared machine's rate moves with its load)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best_ms = _best_of(Timer(device), lambda i: torch.mm(a, b), repeats=repeats, warmup=1)
+    return 2 * n**3 / (best_ms * 1e-3) / 1e12
+
+
+# A row is "noisy" when the GEMM rate moved more than this between the start and the end of its
+# case, or when it claims more than 100% of the ceiling (its ceiling was measured low).
+NOISY_DRIFT_PCT = 20.0
+
+
+def case_ceiling(before: float, after: float) -> dict:
+    """The row fields of a case's ceiling: the better of the two rates (a ceiling is the best the
+    machine did) and how far they moved, in % of the better."""
+    best = max(before, after)
+    return {"ceiling_tflops": best, "ceiling_before_tflops": before, "ceiling_after_tflops": after,
+            "ceiling_drift_pct": 100.0 * abs(after - before) / best if best > 0 else None}
+
+
+def noisy_reason(row: dict) -> str | None:
+    """Why a timed row's numbers do not hold, or None: its case's ceiling moved more than
+    NOISY_DRIFT_PCT, or it exceeds 100% of its ceiling."""
+    reasons = []
+    drift = row.get("ceiling_drift_pct")
+    if drift is not None and drift > NOISY_DRIFT_PCT:
+        reasons.append(f"the GEMM ceiling moved {drift:.0f}% during the case")
+    pct = row.get("pct_of_ceiling")
+    if pct is not None and pct > 100.0:
+        reasons.append(f"{pct:.0f}% of the ceiling")
+    return "; ".join(reasons) or None
+
+
+def _best_of(timer: Timer, run, repeats: int, warmup: int = 2) -> float:
     nothing = lambda i: None  # noqa: E731
-    timer.estimate_ms(nothing, run, 0, 2)  # warm-up
+    timer.estimate_ms(nothing, run, 0, warmup)
     return min(timer.call(nothing, run, i)[0] for i in range(repeats))

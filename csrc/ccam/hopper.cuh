@@ -20,8 +20,38 @@
 #include "../emu/hopper.h"
 #else
 #include <cuda.h>
+#include <cudaTypedefs.h>
 
 namespace ccam {
+
+// Host: a tiled tensor map (cuTensorMapEncodeTiled, reached through the runtime's driver entry
+// point so nothing links libcuda directly). dims and box innermost first; stride_bytes for
+// dims 1..rank-1; swizzle_bytes 0, 32, 64 or 128; elements are 16-bit (fp16 / bf16).
+inline cudaError_t encode_tensor_map(CUtensorMap* map, const void* base, int elem_bytes, int rank,
+                                     const int64_t* dims, const int64_t* stride_bytes, const int* box,
+                                     int swizzle_bytes) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &status) != cudaSuccess ||
+        status != cudaDriverEntryPointSuccess)
+      fn = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  if (encode == nullptr || elem_bytes != 2) return cudaErrorNotSupported;
+  cuuint64_t d[5], s[4];
+  cuuint32_t b[5], e[5];
+  for (int r = 0; r < rank; ++r) d[r] = cuuint64_t(dims[r]), b[r] = cuuint32_t(box[r]), e[r] = 1;
+  for (int r = 0; r + 1 < rank; ++r) s[r] = cuuint64_t(stride_bytes[r]);
+  const CUtensorMapSwizzle sw = swizzle_bytes == 128 ? CU_TENSOR_MAP_SWIZZLE_128B
+                                : swizzle_bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                : swizzle_bytes == 32 ? CU_TENSOR_MAP_SWIZZLE_32B
+                                                      : CU_TENSOR_MAP_SWIZZLE_NONE;
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, cuuint32_t(rank), const_cast<void*>(base), d, s, b,
+                            e, CU_TENSOR_MAP_INTERLEAVE_NONE, sw, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
 
 // ---- mbarrier ----
 __device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t count) {

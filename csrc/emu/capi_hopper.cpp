@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "../ccam/fwd_sm90.cuh"
 #include "../ccam/hopper.cuh"
 #include "runtime.h"
 
@@ -68,6 +69,73 @@ void issue_n(int n, bool a_regs, bool ta, bool tb, float* d, const uint32_t (&a)
 }  // namespace
 
 extern "C" {
+
+struct EmuTensor {  // as capi.cpp's
+  void* data;
+  int64_t elem_size;
+  int32_t ndim;
+  int32_t writable;
+  int64_t sizes[5];
+  int64_t strides[5];
+};
+
+struct EmuProblem {  // as capi.cpp's
+  int32_t bf16, batch, num_query, heads, group, tokens_per_frame, head_dim, num_splits, schedule;
+  float scale;
+  uint64_t seed;
+};
+
+// The sm_90a forward. Tensors: q, k, v, frames, key_start, first_frame, end_frame, out, lse
+// (as ccam_emu_fwd in capi.cpp).
+int ccam_emu_fwd_sm90(const EmuProblem* pb, const EmuTensor* t, char* err, int errlen) {
+  try {
+    static const char* names[] = {"q", "k", "v", "frames", "key_start", "first_frame", "end_frame", "out", "lse"};
+    std::vector<ccam_emu::Region> regs;
+    for (int i = 0; i < 9; ++i) {
+      ccam_emu::Region r;
+      r.name = names[i], r.data = t[i].data, r.elem_size = t[i].elem_size, r.writable = t[i].writable;
+      r.sizes.assign(t[i].sizes, t[i].sizes + t[i].ndim);
+      r.strides.assign(t[i].strides, t[i].strides + t[i].ndim);
+      if (r.writable) {  // outputs start NaN
+        int64_t numel = 1;
+        for (int d = 0; d < t[i].ndim; ++d) numel *= t[i].sizes[d];
+        std::memset(t[i].data, 0xFF, numel * t[i].elem_size);
+      }
+      regs.push_back(r);
+    }
+    ccam::FwdParams p{};
+    p.frames = static_cast<const int64_t*>(t[3].data), p.key_start = static_cast<const int64_t*>(t[4].data);
+    p.first_frame = static_cast<const int64_t*>(t[5].data), p.end_frame = static_cast<const int64_t*>(t[6].data);
+    p.batch = pb->batch, p.num_query = pb->num_query, p.heads = pb->heads, p.group = pb->group;
+    p.tokens_per_frame = pb->tokens_per_frame, p.head_dim = pb->head_dim;
+    const EmuTensor &q = t[0], &k = t[1], &v = t[2];
+    p.q_stride_b = q.ndim == 4 ? q.strides[0] : 0;
+    p.q_stride_n = q.strides[q.ndim - 3], p.q_stride_h = q.strides[q.ndim - 2];
+    p.k_stride_l = k.strides[0], p.k_stride_h = k.strides[1], p.v_stride_l = v.strides[0], p.v_stride_h = v.strides[1];
+    p.scale_log2 = static_cast<float>(pb->scale * 1.4426950408889634);
+    p.q = q.data, p.k = k.data, p.v = v.data;
+    const int64_t N = pb->num_query, H = pb->heads, D = pb->head_dim;
+    p.o_stride_b = N * H * D, p.o_stride_n = H * D, p.o_stride_h = D;
+    p.num_splits = pb->num_splits;
+    if (t[7].ndim == 5) p.out_partial = static_cast<float*>(t[7].data);
+    else p.out = t[7].data;
+    p.lse = static_cast<float*>(t[8].data);
+    if (!ccam::sm90_fwd_supported(p)) throw ccam_emu::Error("fwd_sm90: this call does not fit the sm_90a kernel");
+    ccam_emu::LaunchScope scope(regs, {pb->schedule, pb->seed});
+    const int64_t L = k.sizes[0];
+    const int hkv = static_cast<int>(k.sizes[1]);
+    if (D <= 64) {
+      if (pb->bf16) ccam::launch_fwd_sm90<__nv_bfloat16, 64>(p, L, hkv, nullptr);
+      else ccam::launch_fwd_sm90<__half, 64>(p, L, hkv, nullptr);
+    } else {
+      if (pb->bf16) ccam::launch_fwd_sm90<__nv_bfloat16, 128>(p, L, hkv, nullptr);
+      else ccam::launch_fwd_sm90<__half, 128>(p, L, hkv, nullptr);
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    return report(e, err, errlen);
+  }
+}
 
 // One warpgroup: shared memory holds `words` from offset 0; d = A B + (scale_d ? c : 0) with A
 // from desc_a (or the 4 registers per thread in a_regs), B from desc_b. c, d: (128, n / 2).

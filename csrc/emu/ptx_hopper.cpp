@@ -35,9 +35,12 @@ size_t smem_off(const void* p) {
 // Bulk copies complete their bytes on the barrier ("complete_tx"). The model lands a copy as
 // late as the ISA allows: when a thread waits on the barrier's current phase (the copy's
 // destination holds NaN until then), so a wait that passes early (a wrong parity) reads NaN.
+// A copy counts towards the phase during which it was issued: a wait on an earlier phase
+// never lands it (a phase completed early by a too-small expect_tx leaves its data NaN).
 struct Copy {
   unsigned char* dst;
   std::vector<unsigned char> data;
+  uint32_t phase;
 };
 struct Barrier {
   int count = 0, pending = 0;
@@ -87,13 +90,19 @@ void complete_phase(Barrier& b, size_t off) {
   }
 }
 
+// Land the copies issued during the current phase.
 void land(Barrier& b, size_t off) {
+  std::vector<Copy> later;
   for (Copy& c : b.copies) {
+    if (c.phase != b.phase) {
+      later.push_back(std::move(c));
+      continue;
+    }
     detail::async_write(c.dst, c.data.size(), "cp.async.bulk.tensor landing");
     std::memcpy(c.dst, c.data.data(), c.data.size());
     b.tx -= static_cast<int64_t>(c.data.size());
   }
-  b.copies.clear();
+  b.copies = std::move(later);
   complete_phase(b, off);
 }
 
@@ -285,6 +294,7 @@ bool mbarrier_try_wait_parity(uint64_t* bar, uint32_t parity) {
   t.wait_bar = static_cast<int>(off), t.wait_parity = parity;
   Barrier* bp = &b;
   detail::block_until("mbarrier.try_wait.parity", [bp, off, parity] {
+    if ((bp->phase & 1) != parity) return true;
     land(*bp, off);
     return (bp->phase & 1) != parity;
   });
@@ -326,6 +336,7 @@ void tma_load(void* smem, const CUtensorMap* map, uint64_t* bar, const int32_t* 
   Copy c;
   c.dst = static_cast<unsigned char*>(smem);
   c.data.assign(bytes, 0);
+  c.phase = b.phase;
   const int eb = map->elem_bytes;
   const int64_t inner = map->box[0];
   int64_t idx[5] = {0, 0, 0, 0, 0};

@@ -37,6 +37,13 @@ namespace {
 struct Device {
   static constexpr const char* kName = "CUDA";
   static bool holds(const at::Tensor& x) { return x.is_cuda(); }
+  // sm_90 exactly (H100, H200): the only GPUs the sm_90a machine code runs on.
+  static bool sm90(const at::Tensor& q) {
+    int major = 0, minor = 0;
+    return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()) == cudaSuccess &&
+           cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()) == cudaSuccess &&
+           major == 9 && minor == 0;
+  }
 
   // Run launch(T{}, integral_constant<DP>{}, stream) for q's dtype and padded head dim, on q's
   // device and its current stream; a launch error raises.

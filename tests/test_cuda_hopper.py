@@ -203,3 +203,35 @@ def test_each_mutation_is_caught(mutant, mutant_libraries, seed):
     found = problems_found(mutant_libraries[mutant], seed)
     assert found, f"mutant {mutant} passed every check"
     print(f"{mutant}: {found}")
+
+
+# ---- dispatch ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the emulator's sm_90 stand-in; a GPU run tests the real dispatch")
+@pytest.mark.parametrize("D", [40, 128])
+def test_the_cuda_backend_takes_the_sm90_forward_on_sm90(monkeypatch, capfd, D, generator):
+    """Through the op (CCAM_CUDA_EMULATE=1): with the emulator standing for an sm_90 GPU
+    (CCAM_EMU_SM90=1) the forward launches fwd_sm90_kernel, else fwd_kernel; both match the
+    float64 oracle, and the backward (mma.sync kernels) runs on the sm_90 forward's LSE."""
+    from ccam_kernels import ccam_attention
+    from ccam_kernels.attention import BACKENDS
+    from ccam_kernels.backends import cuda_backend
+
+    monkeypatch.setenv(cuda_backend.EMULATE_ENV, "1")
+    monkeypatch.setenv("CCAM_EMU_TRACE", "1")
+    why = BACKENDS["cuda"].why_unusable()
+    assert not why, why
+    counts, P = (3, 5), 11
+    q, k, v = inputs(37, 2, 1, D, counts, P, False, torch.bfloat16, generator)
+    want = attention_oracle(q.double(), k.double(), v.double(), counts, P)
+    for sm90, kernel in (("1", "fwd_sm90_kernel"), ("0", "fwd_kernel")):
+        monkeypatch.setenv("CCAM_EMU_SM90", sm90)
+        capfd.readouterr()
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = ccam_attention(*x, counts, P, backend="cuda")
+        out.float().sum().backward()
+        launched = capfd.readouterr().err
+        assert f"launch {kernel}\n" in launched and ("fwd_sm90_kernel" in launched) == (sm90 == "1"), launched
+        assert rel_err(out, want) <= TOL[torch.bfloat16]
+        assert all(torch.isfinite(t.grad).all() for t in x)

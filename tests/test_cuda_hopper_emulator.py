@@ -368,7 +368,7 @@ def test_generated_wgmma_wrappers_are_current():
 
 
 def test_hopper_wrappers_compile_for_sm90a(tmp_path):
-    """hopper.cuh's inline PTX (every wrapper, in csrc/sm90/hopper_wrappers.cu) assembles for
+    """hopper.cuh's inline PTX (every wrapper, in csrc/sm90/check/hopper_wrappers.cu) assembles for
     sm_90a and ptxas reports no spills."""
     import shutil
     import subprocess
@@ -376,7 +376,7 @@ def test_hopper_wrappers_compile_for_sm90a(tmp_path):
     if nvcc is None:
         pytest.skip("nvcc is not on the PATH: the sm_90a wrappers cannot be compile-checked here")
     proc = subprocess.run([nvcc, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v", "-c",
-                           str(emu_lib.CSRC / "sm90" / "hopper_wrappers.cu"), "-o", str(tmp_path / "w.o")],
+                           str(emu_lib.CSRC / "sm90" / "check" / "hopper_wrappers.cu"), "-o", str(tmp_path / "w.o")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "0 bytes spill stores, 0 bytes spill loads" in proc.stderr, proc.stderr

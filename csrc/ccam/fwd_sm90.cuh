@@ -47,6 +47,9 @@ struct Sm90FwdTiles {
 
 template <typename T, int DP>
 __global__ void __launch_bounds__(384, 1) fwd_sm90_kernel(const __grid_constant__ Sm90FwdParams args) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // compiled for another arch: launch_fwd_sm90 refuses before launching this
+#else
   using Tiles = Sm90FwdTiles<DP>;
   constexpr int BM = Tiles::kBlockM, BN = Tiles::kBlockN;
   const FwdParams& p = args.p;
@@ -203,16 +206,7 @@ __global__ void __launch_bounds__(384, 1) fwd_sm90_kernel(const __grid_constant_
     if (row0 < N) store(lse_row + row0, lse[0]);
     if (row0 + 8 < N) store(lse_row + row0 + 8, lse[1]);
   }
-}
-
-// Whether a call fits this kernel: head dim a multiple of 8 up to 128 (TMA strides are
-// multiples of 16 bytes; columns past D read as zeros), every stride a multiple of 8 elements.
-inline bool sm90_fwd_supported(const FwdParams& p) {
-  auto ok = [](int64_t stride) { return stride % 8 == 0; };
-  return p.head_dim % 8 == 0 && p.head_dim <= 128 && ok(p.q_stride_b) && ok(p.q_stride_n) && ok(p.q_stride_h) &&
-         ok(p.k_stride_l) && ok(p.k_stride_h) && ok(p.v_stride_l) && ok(p.v_stride_h) &&
-         reinterpret_cast<uintptr_t>(p.q) % 16 == 0 && reinterpret_cast<uintptr_t>(p.k) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(p.v) % 16 == 0;
+#endif
 }
 
 template <int DP>
@@ -256,6 +250,13 @@ cudaError_t launch_fwd_sm90(const FwdParams& p, int64_t num_keys, int kv_heads, 
   ccam_emu::run_launch(eg, [&] { fwd_sm90_kernel<T, DP>(a); });
   return cudaSuccess;
 #else
+  // Only machine code built from compute_90a PTX holds the kernel (a build without sm_90a, or
+  // PTX JIT-compiled from compute_80, has the trap).
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, fwd_sm90_kernel<T, DP>) != cudaSuccess || attr.ptxVersion < 90) {
+    (void)cudaGetLastError();
+    return cudaErrorNotSupported;
+  }
   return launch(fwd_sm90_kernel<T, DP>, g, stream, a);
 #endif
 }

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -386,6 +387,8 @@ LaunchScope::~LaunchScope() {
 
 void run_launch(const Geometry& g, const std::function<void()>& body) {
   if (!g_in_scope) fail(std::string("ccam emulator: ") + g.kernel + " launched outside a LaunchScope");
+  if (const char* trace = std::getenv("CCAM_EMU_TRACE"); trace && !std::strcmp(trace, "1"))
+    std::fprintf(stderr, "ccam emulator: launch %s\n", g.kernel);  // which kernel a dispatch chose
   run_grid(g, g_regions, g_schedule, body);
 }
 

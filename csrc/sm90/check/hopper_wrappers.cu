@@ -1,7 +1,7 @@
 // Every hopper.cuh wrapper in one kernel, compiled for sm_90a by
 // tests/test_cuda_hopper_emulator.py (nvcc, compile only): the inline PTX assembles and
 // ptxas schedules it with no spills.
-#include "../ccam/hopper.cuh"
+#include "../../ccam/hopper.cuh"
 __global__ void __launch_bounds__(384, 1) hopper_probe(const __grid_constant__ CUtensorMap map, float* out) {
   extern __shared__ __align__(1024) unsigned char smem[];
   auto* bar = reinterpret_cast<uint64_t*>(smem);

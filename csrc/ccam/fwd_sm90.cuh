@@ -13,9 +13,9 @@
 // packed in pairs, are the A fragment). The mask, tile bounds, splits and frame windows are
 // fwd.cuh's (rule.cuh), as is the epilogue.
 //
-// Not built yet (docs/cuda.md): softmax overlapped with the GEMMs (ping-pong or intra-
-// warpgroup pipelining; v1 waits each GEMM before the softmax), persistent scheduling, and
-// the backward.
+// Intra-warpgroup pipelining overlaps each tile's softmax with the next tile's S GEMM and the
+// previous tile's P V GEMM. Not built yet (docs/cuda.md): ping-pong between the consumer
+// warpgroups, persistent scheduling, and the backward.
 #pragma once
 
 #include <cfloat>
@@ -119,25 +119,37 @@ __global__ void __launch_bounds__(384, 1) fwd_sm90_kernel(const __grid_constant_
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   mbarrier_wait(q_full, 0);
 
-  for (int t = 0; t < n_tiles; ++t) {
+  // S(t) = Q K(t)^T into `into` (scale-d 0 on the first k-step): issued and committed, not waited.
+  auto issue_s = [&](float (&into)[BN / 8][4], int t) {
     const int s = t % Tiles::kStages;
-    const uint32_t parity = (t / Tiles::kStages) & 1;
-    const int64_t s0 = key_lo + int64_t(t) * BN;
-    float sc[BN / 8][4];
-    zero(sc);
-    mbarrier_wait(k_full + s, parity);
+    mbarrier_wait(k_full + s, (t / Tiles::kStages) & 1);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < DP / 16; ++kk) {
       const uint64_t dq = make_smem_desc(s_q + (kk / 4) * BM * 128 + cw * 64 * 128 + (kk % 4) * 32, 16, 1024, 128);
       const uint64_t dk = make_smem_desc(s_k + s * Tiles::kKVBytes + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024, 128);
-      wgmma_ss<T, BN>(reinterpret_cast<float(&)[BN / 2]>(sc), dq, dk, kk > 0);
+      wgmma_ss<T, BN>(reinterpret_cast<float(&)[BN / 2]>(into), dq, dk, kk > 0);
     }
     wgmma_commit();
+  };
+
+  // Intra-warpgroup pipelining: S(t + 1) runs on the tensor cores while this warpgroup does
+  // tile t's softmax, and P(t) V(t) runs while it does tile t + 1's (the O rescale waits for
+  // it). Commit order per iteration: [P(t-1) V(t-1)], S(t+1), P(t) V(t).
+  float sc[BN / 8][4], sn[BN / 8][4];
+  if (n_tiles > 0) {
+    issue_s(sc, 0);
     wgmma_wait<0>();
-    mbarrier_arrive(k_empty + s);
+    mbarrier_arrive(k_empty + 0);
+  }
+  for (int t = 0; t < n_tiles; ++t) {
+    const int s = t % Tiles::kStages;
+    const int64_t s0 = key_lo + int64_t(t) * BN;
+    const bool next = t + 1 < n_tiles;
+    if (next) issue_s(sn, t + 1);
 
     const bool masked = s0 + BN > lo;
+    float alpha[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int cut = tile_cut(limit[half], s0, BN);
@@ -153,7 +165,7 @@ __global__ void __launch_bounds__(384, 1) fwd_sm90_kernel(const __grid_constant_
         }
       const float m_new = fmaxf(m_run[half], quad_max(mx));
       const float m_use = m_new == -INFINITY ? 0.f : m_new;  // as fwd.cuh: no live key yet
-      const float alpha = exp2_approx(m_run[half] - m_use);
+      alpha[half] = exp2_approx(m_run[half] - m_use);
       m_run[half] = m_new;
       float sum = 0.f;
 #pragma unroll
@@ -163,27 +175,47 @@ __global__ void __launch_bounds__(384, 1) fwd_sm90_kernel(const __grid_constant_
           sc[j][e] = exp2_approx(sc[j][e] - m_use);
           sum += sc[j][e];
         }
-      l_run[half] = l_run[half] * alpha + sum;
-#pragma unroll
-      for (int j = 0; j < DP / 8; ++j) {
-        o[j][2 * half] *= alpha;
-        o[j][2 * half + 1] *= alpha;
-      }
+      l_run[half] = l_run[half] * alpha[half] + sum;
     }
 
-    mbarrier_wait(v_full + s, parity);
+    if (t > 0) {  // P(t-1) V(t-1) must be done before O is rescaled (S(t+1) may still run)
+      if (next) wgmma_wait<1>();
+      else wgmma_wait<0>();
+      mbarrier_arrive(v_empty + (t - 1) % Tiles::kStages);
+    }
+#pragma unroll
+    for (int j = 0; j < DP / 8; ++j) {
+      o[j][0] *= alpha[0], o[j][1] *= alpha[0];
+      o[j][2] *= alpha[1], o[j][3] *= alpha[1];
+    }
+    // P as wgmma's register A operand: kept unchanged until its wgmma is waited on.
+    uint32_t pa[BN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      pa[kk][0] = Mma<T>::pack(sc[2 * kk][0], sc[2 * kk][1]), pa[kk][1] = Mma<T>::pack(sc[2 * kk][2], sc[2 * kk][3]);
+      pa[kk][2] = Mma<T>::pack(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+      pa[kk][3] = Mma<T>::pack(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+    }
+    mbarrier_wait(v_full + s, (t / Tiles::kStages) & 1);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
-      const uint32_t a[4] = {Mma<T>::pack(sc[2 * kk][0], sc[2 * kk][1]), Mma<T>::pack(sc[2 * kk][2], sc[2 * kk][3]),
-                             Mma<T>::pack(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                             Mma<T>::pack(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
       const uint64_t dv = make_smem_desc(s_v + s * Tiles::kKVBytes + kk * 16 * 128, BN * 128, 1024, 128);
-      wgmma_rs<T, DP, true>(reinterpret_cast<float(&)[DP / 2]>(o), a, dv, 1);
+      wgmma_rs<T, DP, true>(reinterpret_cast<float(&)[DP / 2]>(o), pa[kk], dv, 1);
     }
     wgmma_commit();
+    if (next) {  // S(t+1) (committed before P(t) V(t)) lands; K(t+1)'s stage is free
+      wgmma_wait<1>();
+      mbarrier_arrive(k_empty + (t + 1) % Tiles::kStages);
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[j][e] = sn[j][e];
+    }
+  }
+  if (n_tiles > 0) {
     wgmma_wait<0>();
-    mbarrier_arrive(v_empty + s);
+    mbarrier_arrive(v_empty + (n_tiles - 1) % Tiles::kStages);
   }
 
   float inv[2], lse[2];

@@ -53,7 +53,7 @@ struct Pending {  // one wgmma's accumulator result, in flight until a covering 
   float* acc;
   int n;
   std::vector<float> values;
-  size_t lo, hi;  // shared bytes its operands span (a bulk copy into them is a hazard)
+  size_t lo[2], hi[2];  // shared bytes each descriptor operand spans (a bulk copy into them is a hazard)
 };
 
 struct ThreadHopper {
@@ -326,9 +326,10 @@ void tma_load(void* smem, const CUtensorMap* map, uint64_t* bar, const int32_t* 
   for (int t = 0; t < detail::geometry().threads; ++t) {
     auto check = [&](const std::vector<Pending>& ps) {
       for (const Pending& p : ps)
-        if (p.lo < off + bytes && off < p.hi)
-          fail(std::string(what) + ": overwrites shared bytes " + std::to_string(std::max(p.lo, off)) + ".. that thread " +
-               std::to_string(t) + "'s wgmma still reads (no wgmma.wait_group covers it yet)");
+        for (int r = 0; r < 2; ++r)
+          if (p.lo[r] < off + bytes && off < p.hi[r])
+            fail(std::string(what) + ": overwrites shared bytes " + std::to_string(std::max(p.lo[r], off)) +
+                 ".. that thread " + std::to_string(t) + "'s wgmma still reads (no wgmma.wait_group covers it yet)");
     };
     check(S.threads[t].open);
     for (auto& g : S.threads[t].groups) check(g);
@@ -480,7 +481,7 @@ void wgmma(float* d, int n, uint64_t desc_a, const uint32_t* a_regs, uint64_t de
         fail(std::string(what) + ": thread " + std::to_string(base + i) +
              "'s descriptors or scale-d differ from thread " + std::to_string(base) + "'s");
     }
-    size_t lo = SIZE_MAX, hi = 0;
+    size_t lo[2] = {SIZE_MAX, SIZE_MAX}, hi[2] = {0, 0};  // A's and B's spans
     std::vector<float> A(64 * 16), B;
     if (a_regs) {
       for (int i = 0; i < 128; ++i) {
@@ -493,14 +494,14 @@ void wgmma(float* d, int n, uint64_t desc_a, const uint32_t* a_regs, uint64_t de
         }
       }
     } else {
-      read_operand(io0->desc_a, trans_a, 64, bf16, base, "wgmma.mma_async (A)", A, lo, hi);
+      read_operand(io0->desc_a, trans_a, 64, bf16, base, "wgmma.mma_async (A)", A, lo[0], hi[0]);
     }
-    read_operand(io0->desc_b, trans_b, n, bf16, base, "wgmma.mma_async (B)", B, lo, hi);
+    read_operand(io0->desc_b, trans_b, n, bf16, base, "wgmma.mma_async (B)", B, lo[1], hi[1]);
     for (int i = 0; i < 128; ++i) {
       auto* x = static_cast<WgmmaIo*>(ios[i]);
       const int w = i / 32, g = (i % 32) / 4, c = i % 4;
       ThreadHopper& th = S.threads[base + i];
-      Pending p{x->d, n / 2, std::vector<float>(n / 2), lo, hi};
+      Pending p{x->d, n / 2, std::vector<float>(n / 2), {lo[0], lo[1]}, {hi[0], hi[1]}};
       for (int k = 0; k < n / 2; ++k) {
         const int row = 16 * w + g + 8 * ((k % 4) / 2), col = 8 * (k / 4) + 2 * c + k % 2;
         // Products of 16-bit values are exact; one rounding of the sum (the hardware's order

@@ -42,8 +42,9 @@ def csrc_dir() -> pathlib.Path:
 
 
 def kernel_sources() -> list[pathlib.Path]:
-    """One file per (kernel, dtype, padded head dim): csrc/instantiations/*.cu."""
-    return sorted((csrc_dir() / "instantiations").glob("*.cu"))
+    """One file per (kernel, dtype, padded head dim): csrc/instantiations/*.cu, and the sm_90a
+    forward's csrc/sm90/*.cu (machine code only in the sm_90a pass; a trap elsewhere)."""
+    return sorted((csrc_dir() / "instantiations").glob("*.cu")) + sorted((csrc_dir() / "sm90").glob("*.cu"))
 
 
 def host_sources() -> list[pathlib.Path]:
@@ -198,7 +199,7 @@ def compile_all(archs=DEFAULT_ARCHS, jobs: int | None = None, out_dir=None, prog
 
 def sass_mma_counts(obj: pathlib.Path) -> dict:
     """{(kernel, arch): number of tensor-core MMA instructions} from the object's SASS:
-    HMMA (mma.sync, sm_80+) and HGMMA (wgmma, sm_90a)."""
+    HMMA (mma.sync, sm_80+) and HGMMA (wgmma, sm_90a); and UTMALDG (TMA tensor loads, sm_90a)."""
     text = subprocess.run([_tool("cuobjdump"), "-sass", str(obj)], capture_output=True, text=True, check=True).stdout
     counts, arch, kernel = {}, None, None
     for line in text.splitlines():
@@ -206,9 +207,9 @@ def sass_mma_counts(obj: pathlib.Path) -> dict:
             arch = m.group(1)
         elif m := re.search(r"Function : (\S+)", line):
             kernel = (_demangle(m.group(1)), arch)
-            counts[kernel] = {"HMMA": 0, "HGMMA": 0}
+            counts[kernel] = {"HMMA": 0, "HGMMA": 0, "UTMALDG": 0}
         elif kernel:
-            for op in ("HGMMA", "HMMA"):
+            for op in ("HGMMA", "HMMA", "UTMALDG"):
                 if re.search(rf"\b{op}\.", line):
                     counts[kernel][op] += 1
                     break
@@ -238,7 +239,8 @@ def load(archs=None, verbose: bool = False):
              is_python_module=False, verbose=verbose)
 
 
-EMULATOR_SOURCES = ("emu/ccam_attention_emu.cpp", "emu/kernels.cpp", "emu/runtime.cpp", "emu/ptx.cpp")
+EMULATOR_SOURCES = ("emu/ccam_attention_emu.cpp", "emu/kernels.cpp", "emu/runtime.cpp", "emu/ptx.cpp",
+                    "emu/ptx_hopper.cpp")
 EMULATOR_FLAGS = ("-O2", "-std=c++20", "-DCCAM_EMULATE")
 _CXX_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")
 

@@ -18,6 +18,8 @@
 // and len(k) consistent with (end_frame - first_frame) * tokens_per_frame, and the key-tile list
 // of tiling.window_plan(..., kBwdKeyTile). The Python front ends (ccam_attention,
 // ccam_partial_attention) check the frame counts and windows before building them.
+#include <cstdlib>
+#include <string>
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -37,6 +39,17 @@ namespace {
 struct Device {
   static constexpr const char* kName = "CUDA";
   static bool holds(const at::Tensor& x) { return x.is_cuda(); }
+  // sm_90 exactly (H100, H200): the only GPUs the sm_90a machine code runs on; and opted in
+  // with CCAM_CUDA_SM90=1, because the Hopper forward has never run on a GPU and does not yet
+  // follow the NaN rule for keys a row does not see (docs/cuda.md): mma.sync stays the default.
+  static bool sm90(const at::Tensor& q) {
+    const char* env = std::getenv("CCAM_CUDA_SM90");
+    if (env == nullptr || std::string(env) != "1") return false;
+    int major = 0, minor = 0;
+    return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()) == cudaSuccess &&
+           cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()) == cudaSuccess &&
+           major == 9 && minor == 0;
+  }
 
   // Run launch(T{}, integral_constant<DP>{}, stream) for q's dtype and padded head dim, on q's
   // device and its current stream; a launch error raises.

@@ -156,7 +156,13 @@ void cuda_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
                                  {"first_frame", first_frame}, {"end_frame", end_frame}, {"out", out, true}, {"lse", lse, true},
                                  {"dropout_seed", seed}},
                  [&](auto dtype, auto width, cudaStream_t stream) {
-    return launch_fwd<decltype(dtype), decltype(width)::value>(p, stream);
+    using T = decltype(dtype);
+    constexpr int DP = decltype(width)::value;
+    if (Device::sm90(q) && sm90_fwd_supported(p)) {  // Hopper: the wgmma + TMA kernel (fwd_sm90.cuh)
+      const cudaError_t err = launch_fwd_sm90<T, DP <= 64 ? 64 : 128>(p, k.size(0), static_cast<int>(k.size(1)), stream);
+      if (err != cudaErrorNotSupported) return err;
+    }
+    return launch_fwd<T, DP>(p, stream);
   });
 }
 

@@ -17,7 +17,7 @@ import torch
 from ccam_kernels.backends import tiling
 
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("emu/capi.cpp", "emu/runtime.cpp", "emu/ptx.cpp")
+SOURCES = ("emu/capi.cpp", "emu/runtime.cpp", "emu/ptx.cpp", "emu/ptx_hopper.cpp")
 
 
 class EmuTensor(ctypes.Structure):

@@ -34,13 +34,14 @@ def test_every_source_compiles_for_sm80_and_sm90a(compiled):
     assert not failed, failed
     names = {r.source.name for r in compiled}
     assert {"ccam_attention.cpp", "module.cpp"} <= names
-    assert len([n for n in names if n.endswith(".cu")]) == 3 * 2 * 4  # kernels x dtypes x padded head dims
+    # kernels x dtypes x padded head dims, and the sm_90a forward's dtypes x head dims 64 and 128
+    assert len([n for n in names if n.endswith(".cu")]) == 3 * 2 * 4 + 2 * 2
 
 
 def test_resource_report_covers_every_kernel_and_arch(compiled):
     """ptxas's report parses for every kernel on both archs; no kernel uses local memory."""
     kernels = {key: res for r in compiled for key, res in r.kernels.items()}
-    assert len(kernels) == 24 * 2
+    assert len(kernels) == (24 + 4) * 2
     assert {arch for _, arch in kernels} == {"sm_80", "sm_90a"}
     for (kernel, arch), res in kernels.items():
         assert 0 < res["registers"] <= 255, (kernel, arch)
@@ -68,10 +69,17 @@ def test_every_kernel_runs_on_tensor_cores(compiled):
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # one cuobjdump per object
         for per_object in pool.map(cuda_build.sass_mma_counts, objects):
             counts.update(per_object)
-    assert len(counts) == 24 * 2
+    assert len(counts) == (24 + 4) * 2
     for key, ops in counts.items():
-        assert ops["HMMA"] > 0, key
-    assert counts[("fwd_kernel<bf16, 64>", "sm_90a")]["HMMA"] == 2 * 64
+        if key[0].startswith("fwd_sm90_kernel"):  # wgmma on sm_90a; on sm_80 a trap, never launched
+            assert ops["HGMMA"] > 0 if key[1] == "sm_90a" else ops["HGMMA"] == ops["HMMA"] == 0, (key, ops)
+        else:
+            assert ops["HMMA"] > 0, key
+    assert counts[("fwd_kernel<bf16, 64>", "sm_90a")]["HMMA"] == 2 * 64  # the masked and the mask-free loop
+    # the sm_90a forward at DP=64: 4 k-steps of S = Q K^T (m64n128k16) before the loop and 4 in
+    # it (the next tile's, pipelined), 8 of P V (m64n64k16)
+    assert counts[("fwd_sm90_kernel<bf16, 64>", "sm_90a")]["HGMMA"] == 4 + 4 + 8
+    assert counts[("fwd_sm90_kernel<bf16, 64>", "sm_90a")]["UTMALDG"] == 3  # Q (4-d), K and V (3-d)
 
 
 def test_check_command_exits_nonzero_with_the_compiler_message(tmp_path, monkeypatch):

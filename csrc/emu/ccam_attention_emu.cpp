@@ -3,6 +3,8 @@
 // GPU build (ccam_ops.h), with a Device that registers every tensor of a launch for the
 // emulator's bounds checks, fills the outputs with NaN first, and turns emulator errors into
 // Python RuntimeErrors. Built by ccam_kernels.cuda_build.load_emulator (CCAM_CUDA_EMULATE=1).
+#include <cstdlib>
+#include <string>
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -32,6 +34,12 @@ ccam_emu::Region region_of(const Buffer& b) {
 struct Device {
   static constexpr const char* kName = "CPU";
   static bool holds(const at::Tensor& x) { return x.is_cpu(); }
+  // The emulator stands for an sm_90 GPU (the forward takes the wgmma + TMA kernel) while
+  // CCAM_EMU_SM90=1.
+  static bool sm90(const at::Tensor&) {
+    const char* env = std::getenv("CCAM_EMU_SM90");
+    return env != nullptr && std::string(env) == "1";
+  }
 
   template <typename Launch>
   static void launch(const at::Tensor& q, int head_dim, std::initializer_list<Buffer> buffers, Launch launch) {

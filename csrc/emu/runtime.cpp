@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -127,7 +128,27 @@ struct ThreadState : Thread {
   const char* waiting_at = "";
   std::vector<Copy> open;                 // cp.async issued since the last commit_group
   std::deque<std::vector<Copy>> groups;   // committed, oldest first
+  std::function<bool()> ready;            // block_until's condition while Blocked
+  uint32_t proxy_fences = 0;              // fence.proxy.async count (async-proxy reads check it)
 };
+
+// A group_collective in progress (key: size and group index).
+struct Group {
+  int arrived = 0, first = 0;
+  uint64_t generation = 0;
+  const char* kind = nullptr;
+  long param = 0;
+  std::vector<void*> io;
+};
+
+std::vector<std::function<void()>>& cta_start_hooks() {
+  static std::vector<std::function<void()>> hooks;
+  return hooks;
+}
+std::vector<std::function<std::string()>>& deadlock_hooks() {
+  static std::vector<std::function<std::string()>> hooks;
+  return hooks;
+}
 
 struct Warp {
   int arrived = 0;
@@ -143,6 +164,7 @@ struct Warp {
 struct Shadow {
   uint64_t w_epoch = 0, r_epoch = 0;
   int32_t w_tid = -1, r_tid = -1, r_other = -1;
+  uint32_t w_fence = 0;  // the writer's fence.proxy.async count at the write
   const char *w_what = "", *r_what = "";
 };
 
@@ -155,7 +177,8 @@ struct Machine {
   const std::function<void()>* body = nullptr;
   int barrier_arrived = 0;
   bool barrier_or = false, barrier_result = false;  // __syncthreads_or: the arrivals' OR, the last result
-  uint64_t epoch = 0;
+  uint64_t epoch = 0, cta_epoch = 0;  // cta_epoch: the first epoch of the running CTA
+  std::unordered_map<int64_t, Group> groups;
   std::string error;
   int error_tid = -1;
   std::vector<Shadow> shadow = std::vector<Shadow>(kMaxSmemBytes);
@@ -233,14 +256,19 @@ void run_cta(const std::vector<int>& order) {
   const int n = static_cast<int>(M.threads.size());
   std::memset(ccam::smem_bytes, 0xFF, M.geometry->smem_bytes);  // NaN in fp16, bf16 and fp32
   ++M.epoch;
+  M.cta_epoch = M.epoch;
   M.barrier_arrived = 0;
   M.barrier_or = false;
+  M.groups.clear();
   for (auto& w : M.warps) w.arrived = 0;
+  for (auto& h : cta_start_hooks()) h();
   for (auto& t : M.threads) {
     t.state = State::Runnable;
     t.waiting_at = "";
     t.open.clear();
     t.groups.clear();
+    t.ready = nullptr;
+    t.proxy_fences = 0;
     make_context(t.ctx, t.stack, kStackBytes, fiber_main);
   }
   int done = 0;
@@ -248,6 +276,18 @@ void run_cta(const std::vector<int>& order) {
     bool ran = false;
     for (int i : order) {
       ThreadState& t = M.threads[i];
+      if (t.state == State::Blocked && t.ready) {
+        bool go = false;
+        try {
+          go = t.ready();
+        } catch (const std::exception& e) {
+          fail("ccam emulator: " + std::string(M.geometry->kernel) + " block " + dim_str(g_cta.block) + " thread " +
+               std::to_string(t.tid) + ": " + e.what());
+        }
+        if (!go) continue;
+        t.state = State::Runnable;
+        t.ready = nullptr;
+      }
       if (t.state != State::Runnable) continue;
       g_current_thread = &t;
       swap_context(M.main, t.ctx);
@@ -260,8 +300,10 @@ void run_cta(const std::vector<int>& order) {
       if (t.state == State::Done) ++done;
     }
     if (!ran) {
+      std::string more;
+      for (auto& h : deadlock_hooks()) more += h();
       fail("ccam emulator: " + std::string(M.geometry->kernel) + " block " + dim_str(g_cta.block) +
-           ": deadlock:" + waiting_summary());
+           ": deadlock:" + waiting_summary() + more);
     }
   }
 }
@@ -354,6 +396,8 @@ const std::vector<uint64_t>& mma_counts() { return g_mma_counts; }
 
 void run_launch(const Geometry& g, const std::function<void()>& body) {
   if (!g_in_scope) fail(std::string("ccam emulator: ") + g.kernel + " launched outside a LaunchScope");
+  if (const char* trace = std::getenv("CCAM_EMU_TRACE"); trace && !std::strcmp(trace, "1"))
+    std::fprintf(stderr, "ccam emulator: launch %s\n", g.kernel);  // which kernel a dispatch chose
   run_grid(g, g_regions, g_schedule, body);
 }
 
@@ -391,7 +435,7 @@ void shared_access(const void* p, size_t bytes, bool write, int tid, const char*
            ") with no __syncthreads between");
     }
     if (write) {
-      s.w_epoch = e, s.w_tid = tid, s.w_what = what;
+      s.w_epoch = e, s.w_tid = tid, s.w_what = what, s.w_fence = M.threads[tid].proxy_fences;
     } else if (s.r_epoch != e) {
       s.r_epoch = e, s.r_tid = tid, s.r_other = -1, s.r_what = what;
     } else if (s.r_tid != tid) {
@@ -480,6 +524,79 @@ void collective(const char* kind, int param, const void* in, size_t in_bytes, vo
 void count_mma() {
   const Cta& c = g_cta;
   ++g_mma_counts[(size_t(c.block.z) * c.grid.y + c.block.y) * c.grid.x + c.block.x];
+}
+
+void block_until(const char* what, std::function<bool()> ready) {
+  if (ready()) return;
+  ThreadState& t = cur();
+  t.state = State::Blocked;
+  t.waiting_at = what;
+  t.ready = std::move(ready);
+  yield_to_scheduler(t);
+}
+
+void group_collective(const char* kind, long param, int size, void* io,
+                      const std::function<void(void* const* ios)>& compute) {
+  ThreadState& t = cur();
+  const int n = static_cast<int>(M.threads.size());
+  if (n % size != 0)
+    fail(std::string(kind) + ": needs whole groups of " + std::to_string(size) + " threads; the block has " +
+         std::to_string(n));
+  const int gi = t.tid / size, me = t.tid % size;
+  Group& g = M.groups[int64_t(size) * 4096 + gi];
+  if (g.arrived == 0) {
+    g.kind = kind, g.param = param, g.first = t.tid;
+    g.io.assign(size, nullptr);
+  } else if (std::strcmp(g.kind, kind) != 0 || g.param != param) {
+    fail("divergent group of " + std::to_string(size) + " threads " + std::to_string(gi * size) + "-" +
+         std::to_string(gi * size + size - 1) + ": thread " + std::to_string(t.tid) + " is at " + kind + " (" +
+         std::to_string(param) + ") while thread " + std::to_string(g.first) + " is at " + g.kind + " (" +
+         std::to_string(g.param) + ")");
+  }
+  g.io[me] = io;
+  if (++g.arrived < size) {
+    const uint64_t gen = g.generation;
+    Group* gp = &g;
+    block_until(kind, [gp, gen] { return gp->generation != gen; });
+  } else {
+    g.arrived = 0;
+    compute(g.io.data());
+    ++g.generation;
+  }
+}
+
+void on_cta_start(std::function<void()> f) { cta_start_hooks().push_back(std::move(f)); }
+void on_deadlock(std::function<std::string()> f) { deadlock_hooks().push_back(std::move(f)); }
+const Geometry& geometry() { return *M.geometry; }
+
+void proxy_fence() { ++cur().proxy_fences; }
+
+namespace {
+size_t shared_offset(const void* p, size_t bytes, const char* what) {
+  const auto off = reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(ccam::smem_bytes);
+  if (!is_shared(p) || off + bytes > size_t(M.geometry->smem_bytes))
+    fail(std::string(what) + ": shared access of " + std::to_string(bytes) + " B at offset " +
+         std::to_string(static_cast<intptr_t>(off)) + " is outside the launch's " +
+         std::to_string(M.geometry->smem_bytes) + " B of dynamic shared memory");
+  return off;
+}
+}  // namespace
+
+void async_read(const void* p, size_t bytes, int tid, const char* what) {
+  const size_t off = shared_offset(p, bytes, what);
+  for (size_t i = off; i < off + bytes; ++i) {
+    const Shadow& s = M.shadow[i];
+    if (s.w_epoch >= M.cta_epoch && s.w_tid >= 0 && M.threads[s.w_tid].proxy_fences == s.w_fence)
+      fail(std::string(what) + ": reads shared byte " + std::to_string(i) + " that thread " +
+           std::to_string(s.w_tid) + " wrote (" + s.w_what +
+           ") with no fence.proxy.async after the write: the async proxy may not see it");
+  }
+  shared_access(p, bytes, false, tid, what);
+}
+
+void async_write(const void* p, size_t bytes, const char* what) {
+  const size_t off = shared_offset(p, bytes, what);
+  for (size_t i = off; i < off + bytes; ++i) M.shadow[i] = Shadow{};
 }
 
 }  // namespace detail

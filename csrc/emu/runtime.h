@@ -83,6 +83,9 @@ struct Geometry {
   const char* kernel;
   unsigned grid_x, grid_y, grid_z;
   int threads, smem_bytes;
+  // Registers per thread the launch declares (__launch_bounds__ / maxnreg); 0: not declared
+  // (setmaxnreg is then an error). Checked only by setmaxnreg (ptx_hopper.cpp).
+  int regs = 0;
 };
 
 // Run body() as every thread of every CTA of the grid. regions: what global memory may be
@@ -132,6 +135,29 @@ void global_access(const void* p, size_t bytes, bool write, const char* what);
 int current_tid();
 // One mma.sync of the current block's warps (called by its lane 0 only).
 void count_mma();
+
+// ---- for the Hopper models (ptx_hopper.cpp), kept out of the machine's own logic ----
+// Block the calling thread until ready() holds. The scheduler evaluates ready() between
+// fibers (no current thread); `what` names the wait in a deadlock report.
+void block_until(const char* what, std::function<bool()> ready);
+// A collective of `size` consecutive threads (group = tid / size; size divides the block):
+// each passes a pointer to its own operands; when the last arrives (all at the same kind and
+// param, else an error) compute(ios) runs once, ios[i] being thread group*size + i's pointer.
+void group_collective(const char* kind, long param, int size, void* io,
+                      const std::function<void(void* const* ios)>& compute);
+// Called at the start of every CTA (reset per-CTA model state); text added to a deadlock
+// report (what the models' waiters wait for). Register from a static initializer.
+void on_cta_start(std::function<void()> f);
+void on_deadlock(std::function<std::string()> f);
+const Geometry& geometry();
+// The async proxy (TMA, wgmma) and the generic proxy (ld/st.shared): fence.proxy.async by the
+// calling thread; an async-proxy read of shared bytes (bounds, races with generic writes of
+// other threads since the last barrier, and a generic write not followed by a
+// fence.proxy.async of its writer is an error); an async-proxy write (bounds; the bytes'
+// race history restarts: the mbarrier that completes it orders it).
+void proxy_fence();
+void async_read(const void* p, size_t bytes, int tid, const char* what);
+void async_write(const void* p, size_t bytes, const char* what);
 }  // namespace detail
 
 }  // namespace ccam_emu

@@ -28,6 +28,7 @@
 
 using cudaError_t = int;
 constexpr cudaError_t cudaSuccess = 0;
+constexpr cudaError_t cudaErrorNotSupported = 801;  // as CUDA's (the sm_90a launcher's "not here")
 using cudaStream_t = struct CUstream_st*;
 
 struct float2 {

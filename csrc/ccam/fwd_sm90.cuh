@@ -1,0 +1,296 @@
+// Hopper (sm_90a) forward: warp-specialized, TMA loads into an mbarrier-guarded ring, wgmma.
+//
+// One CTA per (sample x head, 128-row query tile[, key split]), three warpgroups: warpgroup 0
+// is the producer (one elected thread issues every TMA load; the warpgroup gives its registers
+// away with setmaxnreg), warpgroups 1 and 2 are consumers of 64 query rows each. Q lands once;
+// K and V tiles stream through a two-stage ring, each stage guarded by a "full" barrier (the
+// producer's arrive.expect_tx plus the copies' bytes) and an "empty" one (every consumer
+// thread arrives once it no longer reads the stage). Operands land 128B-swizzled in 64-column
+// (128-byte) blocks; the wgmma descriptors read them in the matching canonical layouts: Q and
+// K K-major (a 16-column k-step is +32 bytes inside the swizzle atom), V MN-major (keys are
+// the K dimension; the next 64-column block is the leading byte offset). S = Q K^T stays in
+// registers; P goes to P V as wgmma's register A operand (the accumulator's 8-column blocks,
+// packed in pairs, are the A fragment). The mask, tile bounds, splits and frame windows are
+// fwd.cuh's (rule.cuh), as is the epilogue.
+//
+// Intra-warpgroup pipelining overlaps each tile's softmax with the next tile's S GEMM and the
+// previous tile's P V GEMM. Not built yet (docs/cuda.md): ping-pong between the consumer
+// warpgroups, persistent scheduling, and the backward.
+#pragma once
+
+#include <cfloat>
+
+#include "hopper.cuh"
+#include "launch.cuh"
+#include "params.h"
+#include "rule.cuh"
+#include "tile.cuh"
+
+namespace ccam {
+
+struct Sm90FwdParams {
+  FwdParams p;
+  CUtensorMap q, k, v;
+};
+
+template <int DP>
+struct Sm90FwdTiles {
+  static_assert(DP == 64 || DP == 128);
+  static constexpr int kBlockM = 128, kBlockN = DP == 64 ? 128 : 64, kThreads = 384, kStages = 2;
+  static constexpr int kBlocks = DP / 64;  // 64-column (128-byte, one swizzle row) blocks
+  static constexpr int kQBytes = kBlockM * DP * 2, kKVBytes = kBlockN * DP * 2, kBarBytes = 1024;
+  static constexpr int kSmemBytes = kBarBytes + kQBytes + 2 * kStages * kKVBytes;
+  // Registers per thread at launch (__launch_bounds__(384, 1): 65536 / 384, rounded down to 8);
+  // the producer drops to 24 and the consumers take 240: 128 * 24 + 256 * 240 = 384 * 168.
+  static constexpr int kRegs = 168, kProducerRegs = 24, kConsumerRegs = 240;
+};
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(384, 1) fwd_sm90_kernel(const __grid_constant__ Sm90FwdParams args) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // compiled for another arch: launch_fwd_sm90 refuses before launching this
+#else
+  using Tiles = Sm90FwdTiles<DP>;
+  constexpr int BM = Tiles::kBlockM, BN = Tiles::kBlockN;
+  const FwdParams& p = args.p;
+  extern __shared__ __align__(1024) unsigned char smem_bytes[];
+  auto* bars = reinterpret_cast<uint64_t*>(smem_bytes);
+  uint64_t *q_full = bars, *k_full = bars + 1, *v_full = bars + 3, *k_empty = bars + 5, *v_empty = bars + 7;
+  unsigned char* s_q = smem_bytes + Tiles::kBarBytes;
+  unsigned char* s_k = s_q + Tiles::kQBytes;
+  unsigned char* s_v = s_k + Tiles::kStages * Tiles::kKVBytes;
+
+  const int wg = threadIdx.x / 128;
+  const QueryTile tile = query_tile(p, BM);
+  const int bh = tile.bh, b = tile.b, h = tile.h, hk = tile.hk;
+  const int64_t N = p.num_query, m0 = tile.m0, lo = tile.lo, hi = tile.hi;
+  int64_t key_lo = 0, key_hi = hi;
+  if (p.num_splits > 1) {
+    const int64_t tiles = (hi + BN - 1) / BN, per_split = (tiles + p.num_splits - 1) / p.num_splits;
+    key_lo = min(int64_t(blockIdx.z) * per_split, tiles) * BN;
+    key_hi = min(key_lo + per_split * BN, hi);
+  }
+  const int n_tiles = key_hi > key_lo ? static_cast<int>((key_hi - key_lo + BN - 1) / BN) : 0;
+
+  if (threadIdx.x == 0) {
+    mbarrier_init(q_full, 1);
+    for (int s = 0; s < Tiles::kStages; ++s) {
+      mbarrier_init(k_full + s, 1);
+      mbarrier_init(v_full + s, 1);
+      mbarrier_init(k_empty + s, 256);
+      mbarrier_init(v_empty + s, 256);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // producer
+    setmaxnreg_dec<Tiles::kProducerRegs>();
+    if (threadIdx.x < 32 && elect_one()) {
+      const int64_t key0 = load(p.key_start + b);
+      const int qb = p.q_stride_b == 0 ? 0 : b;
+      mbarrier_arrive_expect_tx(q_full, Tiles::kQBytes);
+      for (int c = 0; c < Tiles::kBlocks; ++c)
+        tma_load_4d(s_q + c * BM * 128, &args.q, q_full, c * 64, h, static_cast<int>(m0), qb);
+      for (int t = 0; t < n_tiles; ++t) {
+        const int s = t % Tiles::kStages;
+        const uint32_t free_parity = ((t / Tiles::kStages) & 1) ^ 1;  // the first pass finds stages free
+        const int key = static_cast<int>(key0 + key_lo + int64_t(t) * BN);
+        mbarrier_wait(k_empty + s, free_parity);
+        mbarrier_arrive_expect_tx(k_full + s, Tiles::kKVBytes);
+        for (int c = 0; c < Tiles::kBlocks; ++c)
+          tma_load_3d(s_k + s * Tiles::kKVBytes + c * BN * 128, &args.k, k_full + s, c * 64, hk, key);
+        mbarrier_wait(v_empty + s, free_parity);
+        mbarrier_arrive_expect_tx(v_full + s, Tiles::kKVBytes);
+        for (int c = 0; c < Tiles::kBlocks; ++c)
+          tma_load_3d(s_v + s * Tiles::kKVBytes + c * BN * 128, &args.v, v_full + s, c * 64, hk, key);
+      }
+    }
+    return;
+  }
+
+  // consumers: warpgroup cw owns rows m0 + 64 cw .. + 63; warp w of it 16 of them
+  setmaxnreg_inc<Tiles::kConsumerRegs>();
+  const int cw = wg - 1, w = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+  const int64_t strip = m0 + cw * 64 + w * 16, row0 = strip + lane / 4;
+  const int64_t limit[2] = {tile.sample.key_limit(row0), tile.sample.key_limit(row0 + 8)};
+  float o[DP / 8][4];
+  zero(o);
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  mbarrier_wait(q_full, 0);
+
+  // S(t) = Q K(t)^T into `into` (scale-d 0 on the first k-step): issued and committed, not waited.
+  auto issue_s = [&](float (&into)[BN / 8][4], int t) {
+    const int s = t % Tiles::kStages;
+    mbarrier_wait(k_full + s, (t / Tiles::kStages) & 1);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; ++kk) {
+      const uint64_t dq = make_smem_desc(s_q + (kk / 4) * BM * 128 + cw * 64 * 128 + (kk % 4) * 32, 16, 1024, 128);
+      const uint64_t dk = make_smem_desc(s_k + s * Tiles::kKVBytes + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024, 128);
+      wgmma_ss<T, BN>(reinterpret_cast<float(&)[BN / 2]>(into), dq, dk, kk > 0);
+    }
+    wgmma_commit();
+  };
+
+  // Intra-warpgroup pipelining: S(t + 1) runs on the tensor cores while this warpgroup does
+  // tile t's softmax, and P(t) V(t) runs while it does tile t + 1's (the O rescale waits for
+  // it). Commit order per iteration: [P(t-1) V(t-1)], S(t+1), P(t) V(t).
+  float sc[BN / 8][4], sn[BN / 8][4];
+  if (n_tiles > 0) {
+    issue_s(sc, 0);
+    wgmma_wait<0>();
+    mbarrier_arrive(k_empty + 0);
+  }
+  for (int t = 0; t < n_tiles; ++t) {
+    const int s = t % Tiles::kStages;
+    const int64_t s0 = key_lo + int64_t(t) * BN;
+    const bool next = t + 1 < n_tiles;
+    if (next) issue_s(sn, t + 1);
+
+    const bool masked = s0 + BN > lo;
+    float alpha[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int cut = tile_cut(limit[half], s0, BN);
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          float x = sc[j][e] * p.scale_log2;
+          if (masked && j * 8 + 2 * (lane % 4) + (e & 1) >= cut) x = -INFINITY;
+          sc[j][e] = x;
+          mx = fmaxf(mx, x);
+        }
+      const float m_new = fmaxf(m_run[half], quad_max(mx));
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // as fwd.cuh: no live key yet
+      alpha[half] = exp2_approx(m_run[half] - m_use);
+      m_run[half] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          sc[j][e] = exp2_approx(sc[j][e] - m_use);
+          sum += sc[j][e];
+        }
+      l_run[half] = l_run[half] * alpha[half] + sum;
+    }
+
+    if (t > 0) {  // P(t-1) V(t-1) must be done before O is rescaled (S(t+1) may still run)
+      if (next) wgmma_wait<1>();
+      else wgmma_wait<0>();
+      mbarrier_arrive(v_empty + (t - 1) % Tiles::kStages);
+    }
+#pragma unroll
+    for (int j = 0; j < DP / 8; ++j) {
+      o[j][0] *= alpha[0], o[j][1] *= alpha[0];
+      o[j][2] *= alpha[1], o[j][3] *= alpha[1];
+    }
+    // P as wgmma's register A operand: kept unchanged until its wgmma is waited on.
+    uint32_t pa[BN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      pa[kk][0] = Mma<T>::pack(sc[2 * kk][0], sc[2 * kk][1]), pa[kk][1] = Mma<T>::pack(sc[2 * kk][2], sc[2 * kk][3]);
+      pa[kk][2] = Mma<T>::pack(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+      pa[kk][3] = Mma<T>::pack(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+    }
+    mbarrier_wait(v_full + s, (t / Tiles::kStages) & 1);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const uint64_t dv = make_smem_desc(s_v + s * Tiles::kKVBytes + kk * 16 * 128, BN * 128, 1024, 128);
+      wgmma_rs<T, DP, true>(reinterpret_cast<float(&)[DP / 2]>(o), pa[kk], dv, 1);
+    }
+    wgmma_commit();
+    if (next) {  // S(t+1) (committed before P(t) V(t)) lands; K(t+1)'s stage is free
+      wgmma_wait<1>();
+      mbarrier_arrive(k_empty + (t + 1) % Tiles::kStages);
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[j][e] = sn[j][e];
+    }
+  }
+  if (n_tiles > 0) {
+    wgmma_wait<0>();
+    mbarrier_arrive(v_empty + (n_tiles - 1) % Tiles::kStages);
+  }
+
+  float inv[2], lse[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float l = quad_sum(l_run[half]);
+    inv[half] = l > 0.f ? 1.f / l : 0.f;
+    lse[half] = l > 0.f ? (m_run[half] + __log2f(l)) * 0.6931471805599453f : -INFINITY;
+  }
+  if (p.out_partial) {
+    const int64_t split_elems = int64_t(p.batch) * p.o_stride_b;
+    float* out = p.out_partial + blockIdx.z * split_elems + b * p.o_stride_b + h * p.o_stride_h;
+    store_strip<float, DP>(out, p.o_stride_n, strip, N, p.head_dim, o, inv[0], inv[1]);
+  } else {
+    T* out = static_cast<T*>(p.out) + b * p.o_stride_b + h * p.o_stride_h;
+    store_strip<T, DP>(out, p.o_stride_n, strip, N, p.head_dim, o, inv[0], inv[1]);
+  }
+  if (lane % 4 == 0) {
+    float* lse_row = p.lse + (int64_t(blockIdx.z) * gridDim.x + bh) * N;
+    if (row0 < N) store(lse_row + row0, lse[0]);
+    if (row0 + 8 < N) store(lse_row + row0 + 8, lse[1]);
+  }
+#endif
+}
+
+template <int DP>
+constexpr Geometry fwd_sm90_geometry(const FwdParams& p) {
+  using Tiles = Sm90FwdTiles<DP>;
+  return {"fwd_sm90_kernel", unsigned(p.batch * p.heads), unsigned((p.num_query + Tiles::kBlockM - 1) / Tiles::kBlockM),
+          unsigned(p.num_splits), Tiles::kThreads, Tiles::kSmemBytes};
+}
+
+// The tensor maps: Q as (D, H, N, B) (B = 1 for a shared q), K and V as (D, Hkv, L); boxes of
+// 64 columns (128 bytes, the swizzle's row) by one head by BM query rows or BN keys.
+template <int DP>
+cudaError_t make_sm90_fwd_maps(Sm90FwdParams& a, int64_t num_keys, int kv_heads) {
+  using Tiles = Sm90FwdTiles<DP>;
+  const FwdParams& p = a.p;
+  const int64_t qb = p.q_stride_b == 0 ? 1 : p.batch;
+  const int64_t qdims[4] = {p.head_dim, p.heads, p.num_query, qb};
+  const int64_t qstr[3] = {2 * p.q_stride_h, 2 * p.q_stride_n, 2 * (p.q_stride_b ? p.q_stride_b : p.num_query * p.q_stride_n)};
+  const int qbox[4] = {64, 1, Tiles::kBlockM, 1};
+  cudaError_t err = encode_tensor_map(&a.q, p.q, 2, 4, qdims, qstr, qbox, 128);
+  if (err != cudaSuccess) return err;
+  const int64_t kdims[3] = {p.head_dim, kv_heads, num_keys};
+  const int kvbox[3] = {64, 1, Tiles::kBlockN};
+  const int64_t kstr[2] = {2 * p.k_stride_h, 2 * p.k_stride_l}, vstr[2] = {2 * p.v_stride_h, 2 * p.v_stride_l};
+  err = encode_tensor_map(&a.k, p.k, 2, 3, kdims, kstr, kvbox, 128);
+  if (err != cudaSuccess) return err;
+  return encode_tensor_map(&a.v, p.v, 2, 3, kdims, vstr, kvbox, 128);
+}
+
+// num_keys: rows of the packed k / v (L); kv_heads: their heads.
+template <typename T, int DP>
+cudaError_t launch_fwd_sm90(const FwdParams& p, int64_t num_keys, int kv_heads, cudaStream_t stream) {
+  Sm90FwdParams a{};
+  a.p = p;
+  const cudaError_t err = make_sm90_fwd_maps<DP>(a, num_keys, kv_heads);
+  if (err != cudaSuccess) return err;
+  const Geometry g = fwd_sm90_geometry<DP>(p);
+#ifdef CCAM_EMULATE
+  ccam_emu::Geometry eg{g.kernel, g.grid_x, g.grid_y, g.grid_z, g.threads, g.smem_bytes};
+  eg.regs = Sm90FwdTiles<DP>::kRegs;
+  ccam_emu::run_launch(eg, [&] { fwd_sm90_kernel<T, DP>(a); });
+  return cudaSuccess;
+#else
+  // Only machine code built from compute_90a PTX holds the kernel (a build without sm_90a, or
+  // PTX JIT-compiled from compute_80, has the trap).
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, fwd_sm90_kernel<T, DP>) != cudaSuccess || attr.ptxVersion < 90) {
+    (void)cudaGetLastError();
+    return cudaErrorNotSupported;
+  }
+  return launch(fwd_sm90_kernel<T, DP>, g, stream, a);
+#endif
+}
+
+}  // namespace ccam

@@ -1,0 +1,251 @@
+"""The sm_90a forward (csrc/ccam/fwd_sm90.cuh: a TMA producer warp, two wgmma consumer
+warpgroups, mbarrier rings) run by the CPU emulator against the float64 oracle: the case grid
+of the mma.sync kernels (tests/kernel_cases.py: ragged batches, GQA, T = 1, T not dividing N,
+T > N, shared and batched q) at head dims up to 64 and 128, large logits, forced splits, and a
+partial call over frame windows; then mutation tests (a wrong swizzle, a missing wgmma wait, a
+wrong mbarrier parity, an expect_tx byte count off by one tile, a mask off by one in the hot
+loop), each of which must be caught. Built with g++ through ctypes (tests/emu_lib.py)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import os
+import pathlib
+
+import pytest
+import torch
+
+import emu_lib
+from ccam_kernels.backends import tiling
+from conftest import rel_err
+from kernel_cases import CASES
+from oracle import attention_oracle
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+class Sm90:
+    """The emulated sm_90a forward of one library (the real sources or a mutant)."""
+
+    def __init__(self, path: pathlib.Path):
+        self.lib = ctypes.CDLL(str(path))
+
+    def forward(self, q, k, v, counts, P, scale, splits=1, ranges=None, schedule=0, seed=0):
+        N, H, D = q.shape[-3:]
+        B = len(counts)
+        plan = tiling.window_plan(counts, tuple(ranges or tiling.whole_videos(counts)), P, 64, q.device)
+        out = torch.empty(*((splits,) if splits > 1 else ()), B, N, H, D,
+                          dtype=torch.float32 if splits > 1 else q.dtype)
+        lse = torch.empty(*((splits,) if splits > 1 else ()), B, H, N)
+        pb = emu_lib.EmuProblem(bf16=int(q.dtype == torch.bfloat16), batch=B, num_query=N, heads=H,
+                                group=H // k.shape[1], tokens_per_frame=P, head_dim=D, num_splits=splits,
+                                schedule=schedule, scale=scale, seed=seed)
+        tensors = [(q, 0), (k, 0), (v, 0), *((x, 0) for x in plan[:4]), (out, 1), (lse, 1)]
+        arr = (emu_lib.EmuTensor * len(tensors))(*(emu_lib._tensor(x, w) for x, w in tensors))
+        err = ctypes.create_string_buffer(4096)
+        if self.lib.ccam_emu_fwd_sm90(ctypes.byref(pb), arr, err, len(err)):
+            raise emu_lib.EmulatorError(err.value.decode())
+        if splits > 1:
+            return tiling.merge_splits(out, lse)
+        return out, lse
+
+
+def build(src: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    emu_lib._gxx([*emu_lib.FLAGS, "-shared", "-Wl,-Bsymbolic", str(src / "emu" / "capi_hopper.cpp"),
+                  *(str(o) for o in emu_lib.machine_objects()), "-o", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def sm90():
+    path = emu_lib._cache_dir() / f"libccam_emu_hopper_{emu_lib._digest(emu_lib.CSRC / 'ccam', emu_lib.CSRC / 'emu')}.so"
+    if not path.exists():
+        build(emu_lib.CSRC, path.with_suffix(".tmp")).replace(path)
+    return Sm90(path)
+
+
+def inputs(N, H, Hkv, D, counts, P, shared, dtype, gen, logit_scale=1.0):
+    L, B = sum(counts) * P, len(counts)
+    q = torch.randn(*(() if shared else (B,)), N, H, D, generator=gen) * logit_scale
+    k, v = torch.randn(L, Hkv, D, generator=gen), torch.randn(L, Hkv, D, generator=gen)
+    return [x.to(dtype) for x in (q, k, v)]
+
+
+def check(sm90, q, k, v, counts, P, dtype, splits=1):
+    scale = q.shape[-1] ** -0.5
+    out, lse = sm90.forward(q, k, v, counts, P, scale, splits=splits)
+    want = attention_oracle(q.double(), k.double(), v.double(), counts, P, scale=scale)
+    assert out.dtype == (dtype if splits == 1 else torch.float32)
+    err = rel_err(out, want)
+    assert err <= TOL[dtype], err
+    assert torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("dims", [64, 128], ids=lambda d: f"DP{d}")
+@pytest.mark.parametrize("N,H,Hkv,D,counts,P,shared", CASES)
+def test_forward_matches_the_oracle_on_the_case_grid(sm90, N, H, Hkv, D, counts, P, shared, dims, generator):
+    """The grid's shapes; at DP 128 the head dim is the grid's plus 64 (kernels for 64 and 128)."""
+    D = D if dims == 64 else D + 64
+    dtype = torch.bfloat16 if N % 2 else torch.float16
+    check(sm90, *inputs(N, H, Hkv, D, counts, P, shared, dtype, generator), counts, P, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_forward_large_logits_and_forced_splits(sm90, dtype, generator):
+    counts, P = (4, 7), 19
+    q, k, v = inputs(150, 2, 1, 64, counts, P, False, dtype, generator, logit_scale=8.0)
+    check(sm90, q, k, v, counts, P, dtype)
+    check(sm90, q, k, v, counts, P, dtype, splits=3)
+
+
+@pytest.mark.parametrize("schedule", [1, 2], ids=["reverse", "random"])
+def test_forward_is_the_same_in_any_thread_order(sm90, schedule, generator):
+    """Reversed and shuffled block and thread orders (the producer may run ahead of the
+    consumers or behind them) give bitwise the same output and LSE as the linear order."""
+    counts, P = (3, 8), 37
+    q, k, v = inputs(70, 2, 1, 32, counts, P, False, torch.float16, generator)
+    base = sm90.forward(q, k, v, counts, P, 0.2, splits=2)
+    seed = int(torch.randint(0, 2**31, (1,), generator=generator))
+    other = sm90.forward(q, k, v, counts, P, 0.2, splits=2, schedule=schedule, seed=seed)
+    assert all(torch.equal(a, b) for a, b in zip(base, other))
+
+
+def test_forward_over_frame_windows(sm90, generator):
+    """A partial call: rows before a window, a window starting mid-video, windows cut mid-tile."""
+    from ccam_kernels.long_video import ccam_partial_attention
+    from test_long_video_partial import keys_of_ranges
+
+    counts, P, ranges = (3, 8), 37, ((1, 3), (2, 7))
+    q, k, v = inputs(70, 2, 1, 32, counts, P, False, torch.float16, generator)
+    kr, vr = (keys_of_ranges(x, counts, P, ranges) for x in (k, v))
+    scale = 32 ** -0.5
+    want, want_lse = ccam_partial_attention(q.double(), kr.double(), vr.double(), counts, P, ranges, scale=scale,
+                                            backend="reference")
+    out, lse = sm90.forward(q, kr, vr, counts, P, scale, splits=2, ranges=ranges)
+    seen = torch.isfinite(want_lse)
+    assert torch.equal(torch.isneginf(lse), ~seen)
+    assert rel_err(out, want) <= TOL[torch.float16]
+    assert rel_err(lse[seen], want_lse[seen]) <= TOL[torch.float16]
+
+
+# ---- mutations -----------------------------------------------------------------------------
+# Each is a deliberate break of a copy of csrc/ (path, old text, new text; the old text must
+# occur), built small (fp16, D <= 64) and run on MUTATION_CASE; the oracle or the emulator
+# must catch it.
+MUTANTS = {
+    "wrong-swizzle-k": ("ccam/fwd_sm90.cuh", "(kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024, 128);",
+                        "(kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024, 64);"),
+    "wrong-swizzle-v": ("ccam/fwd_sm90.cuh", "kk * 16 * 128, BN * 128, 1024, 128);", "kk * 16 * 128, BN * 128, 1024, 0);"),
+    "no-wgmma-wait-after-s": ("ccam/fwd_sm90.cuh", "      wgmma_wait<1>();\n      mbarrier_arrive(k_empty + (t + 1)",
+                              "      mbarrier_arrive(k_empty + (t + 1)"),
+    "no-wgmma-wait-after-pv": ("ccam/fwd_sm90.cuh", "      if (next) wgmma_wait<1>();\n      else wgmma_wait<0>();\n", ""),
+    "pv-wait-one-too-few": ("ccam/fwd_sm90.cuh", "      if (next) wgmma_wait<1>();\n      else wgmma_wait<0>();\n",
+                            "      if (next) wgmma_wait<2>();\n      else wgmma_wait<1>();\n"),
+    "wrong-full-parity": ("ccam/fwd_sm90.cuh", "mbarrier_wait(k_full + s, (t / Tiles::kStages) & 1);",
+                          "mbarrier_wait(k_full + s, ((t / Tiles::kStages) & 1) ^ 1);"),
+    "wrong-empty-parity": ("ccam/fwd_sm90.cuh", "const uint32_t free_parity = ((t / Tiles::kStages) & 1) ^ 1;",
+                           "const uint32_t free_parity = ((t / Tiles::kStages) & 1);"),
+    "expect-tx-one-tile-more": ("ccam/fwd_sm90.cuh", "mbarrier_arrive_expect_tx(v_full + s, Tiles::kKVBytes);",
+                                "mbarrier_arrive_expect_tx(v_full + s, Tiles::kKVBytes + BN * 128);"),
+    "expect-tx-one-tile-less": ("ccam/fwd_sm90.cuh", "mbarrier_arrive_expect_tx(q_full, Tiles::kQBytes);",
+                                "mbarrier_arrive_expect_tx(q_full, Tiles::kQBytes - BM * 128);"),
+    "mask-off-by-one": ("ccam/fwd_sm90.cuh", "if (masked && j * 8 + 2 * (lane % 4) + (e & 1) >= cut) x = -INFINITY;",
+                        "if (masked && j * 8 + 2 * (lane % 4) + (e & 1) > cut) x = -INFINITY;"),
+    "consumer-rows-not-offset": ("ccam/fwd_sm90.cuh", "cw * 64 * 128 + (kk % 4) * 32", "(kk % 4) * 32"),
+}
+
+# Ragged, GQA, batched q, three key tiles of 128 per sample (a ring stage is reused), two
+# consumer warpgroups (70 rows), frame boundaries inside tiles; splits; a frame-window call.
+MUTATION_CASE = dict(N=70, H=2, Hkv=1, D=32, counts=(3, 8), P=37, ranges=((1, 3), (2, 7)))
+
+
+def problems_found(lib: Sm90, seed: int) -> list[str]:
+    """The forward on MUTATION_CASE (fp16) whole, in 3 splits, and over frame windows: every
+    check that fails against the float64 oracle, or the emulator's error."""
+    from ccam_kernels.long_video import ccam_partial_attention
+    from test_long_video_partial import keys_of_ranges
+
+    c = MUTATION_CASE
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = inputs(c["N"], c["H"], c["Hkv"], c["D"], c["counts"], c["P"], False, torch.float16, gen)
+    scale = c["D"] ** -0.5
+    want = attention_oracle(q.double(), k.double(), v.double(), c["counts"], c["P"], scale=scale)
+    kr, vr = (keys_of_ranges(x, c["counts"], c["P"], c["ranges"]) for x in (k, v))
+    want_w, _ = ccam_partial_attention(q.double(), kr.double(), vr.double(), c["counts"], c["P"], c["ranges"],
+                                       scale=scale, backend="reference")
+    try:
+        got = [("out", lib.forward(q, k, v, c["counts"], c["P"], scale)[0], want),
+               ("out (3 splits)", lib.forward(q, k, v, c["counts"], c["P"], scale, splits=3)[0], want),
+               ("window out", lib.forward(q, kr, vr, c["counts"], c["P"], scale, splits=2, ranges=c["ranges"])[0], want_w)]
+    except emu_lib.EmulatorError as exc:
+        return [f"emulator: {exc}"]
+    found = []
+    for name, out, ref in got:
+        err = rel_err(out, ref)
+        if not err <= TOL[torch.float16]:  # NaN fails too
+            found.append(f"{name}: rel err {err:.3g}")
+    return found
+
+
+def build_small(src: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    emu_lib._gxx([*emu_lib.FLAGS, "-DCCAM_EMU_SM90_FP16_D64_ONLY", "-shared", "-Wl,-Bsymbolic",
+                  str(src / "emu" / "capi_hopper.cpp"), *(str(o) for o in emu_lib.machine_objects()), "-o", str(out)])
+    return out
+
+
+def test_unmutated_forward_passes_the_mutation_case(sm90, seed):
+    assert problems_found(sm90, seed) == []
+
+
+@pytest.fixture(scope="module")
+def mutant_libraries(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sm90_mutants")
+    emu_lib.machine_objects()
+
+    def make(name):
+        rel, old, new = MUTANTS[name]
+        src = emu_lib.csrc_copy(root / name, {rel: (old, new)})
+        return name, Sm90(build_small(src, root / f"{name}.so"))
+
+    with concurrent.futures.ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
+        return dict(pool.map(make, MUTANTS))
+
+
+@pytest.mark.parametrize("mutant", sorted(MUTANTS))
+def test_each_mutation_is_caught(mutant, mutant_libraries, seed):
+    found = problems_found(mutant_libraries[mutant], seed)
+    assert found, f"mutant {mutant} passed every check"
+    print(f"{mutant}: {found}")
+
+
+# ---- dispatch ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the emulator's sm_90 stand-in; a GPU run tests the real dispatch")
+@pytest.mark.parametrize("D", [40, 128])
+def test_the_cuda_backend_takes_the_sm90_forward_on_sm90(monkeypatch, capfd, D, generator):
+    """Through the op (CCAM_CUDA_EMULATE=1): with the emulator standing for an sm_90 GPU
+    (CCAM_EMU_SM90=1) the forward launches fwd_sm90_kernel, else fwd_kernel; both match the
+    float64 oracle, and the backward (mma.sync kernels) runs on the sm_90 forward's LSE."""
+    from ccam_kernels import ccam_attention
+    from ccam_kernels.attention import BACKENDS
+    from ccam_kernels.backends import cuda_backend
+
+    monkeypatch.setenv(cuda_backend.EMULATE_ENV, "1")
+    monkeypatch.setenv("CCAM_EMU_TRACE", "1")
+    why = BACKENDS["cuda"].why_unusable()
+    assert not why, why
+    counts, P = (3, 5), 11
+    q, k, v = inputs(37, 2, 1, D, counts, P, False, torch.bfloat16, generator)
+    want = attention_oracle(q.double(), k.double(), v.double(), counts, P)
+    for sm90, kernel in (("1", "fwd_sm90_kernel"), ("0", "fwd_kernel")):
+        monkeypatch.setenv("CCAM_EMU_SM90", sm90)
+        capfd.readouterr()
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = ccam_attention(*x, counts, P, backend="cuda")
+        out.float().sum().backward()
+        launched = capfd.readouterr().err
+        assert f"launch {kernel}\n" in launched and ("fwd_sm90_kernel" in launched) == (sm90 == "1"), launched
+        assert rel_err(out, want) <= TOL[torch.bfloat16]
+        assert all(torch.isfinite(t.grad).all() for t in x)

@@ -149,9 +149,16 @@ def test_triton_configs_that_spill_on_sm90_are_pruned(monkeypatch):
     assert len(triton_kernels._without_spills("dkdv")(configs, {}, BLOCK_D=64)) == 2
 
 
+# Measured with ptxas on CPU for sm_90: the NaN rule's add-back of non-finite rows (issue 21)
+# made every dK/dV config at head dim 128 spill (12-16 B at 8 warps, 660-692 B at 4; before it,
+# 8 warps were clean), docs/gpu.md. The prune then keeps them all. When a change makes one clean,
+# this test fails until the entry goes.
+KNOWN_SPILLING = {("dkdv", 128)}
+
+
 def test_no_triton_config_kept_for_sm90_spills():
     """With the committed sm_90 table, the prune keeps exactly the configs ptxas reports
-    without spills, and every kernel and head dim keeps at least one."""
+    without spills, and every kernel and head dim keeps at least one (but KNOWN_SPILLING)."""
     import triton
 
     from ccam_kernels.backends import triton_kernels
@@ -164,5 +171,8 @@ def test_no_triton_config_kept_for_sm90_spills():
             clean = [c for c in configs
                      if not triton_kernels._spills(table[resources.triton_config_key(kernel, block_d, c.num_warps,
                                                                                      c.num_stages)])]
+            if (kernel, block_d) in KNOWN_SPILLING:
+                assert not clean and kept == configs, (kernel, block_d, "no longer spills: drop it from KNOWN_SPILLING")
+                continue
             assert clean, (kernel, block_d, "every config spills on sm_90")
             assert kept == clean, (kernel, block_d)

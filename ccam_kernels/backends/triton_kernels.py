@@ -76,13 +76,18 @@ def _seen_nonfinite(seen, x, IEEE: tl.constexpr):
     (keys, or query rows in the dK/dV pass) include some that a row of ``seen`` (rows, x rows)
     does not see, whose weight 0 times a NaN or inf would still be NaN. The product runs on x
     with its NaN and inf zeroed, and this adds what each row does see of them: per (row,
-    column), NaN, +inf, -inf, or their sum, from counts (dots of 0/1 values, exact)."""
-    one = seen.to(x.dtype)
-    nan = _dot(one, (x != x).to(x.dtype), IEEE)
-    pos = _dot(one, (x == float("inf")).to(x.dtype), IEEE)
-    neg = _dot(one, (x == -float("inf")).to(x.dtype), IEEE)
-    return (tl.where(nan > 0, float("nan"), 0.0) + tl.where(pos > 0, float("inf"), 0.0)
-            + tl.where(neg > 0, -float("inf"), 0.0))
+    column), NaN, +inf, -inf, or their sum. One product of the 0/1 ``seen`` with x's
+    non-finite entries coded as powers of two (NaN 1, +inf 2**7, -inf 2**14: exact in every
+    input dtype, TF32 included) gives the three counts at once (each < 2**7: a tile has at most
+    64 rows of x; the float32 sums stay exact integers): one accumulator, not three, so that
+    this rarely taken branch does not push the hot loop into spilling registers on sm_90."""
+    code = tl.where(x != x, 1.0, tl.where(x == float("inf"), 128.0, tl.where(x == -float("inf"), 16384.0, 0.0)))
+    counts = _dot(seen.to(x.dtype), code.to(x.dtype), IEEE).to(tl.int32)
+    nan = (counts & 127) > 0
+    pos = ((counts >> 7) & 127) > 0
+    neg = (counts >> 14) > 0
+    return (tl.where(nan, float("nan"), 0.0) + tl.where(pos, float("inf"), 0.0)
+            + tl.where(neg, -float("inf"), 0.0))
 
 
 @triton.jit
@@ -354,6 +359,7 @@ def _bwd_dkdv_kernel(
     full_row = (f_last * N + T - 1) // T  # from here on, rows see the whole tile
     m_begin = (first_row // BLOCK_M) * BLOCK_M
     m_full = ((full_row + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    any_bad = tl.full([], 0, tl.int32)  # a straddling row held a NaN or inf (see below)
     for g in range(0, G):
         h = hk * G + g
         bh = b * H + h
@@ -382,17 +388,33 @@ def _bwd_dkdv_kernel(
                 # makes such an entry's p NaN, a NaN value its dp.
                 p = tl.where(seen, p, 0.0)
                 ds = tl.where(seen, ds, 0.0)
+                # A NaN or inf row must reach only the keys it sees: zeroed for the products
+                # here, its values added back after the loop to the keys that see it (rare; out
+                # of the loop so that its two extra products do not make the loop spill).
                 bad_q = _nonfinite(q)
                 bad_do = _nonfinite(do)
-                if tl.max((bad_q | bad_do).to(tl.int32)) > 0:  # rare: a NaN or inf row, kept from keys it does not see
-                    dk += _seen_nonfinite(tl.trans(seen), q, IEEE)
-                    dv += _seen_nonfinite(tl.trans(seen), do, IEEE)
-                    q = tl.where(bad_q, tl.zeros_like(q), q)
-                    do = tl.where(bad_do, tl.zeros_like(do), do)
+                any_bad = tl.maximum(any_bad, tl.max((bad_q | bad_do).to(tl.int32)))
+                q = tl.where(bad_q, tl.zeros_like(q), q)
+                do = tl.where(bad_do, tl.zeros_like(do), do)
             if DROPOUT:
                 p = p * kept
             dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    if any_bad > 0:  # the non-finite values of the straddling rows, to the keys that see them
+        for g in range(0, G):
+            h = hk * G + g
+            for m0 in range(m_begin, tl.minimum(m_full, N), BLOCK_M):
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                row_ok = offs_m < N
+                rd = row_ok[:, None] & d_ok[None, :]
+                rows = offs_m[:, None].to(tl.int64)
+                q = tl.load(Q + b * stride_qb + rows * stride_qn + h * stride_qh + offs_d[None, :], mask=rd, other=0.0)
+                do = tl.load(DO + b * stride_db + rows * stride_dn + h * stride_dh + offs_d[None, :], mask=rd,
+                             other=0.0)
+                limit = ((offs_m.to(tl.int64) * T) // N + 1 - f0) * P
+                seen = (offs_n[None, :] < limit[:, None]) & row_ok[:, None]
+                dk += _seen_nonfinite(tl.trans(seen), q, IEEE)
+                dv += _seen_nonfinite(tl.trans(seen), do, IEEE)
     dk = dk * (qk_scale * LN2)
     tl.store(DK + keys * stride_dkl + hk * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd)
     tl.store(DV + keys * stride_dvl + hk * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd)

@@ -132,6 +132,37 @@ class EmulatorError(RuntimeError):
     pass
 
 
+def call(lib, fn: str, *args) -> None:
+    """Call a C-interface entry (its last two arguments: an error buffer and its size); its
+    error, if any, raised as EmulatorError."""
+    err = ctypes.create_string_buffer(4096)
+    if getattr(lib, fn)(*args, err, len(err)):
+        raise EmulatorError(err.value.decode())
+
+
+def problem(q, k, counts, P, scale, splits, schedule, seed) -> "EmuProblem":
+    N, H, D = q.shape[-3:]
+    return EmuProblem(bf16=int(q.dtype == torch.bfloat16), batch=len(counts), num_query=N, heads=H,
+                      group=H // k.shape[1], tokens_per_frame=P, head_dim=D, num_splits=splits,
+                      schedule=schedule, scale=scale, seed=seed)
+
+
+def run_forward(lib, fn: str, q, k, v, counts, P, scale, splits=1, schedule=0, seed=0, ranges=None):
+    """An emulated forward entry (``ccam_emu_fwd`` or ``ccam_emu_fwd_sm90``, same tensors):
+    (out (B, N, H, D) in q's dtype or (S, B, N, H, D) float32 partials, lse). ranges: the frame
+    window of each sample whose keys k, v hold (default: the whole videos)."""
+    N, H, D = q.shape[-3:]
+    B = len(counts)
+    plan = tiling.window_plan(counts, tuple(ranges or tiling.whole_videos(counts)), P, 64, q.device)
+    out = torch.empty(*((splits,) if splits > 1 else ()), B, N, H, D,
+                      dtype=torch.float32 if splits > 1 else q.dtype)
+    lse = torch.empty(*((splits,) if splits > 1 else ()), B, H, N)
+    tensors = [(q, 0), (k, 0), (v, 0), *((x, 0) for x in plan[:4]), (out, 1), (lse, 1)]
+    arr = (EmuTensor * len(tensors))(*(_tensor(x, w) for x, w in tensors))
+    call(lib, fn, ctypes.byref(problem(q, k, counts, P, scale, splits, schedule, seed)), arr)
+    return out, lse
+
+
 class Emu:
     def __init__(self, path: pathlib.Path):
         self.path = path
@@ -140,15 +171,7 @@ class Emu:
         self.grids = {}  # kernel entry ("ccam_emu_fwd", ...) -> its last launch_record()
 
     def _call(self, fn, *args):
-        err = ctypes.create_string_buffer(4096)
-        if getattr(self.lib, fn)(*args, err, len(err)):
-            raise EmulatorError(err.value.decode())
-
-    def _problem(self, q, k, counts, P, scale, splits, schedule, seed):
-        N, H, D = q.shape[-3:]
-        return EmuProblem(bf16=int(q.dtype == torch.bfloat16), batch=len(counts), num_query=N, heads=H,
-                          group=H // k.shape[1], tokens_per_frame=P, head_dim=D, num_splits=splits,
-                          schedule=schedule, scale=scale, seed=seed)
+        call(self.lib, fn, *args)
 
     def _run(self, fn, pb, tensors):
         arr = (EmuTensor * len(tensors))(*(_tensor(x, w) for x, w in tensors))
@@ -168,14 +191,8 @@ class Emu:
     def forward(self, q, k, v, counts, P, scale, splits=1, schedule=0, seed=0, ranges=None):
         """(out (B, N, H, D) in q's dtype or (S, B, N, H, D) float32 partials, lse). ranges: the
         frame window of each sample whose keys k, v hold (default: the whole videos)."""
-        N, H, D = q.shape[-3:]
-        B = len(counts)
-        plan = tiling.window_plan(counts, tuple(ranges or tiling.whole_videos(counts)), P, 64, q.device)
-        out = torch.empty(*((splits,) if splits > 1 else ()), B, N, H, D,
-                          dtype=torch.float32 if splits > 1 else q.dtype)
-        lse = torch.empty(*((splits,) if splits > 1 else ()), B, H, N)
-        pb = self._problem(q, k, counts, P, scale, splits, schedule, seed)
-        self._run("ccam_emu_fwd", pb, [(q, 0), (k, 0), (v, 0), *((x, 0) for x in plan[:4]), (out, 1), (lse, 1)])
+        out, lse = run_forward(self.lib, "ccam_emu_fwd", q, k, v, counts, P, scale, splits, schedule, seed, ranges)
+        self.grids["ccam_emu_fwd"] = self.launch_record()
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, counts, P, scale, schedule=0, seed=0, ranges=None, dlse=None,
@@ -191,7 +208,7 @@ class Emu:
             lse, delta = tiling.partial_softmax_rows(dout, dlse, out, lse)
         dq_rows = torch.empty(*((dq_splits,) if dq_splits > 1 else ()), len(counts), *q.shape[-3:])
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        pb = self._problem(q, k, counts, P, scale, 1, schedule, seed)
+        pb = problem(q, k, counts, P, scale, 1, schedule, seed)
         common = [(dout, 0), (q, 0), (k, 0), (v, 0), (lse, 0), (delta, 0), *((x, 0) for x in plan[:4])]
         self._run("ccam_emu_bwd_dq", pb, common + [(dq_rows, 1)])
         self._run("ccam_emu_bwd_dkdv", pb, common + [(plan.tile_sample, 0), (plan.tile_start, 0), (dk, 1), (dv, 1)])

@@ -32,20 +32,8 @@ class Sm90:
         self.lib = ctypes.CDLL(str(path))
 
     def forward(self, q, k, v, counts, P, scale, splits=1, ranges=None, schedule=0, seed=0):
-        N, H, D = q.shape[-3:]
-        B = len(counts)
-        plan = tiling.window_plan(counts, tuple(ranges or tiling.whole_videos(counts)), P, 64, q.device)
-        out = torch.empty(*((splits,) if splits > 1 else ()), B, N, H, D,
-                          dtype=torch.float32 if splits > 1 else q.dtype)
-        lse = torch.empty(*((splits,) if splits > 1 else ()), B, H, N)
-        pb = emu_lib.EmuProblem(bf16=int(q.dtype == torch.bfloat16), batch=B, num_query=N, heads=H,
-                                group=H // k.shape[1], tokens_per_frame=P, head_dim=D, num_splits=splits,
-                                schedule=schedule, scale=scale, seed=seed)
-        tensors = [(q, 0), (k, 0), (v, 0), *((x, 0) for x in plan[:4]), (out, 1), (lse, 1)]
-        arr = (emu_lib.EmuTensor * len(tensors))(*(emu_lib._tensor(x, w) for x, w in tensors))
-        err = ctypes.create_string_buffer(4096)
-        if self.lib.ccam_emu_fwd_sm90(ctypes.byref(pb), arr, err, len(err)):
-            raise emu_lib.EmulatorError(err.value.decode())
+        out, lse = emu_lib.run_forward(self.lib, "ccam_emu_fwd_sm90", q, k, v, counts, P, scale, splits, schedule,
+                                       seed, ranges)
         if splits > 1:
             return tiling.merge_splits(out, lse)
         return out, lse

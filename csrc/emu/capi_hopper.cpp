@@ -9,14 +9,12 @@
 
 #include "../ccam/fwd_sm90.cuh"
 #include "../ccam/hopper.cuh"
+#include "capi.h"
 #include "runtime.h"
 
 namespace {
 
-int report(const std::exception& e, char* err, int errlen) {
-  std::snprintf(err, errlen, "%s", e.what());
-  return 1;
-}
+using ccam_emu_capi::report;
 
 int run(int threads, int smem, int regs, const std::vector<ccam_emu::Region>& regions,
         const std::function<void()>& body, char* err, int errlen) {
@@ -70,39 +68,12 @@ void issue_n(int n, bool a_regs, bool ta, bool tb, float* d, const uint32_t (&a)
 
 extern "C" {
 
-struct EmuTensor {  // as capi.cpp's
-  void* data;
-  int64_t elem_size;
-  int32_t ndim;
-  int32_t writable;
-  int64_t sizes[5];
-  int64_t strides[5];
-};
-
-struct EmuProblem {  // as capi.cpp's
-  int32_t bf16, batch, num_query, heads, group, tokens_per_frame, head_dim, num_splits, schedule;
-  float scale;
-  uint64_t seed;
-};
-
 // The sm_90a forward. Tensors: q, k, v, frames, key_start, first_frame, end_frame, out, lse
 // (as ccam_emu_fwd in capi.cpp).
 int ccam_emu_fwd_sm90(const EmuProblem* pb, const EmuTensor* t, char* err, int errlen) {
   try {
     static const char* names[] = {"q", "k", "v", "frames", "key_start", "first_frame", "end_frame", "out", "lse"};
-    std::vector<ccam_emu::Region> regs;
-    for (int i = 0; i < 9; ++i) {
-      ccam_emu::Region r;
-      r.name = names[i], r.data = t[i].data, r.elem_size = t[i].elem_size, r.writable = t[i].writable;
-      r.sizes.assign(t[i].sizes, t[i].sizes + t[i].ndim);
-      r.strides.assign(t[i].strides, t[i].strides + t[i].ndim);
-      if (r.writable) {  // outputs start NaN
-        int64_t numel = 1;
-        for (int d = 0; d < t[i].ndim; ++d) numel *= t[i].sizes[d];
-        std::memset(t[i].data, 0xFF, numel * t[i].elem_size);
-      }
-      regs.push_back(r);
-    }
+    const std::vector<ccam_emu::Region> regs = ccam_emu_capi::regions(t, 9, names);
     ccam::FwdParams p{};
     p.frames = static_cast<const int64_t*>(t[3].data), p.key_start = static_cast<const int64_t*>(t[4].data);
     p.first_frame = static_cast<const int64_t*>(t[5].data), p.end_frame = static_cast<const int64_t*>(t[6].data);

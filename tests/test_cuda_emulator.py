@@ -326,8 +326,8 @@ def test_kernels_have_no_undefined_behaviour(seed):
 
 def test_ubsan_catches_a_register_array_overrun(tmp_path, seed):
     """A mutant that reads lse[2] of the forward's float lse[2] is reported by UBSan."""
-    src = emu_lib.csrc_copy(tmp_path / "src", {"ccam/fwd.cuh": ("store(lse_row + row0, lse[0]);",
-                                                                  "store(lse_row + row0, lse[2]);")})
+    src = emu_lib.csrc_copy(tmp_path / "src", {"ccam/fwd_epilogue.cuh": ("store(lse_row + row0, lse[0]);",
+                                                                           "store(lse_row + row0, lse[2]);")})
     proc = _run_under_ubsan(emu_lib.build_ubsan(src, tmp_path / "ubsan.so"), seed)
     assert proc.returncode != 0 and "index 2 out of bounds for type 'float [2]'" in proc.stderr, proc.stderr[-2000:]
 

@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "dropout.cuh"
+#include "fwd_epilogue.cuh"
 #include "launch.cuh"
 #include "params.h"
 #include "rule.cuh"
@@ -170,27 +171,8 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
   // A whole video without splits: every row saw key 0, so l > 0. A split, or a frame window
   // after a row's frame, may have seen nothing live for a row: its output is then 0 with LSE
   // -inf (weight 0 in the merge). A row with a NaN score has l = NaN: output and LSE NaN.
-  float inv[2], lse[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const float l = quad_sum(l_run[half]);
-    inv[half] = l == 0.f ? 0.f : (drop.on() ? p.dropout_scale : 1.f) / l;
-    lse[half] = l == 0.f ? -INFINITY : (m_run[half] + __log2f(l)) * 0.6931471805599453f;
-  }
-  const int64_t strip = m0 + warp * 16;
-  if (p.out_partial) {
-    const int64_t split_elems = int64_t(p.batch) * p.o_stride_b;
-    float* out = p.out_partial + blockIdx.z * split_elems + b * p.o_stride_b + h * p.o_stride_h;
-    store_strip<float, DP>(out, p.o_stride_n, strip, N, p.head_dim, o, inv[0], inv[1]);
-  } else {
-    T* out = static_cast<T*>(p.out) + b * p.o_stride_b + h * p.o_stride_h;
-    store_strip<T, DP>(out, p.o_stride_n, strip, N, p.head_dim, o, inv[0], inv[1]);
-  }
-  if (lane % 4 == 0) {
-    float* lse_row = p.lse + (int64_t(blockIdx.z) * gridDim.x + bh) * N;
-    if (row0 < N) store(lse_row + row0, lse[0]);
-    if (row0 + 8 < N) store(lse_row + row0 + 8, lse[1]);
-  }
+  store_forward_rows<T, DP>(p, b, h, bh, m0 + warp * 16, row0, lane, o, m_run, l_run,
+                            drop.on() ? p.dropout_scale : 1.f);
 }
 
 template <typename T, int DP>

@@ -20,6 +20,7 @@
 
 #include <cfloat>
 
+#include "fwd_epilogue.cuh"
 #include "hopper.cuh"
 #include "launch.cuh"
 #include "params.h"
@@ -218,26 +219,7 @@ __global__ void __launch_bounds__(384, 1) fwd_sm90_kernel(const __grid_constant_
     mbarrier_arrive(v_empty + (n_tiles - 1) % Tiles::kStages);
   }
 
-  float inv[2], lse[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const float l = quad_sum(l_run[half]);
-    inv[half] = l > 0.f ? 1.f / l : 0.f;
-    lse[half] = l > 0.f ? (m_run[half] + __log2f(l)) * 0.6931471805599453f : -INFINITY;
-  }
-  if (p.out_partial) {
-    const int64_t split_elems = int64_t(p.batch) * p.o_stride_b;
-    float* out = p.out_partial + blockIdx.z * split_elems + b * p.o_stride_b + h * p.o_stride_h;
-    store_strip<float, DP>(out, p.o_stride_n, strip, N, p.head_dim, o, inv[0], inv[1]);
-  } else {
-    T* out = static_cast<T*>(p.out) + b * p.o_stride_b + h * p.o_stride_h;
-    store_strip<T, DP>(out, p.o_stride_n, strip, N, p.head_dim, o, inv[0], inv[1]);
-  }
-  if (lane % 4 == 0) {
-    float* lse_row = p.lse + (int64_t(blockIdx.z) * gridDim.x + bh) * N;
-    if (row0 < N) store(lse_row + row0, lse[0]);
-    if (row0 + 8 < N) store(lse_row + row0 + 8, lse[1]);
-  }
+  store_forward_rows<T, DP>(p, b, h, bh, strip, row0, lane, o, m_run, l_run, 1.f);  // no dropout here
 #endif
 }
 

@@ -88,6 +88,7 @@ def build_result(result: dict, device: torch.device, commit: tuple | None = None
         "settings": result.get("settings"),
         "elapsed_s": result.get("elapsed_s"),
         "complete": result.get("complete", True),
+        "progress": result.get("progress", []),
         "rows": sorted_rows(result["rows"]),
     }
 

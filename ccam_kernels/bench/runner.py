@@ -395,6 +395,7 @@ def run_suite(cases, contestants, device, settings: Settings = Settings(), *, lo
             "settings": {"warmup": settings.warmup, "repeats": settings.repeats, "rounds": settings.rounds,
                          "max_seconds": settings.max_seconds, "l2_flush": device.type == "cuda"},
             "elapsed_s": clock() - t0,
+            "progress": progress.records,
             "complete": len({(r["bench"], r["pass"], tuple(r["frame_counts"]), r["dtype"]) for r in rows}) == len(cases),
         }
 
@@ -418,6 +419,7 @@ def run_suite(cases, contestants, device, settings: Settings = Settings(), *, lo
                 continue
             # Timed calls get at most half of this case's share; checks and warm-ups take the rest.
             budget = 0.5 * left / (len(cases) - i)
+        left = progress.seconds_left(cases[i:])
         log(f"[{i + 1}/{len(cases)}] {case.label}  (elapsed {elapsed:.0f} s{progress.note(cases[i:])})")
         case_t0, spent = clock(), {}
         try:
@@ -425,7 +427,7 @@ def run_suite(cases, contestants, device, settings: Settings = Settings(), *, lo
             rows += case_rows
             rates = next(((r["ceiling_before_tflops"], r["ceiling_after_tflops"]) for r in case_rows
                           if r.get("ceiling_before_tflops")), ())
-            progress.finished(case, clock() - case_t0, spent, rates)
+            progress.finished(case, clock() - case_t0, spent, rates, started=case_t0 - t0, left=left)
         except DeviceLost as exc:
             lost = str(exc)
             log(f"  THE CUDA CONTEXT IS LOST ({lost}); the remaining cases become skipped rows")

@@ -8,8 +8,9 @@ judged on runs already made.
 
 The actual time left before case i counts the cases i, i+1, ... whose bench had a finished case
 before i: the ones the estimate covered (the others it reports as "not yet measured").
-A number passes when it is within 0.8-1.5x of the actual; an interval ("cannot know closer")
-passes when it holds the actual.
+A number holds when it is within 0.8-1.5x of the actual; an interval ("cannot know closer")
+holds when it holds the actual. Exit status 1 when a number did not hold (an interval said it
+could not know: counted, not failed), 2 for a file without progress records.
 """
 
 from __future__ import annotations
@@ -61,14 +62,16 @@ def _spent(r: dict) -> dict:
     return out
 
 
-def verdict(left: Span | None, actual: float) -> tuple[str, bool | None]:
-    """(what was said, whether it held) for an estimate ``left`` of ``actual`` seconds."""
+def verdict(left: Span | None, actual: float) -> tuple[str, str | None, bool | None]:
+    """(what was said, "number" or "interval", whether it held) for an estimate ``left`` of
+    ``actual`` seconds. A number holds within 0.8-1.5x of the actual; an interval (said with
+    "cannot know closer") when it holds the actual."""
     if left is None:
-        return "-", None
+        return "-", None, None
     if left.point is not None:
         ratio = left.point / actual
-        return f"{left.point:.0f} s ({ratio:.2f}x)", LOW <= ratio <= HIGH
-    return f"{left.lo:.0f}-{left.hi:.0f} s (cannot know closer)", left.lo <= actual <= left.hi
+        return f"{left.point:.0f} s ({ratio:.2f}x)", "number", LOW <= ratio <= HIGH
+    return f"{left.lo:.0f}-{left.hi:.0f} s (cannot know closer)", "interval", left.lo <= actual <= left.hi
 
 
 def check(records: list[dict], replay: bool = False) -> list[dict]:
@@ -86,8 +89,8 @@ def check(records: list[dict], replay: bool = False) -> list[dict]:
         else:
             lo, _, hi = r["left_before_s"] or (None, None, None)
             left = None if lo is None else Span(lo, hi)
-        said, held = verdict(left if measured else None, actual)
-        rows.append({"case": r["label"], "actual_s": actual, "said": said, "held": held})
+        said, kind, held = verdict(left if measured else None, actual)
+        rows.append({"case": r["label"], "actual_s": actual, "said": said, "kind": kind, "held": held})
         progress.finished(_case(r), r["seconds"], _spent(r), r["rates_tflops"])
     return rows
 
@@ -98,7 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("results", nargs="+", help="results.json files (or folders holding one)")
     ap.add_argument("--replay", action="store_true", help="the current model's estimates, not the printed ones")
     args = ap.parse_args(argv)
-    held = said = 0
+    counts = {"number": [0, 0], "interval": [0, 0]}  # kind -> [held, said]
     print("| run | before case | actual | said | held |\n|---|---|---:|---|---|")
     for name in args.results:
         path = pathlib.Path(name)
@@ -110,12 +113,15 @@ def main(argv=None) -> int:
         for i, row in enumerate(check(doc["progress"], args.replay)):
             if row["held"] is None:
                 continue
-            said += 1
-            held += row["held"]
+            counts[row["kind"]][0] += row["held"]
+            counts[row["kind"]][1] += 1
             print(f"| {path.parent.name if i == 0 else ''} | {i + 1}: {row['case']} | {row['actual_s']:.0f} | "
                   f"{row['said']} | {'yes' if row['held'] else 'NO'} |")
-    print(f"\n{held} of {said} estimates held (a number within {LOW}-{HIGH}x, or an interval holding the actual)")
-    return 0 if held == said else 1
+    (nh, n), (ih, i_) = counts["number"], counts["interval"]
+    print(f"\nnumbers: {nh} of {n} within {LOW}-{HIGH}x of the actual; \"cannot know closer\": {i_}, "
+          f"of which {ih} intervals held the actual")
+    # A number outside 0.8-1.5x is the estimate failing; an interval said it could not know.
+    return 0 if nh == n else 1
 
 
 if __name__ == "__main__":

@@ -110,13 +110,15 @@ def main(argv=None) -> int:
         if not doc.get("progress"):
             print(f"{path}: no progress records (written by an older ccam-bench?)", file=sys.stderr)
             return 2
+        first = True
         for i, row in enumerate(check(doc["progress"], args.replay)):
             if row["held"] is None:
                 continue
             counts[row["kind"]][0] += row["held"]
             counts[row["kind"]][1] += 1
-            print(f"| {path.parent.name if i == 0 else ''} | {i + 1}: {row['case']} | {row['actual_s']:.0f} | "
+            print(f"| {path.parent.name if first else ''} | {i + 1}: {row['case']} | {row['actual_s']:.0f} | "
                   f"{row['said']} | {'yes' if row['held'] else 'NO'} |")
+            first = False
     (nh, n), (ih, i_) = counts["number"], counts["interval"]
     print(f"\nnumbers: {nh} of {n} within {LOW}-{HIGH}x of the actual; \"cannot know closer\": {i_}, "
           f"of which {ih} intervals held the actual")

@@ -127,8 +127,9 @@ def _parse_ptxas(log: str) -> dict:
 
 
 def _demangle(symbol: str) -> str:
-    """``_ZN4ccam10fwd_kernelI13__nv_bfloat16Li64EEEv...`` -> ``fwd_kernel<bf16, 64>`` (our
-    kernels' symbols only; anything else is returned as is). cu++filt is not always installed."""
+    """``_ZN4ccam10fwd_kernelI13__nv_bfloat16Li64ELb0EEEv...`` -> ``fwd_kernel<bf16, 64>``, and
+    ``fwd_kernel<bf16, 64, dropout>`` for its ``Lb1E`` instance (our kernels' symbols only;
+    anything else is returned as is). cu++filt is not always installed."""
     m = re.match(r"_ZN4ccam(\d+)", symbol)
     if not m:
         return symbol
@@ -139,9 +140,12 @@ def _demangle(symbol: str) -> str:
     if not t:
         return name
     ctype = rest[t.end(1):t.end(1) + int(t.group(1))]
-    dp = re.match(r"Li(\d+)E", rest[t.end(1) + int(t.group(1)):])
+    after = rest[t.end(1) + int(t.group(1)):]
+    dp = re.match(r"Li(\d+)E", after)
     short = {"__half": "fp16", "__nv_bfloat16": "bf16"}.get(ctype, ctype)
-    return f"{name}<{short}, {dp.group(1) if dp else '?'}>"
+    # A kernel with a dropout flag (fwd_kernel<T, DP, kDropout>): its dropout instance is named so.
+    flag = re.match(r"Lb([01])E", after[dp.end():]) if dp else None
+    return f"{name}<{short}, {dp.group(1) if dp else '?'}{', dropout' if flag and flag.group(1) == '1' else ''}>"
 
 
 def _tool(name: str) -> str:

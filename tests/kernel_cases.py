@@ -78,12 +78,12 @@ DROPOUT_CASES = [
 DROPOUT_SPLIT_CASE = (21, 2, 1, 16, (5, 2, 7), 5, False)
 
 
-def run_seeded(backend, q, k, v, counts, P, p, seed):
+def run_seeded(backend, q, k, v, counts, P, p, seed, scale=None):
     """``backend``'s op with an explicit dropout seed (ccam_attention draws one per call)."""
     from ccam_kernels.attention import resolve_backend
     from ccam_kernels.checks import check_attention_args
 
-    problem = check_attention_args(q, k, v, list(counts), P, None, p)
+    problem = check_attention_args(q, k, v, list(counts), P, scale, p)
     return resolve_backend(backend, q, problem).run(q, k, v, problem,
                                                     seed=torch.tensor(seed, dtype=torch.int64, device=q.device))
 

@@ -21,7 +21,7 @@ from ccam_kernels.backends import cuda_backend, tiling
 from conftest import rel_err
 from kernel_cases import CASES, check_against_oracle, check_deterministic, check_lse, make_inputs
 from kernel_cases import (DROPOUT_CASES, DROPOUT_SPLIT_CASE, check_dropout_against_reference,
-                          check_dropout_with_splits_and_partials)
+                          check_dropout_with_splits_and_partials, run_seeded)
 from oracle import attention_oracle
 
 GPU = torch.cuda.is_available()
@@ -230,6 +230,22 @@ def test_cuda_dropout_matches_reference(N, H, Hkv, D, counts, P, shared, dtype):
     """Attention dropout: forward and every gradient against the reference with the same seed."""
     q, k, v, dout = _inputs(N, H, Hkv, D, counts, P, shared, dtype)
     check_dropout_against_reference("cuda", q, k, v, dout, counts, P, dtype, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("D", [64, 96])
+def test_cuda_negative_scale_with_and_without_dropout(D):
+    """A negative scale: the forward scales the raw scores by |scale| after negating Q (in
+    registers; in shared memory where dropout at head dims > 64 leaves Q there). Output and
+    gradients against the float64 oracle, and with dropout against the reference, same seed."""
+    counts, P, scale, dtype = (3, 5), 7, -0.2, torch.float16
+    q, k, v, dout = _inputs(37, 2, 1, D, counts, P, False, dtype)
+    _check(q, k, v, dout, counts, P, dtype, scale=scale)
+    seed = int(torch.randint(0, 2**62, ()))
+    out = run_seeded("cuda", q, k, v, counts, P, 0.3, seed, scale)
+    want = run_seeded("reference", q.double(), k.double(), v.double(), counts, P, 0.3, seed, scale)
+    assert rel_err(out.cpu(), want) <= TOLERANCE[dtype]
+    assert rel_err(out.cpu(), run_seeded("reference", q.double(), k.double(), v.double(), counts, P, 0.3, seed,
+                                         -scale)) > 0.05  # the sign matters
 
 
 def test_cuda_dropout_with_splits_and_partials(monkeypatch):

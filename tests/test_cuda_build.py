@@ -41,7 +41,7 @@ def test_every_source_compiles_for_sm80_and_sm90a(compiled):
 def test_resource_report_covers_every_kernel_and_arch(compiled):
     """ptxas's report parses for every kernel on both archs; no kernel uses local memory."""
     kernels = {key: res for r in compiled for key, res in r.kernels.items()}
-    assert len(kernels) == (24 + 4) * 2
+    assert len(kernels) == (24 + 8 + 4) * 2  # + the forward's dropout instances
     assert {arch for _, arch in kernels} == {"sm_80", "sm_90a"}
     for (kernel, arch), res in kernels.items():
         assert 0 < res["registers"] <= 255, (kernel, arch)
@@ -62,20 +62,21 @@ def test_perf_model_resource_table_is_current(compiled):
 
 def test_every_kernel_runs_on_tensor_cores(compiled):
     """SASS check: HMMA (mma.sync) in every kernel for both archs, as many as the tile loops
-    unroll to (forward at DP=64: 4 k-chunks x 8 key columns for S, 4 x 8 for P V, in each of
-    the two instances of the key-tile loop, unmasked and masked)."""
+    unroll to (forward at DP=64: 4 k-chunks x 8 key columns for S, 4 x 8 for P V and 4 for the
+    row sums, in each of the two instances of the key-tile loop, unmasked and masked)."""
     counts = {}
     objects = [r.obj for r in compiled if r.source.suffix == ".cu"]
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # one cuobjdump per object
         for per_object in pool.map(cuda_build.sass_mma_counts, objects):
             counts.update(per_object)
-    assert len(counts) == (24 + 4) * 2
+    assert len(counts) == (24 + 8 + 4) * 2
     for key, ops in counts.items():
         if key[0].startswith("fwd_sm90_kernel"):  # wgmma on sm_90a; on sm_80 a trap, never launched
             assert ops["HGMMA"] > 0 if key[1] == "sm_90a" else ops["HGMMA"] == ops["HMMA"] == 0, (key, ops)
         else:
             assert ops["HMMA"] > 0, key
-    assert counts[("fwd_kernel<bf16, 64>", "sm_90a")]["HMMA"] == 2 * 64  # the masked and the mask-free loop
+    assert counts[("fwd_kernel<bf16, 64>", "sm_90a")]["HMMA"] == 2 * (64 + 4)  # the masked and the mask-free loop
+    assert counts[("fwd_kernel<bf16, 64, dropout>", "sm_90a")]["HMMA"] == 2 * 64  # row sums by float adds
     # the sm_90a forward at DP=64: 4 k-steps of S = Q K^T (m64n128k16) before the loop and 4 in
     # it (the next tile's, pipelined), 8 of P V (m64n64k16)
     assert counts[("fwd_sm90_kernel<bf16, 64>", "sm_90a")]["HGMMA"] == 4 + 4 + 8

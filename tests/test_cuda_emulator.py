@@ -186,9 +186,16 @@ def test_emulator_reports_broken_rules(emu, which):
 # ---- mutation tests -------------------------------------------------------------------------
 
 MUTANTS = {
-    "fwd-mask-off-by-one": ("ccam/fwd.cuh", "(e & 1) >= cut) x = -INFINITY", "(e & 1) > cut) x = -INFINITY"),
+    "fwd-mask-off-by-one": ("ccam/fwd.cuh", "(e & 1) >= cut) s[j][e] = -INFINITY", "(e & 1) > cut) s[j][e] = -INFINITY"),
     "fwd-no-trailing-syncthreads": ("ccam/fwd.cuh", "    __syncthreads();  // this stage is refilled", "    // this stage is refilled"),
-    "fwd-wait-group-too-little": ("ccam/fwd.cuh", "cp_async_wait<1>();", "cp_async_wait<2>();"),
+    "fwd-wait-group-too-little": ("ccam/fwd.cuh", "    cp_async_wait<1>();\n    const int64_t s0", "    cp_async_wait<2>();\n    const int64_t s0"),
+    "fwd-q-read-before-it-lands": ("ccam/fwd.cuh", "  cp_async_wait<1>();\n  __syncthreads();\n#pragma unroll",
+                                   "  cp_async_wait<2>();\n  __syncthreads();\n#pragma unroll"),
+    "fwd-row-sum-misses-keys": ("ccam/tile.cuh", "const uint32_t ones = Mma<T>::pack(1.f, 1.f);",
+                                "const uint32_t ones = Mma<T>::pack(1.f, 0.f);"),
+    "fwd-tile-stream-stays": ("ccam/tile.cuh", "      src[i] += step;", "      src[i] += 0;"),
+    "fwd-tile-stream-past-the-end": ("ccam/tile.cuh", "static_cast<int>(valid_rows < ROWS ? valid_rows : ROWS)",
+                                     "static_cast<int>(ROWS)"),
     "fwd-unmasked-tile-past-lo": ("ccam/fwd.cuh", "(lo - key_lo) / BN)", "(lo - key_lo + BN - 1) / BN)"),
     "pv-dropped-trans": ("ccam/tile.cuh", "ldmatrix_x4_trans(b, b_tile", "ldmatrix_x4(b, b_tile"),
     "dkdv-wrong-first-row": ("ccam/bwd.cuh", "const int64_t m_begin = rows_from / BM * BM;",

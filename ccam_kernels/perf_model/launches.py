@@ -156,7 +156,9 @@ def cuda_launches(s: Shape, sms: int = SMS, splits: int | None = None) -> dict:
         for y in range(grid[1]):
             for x in range(grid[0]):
                 n = _split_tiles(bounds[x // s.heads][y][1], bn, splits, z)
-                fwd.mma.append(4 * n * (dp * bn // 64))
+                # per warp and key tile: S and P V (dp * bn / 128 each) and the row sums on the
+                # tensor cores (bn / 16: P times a block of ones; the kernel without dropout)
+                fwd.mma.append(4 * n * (dp * bn // 64 + bn // 16))
                 fwd.l2_bytes.append(bm * D * e + n * 2 * bn * D * e + bm * D * o_bytes)
     out["fwd"] = fwd
 

@@ -30,6 +30,44 @@ __device__ __forceinline__ void load_tile(T* tile, const T* rows, int64_t row_st
   }
 }
 
+// load_tile over consecutive tiles of one slab, for a kernel's hot loop: each thread's chunk
+// addresses are computed once and then advance by ROWS rows per tile (one 64-bit add each),
+// instead of a 64-bit multiply, a 64-bit bounds test and a parameter reload per chunk and tile.
+// It keeps 2 registers per chunk: for up to 4 chunks a thread (the forward at head dims <= 64;
+// at 128, 16 pointers for K and V made the kernel spill, so it calls load_tile there).
+template <int ROWS, int DP, int THREADS, typename T>
+struct TileStream {
+  static constexpr int kChunks = DP / 8, kPer = ROWS * kChunks / THREADS;
+  static_assert((ROWS * kChunks) % THREADS == 0, "tile chunks must split evenly over the threads");
+  const T* src[kPer];    // this thread's chunks in the next tile
+  int64_t step;          // ROWS rows
+  unsigned col_ok = 0;   // bit i: chunk i's columns are below head_dim
+
+  // `rows`: row 0 of the first tile; `row_stride`: elements between rows.
+  __device__ __forceinline__ TileStream(const T* rows, int64_t row_stride, int head_dim) : step(ROWS * row_stride) {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int c = threadIdx.x + i * THREADS, r = c / kChunks, col = (c % kChunks) * 8;
+      src[i] = rows + r * row_stride + col;
+      col_ok |= unsigned(col < head_dim) << i;
+    }
+  }
+
+  // Copy the next tile (its rows >= valid_rows, and the columns past head_dim, zero-filled)
+  // and move on to the one after it. An invalid chunk's source may lie past the slab: with
+  // src-size 0 cp.async reads nothing from it (PTX ISA; Triton's masked loads rely on the same),
+  // so no select of a safe address per chunk.
+  __device__ __forceinline__ void load_next(T* tile, int64_t valid_rows) {
+    const int valid_r = static_cast<int>(valid_rows < ROWS ? valid_rows : ROWS);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int c = threadIdx.x + i * THREADS, r = c / kChunks, col = (c % kChunks) * 8;
+      cp_async_16(tile + r * kPitch<DP> + col, src[i], r < valid_r && ((col_ok >> i) & 1u));
+      src[i] += step;
+    }
+  }
+};
+
 // A fragment (16 x 16) of a row-major tile: rows row0.., columns 16*kc...
 template <int DP, typename T>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int kc) {
@@ -58,14 +96,22 @@ __device__ __forceinline__ void gemm_abt(float (&acc)[NC / 8][4], AFrag a_frag, 
 
 // acc (16 x DP) += P (16 x NK, float C fragments, rounded to T) * B, with B an (NK x DP) tile
 // stored [k][n] (e.g. keys x head dim: O += P V), read transposed by ldmatrix.trans.
-template <typename T, int DP, int NK>
-__device__ __forceinline__ void gemm_pb(float (&acc)[DP / 8][4], const float (&p)[NK / 8][4], const T* b_tile) {
+// With kRowSum, row_sum (a 16 x 8 accumulator) also gets P times a block of ones: every column
+// is then the row sums of P as rounded for the product (4 more mma per 64 keys instead of a
+// float add per score).
+template <typename T, int DP, int NK, bool kRowSum = false>
+__device__ __forceinline__ void gemm_pb(float (&acc)[DP / 8][4], const float (&p)[NK / 8][4], const T* b_tile,
+                                        float* row_sum = nullptr) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int kc = 0; kc < NK / 16; ++kc) {
     const uint32_t a[4] = {Mma<T>::pack(p[2 * kc][0], p[2 * kc][1]), Mma<T>::pack(p[2 * kc][2], p[2 * kc][3]),
                            Mma<T>::pack(p[2 * kc + 1][0], p[2 * kc + 1][1]),
                            Mma<T>::pack(p[2 * kc + 1][2], p[2 * kc + 1][3])};
+    if constexpr (kRowSum) {
+      const uint32_t ones = Mma<T>::pack(1.f, 1.f);
+      Mma<T>::run(*reinterpret_cast<float(*)[4]>(row_sum), a, ones, ones);
+    }
 #pragma unroll
     for (int dp = 0; dp < DP / 16; ++dp) {
       uint32_t b[4];

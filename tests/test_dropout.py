@@ -214,3 +214,36 @@ def test_seed_from_default_generator():
     a, b = (ccam_attention(q, k, v, [3], 2, dropout_p=0.5, backend="torch") for _ in range(2))
     torch.manual_seed(7)
     assert torch.equal(a, ccam_attention(q, k, v, [3], 2, dropout_p=0.5, backend="torch")) and not torch.equal(a, b)
+
+
+def test_seed_under_torch_compile_is_a_draw_in_the_graph():
+    """Under torch.compile the per-call seed is a random op of the graph (aten.randint on the
+    default generator), not a constant: two calls of one compiled graph give different masks
+    without a recompile, torch.manual_seed reproduces them, and they are eager's masks."""
+    from torch._dynamo.utils import counters
+
+    from ccam_kernels import ccam_attention
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+
+    def backend(gm, example_inputs):  # dynamo's graph, run as traced
+        graphs.append(gm)
+        return gm.forward
+
+    q, k, v, _ = _inputs(9, 2, 1, 16, (4,), 3, True, torch.float32)
+
+    def f(q, k, v):
+        return ccam_attention(q, k, v, [4], 3, dropout_p=0.5, backend="torch")
+
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    torch.manual_seed(11)
+    a, b = compiled(q, k, v), compiled(q, k, v)
+    torch.manual_seed(11)
+    again = compiled(q, k, v)
+    torch.manual_seed(11)
+    eager = f(q, k, v)
+    assert not torch.equal(a, b) and torch.equal(a, again) and torch.equal(a, eager)
+    assert len(graphs) == 1 and counters["stats"]["unique_graphs"] == 1  # no recompile
+    assert "randint" in graphs[0].code  # the draw is traced, per call

@@ -216,16 +216,18 @@ class _ExplicitEngine:
         lse = torch.empty(hkv, R, dtype=cd, device=qf.device)
         for r0, r1 in _row_chunks(R, hkv, K, dropout.group if dropout is not None else 1):
             s = cls._scores(qf[:, r0:r1], kf, scale)
-            # A row with a +inf score has no softmax (its output is NaN): its LSE is NaN too,
-            # not +inf, so that the backward's probabilities of every key of the row are NaN, as
-            # the autograd of softmax gives (and as the kernels' online softmax gives).
-            lse_c = torch.logsumexp(s, dim=-1)
-            lse_c = lse_c.masked_fill(lse_c == float("inf"), float("nan"))
-            p = torch.exp(s.sub_(lse_c[..., None]))
+            # One exp pass: e = exp(s - rowmax), normalized in the output (D columns, not K).
+            # A row with a +inf score (or a NaN) gets NaN in e, its sum, its output and its LSE
+            # (not +inf), so that the backward's probabilities of every key of the row are NaN,
+            # as the autograd of softmax gives (and as the kernels' online softmax gives).
+            m = s.amax(-1, keepdim=True)
+            e = s.sub_(m).exp_()
+            total = e.sum(-1, keepdim=True)
             if dropout is not None:
-                dropout.rows(r0, r1).apply_(p)
-            o[:, r0:r1] = torch.matmul(p, vf)
-            lse[:, r0:r1] = lse_c
+                dropout.rows(r0, r1).apply_(e)  # the mask commutes with the row's normalization
+            o[:, r0:r1] = torch.matmul(e, vf).div_(total)
+            lse_c = m.add_(total.log()).squeeze(-1)
+            lse[:, r0:r1] = lse_c.masked_fill_(lse_c == float("inf"), float("nan"))
         return o, lse
 
     @classmethod

@@ -302,7 +302,8 @@ def _run_with_fake_compile(monkeypatch, compiled_graphs):
 
     real = C.make_contestant
     monkeypatch.setattr(runner, "make_contestant",
-                        lambda bench, name: Compiling(name) if name == "torch" else real(bench, name))
+                        lambda bench, name, dropout_p=0.0: (Compiling(name, dropout_p) if name == "torch"
+                                                            else real(bench, name, dropout_p)))
     counts = iter(compiled_graphs)
     monkeypatch.setattr(runner, "graphs_compiled", lambda: next(counts))
     log = Log()

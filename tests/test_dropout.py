@@ -171,6 +171,25 @@ def test_float64_backends_match_dropout_oracle(backend, variant, shape):
     assert rel_err(out, plain) > 0.05, "dropout must change the output"
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_explicit_engine_in_row_chunks_matches_dropout_oracle(monkeypatch, shape):
+    """The explicit engine with tiles of a few rows (many chunks per block, GQA chunks of whole
+    queries): output and gradients as autograd through the oracle, with dropout and without."""
+    from ccam_kernels.backends import torch_prefix
+
+    monkeypatch.setattr(torch_prefix, "EXPLICIT_TILE_ELEMENTS", 40)
+    assert len(torch_prefix._row_chunks(12, 2, 7, 2)) == 6
+    q, k, v, dout = _inputs(*shape)
+    counts, P, seed = shape[4], shape[5], int(torch.randint(0, 2**62, ()))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    for p in (0.3, 0.0):
+        out = run_seeded("torch", q, k, v, counts, P, p, seed, "explicit")
+        want = dropout_oracle(q, k, v, counts, P, p, seed) if p else attention_oracle(q, k, v, counts, P)
+        assert rel_err(out, want) < 1e-12
+        for g, r in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
+            assert rel_err(g, r) < 1e-12
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_gradcheck_float64_fixed_seed(backend):
     q, k, v, _ = _inputs(5, 2, 1, 16, (3, 2), 2, False)
@@ -214,3 +233,36 @@ def test_seed_from_default_generator():
     a, b = (ccam_attention(q, k, v, [3], 2, dropout_p=0.5, backend="torch") for _ in range(2))
     torch.manual_seed(7)
     assert torch.equal(a, ccam_attention(q, k, v, [3], 2, dropout_p=0.5, backend="torch")) and not torch.equal(a, b)
+
+
+def test_seed_under_torch_compile_is_a_draw_in_the_graph():
+    """Under torch.compile the per-call seed is a random op of the graph (aten.randint on the
+    default generator), not a constant: two calls of one compiled graph give different masks
+    without a recompile, torch.manual_seed reproduces them, and they are eager's masks."""
+    from torch._dynamo.utils import counters
+
+    from ccam_kernels import ccam_attention
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+
+    def backend(gm, example_inputs):  # dynamo's graph, run as traced
+        graphs.append(gm)
+        return gm.forward
+
+    q, k, v, _ = _inputs(9, 2, 1, 16, (4,), 3, True, torch.float32)
+
+    def f(q, k, v):
+        return ccam_attention(q, k, v, [4], 3, dropout_p=0.5, backend="torch")
+
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    torch.manual_seed(11)
+    a, b = compiled(q, k, v), compiled(q, k, v)
+    torch.manual_seed(11)
+    again = compiled(q, k, v)
+    torch.manual_seed(11)
+    eager = f(q, k, v)
+    assert not torch.equal(a, b) and torch.equal(a, again) and torch.equal(a, eager)
+    assert len(graphs) == 1 and counters["stats"]["unique_graphs"] == 1  # no recompile
+    assert "randint" in graphs[0].code  # the draw is traced, per call

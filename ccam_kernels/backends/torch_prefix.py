@@ -23,6 +23,7 @@ matmul + exp in float32 (float64 for float64 inputs) and runs on every device, w
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import torch
 from ..dropout import keep_mask, keep_scale
 from ..mask import first_query_of_frame, key_offsets
 from .attention_ops import define_attention_ops
+from .cpu_dropout import cpu_dropout_apply_
 
 # Keys per segment. Large enough that each fused call streams a long K/V block (fewer
 # merges), small enough that the straddling rows stay a small fraction of the work.
@@ -157,10 +159,42 @@ class BlockDropout:
         return torch.where(keep, torch.tensor(keep_scale(self.p), dtype=dtype, device=device),
                            torch.zeros((), dtype=dtype, device=device))
 
+    def rows(self, start: int, end: int) -> "BlockDropout":
+        """The dropout of the block's folded rows [start, end) (multiples of the group size)."""
+        G = self.group
+        return dataclasses.replace(self, query_start=self.query_start + start // G,
+                                   query_end=self.query_start + end // G)
+
+    def apply_(self, *blocks: torch.Tensor) -> None:
+        """Multiply each (Hkv, R, K) block in place by :meth:`keep_scale` (one mask for all).
+        On CPU that is cpu_dropout_apply_ (backends/cpu_dropout.py: the native CPU build's
+        Philox, 8 counters at a time, where there is one; the int64 torch Philox alone cost
+        2-3x the attention's time)."""
+        if blocks[0].device.type == "cpu":
+            cpu_dropout_apply_(list(blocks), self.seed, 0, self.sample, self.num_heads, 0, self.query_start,
+                               self.key_start, self.p, self.group)
+            return
+        scale = self.keep_scale(blocks[0].dtype, blocks[0].device)
+        for x in blocks:
+            x.mul_(scale)
+
+
+# The explicit engine computes a block in row chunks whose score tile holds at most this many
+# elements (4 MB in float32), so that its elementwise passes (exp, the dropout mask, the
+# backward's products) run in cache rather than at memory speed: a whole block at the v1.2
+# shape is (16 heads, 1024 rows, 1458 keys), 95 MB a pass.
+EXPLICIT_TILE_ELEMENTS = 1 << 20
+
+
+def _row_chunks(rows: int, heads: int, keys: int, group: int) -> list[tuple[int, int]]:
+    """[start, end) chunks of a block's folded rows, each a whole number of queries (G rows)."""
+    step = max(group, EXPLICIT_TILE_ELEMENTS // max(heads * keys, 1) // group * group)
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
 
 class _ExplicitEngine:
-    """Scores as one matmul in float32 (float64 for float64 inputs), softmax by hand, with
-    dropout (a BlockDropout) applied to the probabilities."""
+    """Scores as matmuls in float32 (float64 for float64 inputs), softmax by hand, with
+    dropout (a BlockDropout) applied to the probabilities; in row chunks (_row_chunks)."""
 
     name = "explicit"
 
@@ -176,35 +210,50 @@ class _ExplicitEngine:
     @classmethod
     def forward(cls, qf, kf, vf, scale, dropout):
         cd = _accumulate_dtype(qf.dtype)
-        s = cls._scores(qf.to(cd), kf.to(cd), scale)
-        # A row with a +inf score has no softmax (its output is NaN): its LSE is NaN too, not
-        # +inf, so that the backward's probabilities of every key of the row are NaN, as the
-        # autograd of softmax gives (and as the kernels' online softmax gives).
-        lse = torch.logsumexp(s, dim=-1)
-        lse = lse.masked_fill(lse == float("inf"), float("nan"))
-        p = torch.exp(s.sub_(lse[..., None]))
-        if dropout is not None:
-            p.mul_(dropout.keep_scale(cd, p.device))
-        o = torch.matmul(p, vf.to(cd))
+        qf, kf, vf = qf.to(cd), kf.to(cd), vf.to(cd)
+        (hkv, R, D), K = qf.shape, kf.shape[1]
+        o = torch.empty(hkv, R, vf.shape[-1], dtype=cd, device=qf.device)
+        lse = torch.empty(hkv, R, dtype=cd, device=qf.device)
+        for r0, r1 in _row_chunks(R, hkv, K, dropout.group if dropout is not None else 1):
+            s = cls._scores(qf[:, r0:r1], kf, scale)
+            # One exp pass: e = exp(s - rowmax), normalized in the output (D columns, not K).
+            # A row with a +inf score (or a NaN) gets NaN in e, its sum, its output and its LSE
+            # (not +inf), so that the backward's probabilities of every key of the row are NaN,
+            # as the autograd of softmax gives (and as the kernels' online softmax gives).
+            m = s.amax(-1, keepdim=True)
+            e = s.sub_(m).exp_()
+            total = e.sum(-1, keepdim=True)
+            if dropout is not None:
+                dropout.rows(r0, r1).apply_(e)  # the mask commutes with the row's normalization
+            o[:, r0:r1] = torch.matmul(e, vf).div_(total)
+            lse_c = m.add_(total.log()).squeeze(-1)
+            lse[:, r0:r1] = lse_c.masked_fill_(lse_c == float("inf"), float("nan"))
         return o, lse
 
     @classmethod
     def backward(cls, dof, qf, kf, vf, of, lse, scale, dropout):
         cd = _accumulate_dtype(qf.dtype)
-        dof32, qf32, kf32, vf32 = dof.to(cd), qf.to(cd), kf.to(cd), vf.to(cd)
-        p = torch.exp(cls._scores(qf32, kf32, scale).sub_(lse.to(cd)[..., None]))
-        keep = None if dropout is None else dropout.keep_scale(cd, p.device)
-        dp = torch.matmul(dof32, vf32.transpose(-1, -2))
-        if keep is not None:
-            dv = torch.matmul((p * keep).transpose(-1, -2), dof32)
-            dp.mul_(keep)
-        else:
-            dv = torch.matmul(p.transpose(-1, -2), dof32)
-        delta = (dof32 * of.to(cd)).sum(-1, keepdim=True)  # rowsum(dO * O), the global one
-        ds = p.mul_(dp.sub_(delta))
-        dq = torch.matmul(ds, kf32).mul_(scale)
-        dk = torch.matmul(ds.transpose(-1, -2), qf32).mul_(scale)
-        return dq, dk, dv
+        dof, qf, kf, vf, of, lse = (x.to(cd) for x in (dof, qf, kf, vf, of, lse))
+        (hkv, R, D), K = qf.shape, kf.shape[1]
+        delta = (dof * of).sum(-1, keepdim=True)  # rowsum(dO * O), the global one
+        dq = torch.empty_like(qf)
+        dk = torch.zeros(hkv, K, D, dtype=cd, device=qf.device)
+        dv = torch.zeros(hkv, K, vf.shape[-1], dtype=cd, device=qf.device)
+        for r0, r1 in _row_chunks(R, hkv, K, dropout.group if dropout is not None else 1):
+            rows = slice(r0, r1)
+            p = torch.exp(cls._scores(qf[:, rows], kf, scale).sub_(lse[:, rows, None]))
+            dp = torch.matmul(dof[:, rows], vf.transpose(-1, -2))
+            if dropout is not None:
+                kept = p.clone()
+                # P * keep for dV; dP * keep: the gradient through the mask (one set of draws)
+                dropout.rows(r0, r1).apply_(kept, dp)
+                dv.baddbmm_(kept.transpose(-1, -2), dof[:, rows])
+            else:
+                dv.baddbmm_(p.transpose(-1, -2), dof[:, rows])
+            ds = p.mul_(dp.sub_(delta[:, rows]))
+            dq[:, rows] = torch.matmul(ds, kf).mul_(scale)
+            dk.baddbmm_(ds.transpose(-1, -2), qf[:, rows])
+        return dq, dk.mul_(scale), dv
 
 
 ENGINES = {e.name: e for e in (_FlashCPUEngine, _ExplicitEngine)}

@@ -6,6 +6,7 @@
     ccam-bench --pass fwd,bwd,fwd+bwd --frames 96 --batch 1,8 --backends reference,torch,flex
     ccam-bench --ragged 16,96,33,64    # add a ragged batch (repeat the flag for more)
     ccam-bench --max-minutes 6         # fit a time budget: fewer repeats, then skip cases
+    ccam-bench --pass fwd+bwd --dropout 0.1   # attention with and without dropout: its cost
                                        # (run order: dtype, --pass, --batch, --frames, ragged last)
     ccam-bench compare A.json B.json   # per-row ratio of two runs (files or output folders)
 
@@ -43,6 +44,16 @@ def _positive_float(text: str) -> float:
         value = -1.0
     if not (value > 0 and math.isfinite(value)):  # nan and inf would disable the budget
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a dropout probability in (0, 1), got {text!r}")
     return value
 
 
@@ -90,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="PATH",
                    help="projector config JSON (flat or under projector_config); default Video-CCAM v1.2")
     p.add_argument("--tokens-per-frame", type=int_at_least(1), default=729, help="P (default 729)")
+    p.add_argument("--dropout", type=_probability, metavar="P",
+                   help="attention bench only (the default --bench then): every contestant timed with attention "
+                        "dropout P and without it, interleaved; the table gives the cost (ms with / without). "
+                        "Ours and the reference apply our mask, SDPA its own; flex has none (unsupported)")
     p.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     return p
 
@@ -115,13 +130,13 @@ def build_cases(args, device: "torch.device") -> "list[BenchCase]":
         dtypes = args.dtype
     else:
         dtypes = (("bfloat16", "float16") if args.full else ("bfloat16",)) if gpu else ("float32",)
-    benches = args.bench or BENCHES
+    benches = args.bench or (("attention",) if args.dropout else BENCHES)  # (main refuses --dropout for projector)
     shapes = list(dict.fromkeys([(t,) * b for b in batches for t in frames] + [tuple(r) for r in ragged]))
     # Run order = priority order when a time budget cuts the tail: dtypes, passes, batches and
     # frames in the order given (ragged batches last), attention and projector side by side.
     # Tables sort anyway.
     return [
-        BenchCase(bench, pass_, counts, getattr(torch, dtype), config, args.tokens_per_frame)
+        BenchCase(bench, pass_, counts, getattr(torch, dtype), config, args.tokens_per_frame, args.dropout or 0.0)
         for dtype in dtypes for pass_ in passes for counts in shapes for bench in benches
     ]
 
@@ -193,6 +208,10 @@ def main(argv=None) -> int:
         print("ccam-bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
     gpu = device.type == "cuda"
+    if args.dropout and args.bench and "projector" in args.bench:
+        print("ccam-bench: --dropout times the attention bench only (the projector bench runs its module in eval "
+              "mode): give --bench attention", file=sys.stderr)
+        return 2
     try:
         cases = build_cases(args, device)
     except (OSError, ValueError, TypeError) as exc:

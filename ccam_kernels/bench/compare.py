@@ -29,10 +29,15 @@ _ROW_FIELDS = ("bench", "pass", "backend", "dtype", "frame_counts", "status")
 _RIGHT_ALIGNED = {"frames", "B", "A ms", "B ms", "raw B/A", "B/A"}
 
 
+def backend_label(row: dict) -> str:
+    """The row's contestant, with its attention dropout when it ran with one (--dropout)."""
+    return f"{row['backend']} dropout {row['dropout_p']:g}" if row.get("dropout_p") else row["backend"]
+
+
 def row_key(row: dict, dtype: str | None = None) -> tuple:
-    """(bench, pass, backend, dtype, frame counts): what identifies a measurement across runs.
-    ``dtype`` replaces the row's (to match rows of two dtypes)."""
-    return (row["bench"], row["pass"], row["backend"], dtype or row["dtype"], tuple(row["frame_counts"]))
+    """(bench, pass, backend (with its dropout), dtype, frame counts): what identifies a
+    measurement across runs. ``dtype`` replaces the row's (to match rows of two dtypes)."""
+    return (row["bench"], row["pass"], backend_label(row), dtype or row["dtype"], tuple(row["frame_counts"]))
 
 
 def row_ceiling(row: dict, doc: dict):
@@ -98,7 +103,7 @@ def compare(doc_a: dict, doc_b: dict, *, threshold_pct: float = 3.0, normalize: 
         row_a, row_b = rows_a.get(key), rows_b.get(key)
         row = row_a if row_a is not None else row_b
         entry = {
-            "key": key, "bench": row["bench"], "pass": row["pass"], "backend": row["backend"],
+            "key": key, "bench": row["bench"], "pass": row["pass"], "backend": backend_label(row),
             "dtype": row["dtype"], "frames": row.get("frames"), "batch": row.get("batch"),
             "status_a": row_a.get("status") if row_a else None,
             "status_b": row_b.get("status") if row_b else None,

@@ -38,11 +38,15 @@ from .flex import FlexCCAMAttention, native_keys
 
 def reference_formula(q, k, v, frame_counts, tokens_per_frame, *, scale=None, dropout_p=0.0):
     """The reference backend's output without its LSE, callable like ``ccam_attention``: what
-    the "reference" row times. The same function the reference op runs (and differentiates)."""
+    the "reference" row times. The same function the reference op runs (and differentiates).
+    With dropout its seed is drawn as ``ccam_attention`` draws one (draw_seed), so after the
+    same torch.manual_seed both apply the same mask."""
+    from ..backends.attention_ops import draw_seed
     from ..backends.reference import _attend
 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _attend(q, k, v, tuple(int(t) for t in frame_counts), tokens_per_frame, scale, dropout_p, 0)
+    seed = draw_seed(q.device) if dropout_p > 0 else None
+    return _attend(q, k, v, tuple(int(t) for t in frame_counts), tokens_per_frame, scale, dropout_p, seed)
 
 
 OURS = tuple(name for name in BACKENDS if name != "reference")
@@ -184,10 +188,12 @@ class ProjectorInputs:
 
 class Contestant:
     """One row's implementation. ``prepare`` builds native inputs (untimed) and raises
-    Unsupported when the case is outside what it can do; ``forward(i)`` runs on set i."""
+    Unsupported when the case is outside what it can do; ``forward(i)`` runs on set i, with
+    attention dropout ``dropout_p`` (ours and the reference: the mask of docs/reference.md
+    3.1.1; SDPA: its own)."""
 
-    def __init__(self, name: str):
-        self.name, self.kind = name, kind_of(name)
+    def __init__(self, name: str, dropout_p: float = 0.0):
+        self.name, self.kind, self.dropout_p = name, kind_of(name), dropout_p
         self.compile_s = None  # wall time of the first call, for the compiled anchors
 
     def prepare(self, inputs) -> None:
@@ -218,7 +224,8 @@ class OursAttention(Contestant):
     def prepare(self, inputs):
         super().prepare(inputs)
         s, case = inputs.sets[0], inputs.case
-        problem = check_attention_args(s["q"], s["k"], s["v"], case.frame_counts, case.tokens_per_frame)
+        problem = check_attention_args(s["q"], s["k"], s["v"], case.frame_counts, case.tokens_per_frame, None,
+                                       self.dropout_p)
         why = never_timed(self.name, s["q"].device.type) or BACKENDS[self.name].refuses(s["q"], problem)
         if why:
             raise Unsupported(why)
@@ -229,8 +236,10 @@ class OursAttention(Contestant):
     def forward(self, i):
         s, case = self.inputs.sets[i], self.inputs.case
         if self.name == "reference":
-            return reference_formula(s["q"], s["k"], s["v"], case.frame_counts, case.tokens_per_frame)
-        return ccam_attention(s["q"], s["k"], s["v"], case.frame_counts, case.tokens_per_frame, backend=self.name)
+            return reference_formula(s["q"], s["k"], s["v"], case.frame_counts, case.tokens_per_frame,
+                                     dropout_p=self.dropout_p)
+        return ccam_attention(s["q"], s["k"], s["v"], case.frame_counts, case.tokens_per_frame,
+                              dropout_p=self.dropout_p, backend=self.name)
 
     def leaves(self, i):
         s = self.inputs.sets[i]
@@ -307,7 +316,8 @@ class SdpaAnchor(NativeLayoutAnchor):
         n = self.native[i]
         extra = {"enable_gqa": True} if n["q"].shape[1] != n["k"].shape[1] else {}
         with sdpa_kernel([self.backend]):
-            return F.scaled_dot_product_attention(n["q"], n["k"], n["v"], attn_mask=self.bias, **extra)
+            return F.scaled_dot_product_attention(n["q"], n["k"], n["v"], attn_mask=self.bias,
+                                                  dropout_p=self.dropout_p, **extra)
 
     def canonical(self, i, out, with_grads):
         res = [out.detach().transpose(1, 2)]
@@ -322,6 +332,8 @@ class SdpaAnchor(NativeLayoutAnchor):
 
 
 _FLEX = FlexCCAMAttention()  # one per process: block masks and compiled graphs are reused
+FLEX_NO_DROPOUT = ("FlexAttention has no attention dropout: its score_mod and block mask act on the scores "
+                   "before the softmax, and dropout zeroes probabilities after it")
 _FLEX_COMPILE = "torch.compile of FlexAttention for this shape"
 _TRITON_JIT = "Triton's JIT compile and autotuning"
 
@@ -333,6 +345,8 @@ class FlexAnchor(NativeLayoutAnchor):
         super().prepare(inputs)
         case, cfg = inputs.case, inputs.case.config
         B, N, H, D = len(case.frame_counts), cfg.num_query, cfg.num_heads, cfg.head_dim
+        if self.dropout_p > 0:
+            raise Unsupported(FLEX_NO_DROPOUT)
         if inputs.device.type == "cpu" and case.pass_ != "fwd":
             raise Unsupported("FlexAttention has no backward on CPU")
         self.mask = _FLEX.block_mask(N, case.frame_counts, case.tokens_per_frame, inputs.sets[0]["q"].device)
@@ -401,17 +415,21 @@ class ProjectorContestant(Contestant):
         return res
 
 
-def make_contestant(bench: str, name: str) -> Contestant:
+def make_contestant(bench: str, name: str, dropout_p: float = 0.0) -> Contestant:
+    """``dropout_p``: attention dropout of the attention bench (the projector bench times its
+    module in eval mode: 0)."""
     if bench == "projector":
         if name not in PROJECTOR_CONTESTANTS:
             raise ValueError(f"the projector bench runs {list(PROJECTOR_CONTESTANTS)}, got {name!r}")
+        if dropout_p:
+            raise ValueError("the projector bench runs without dropout (its module in eval mode)")
         return ProjectorContestant(name)
     if name in BACKENDS:
-        return OursAttention(name)
+        return OursAttention(name, dropout_p)
     if name in SDPA_ANCHORS:
-        return SdpaAnchor(name)
+        return SdpaAnchor(name, dropout_p)
     if name == "flex":
-        return FlexAnchor(name)
+        return FlexAnchor(name, dropout_p)
     raise ValueError(f"unknown contestant {name!r}; known: {list(ATTENTION_CONTESTANTS)}")
 
 
@@ -423,12 +441,13 @@ def capture_reason(exc: BaseException, caught: list) -> str:
     return "; ".join(dict.fromkeys([head, *lines]))[:500]
 
 
-def error_anchor(bench: str, inputs, pass_: str) -> list:
+def error_anchor(bench: str, inputs, pass_: str, dropout_p: float = 0.0) -> list:
     """The reference's results on set 0, computed in float32 (float64 stays float64): what
     every row's max_rel_err is measured against, so that a low-precision row's error (the
-    reference's own row included) is its distance from the math, not from another rounding."""
+    reference's own row included) is its distance from the math, not from another rounding.
+    With dropout, call it after the torch.manual_seed that the checked calls follow too."""
     wide = inputs.upcast()
-    anchor = make_contestant(bench, "reference")
+    anchor = make_contestant(bench, "reference", dropout_p)
     anchor.prepare(wide)
     try:
         return run_once(anchor, pass_)

@@ -152,6 +152,8 @@ def _plottable(row: dict, key: str, log_y: bool) -> bool:
     value = row.get(key)
     if row.get("status") != "ok" or not isinstance(frames, int) or isinstance(frames, bool):
         return False
+    if row.get("dropout_p"):  # the rows with dropout (--dropout) are in the tables only
+        return False
     if value is None or not math.isfinite(value):
         return False
     return value > 0 if log_y else True

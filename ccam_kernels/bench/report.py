@@ -14,7 +14,9 @@ from .plots import write_plots
 
 COLUMNS = [
     ("bench", "bench", "{}"), ("pass", "pass", "{}"), ("frames", "frames", "{}"), ("batch", "B", "{}"),
-    ("dtype", "dtype", "{}"), ("backend", "backend", "{}"), ("median_ms", "median ms", "{:.3f}"),
+    ("dtype", "dtype", "{}"), ("backend", "backend", "{}"), ("dropout_p", "dropout", "{:g}"),
+    ("median_ms", "median ms", "{:.3f}"), ("no_dropout_ms", "ms w/o dropout", "{:.3f}"),
+    ("dropout_cost", "x w/o dropout", "{:.2f}"),
     ("spread_pct", "spread %", "{:.1f}"), ("tflops", "TFLOP/s", "{:.3f}"),
     ("pct_of_ceiling", "% ceiling", "{:.1f}"), ("speedup_vs_dense", "x dense", "{:.2f}"),
     ("dense_peer", "dense peer", "{}"), ("speedup_vs_flex", "x flex", "{:.2f}"),
@@ -104,9 +106,20 @@ def _cell(row, key, fmt):
     return fmt.format(value)
 
 
+DROPOUT_COLUMNS = ("dropout_p", "no_dropout_ms", "dropout_cost")
+
+
+def _columns(rows) -> list:
+    """COLUMNS, without the dropout ones when no row has dropout (a run without --dropout)."""
+    if any(r.get("dropout_p") for r in rows):
+        return COLUMNS
+    return [c for c in COLUMNS if c[0] not in DROPOUT_COLUMNS]
+
+
 def format_table(rows, markdown: bool = False) -> str:
-    header = [title for _, title, _ in COLUMNS]
-    body = [[_cell(r, key, fmt) for key, _, fmt in COLUMNS] for r in rows]
+    columns = _columns(rows)
+    header = [title for _, title, _ in columns]
+    body = [[_cell(r, key, fmt) for key, _, fmt in columns] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
@@ -142,6 +155,12 @@ def markdown_text(doc: dict) -> str:
             "backward, the input gradients: q, k, v; for the projector the features, query and k_proj "
             "weight) against the reference evaluated in float32 in the same run. 'peak MB' is the peak "
             "memory of a call above its inputs; 'compile s' is the first call of a compiled anchor.\n\n")
+    if any(r.get("dropout_p") for r in doc["rows"]):
+        out.append("With --dropout every contestant ran twice in the same interleaved rounds: without dropout and "
+                   "with attention dropout 'dropout' (ours and the reference with the library's mask, SDPA with its "
+                   "own, whose 'rel err' is therefore not measured; flex has none). 'ms w/o dropout' is the same "
+                   "contestant's median without it and 'x w/o dropout' the ratio: the cost of dropout "
+                   "(1.25 = +25%). Speedups compare rows of the same dropout.\n\n")
     out.append(format_table(doc["rows"], markdown=True) + "\n")
     noisy = [r for r in doc["rows"] if r.get("noisy")]
     if noisy:
@@ -173,7 +192,11 @@ def format_summary(doc: dict) -> str:
     """The short table: one line per case, one column per backend, "median ms (x dense)";
     for projector rows also the roofline floor. Markdown."""
     rows = doc["rows"]
-    backends = list(dict.fromkeys(r["backend"] for r in sorted(rows, key=lambda r: r["kind"] != "reference")))
+
+    def column(r):  # one column per contestant, and per dropout with --dropout
+        return f"{r['backend']} dropout {r['dropout_p']:g}" if r.get("dropout_p") else r["backend"]
+
+    backends = list(dict.fromkeys(column(r) for r in sorted(rows, key=lambda r: r["kind"] != "reference")))
     cases = list(dict.fromkeys((r["bench"], r["pass"], _cell(r, "frames", "{}"), r["batch"], r["dtype"]) for r in rows))
     cells = {}
     floors = {}
@@ -185,9 +208,11 @@ def format_summary(doc: dict) -> str:
             text = _ms(r["median_ms"])
             if r.get("speedup_vs_dense") and r["backend"] != r.get("dense_peer"):
                 text += f" ({r['speedup_vs_dense']:.2f}x)"
+            if r.get("dropout_cost"):
+                text += f" [{r['dropout_cost']:.2f}x w/o dropout]"
             if r.get("noisy"):
                 text += " NOISY"
-        cells[case, r["backend"]] = text
+        cells[case, column(r)] = text
         if r.get("floor_ms"):
             floors[case] = _ms(r["floor_ms"])
     header = ["bench", "pass", "frames", "B", "dtype", *backends] + (["floor ms"] if floors else [])
@@ -200,7 +225,9 @@ def format_summary(doc: dict) -> str:
         "(an sdpa-* anchor where one ran, else the reference: SDPA with the dense mask), results.md "
         "names it and gives the speedup over flex."
         + (" floor ms = all FLOPs of the projector at the measured GEMM rate." if floors else "")
-        + " NOISY = the GEMM ceiling moved >20% during the case, or the row exceeds 100% of it (results.md says which).",
+        + " NOISY = the GEMM ceiling moved >20% during the case, or the row exceeds 100% of it (results.md says which)."
+        + (" [Nx w/o dropout] = the cost of dropout: this median over the same contestant's without dropout, "
+           "timed in the same rounds." if any(r.get("dropout_p") for r in rows) else ""),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",

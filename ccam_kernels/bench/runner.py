@@ -45,12 +45,21 @@ class BenchCase:
     dtype: torch.dtype
     config: CCAMConfig = field(default_factory=CCAMConfig)
     tokens_per_frame: int = 729
+    # Attention dropout (ccam-bench --dropout): each contestant runs with it and without it, in
+    # the same interleaved rounds, and the dropout rows carry the cost (dropout_cost).
+    dropout_p: float = 0.0
 
     @property
     def label(self) -> str:
         t = self.frame_counts
         frames = f"T={t[0]}" if len(set(t)) == 1 else f"T={list(t)}"
-        return f"{self.bench} {self.pass_} {frames} B={len(t)} {str(self.dtype).replace('torch.', '')}"
+        dropout = f" dropout={self.dropout_p:g}" if self.dropout_p else ""
+        return f"{self.bench} {self.pass_} {frames} B={len(t)} {str(self.dtype).replace('torch.', '')}{dropout}"
+
+    @property
+    def dropouts(self) -> tuple:
+        """The dropout probabilities each contestant runs at: 0, and the case's when it has one."""
+        return (0.0, self.dropout_p) if self.dropout_p else (0.0,)
 
     def flops(self) -> float:
         cfg = self.config
@@ -89,10 +98,11 @@ _NOT_TIMED = dict(median_ms=None, min_ms=None, max_ms=None, iqr_ms=None, spread_
                   noisy=False, noisy_reason=None)
 
 
-def _base_row(case: BenchCase, name: str) -> dict:
+def _base_row(case: BenchCase, name: str, dropout_p: float = 0.0) -> dict:
     counts = list(case.frame_counts)
     return {
-        "bench": case.bench, "pass": case.pass_, "backend": name, "kind": kind_of(name),
+        "bench": case.bench, "pass": case.pass_, "backend": name, "kind": kind_of(name), "dropout_p": dropout_p,
+        "no_dropout_ms": None, "dropout_cost": None,
         "frames": counts[0] if len(set(counts)) == 1 else counts, "frame_counts": counts,
         "batch": len(counts), "dtype": str(case.dtype).replace("torch.", ""), "gflop": case.flops() / 1e9,
         "status": "ok", "reason": None, "max_rel_err": None, "compile_s": None, **_NOT_TIMED,
@@ -214,33 +224,41 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
             raise
         _free(device)
         log(f"  inputs do not fit in memory: {exc}")
-        return [_fail(_base_row(case, n), "oom", "the inputs do not fit in memory") for n in names]
+        return [_fail(_base_row(case, n, p), "oom", "the inputs do not fit in memory")
+                for n in names for p in case.dropouts]
 
-    rows, live, ref = [], [], None
-    try:
-        t0 = clock()
-        ref = error_anchor(case.bench, inputs, case.pass_)
-        sync(device)
-        spent.setdefault("reference", Spent()).add(1, clock() - t0)  # one more reference call, in float32
-    except Exception as exc:  # noqa: BLE001 - without a float32 reference, rows carry no error
-        _check_sticky(exc)
-        _free(device)
-        log(f"  the float32 reference for the error column failed ({capture_reason(exc, [])}); "
-            "errors are measured against the reference row instead")
-    fallback = ref is None
+    rows, live, refs = [], [], {}
+    for p in case.dropouts:
+        try:
+            t0 = clock()
+            _seed_dropout(p)
+            refs[p] = error_anchor(case.bench, inputs, case.pass_, p)
+            sync(device)
+            spent.setdefault("reference", Spent()).add(1, clock() - t0)  # one more reference call, in float32
+        except Exception as exc:  # noqa: BLE001 - without a float32 reference, rows carry no error
+            _check_sticky(exc)
+            _free(device)
+            log(f"  the float32 reference for the error column failed ({capture_reason(exc, [])}); "
+                "errors are measured against the reference row instead")
+    fallback = {p: p not in refs for p in case.dropouts}
     tolerance = WRONG_ABOVE.get(str(case.dtype).replace("torch.", ""), 1e-4)
-    for name in names:
-        row = _base_row(case, name)
+    for name, p in ((n, p) for n in names for p in case.dropouts):
+        row = _base_row(case, name, p)
         rows.append(row)
-        contestant = make_contestant(case.bench, name)
-        log(f"  {name:<15}", end="")
+        contestant = make_contestant(case.bench, name, p)
+        label = _label(name, p)
+        log(f"  {label:<15}", end="")
         try:
             contestant.prepare(inputs)
             sync(device)
-            got, first_s = _first_call(contestant, name, case.pass_, device, log, clock)
-            if name == "reference" and fallback:
-                ref = got
-            row["max_rel_err"] = _rel_err(got, ref) if ref is not None else None
+            _seed_dropout(p)
+            got, first_s = _first_call(contestant, label, case.pass_, device, log, clock)
+            if name == "reference" and fallback[p]:
+                refs[p] = got
+            ref = refs.get(p)
+            # An anchor's dropout draws its own mask: its result is not comparable.
+            comparable = ref is not None and not (p and contestant.kind == "anchor")
+            row["max_rel_err"] = _rel_err(got, ref) if comparable else None
             del got
             if name == "flex":
                 row["compile_s"] = first_s
@@ -249,7 +267,7 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
                 raise WrongResult(f"WRONG: error {err:.2e} against the reference exceeds {tolerance:.0e}; not timed")
             setup, run = pass_functions(contestant, case.pass_, num_sets)
             est_ms = timer.estimate_ms(setup, run, 1, settings.warmup) if settings.warmup else first_s * 1e3
-            spent.setdefault(name, Spent()).add(1 + settings.warmup, first_s + est_ms * 1e-3 * settings.warmup)
+            spent.setdefault(label, Spent()).add(1 + settings.warmup, first_s + est_ms * 1e-3 * settings.warmup)
             live.append((contestant, row, setup, run, max(est_ms, 1e-3)))
             log(f" checked (err {row['max_rel_err'] if row['max_rel_err'] is not None else float('nan'):.1e}, "
                 f"first call {first_s:.2f} s)")
@@ -298,7 +316,7 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
                     _fail(row, "oom", "out of memory while timing")
                 else:
                     _fail(row, "error", capture_reason(exc, []))
-            spent.setdefault(row["backend"], Spent()).add(done, clock() - t0, timed=True)
+            spent.setdefault(_label(row["backend"], row["dropout_p"]), Spent()).add(done, clock() - t0, timed=True)
 
     t0 = clock()
     ceiling = case_ceiling(before, gemm_rate(device, case.dtype))
@@ -318,10 +336,11 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
             row["noisy"] = row["noisy_reason"] is not None
             spread = f", spread {row['spread_pct']:.1f}%" if row["spread_pct"] is not None else ""
             noisy = f"  NOISY: {row['noisy_reason']}" if row["noisy"] else ""
-            log(f"  {row['backend']:<15} {row['median_ms']:10.3f} ms  {row['tflops']:8.3f} TFLOP/s  "
+            log(f"  {_label(row['backend'], row['dropout_p']):<15} {row['median_ms']:10.3f} ms  {row['tflops']:8.3f} TFLOP/s  "
                 f"{row['pct_of_ceiling']:5.1f}% of ceiling  ({row['repeats']} calls{spread}){noisy}")
         contestant.release()
     add_speedups(rows)
+    add_dropout_costs(rows)
     for row in rows:
         if case.bench == "projector":
             # The roofline floor: every GEMM and live attention FLOP at the case's GEMM rate.
@@ -330,6 +349,33 @@ def run_case(case: BenchCase, names, timer: Timer, settings: Settings, ceilings:
     del inputs, live
     _free(device)
     return rows
+
+
+# The seed every dropout call of a case starts its checked call from: ours and the reference then
+# draw the same dropout seed (ccam_attention and reference_formula draw it from torch's default
+# generator), so the error column compares the same masks.
+DROPOUT_CHECK_SEED = 1234
+
+
+def _seed_dropout(p: float) -> None:
+    if p:
+        torch.manual_seed(DROPOUT_CHECK_SEED)
+
+
+def _label(name: str, dropout_p: float) -> str:
+    """A contestant's name in the log: with its dropout, when it has one."""
+    return f"{name} p={dropout_p:g}" if dropout_p else name
+
+
+def add_dropout_costs(rows: list[dict]) -> None:
+    """The cost of dropout: on each timed dropout row, the same contestant's median without
+    dropout in the same case (``no_dropout_ms``, timed in the same interleaved rounds) and the
+    ratio of the two (``dropout_cost``: 1.25 = dropout adds 25%)."""
+    plain = {r["backend"]: r["median_ms"] for r in rows if not r.get("dropout_p") and r.get("median_ms")}
+    for row in rows:
+        if row.get("dropout_p") and row.get("median_ms") and row["backend"] in plain:
+            row["no_dropout_ms"] = plain[row["backend"]]
+            row["dropout_cost"] = row["median_ms"] / plain[row["backend"]]
 
 
 def dense_peer(rows: list[dict]) -> dict | None:
@@ -344,6 +390,13 @@ def add_speedups(rows: list[dict]) -> None:
     """The speed columns of one case's rows: against the fastest dense-mask peer
     (``speedup_vs_dense``, naming it in ``dense_peer``), against flex, and (demoted: the
     reference anchors the errors, not the speed) against the reference."""
+    by_dropout = {}
+    for row in rows:  # rows with dropout compare with rows with the same dropout
+        by_dropout.setdefault(row.get("dropout_p") or 0.0, []).append(row)
+    if len(by_dropout) > 1:
+        for group in by_dropout.values():
+            add_speedups(group)
+        return
     peer = dense_peer(rows)
     flex_ms = next((r["median_ms"] for r in rows if r["backend"] == "flex"), None)
     ref_ms = next((r["median_ms"] for r in rows if r["backend"] == "reference"), None)
@@ -404,7 +457,8 @@ def run_suite(cases, contestants, device, settings: Settings = Settings(), *, lo
         elapsed = clock() - t0
         names = contestants[case.bench]
         if lost:
-            rows += [_fail(_base_row(case, n), "skipped", f"the CUDA context was lost earlier: {lost}") for n in names]
+            rows += [_fail(_base_row(case, n, p), "skipped", f"the CUDA context was lost earlier: {lost}")
+                     for n in names for p in case.dropouts]
             if on_case is not None:
                 on_case(result())
             continue
@@ -413,7 +467,8 @@ def run_suite(cases, contestants, device, settings: Settings = Settings(), *, lo
             left = settings.max_seconds - elapsed
             if left <= 0:
                 log(f"[{i + 1}/{len(cases)}] {case.label}: skipped, the time budget is spent")
-                rows += [_fail(_base_row(case, n), "skipped", "time budget spent") for n in names]
+                rows += [_fail(_base_row(case, n, p), "skipped", "time budget spent")
+                         for n in names for p in case.dropouts]
                 if on_case is not None:
                     on_case(result())
                 continue
@@ -431,7 +486,8 @@ def run_suite(cases, contestants, device, settings: Settings = Settings(), *, lo
         except DeviceLost as exc:
             lost = str(exc)
             log(f"  THE CUDA CONTEXT IS LOST ({lost}); the remaining cases become skipped rows")
-            rows += [_fail(_base_row(case, n), "error", f"CUDA context lost: {lost}") for n in names]
+            rows += [_fail(_base_row(case, n, p), "error", f"CUDA context lost: {lost}")
+                     for n in names for p in case.dropouts]
         if on_case is not None:
             on_case(result())
     return result()

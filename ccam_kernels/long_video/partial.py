@@ -333,9 +333,9 @@ def _partial_backward(dout, dlse, q, k, v, out, lse_all, problem: PartialProblem
             p = torch.exp(s.sub_(lsef[:, rows, None]))
             dp = torch.matmul(dof[:, rows], vb.transpose(-1, -2))
             if drop is not None:  # V and dO meet the kept probabilities only, scaled by 1 / (1 - p)
-                keep = drop.keep_scale(cd, q.device)
-                dv[keys] += torch.matmul((p * keep).transpose(-1, -2), dof[:, rows]).transpose(0, 1)
-                dp.mul_(keep)
+                kept = p.clone()
+                drop.apply_(kept, dp)  # one mask for P * keep and dP * keep (native on CPU)
+                dv[keys] += torch.matmul(kept.transpose(-1, -2), dof[:, rows]).transpose(0, 1)
             else:
                 dv[keys] += torch.matmul(p.transpose(-1, -2), dof[:, rows]).transpose(0, 1)
             ds = p.mul_(dp.sub_(shift[:, rows, None]))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import hashlib
 import os
 import pathlib
 import re
@@ -30,6 +29,8 @@ import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass, field
+
+from .native_build import build_once, extensions_root, source_digest  # noqa: F401 (extensions_root: cuda_build's API)
 
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 DEFAULT_ARCHS = ("80", "90a")
@@ -246,80 +247,47 @@ _CXX_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")
 
 
 def emulator_build_name() -> str:
-    """The emulation build's extension name: a prefix and a hash of everything its binary
-    depends on here: every C++/CUDA file under csrc/ (path relative to csrc/ and bytes: the
-    build includes headers from ccam/, emu/ and csrc/ itself, so all of them count, and a file
-    it does not compile only costs a rebuild), the flags, the compiler and torch's version.
-    Keyed by content, never by the tree's path or the files' times: two checkouts sharing one
-    TORCH_EXTENSIONS_DIR share a binary exactly when their sources are the same (a copy of a
-    tree keeps the files' times, so ninja's timestamp check alone would reuse another tree's
-    objects)."""
+    """The emulation build's extension name: a prefix and a hash (native_build.source_digest)
+    of everything its binary depends on here: every C++/CUDA file under csrc/ but csrc/cpu/
+    (the native CPU build's, which it never includes; the build includes headers from ccam/,
+    emu/ and csrc/ itself, so all of those count, and a file it does not compile only costs a
+    rebuild), the flags, the compiler and torch's version."""
     import torch
 
     root = csrc_dir()
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.suffix in _CXX_SUFFIXES and p.is_file()):
-        data = path.read_bytes()
-        digest.update(f"{path.relative_to(root).as_posix()}\0{len(data)}\0".encode() + data)
-    digest.update("\0".join([*EMULATOR_FLAGS, os.environ.get("CXX", "c++"), torch.__version__, sys.version]).encode())
-    return f"ccam_kernels_cuda_emulator_{digest.hexdigest()[:16]}"
+    files = [p for p in root.rglob("*") if p.suffix in _CXX_SUFFIXES and p.is_file()
+             and p.relative_to(root).parts[0] != "cpu"]
+    digest = source_digest(root, files, [*EMULATOR_FLAGS, os.environ.get("CXX", "c++"), torch.__version__, sys.version])
+    return f"ccam_kernels_cuda_emulator_{digest}"
 
 
 _LOADED: set = set()  # the emulation builds loaded in this process, by name
 
 
-def extensions_root() -> pathlib.Path:
-    """Where torch.utils.cpp_extension puts a JIT build's folder: $TORCH_EXTENSIONS_DIR, else
-    its per-user cache folder for this Python and accelerator (as torch names it)."""
-    import torch
-    from torch.utils.cpp_extension import get_default_build_root
-
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return pathlib.Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    accelerator = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
-                   f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
-    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
-    return pathlib.Path(get_default_build_root()) / f"{python}_{accelerator}"
-
-
 def load_emulator(verbose: bool = False):
     """Build (once per source state) and load the CPU emulation build of the kernels
     (csrc/emu): the ops cuda_fwd, cuda_bwd_dq and cuda_bwd_dkdv for CPU tensors. g++ only, no
-    CUDA; about a minute the first time.
-
-    The build lives in TORCH_EXTENSIONS_DIR (torch's default extension folder) under
-    emulator_build_name(), a folder that is only ever complete: each builder compiles into a
-    fresh folder of its own and renames it into place (one atomic rename; when another
-    builder got there first, its folder is used and this one is dropped). So concurrent
-    builders never load a half-written binary, and no tree loads another tree's."""
+    CUDA; about a minute the first time. Built by native_build.build_once (a folder keyed by
+    emulator_build_name() that is only ever complete: concurrent builders never load a
+    half-written binary, and no tree loads another tree's)."""
     import torch
     from torch.utils.cpp_extension import load as cpp_load
 
     name = emulator_build_name()
     if name in _LOADED:  # its ops are registered: a second copy of the library would register them again
         return
-    root = extensions_root()
-    final = root / name
-    library = final / f"{name}.so"
-    if library.exists():
-        torch.ops.load_library(str(library))
-        _LOADED.add(name)
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    fresh = pathlib.Path(tempfile.mkdtemp(prefix=f"{name}.building-", dir=root))
-    try:
-        # Builds in `fresh` and loads the library from there (a loaded library stays mapped
-        # when its folder is renamed or removed).
+    built_here = []
+
+    def build(folder: pathlib.Path) -> None:
+        # torch's builder also loads the library (from `folder`; it stays mapped after the rename).
         cpp_load(name=name, sources=[str(csrc_dir() / s) for s in EMULATOR_SOURCES], extra_cflags=list(EMULATOR_FLAGS),
-                 build_directory=str(fresh), is_python_module=False, verbose=verbose)
-        _LOADED.add(name)
-        try:
-            os.rename(fresh, final)
-        except OSError:
-            if not library.exists():  # not another builder's finished folder: something else is wrong
-                raise
-    finally:
-        shutil.rmtree(fresh, ignore_errors=True)  # gone already when the rename succeeded
+                 build_directory=str(folder), is_python_module=False, verbose=verbose)
+        built_here.append(folder)
+
+    library = build_once(name, f"{name}.so", build)
+    if not built_here:
+        torch.ops.load_library(str(library))
+    _LOADED.add(name)
 
 
 def main(argv=None) -> int:

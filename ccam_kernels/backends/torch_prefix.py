@@ -33,6 +33,7 @@ from ..dropout import keep_mask, keep_scale
 from ..mask import first_query_of_frame, key_offsets
 from . import cpu_attention
 from .attention_ops import define_attention_ops
+from .cpu_dropout import cpu_dropout_apply_
 
 # Keys per segment. Large enough that each fused call streams a long K/V block (fewer
 # merges), small enough that the straddling rows stay a small fraction of the work.
@@ -158,6 +159,19 @@ class BlockDropout:
         return torch.where(keep, torch.tensor(keep_scale(self.p), dtype=dtype, device=device),
                            torch.zeros((), dtype=dtype, device=device))
 
+    def apply_(self, *blocks: torch.Tensor) -> None:
+        """Multiply each (Hkv, R, K) block in place by :meth:`keep_scale` (one mask for all).
+        On CPU that is cpu_dropout_apply_ (backends/cpu_dropout.py: the native CPU build's
+        Philox, 8 counters at a time, where there is one; the int64 torch Philox alone cost
+        2-3x the attention's time)."""
+        if blocks[0].device.type == "cpu":
+            cpu_dropout_apply_(list(blocks), self.seed, 0, self.sample, self.num_heads, 0, self.query_start,
+                               self.key_start, self.p, self.group)
+            return
+        scale = self.keep_scale(blocks[0].dtype, blocks[0].device)
+        for x in blocks:
+            x.mul_(scale)
+
 
 class _ExplicitEngine:
     """Scores as one matmul in float32 (float64 for float64 inputs), softmax by hand, with
@@ -185,7 +199,7 @@ class _ExplicitEngine:
         lse = lse.masked_fill(lse == float("inf"), float("nan"))
         p = torch.exp(s.sub_(lse[..., None]))
         if dropout is not None:
-            p.mul_(dropout.keep_scale(cd, p.device))
+            dropout.apply_(p)
         o = torch.matmul(p, vf.to(cd))
         return o, lse
 
@@ -194,11 +208,11 @@ class _ExplicitEngine:
         cd = _accumulate_dtype(qf.dtype)
         dof32, qf32, kf32, vf32 = dof.to(cd), qf.to(cd), kf.to(cd), vf.to(cd)
         p = torch.exp(cls._scores(qf32, kf32, scale).sub_(lse.to(cd)[..., None]))
-        keep = None if dropout is None else dropout.keep_scale(cd, p.device)
         dp = torch.matmul(dof32, vf32.transpose(-1, -2))
-        if keep is not None:
-            dv = torch.matmul((p * keep).transpose(-1, -2), dof32)
-            dp.mul_(keep)
+        if dropout is not None:
+            kept = p.clone()
+            dropout.apply_(kept, dp)  # P * keep for dV; dP * keep: the gradient through the mask
+            dv = torch.matmul(kept.transpose(-1, -2), dof32)
         else:
             dv = torch.matmul(p.transpose(-1, -2), dof32)
         delta = (dof32 * of.to(cd)).sum(-1, keepdim=True)  # rowsum(dO * O), the global one

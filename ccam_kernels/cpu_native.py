@@ -38,8 +38,8 @@ __all__ = ["FLAGS", "ENV", "library", "function", "build_name", "compiler"]
 
 ENV = "CCAM_CPU_NATIVE"  # "0": never build nor load (the torch fallbacks run)
 # -march=native: the build runs where it is built. No -ffast-math: the kernels must give the
-# torch fallbacks' bits (IEEE products, NaN kept).
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
+# torch fallbacks' bits (IEEE products, NaN kept). -pthread: attention_forward.cpp runs std::threads.
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-pthread")
 LIBRARY_FILE = "libccam_cpu.so"
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 

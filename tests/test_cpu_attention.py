@@ -49,25 +49,30 @@ CASES = [
     (16, 3, (40, 3), 1, 1, 16),     # T > N: frames no query sees, frames sharing a row suffix
     (20, 1100, (2,), 1, 1, 8),      # a frame longer than a chunk: cut into equal pieces
     (1, 5, (4, 1), 2, 2, 24),       # N = 1
+    (29, 21, (3,), 2, 2, 20),       # D not a multiple of 8 (the transposes' tail)
 ]
 
 
+@pytest.mark.parametrize("blas", [False, True], ids=["own_kernels", "blas"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared_q", "batched_q"])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_native_forward_matches_float64(case, shared):
+def test_native_forward_matches_float64(case, shared, blas):
+    """Both product paths: the library's AVX2 kernels (where compiled: -march=native here) and
+    torch's BLAS (the path of CPUs without AVX2)."""
     N, P, counts, H, Hkv, D = case
     B = len(counts)
     q = torch.randn((N, H, D) if shared else (B, N, H, D))
     k, v = torch.randn(sum(counts) * P, Hkv, D), torch.randn(sum(counts) * P, Hkv, D)
     scale = 0.7 / math.sqrt(D)
-    out, lse = cpu_attention.forward(q, k, v, counts, P, scale)
+    out, lse = cpu_attention.forward(q, k, v, counts, P, scale, blas=blas)
     ref, ref_lse = oracle_out_lse(q, k, v, counts, P, scale)
     assert out.shape == (B, N, H, D) and lse.shape == (B, H, N)
     assert rel_err(out, ref) <= 1e-5
     assert (lse.double() - ref_lse).abs().max() <= 1e-5 * ref_lse.abs().max()
 
 
-def test_result_does_not_depend_on_thread_count():
+@pytest.mark.parametrize("blas", [False, True], ids=["own_kernels", "blas"])
+def test_result_does_not_depend_on_thread_count(blas):
     """Each (sample, head) runs whole on one thread: 1 and 2 threads give the same bits."""
     counts, P, N, H = (7, 2, 5), 40, 150, 4
     q, k, v = torch.randn(N, H, 32), torch.randn(sum(counts) * P, H, 32), torch.randn(sum(counts) * P, H, 32)
@@ -76,7 +81,7 @@ def test_result_does_not_depend_on_thread_count():
         results = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append(cpu_attention.forward(q, k, v, counts, P, 0.125))
+            results.append(cpu_attention.forward(q, k, v, counts, P, 0.125, blas=blas))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -36,7 +36,7 @@ __all__ = ["forward", "available", "ENTRY"]
 ENTRY = "ccam_cpu_attention_forward_f32"
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 # csrc/cpu/attention_forward.cpp's ccam_cpu_attention_forward_f32
-_ARGTYPES = [_PTR] * 5 + [_I64] * 6 + [_PTR] * 3 + [ctypes.c_float, _I64]
+_ARGTYPES = [_PTR] * 5 + [_I64] * 6 + [_PTR] * 3 + [ctypes.c_float, _I64, _I64]
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -93,8 +93,9 @@ def _frame_starts(num_query: int, frame_counts) -> tuple[torch.Tensor, torch.Ten
     return torch.tensor(starts, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64)
 
 
-def forward(q, k, v, frame_counts, tokens_per_frame: int, scale: float):
-    """(out, lse) of the float32 inputs, or None when there is no native build."""
+def forward(q, k, v, frame_counts, tokens_per_frame: int, scale: float, *, blas: bool = False):
+    """(out, lse) of the float32 inputs, or None when there is no native build. ``blas``: the
+    products on the BLAS, not the library's own AVX2 kernels (which it uses where it has them)."""
     entry = _entry()
     if entry is None:
         return None
@@ -107,7 +108,7 @@ def forward(q, k, v, frame_counts, tokens_per_frame: int, scale: float):
     lse = torch.empty(B, H, N, dtype=torch.float32)
     rc = entry(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), B,
                0 if q.dim() == 3 else N * H * D, N, H, k.shape[1], D, first.data_ptr(), first_offsets.data_ptr(),
-               key_offs.data_ptr(), float(scale), torch.get_num_threads())
+               key_offs.data_ptr(), float(scale), torch.get_num_threads(), int(blas))
     if rc != 0:
         raise RuntimeError(f"{ENTRY} failed ({rc})")
     return out, lse

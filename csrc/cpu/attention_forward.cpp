@@ -56,6 +56,9 @@ compute_fn g_compute = nullptr;
 
 constexpr int64_t BLOCK_ROWS = 128;  // query rows of a product
 constexpr int64_t CHUNK_KEYS = 1024;  // keys per product: one frame of 729 keys in one chunk
+// Row stride of the score tile: not a multiple of 4 KB, so that the rows of a tile do not all
+// fall in one L1 set (the output product reads 6 of them at once).
+constexpr int64_t S_LD = CHUNK_KEYS + 16;
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 const float NEG_INF = -std::numeric_limits<float>::infinity();
@@ -271,7 +274,7 @@ struct Scratch {
   int64_t Dp;
   std::vector<float> qs, s, o, m, l, kpack, vpack, kt, vp;
   Scratch(int64_t N, int64_t D)
-      : Dp((D + 15) / 16 * 16), qs(N * D), s(BLOCK_ROWS * CHUNK_KEYS), o(N * Dp), m(N), l(N) {
+      : Dp((D + 15) / 16 * 16), qs(N * D), s(BLOCK_ROWS * S_LD), o(N * Dp), m(N), l(N) {
     if (OWN_KERNELS) {
       kt.resize(CHUNK_KEYS * D);
       vp.resize(CHUNK_KEYS * Dp);
@@ -282,12 +285,12 @@ struct Scratch {
   }
 };
 
-// The softmax update of rows [r0, r0 + nr) by their scores s (nr x nk, row stride CHUNK_KEYS),
+// The softmax update of rows [r0, r0 + nr) by their scores s (nr x nk, row stride S_LD),
 // replaced by their probabilities 2^(s - m_new); the rows' outputs rescaled.
 void softmax_update(Scratch& w, float* s, int64_t r0, int64_t nr, int64_t nk) {
   const int64_t D = w.Dp;
   for (int64_t r = 0; r < nr; ++r) {
-    float* srow = s + r * CHUNK_KEYS;
+    float* srow = s + r * S_LD;
     float* orow = w.o.data() + (r0 + r) * D;
     float& m = w.m[r0 + r];
     float& l = w.l[r0 + r];
@@ -318,9 +321,9 @@ void softmax_update(Scratch& w, float* s, int64_t r0, int64_t nr, int64_t nk) {
 template <int R>
 void rows_tile(Scratch& w, const float* q, int64_t D, int64_t panels, int64_t nk, int64_t row0) {
   float* s = w.s.data();
-  scores_tile<R>(q, D, w.kt.data(), panels, s, CHUNK_KEYS);
+  scores_tile<R>(q, D, w.kt.data(), panels, s, S_LD);
   softmax_update(w, s, row0, R, nk);
-  output_tile<R>(s, CHUNK_KEYS, w.vp.data(), w.Dp, nk, w.o.data() + row0 * w.Dp, w.Dp);
+  output_tile<R>(s, S_LD, w.vp.data(), w.Dp, nk, w.o.data() + row0 * w.Dp, w.Dp);
 }
 #endif
 
@@ -361,16 +364,16 @@ void attend_chunk(const Problem& pb, const Task& t, Scratch& w, int64_t r0, int6
     float* ob = w.o.data() + i0 * ldo;
     if (packed) {
       g_compute(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_PACKED, int(nr), int(nk), int(D), qb, int(D), w.kpack.data(),
-                int(ldk), 0.f, s, int(CHUNK_KEYS));
+                int(ldk), 0.f, s, int(S_LD));
     } else {
-      gemm_abt(int(nr), int(nk), int(D), qb, int(D), kc, int(ldk), s, int(CHUNK_KEYS));
+      gemm_abt(int(nr), int(nk), int(D), qb, int(D), kc, int(ldk), s, int(S_LD));
     }
     softmax_update(w, s, i0, nr, nk);
     if (packed) {
-      g_compute(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_PACKED, int(nr), int(D), int(nk), s, int(CHUNK_KEYS),
+      g_compute(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_PACKED, int(nr), int(D), int(nk), s, int(S_LD),
                 w.vpack.data(), int(ldk), 1.f, ob, int(ldo));
     } else {
-      gemm_ab_acc(int(nr), int(D), int(nk), s, int(CHUNK_KEYS), vc, int(ldk), ob, int(ldo));
+      gemm_ab_acc(int(nr), int(D), int(nk), s, int(S_LD), vc, int(ldk), ob, int(ldo));
     }
   }
 }

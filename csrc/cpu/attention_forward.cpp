@@ -3,23 +3,25 @@
 // that nothing but the output leaves the caches (ccam_kernels/backends/cpu_attention.py calls it;
 // docs/torch.md has the design and its measurements).
 //
-// Work: one task per (sample, query head, block of BLOCK_ROWS query rows). A task walks its keys
-// in segments whose rows are a suffix of the block: the keys of the frames every row of the block
-// sees (rows [0, rows)), then each frame f that only some rows see (rows [first[f] - i0, rows)):
-// queries are ordered by frame, so the rows that see a frame are always a suffix. Every product
-// thus runs over pairs that are all visible: no mask, no masked pair computed, and a NaN or inf
-// in a key no row of the product sees never enters its arithmetic (docs/reference.md §7).
-// Segments are cut into chunks of at most CHUNK_KEYS keys, online softmax across the chunks.
+// Work: one task per (sample, query head), run whole by one thread; the threads pull the tasks
+// from a shared counter, largest first, and nothing is threaded inside a product (so the result
+// does not depend on the thread count). A task walks its sample's keys in chunks of at most
+// CHUNK_KEYS keys (frames grouped, or a long frame cut in equal pieces). The rows that see a
+// chunk's last frame are a suffix of the queries (queries are ordered by frame) and see all of it;
+// the rows of each earlier frame of a group get a product of their own over the keys they see.
+// Every product thus runs over pairs that are all visible: no mask, no masked pair computed, and
+// a NaN or inf in a key no row of the product sees never enters its arithmetic
+// (docs/reference.md §7). Online softmax across the chunks.
 //
-// The two matrix products of a chunk go to the BLAS that torch uses (its sgemm_, handed over by
-// ccam_cpu_attention_set_blas), single-threaded per call: the threads split the tasks instead
-// (largest first, pulled from a shared counter), which keeps every product big enough to run at
-// the GEMM rate, where threads inside small GEMMs would not.
+// Products: with AVX2 + FMA (-march=native), this file's 6x16 FMA tiles, K^T and V of a chunk
+// packed once for all its rows, and per tile of 6 rows scores -> softmax -> output in L1.
+// Otherwise the BLAS inside torch's library (its sgemm_, handed over by
+// ccam_cpu_attention_set_blas), single-threaded per worker, per block of BLOCK_ROWS rows.
 //
 // Softmax in base 2: q is pre-scaled by scale * log2(e), so p = 2^(s - m) (one fewer multiply
-// per pair), and lse = (m + log2(l)) * ln(2). Rows whose running max is not finite (a NaN, or
-// +-inf scores) take a scalar path with std::exp2, so NaN and inf reach exactly what the formula
-// makes them reach.
+// per pair), and lse = (m + log2(l)) * ln(2). Rows whose chunk holds a NaN score or whose running
+// max is not finite (+-inf scores) take a scalar path with std::exp2, so NaN and inf reach
+// exactly what the formula makes them reach.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -273,9 +275,9 @@ struct Task {
 struct Scratch {
   int64_t Dp;
   std::vector<float> qs, s, o, m, l, kpack, vpack, kt, vp;
-  Scratch(int64_t N, int64_t D)
-      : Dp((D + 15) / 16 * 16), qs(N * D), s(BLOCK_ROWS * S_LD), o(N * Dp), m(N), l(N) {
-    if (OWN_KERNELS) {
+  Scratch(int64_t N, int64_t D, bool blas)
+      : Dp((D + 15) / 16 * 16), qs(N * D), s((blas ? BLOCK_ROWS : MICRO_ROWS) * S_LD), o(N * Dp), m(N), l(N) {
+    if (!blas) {
       kt.resize(CHUNK_KEYS * D);
       vp.resize(CHUNK_KEYS * Dp);
     } else if (g_pack_size) {
@@ -460,7 +462,7 @@ CCAM_CPU_EXPORT int ccam_cpu_attention_forward_f32(const float* q, const float* 
   auto worker = [&](bool restore) {
     const bool set = use_blas && g_set_threads_local;
     const int previous = set ? g_set_threads_local(1) : 0;
-    Scratch w(N, D);
+    Scratch w(N, D, use_blas);
     for (size_t i; (i = next.fetch_add(1)) < tasks.size();) run_task(pb, tasks[i], w, use_blas);
     if (set && restore) g_set_threads_local(previous);
   };

@@ -1,7 +1,7 @@
 """The native CPU build: every C++ source in csrc/cpu/ compiled into one shared library with the
 host's C++ compiler, loaded with ctypes. Optional: without a compiler (or with
 CCAM_CPU_NATIVE=0) ``library()`` is None, after one warning, and the callers run their torch
-code instead (same numbers, slower).
+code instead (the same formula and dropout masks, slower).
 
     library() -> ctypes.CDLL | None            built at first use (about a second), then cached
     function(name, argtypes, restype=None)     one extern "C" entry point of it, or None
@@ -38,8 +38,8 @@ __all__ = ["FLAGS", "ENV", "library", "function", "build_name", "compiler"]
 
 ENV = "CCAM_CPU_NATIVE"  # "0": never build nor load (the torch fallbacks run)
 # -march=native: the build runs where it is built. No -ffast-math: the kernels must give the
-# torch fallbacks' bits (IEEE products, NaN kept).
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
+# torch fallbacks' bits (IEEE products, NaN kept). -pthread: attention_forward.cpp runs std::threads.
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-pthread")
 LIBRARY_FILE = "libccam_cpu.so"
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 
@@ -84,8 +84,9 @@ def _build(cxx: str, folder: pathlib.Path) -> None:
 
 
 def _fallback(reason: str) -> None:
-    warnings.warn(f"ccam_kernels: no native CPU build ({reason}); its CPU paths (attention dropout) run their "
-                  f"slower torch code instead, with the same numbers", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"ccam_kernels: no native CPU build ({reason}); its CPU paths (the float32 attention forward, "
+                  f"attention dropout) run their slower torch code instead: the same formula, the same dropout "
+                  f"masks", RuntimeWarning, stacklevel=3)
     return None
 
 

@@ -32,6 +32,7 @@ import torch
 
 from ..dropout import keep_mask, keep_scale
 from ..mask import first_query_of_frame, key_offsets
+from . import cpu_attention
 from .attention_ops import define_attention_ops
 from .cpu_dropout import cpu_dropout_apply_
 
@@ -397,10 +398,16 @@ def _engine(variant: str, device: torch.device, dropout_p: float, dtype: torch.d
     return _for_inputs(_choose(variant, device, dropout_p, dtype, needs_acc), inputs)
 
 
+# The variant that runs the native CPU forward (cpu_attention.py); its backward is the best engine's.
+NATIVE = "native"
+
+
 def _choose(variant: str, device: torch.device, dropout_p: float, dtype: torch.dtype, needs_acc: bool):
+    if variant == NATIVE:
+        variant = ""
     if variant:
         if variant not in ENGINES:
-            raise ValueError(f"torch backend variant must be one of {['', *ENGINES]}, got {variant!r}")
+            raise ValueError(f"torch backend variant must be one of {['', *ENGINES, NATIVE]}, got {variant!r}")
         eng = ENGINES[variant]
         if not eng.usable(device, dropout_p):
             raise RuntimeError(f"torch backend engine {variant!r} cannot run on {device} with dropout_p={dropout_p}")
@@ -410,7 +417,26 @@ def _choose(variant: str, device: torch.device, dropout_p: float, dtype: torch.d
     return choose_engine(device, dropout_p)
 
 
+def _native_forward(q, k, v, frame_counts, P, scale, dropout_p, variant):
+    """(out, lse) from the native CPU forward where it runs (float32 on CPU, no dropout, a native
+    build): "auto" ("") takes it there, being the fastest (docs/torch.md); variant "native"
+    insists. Else None. It needs no finiteness check: its products hold only keys all their
+    rows see, and rows with a non-finite max take its scalar path (the NaN rule, reference §7)."""
+    if variant not in ("", NATIVE):
+        return None
+    runs = q.device.type == "cpu" and q.dtype == torch.float32 and dropout_p == 0.0
+    result = cpu_attention.forward(q, k, v, frame_counts, P, scale) if runs else None
+    if result is None and variant == NATIVE:
+        why = "no native CPU build" if runs else "it runs float32 CPU tensors without dropout only"
+        raise RuntimeError(f"torch backend engine 'native' cannot run on {q.device} with dtype {q.dtype} and "
+                           f"dropout_p={dropout_p}: {why}")
+    return result
+
+
 def _op_forward(q, k, v, frame_counts, P, scale, dropout_p, seed, keep_acc, variant):
+    native = _native_forward(q, k, v, frame_counts, P, scale, dropout_p, variant)
+    if native is not None:
+        return native[0], native[1], None  # (float32: no separate accumulator)
     # PyTorch's fused CPU kernel reads wrong values when the head dim is strided (seen with
     # torch 2.13): give every engine rows with unit stride, copying only tensors that lack it.
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))

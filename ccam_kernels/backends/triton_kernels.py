@@ -116,18 +116,25 @@ def _query_tile(FRAMES, KEY_START, FIRST_FRAME, END_FRAME, N, H, G, P, BLOCK_M: 
     return pid_bh, b.to(tl.int64), h, h // G, T, key0, offs_m, limit, lo, hi
 
 
-# (num_warps, num_stages) tried on a GPU (the performance model compiles each for sm_90).
+# (num_warps, num_stages) tried on a GPU, per kernel (the performance model compiles each for
+# sm_90). dK/dV holds two (BLOCK_N, BLOCK_D) float32 accumulators, the (BLOCK_M, BLOCK_N) S, P,
+# dP and dS tiles and, in the rows that straddle frames, the NaN rule's zeroed copies of q and
+# dO: at 4 warps (128 threads) that is more than 255 registers a thread at every head dim
+# (240-952 B of spills for sm_90, ptxas), so dK/dV tunes over 8 warps only.
 GPU_CONFIGS = tuple((w, st) for w in (4, 8) for st in (2, 3))
+KERNEL_CONFIGS = {"fwd": GPU_CONFIGS, "dq": GPU_CONFIGS, "dkdv": tuple(c for c in GPU_CONFIGS if c[0] == 8)}
 ONE_CONFIG_ENV = "CCAM_TRITON_ONE_CONFIG"
 
 
-def _configs():
-    """The autotune space: warps and pipeline stages (block sizes are fixed per head dim, so
-    the host-side tile plans stay valid). One config in the interpreter (nothing to time) and
-    under CCAM_TRITON_ONE_CONFIG=1 (the GPU suite's compute-sanitizer case: no tuning runs)."""
-    if interpreting() or os.environ.get(ONE_CONFIG_ENV, "") == "1":
-        return [triton.Config({}, num_warps=4, num_stages=1 if interpreting() else 2)]
-    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in GPU_CONFIGS]
+def _configs(kernel: str):
+    """The autotune space of ``kernel`` (fwd, dq, dkdv): warps and pipeline stages (block
+    sizes are fixed per head dim, so the host-side tile plans stay valid). One config in the
+    interpreter (nothing to time) and under CCAM_TRITON_ONE_CONFIG=1 (the GPU suite's
+    compute-sanitizer case: no tuning runs; the kernel's first config)."""
+    if interpreting():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    configs = [triton.Config({}, num_warps=w, num_stages=st) for w, st in KERNEL_CONFIGS[kernel]]
+    return configs[:1] if os.environ.get(ONE_CONFIG_ENV, "") == "1" else configs
 
 
 def _without_spills(kernel: str):
@@ -167,7 +174,7 @@ def tune_class(num_query: int, keys_per_video: int) -> int:
 _TUNE_KEY = ["D", "IEEE", "TUNE_CLASS", "DROPOUT"]
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY + ["SPLIT"], prune_configs_by={"early_config_prune": _without_spills("fwd")},
+@triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY + ["SPLIT"], prune_configs_by={"early_config_prune": _without_spills("fwd")},
                  cache_results=True)
 @triton.jit
 def _fwd_kernel(
@@ -262,7 +269,7 @@ def _fwd_kernel(
     tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=row_ok)
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _without_spills("dq")},
+@triton.autotune(configs=_configs("dq"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _without_spills("dq")},
                  cache_results=True)
 @triton.jit
 def _bwd_dq_kernel(
@@ -318,7 +325,7 @@ def _bwd_dq_kernel(
     tl.store(dq_base + rows * (H * D) + h * D + offs_d[None, :], dq, mask=rd)
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _without_spills("dkdv")},
+@triton.autotune(configs=_configs("dkdv"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _without_spills("dkdv")},
                  cache_results=True)
 @triton.jit
 def _bwd_dkdv_kernel(
@@ -423,19 +430,22 @@ def _bwd_dkdv_kernel(
 # -- launchers -----------------------------------------------------------------------------
 
 
-def block_sizes(head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D). Small tiles under the interpreter (fast, and many tiles
-    straddle frames, so the masked paths are exercised at test shapes)."""
+def block_sizes(head_dim: int, kernel: str = "fwd") -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D) of ``kernel`` (fwd, dq, dkdv; BLOCK_M: query rows, BLOCK_N:
+    keys). Small tiles under the interpreter (fast, and many tiles straddle frames, so the
+    masked paths are exercised at test shapes)."""
     if interpreting():
         return 16, 16, max(16, triton.next_power_of_2(head_dim))
-    return gpu_block_sizes(head_dim)
+    return gpu_block_sizes(head_dim, kernel)
 
 
-def gpu_block_sizes(head_dim: int) -> tuple[int, int, int]:
-    """block_sizes on a GPU (the performance model asks for these on CPU)."""
+def gpu_block_sizes(head_dim: int, kernel: str = "fwd") -> tuple[int, int, int]:
+    """block_sizes on a GPU (the performance model asks for these on CPU). Every kernel shares
+    BLOCK_N (one key-tile plan); dK/dV at head dim 128 walks its rows 32 at a time: with 64, its
+    (64, 32) score tiles and two (32, 128) float32 accumulators spill at 8 warps too (sm_90)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_d >= 128:
-        return 64, 32, block_d
+        return (32 if kernel == "dkdv" else 64), 32, block_d
     return 64, 64, block_d
 
 
@@ -467,7 +477,7 @@ def _forward_launch(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_pe
     (B, N, H, D) and one split, the kernel writes ``out`` and this returns (out, lse);
     otherwise the kernel writes float32 split partials: (merged float32 output, lse)."""
     B, (N, H, D), Hkv = len(frame_counts), q.shape[-3:], k.shape[1]
-    block_m, block_n, block_d = block_sizes(D)
+    block_m, block_n, block_d = block_sizes(D, "fwd")
     p = tiling.window_plan(frame_counts, frame_ranges, tokens_per_frame, block_n, q.device)
     grid = (B * H, triton.cdiv(N, block_m))
     spans = tuple(f1 - f0 for f0, f1 in frame_ranges)
@@ -515,24 +525,25 @@ def _backward_launch(dout, q, k, v, lse, delta, frame_counts: tuple, frame_range
                      scale: float, dropout=None):
     """(dq, dk, dv) from the softmax's per-row (lse, delta), over each sample's frame window."""
     B, (N, H, D), Hkv = len(frame_counts), q.shape[-3:], k.shape[1]
-    block_m, block_n, block_d = block_sizes(D)
+    block_m, block_n, block_d = block_sizes(D, "dq")
     p = tiling.window_plan(frame_counts, frame_ranges, tokens_per_frame, block_n, q.device)
     dq_rows = torch.empty(B, N, H, D, device=q.device, dtype=torch.float32)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     seed, drop_threshold, drop_scale, drop = _dropout_args(dropout, q.device)
-    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), DROPOUT=drop)
+    common = dict(BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), DROPOUT=drop)
     keys = max((f1 - f0 for f0, f1 in frame_ranges), default=0) * tokens_per_frame
     sizes = (N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E.value, tune_class(N, keys), drop_threshold, drop_scale)
     strides = (*tiling.q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1), dout.stride(2))
     windows = (p.frames, p.key_start, p.first_frame, p.end_frame)
     _bwd_dq_kernel[(B * H, triton.cdiv(N, block_m))](
-        q, k, v, dout, lse, delta, dq_rows, *windows, seed, *strides, *sizes, **common)
+        q, k, v, dout, lse, delta, dq_rows, *windows, seed, *strides, *sizes, BLOCK_M=block_m, **common)
     if p.tile_sample.numel():  # no key tile when every window is empty (k, v have no rows)
         _bwd_dkdv_kernel[(p.tile_sample.numel(), Hkv)](
             q, k, v, dout, lse, delta, dk, dv, *windows, p.tile_sample, p.tile_start, seed, *strides,
-            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *sizes, **common)
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *sizes, BLOCK_M=block_sizes(D, "dkdv")[0],
+            **common)
     dq = dq_rows.sum(0) if q.dim() == 3 else dq_rows
     return dq.to(q.dtype), dk, dv
 

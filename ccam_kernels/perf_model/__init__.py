@@ -70,7 +70,7 @@ def _triton_options(table: dict, s: Shape, launch) -> list:
 
     block_d = triton_kernels.gpu_block_sizes(s.head_dim)[2]
     found = []
-    for warps, stages in triton_kernels.GPU_CONFIGS:
+    for warps, stages in triton_kernels.KERNEL_CONFIGS[launch.kernel]:
         key = resources.triton_config_key(launch.kernel, block_d, warps, stages)
         res = table["triton_sm_90"].get(key)
         if res is None or res["spill_stores"] or res["spill_loads"]:

@@ -105,11 +105,11 @@ def triton_config_key(kernel: str, block_d: int, num_warps: int, num_stages: int
     return f"{kernel}|D{block_d}|w{num_warps}s{num_stages}"
 
 
-def triton_configs() -> list[tuple[int, int]]:
-    """(num_warps, num_stages) of the GPU autotune space (triton_kernels._configs)."""
+def triton_configs(kernel: str) -> list[tuple[int, int]]:
+    """(num_warps, num_stages) of ``kernel``'s GPU autotune space (triton_kernels._configs)."""
     from ..backends import triton_kernels
 
-    return [(w, s) for w, s in triton_kernels.GPU_CONFIGS]
+    return [(w, s) for w, s in triton_kernels.KERNEL_CONFIGS[kernel]]
 
 
 def _compile_triton(args) -> tuple[str, dict]:
@@ -120,7 +120,7 @@ def _compile_triton(args) -> tuple[str, dict]:
     from ..backends import triton_kernels
 
     fn = getattr(triton_kernels, {"fwd": "_fwd_kernel", "dq": "_bwd_dq_kernel", "dkdv": "_bwd_dkdv_kernel"}[kernel]).fn
-    block_m, block_n, _ = triton_kernels.gpu_block_sizes(block_d)
+    block_m, block_n, _ = triton_kernels.gpu_block_sizes(block_d, kernel)
     # The kernels without dropout (DROPOUT compiles it out), as the v1.2 inference shape runs them.
     constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=False, DROPOUT=False)
     if "SPLIT" in fn.arg_names:
@@ -136,7 +136,7 @@ def _compile_triton(args) -> tuple[str, dict]:
 def triton_resources(jobs: int | None = None) -> dict:
     """{kernel|D|config: {registers, spills, shared, serialized_wgmma}} for sm_90 (bf16; fp16
     compiles to the same resources)."""
-    work = [(k, d, w, s) for k in ("fwd", "dq", "dkdv") for d in TRITON_HEAD_DIMS for w, s in triton_configs()]
+    work = [(k, d, w, s) for k in ("fwd", "dq", "dkdv") for d in TRITON_HEAD_DIMS for w, s in triton_configs(k)]
     with concurrent.futures.ProcessPoolExecutor(jobs or os.cpu_count() or 1) as pool:
         return dict(sorted(pool.map(_compile_triton, work)))
 

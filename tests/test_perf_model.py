@@ -102,11 +102,15 @@ def test_cli_json_has_the_keys_for_every_backend_and_kernel(capsys):
     records = json.loads(capsys.readouterr().out)
     keys = {"backend", "kernel", "pass", "frames", "batch", "head_dim", "dtype", "ctas", "balance", "predicted_ms"}
     assert {(r["backend"], r["kernel"]) for r in records} == {(b, k) for b in ("cuda", "triton")
-                                                             for k in ("fwd", "dq", "dkdv", "bwd")}
+                                                             for k in ("fwd", "merge", "dq", "dkdv", "bwd")}
     for r in records:
         assert keys <= r.keys(), r["kernel"]
-        assert r["frames"] == [5, 1, 9] and 0 < r["balance"] <= 1 and r["predicted_ms"] > 0
-        if r["backend"] == "cuda" and r["kernel"] != "bwd":
+        assert r["frames"] == [5, 1, 9] and r["predicted_ms"] > 0
+        if r["kernel"] == "merge":  # memory-bound: bytes and launches, no CTA schedule
+            assert r["balance"] is None and r["splits"] > 1 and r["hbm_bytes"] > 0
+        else:
+            assert 0 < r["balance"] <= 1
+        if r["backend"] == "cuda" and r["kernel"] not in ("bwd", "merge"):
             assert len(r["mma_per_cta"]) == r["ctas"]
 
 
@@ -175,3 +179,32 @@ def test_no_triton_config_kept_for_sm90_spills():
                 continue
             assert clean, (kernel, block_d, "every config spills on sm_90")
             assert kept == clean, (kernel, block_d)
+
+
+def test_merge_model_counts_the_fused_kernel_against_the_pytorch_chain():
+    """One split forward's merge: the fused kernel reads the partials once (S float32 outputs
+    and LSEs in, out and lse written); the PyTorch chain moves more than three times that, in
+    8 kernels."""
+    from ccam_kernels.perf_model import merge
+
+    S, B, N, H, D = 2, 1, 1024, 16, 64
+    o = B * N * H * D * 4
+    fused = merge.merge_cost(S, B, N, H, D, 2, "fused")
+    assert fused["kernels"] == 1 and fused["hbm_bytes"] == S * o + S * B * H * N * 4 + o // 2 + B * H * N * 4
+    assert merge.merge_cost(S, B, N, H, D, 2, "fused", keep_acc=True)["hbm_bytes"] == fused["hbm_bytes"] + o
+    chain = merge.merge_cost(S, B, N, H, D, 2, "pytorch")
+    assert chain["kernels"] == 8 and chain["hbm_bytes"] > 3 * S * o and chain["seconds"] > fused["seconds"]
+    recs = perf_model.predict(launches.Shape(1024, 16, 16, 64, 729, (96,)))
+    merged = {r["backend"]: r for r in recs if r["kernel"] == "merge"}
+    assert merged["triton"]["merge"] == "fused" and merged["cuda"]["merge"] == "pytorch"
+    assert merged["triton"]["ctas"] == 16 * 1024 // 64
+
+
+def test_the_split_merge_kernel_does_not_spill_on_sm90():
+    """backends/triton_merge.py's one config at every head dim, from the committed table."""
+    from ccam_kernels.backends import triton_merge
+
+    table = resources.load()["triton_sm_90"]
+    for block_d in resources.TRITON_HEAD_DIMS:
+        res = table[resources.triton_config_key("merge", block_d, triton_merge.NUM_WARPS, 1)]
+        assert res["spill_stores"] == res["spill_loads"] == 0, block_d

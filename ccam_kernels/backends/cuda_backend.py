@@ -142,11 +142,12 @@ def _dropout_args(dropout, device) -> tuple:
 
 
 def _forward_launch(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float,
-                    out=None, dropout=None):
+                    out=None, dropout=None, keep_acc: bool = True):
     """The forward over each sample's frame window [f0, f1) (k, v: the windows' keys; the
-    whole-video op is the windows [0, T)). With ``out`` (B, N, H, D) and one split the kernel
-    writes ``out`` and this returns (out, lse); otherwise the kernel writes float32 split
-    partials (out_partial mode): (merged float32 output, lse)."""
+    whole-video op is the windows [0, T)). With ``out`` (B, N, H, D), one split and no
+    ``keep_acc`` the kernel writes ``out`` and this returns (None, lse); otherwise the kernel
+    writes float32 split partials (out_partial mode), merged into ``out`` when given: (the
+    float32 output if keep_acc or no out, lse)."""
     B, (N, H, D) = len(frame_counts), q.shape[-3:]
     p = tiling.window_plan(frame_counts, frame_ranges, tokens_per_frame, FWD_BLOCK_N, q.device)
     programs = B * H * math.ceil(N / FWD_BLOCK_M)
@@ -154,14 +155,14 @@ def _forward_launch(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_pe
     splits = tiling.num_splits(programs, spans, tokens_per_frame, FWD_BLOCK_N, q.device)
     plan = (p.frames, p.key_start, p.first_frame, p.end_frame)
     drop = _dropout_args(dropout, q.device)
-    if splits > 1 or out is None:
+    if splits > 1 or out is None or keep_acc:
         parts = torch.empty(splits, B, N, H, D, device=q.device, dtype=torch.float32)
         lse_parts = torch.empty(splits, B, H, N, device=q.device, dtype=torch.float32)
         torch.ops.ccam_kernels.cuda_fwd(q, k, v, *plan, tokens_per_frame, scale, splits, parts, lse_parts, *drop)
-        return tiling.merge_splits(parts, lse_parts)
+        return tiling.merge_splits(parts, lse_parts, out, keep_acc)
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     torch.ops.ccam_kernels.cuda_fwd(q, k, v, *plan, tokens_per_frame, scale, 1, out, lse, *drop)
-    return out, lse
+    return None, lse
 
 
 def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, dropout_p: float = 0.0,

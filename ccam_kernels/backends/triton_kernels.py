@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tiling
+from . import tiling, triton_merge
 from .triton_backend import interpreting
 from .triton_dropout import dropped
 
@@ -472,17 +472,18 @@ def _dropout_args(dropout, device) -> tuple:
 
 
 def _forward_launch(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float,
-                    out=None, dropout=None):
+                    out=None, dropout=None, keep_acc: bool = True):
     """The forward over each sample's frame window (k, v: the windows' keys). With ``out``
-    (B, N, H, D) and one split, the kernel writes ``out`` and this returns (out, lse);
-    otherwise the kernel writes float32 split partials: (merged float32 output, lse)."""
+    (B, N, H, D), one split and no ``keep_acc``, the kernel writes ``out`` and this returns
+    (None, lse); otherwise the kernel writes float32 split partials and one merge kernel
+    (triton_merge) writes ``out`` when given: (the float32 output if keep_acc or no out, lse)."""
     B, (N, H, D), Hkv = len(frame_counts), q.shape[-3:], k.shape[1]
     block_m, block_n, block_d = block_sizes(D, "fwd")
     p = tiling.window_plan(frame_counts, frame_ranges, tokens_per_frame, block_n, q.device)
     grid = (B * H, triton.cdiv(N, block_m))
     spans = tuple(f1 - f0 for f0, f1 in frame_ranges)
     splits = tiling.num_splits(grid[0] * grid[1], spans, tokens_per_frame, block_n, q.device)
-    split = splits > 1 or out is None
+    split = splits > 1 or out is None or keep_acc
     if split:  # float32 partials, merged below
         o_dst = torch.empty(splits, B, N, H, D, device=q.device, dtype=torch.float32)
         lse_dst = torch.empty(splits, B, H, N, device=q.device, dtype=torch.float32)
@@ -498,8 +499,8 @@ def _forward_launch(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_pe
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), SPLIT=split, DROPOUT=drop,
     )
     if not split:
-        return out, lse_dst
-    return tiling.merge_splits(o_dst, lse_dst)
+        return None, lse_dst
+    return triton_merge.merge_splits(o_dst, lse_dst, out, keep_acc)
 
 
 def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, keep_acc: bool = False,

@@ -133,12 +133,34 @@ def _compile_triton(args) -> tuple[str, dict]:
     return triton_config_key(kernel, block_d, warps, stages), report
 
 
+def _compile_merge(args) -> tuple[str, dict]:
+    """The split merge (backends/triton_merge.py) at one head dim, writing the float32 output
+    too (keep_acc: its most registers), bf16 out."""
+    block_d, = args
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from ..backends import triton_merge
+
+    fn = triton_merge._merge_kernel
+    constexprs = dict(BLOCK_R=triton_merge.block_rows(block_d), BLOCK_D=block_d, WRITE_OUT=True, WRITE_ACC=True)
+    pointers = {"O_PARTS": "*fp32", "LSE_PARTS": "*fp32", "OUT": "*bf16", "ACC": "*fp32", "LSE": "*fp32"}
+    sig = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in fn.arg_names}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=triton_merge.NUM_WARPS))
+    report = _ptxas_report(compiled.asm["ptx"])
+    report["shared"] = int(compiled.metadata.shared)
+    return triton_config_key("merge", block_d, triton_merge.NUM_WARPS, 1), report
+
+
 def triton_resources(jobs: int | None = None) -> dict:
     """{kernel|D|config: {registers, spills, shared, serialized_wgmma}} for sm_90 (bf16; fp16
-    compiles to the same resources)."""
+    compiles to the same resources), the split merge's one config included."""
     work = [(k, d, w, s) for k in ("fwd", "dq", "dkdv") for d in TRITON_HEAD_DIMS for w, s in triton_configs(k)]
     with concurrent.futures.ProcessPoolExecutor(jobs or os.cpu_count() or 1) as pool:
-        return dict(sorted(pool.map(_compile_triton, work)))
+        table = dict(pool.map(_compile_triton, work))
+        table.update(pool.map(_compile_merge, [(d,) for d in TRITON_HEAD_DIMS]))
+    return dict(sorted(table.items()))
 
 
 def generate() -> dict:

@@ -61,7 +61,7 @@ def test_perf_model_resource_table_is_current(compiled):
 
 
 def test_every_kernel_runs_on_tensor_cores(compiled):
-    """SASS check: HMMA (mma.sync) in every kernel for both archs, as many as the tile loops
+    """SASS check: HMMA (mma.sync) in every attention kernel for both archs, as many as the tile loops
     unroll to (forward at DP=64: 4 k-chunks x 8 key columns for S, 4 x 8 for P V, in each of
     the two instances of the key-tile loop, unmasked and masked)."""
     counts = {}
@@ -69,9 +69,11 @@ def test_every_kernel_runs_on_tensor_cores(compiled):
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # one cuobjdump per object
         for per_object in pool.map(cuda_build.sass_mma_counts, objects):
             counts.update(per_object)
-    assert len(counts) == (24 + 4) * 2
+    assert len(counts) == (32 + 4) * 2
     for key, ops in counts.items():
-        if key[0].startswith("fwd_sm90_kernel"):  # wgmma on sm_90a; on sm_80 a trap, never launched
+        if key[0].startswith("merge_kernel"):  # the split merge: memory-bound, no matrix product
+            assert ops["HMMA"] == ops["HGMMA"] == 0, (key, ops)
+        elif key[0].startswith("fwd_sm90_kernel"):  # wgmma on sm_90a; on sm_80 a trap, never launched
             assert ops["HGMMA"] > 0 if key[1] == "sm_90a" else ops["HGMMA"] == ops["HMMA"] == 0, (key, ops)
         else:
             assert ops["HMMA"] > 0, key
@@ -106,6 +108,8 @@ def test_host_tile_constants_match_the_kernels():
     assert int(re.search(r"kFwdBlockN = (\d+);", params).group(1)) == cuda_backend.FWD_BLOCK_N
     assert int(re.search(r"kBwdKeyTile = (\d+);", params).group(1)) == cuda_backend.BWD_KEY_TILE
     assert int(re.search(r"kBlockM = (\d+)", fwd).group(1)) == cuda_backend.FWD_BLOCK_M
+    merge = (CSRC / "ccam" / "merge.cuh").read_text()
+    assert int(re.search(r"kMergeRows = (\d+);", merge).group(1)) == cuda_backend.MERGE_ROWS
 
 
 def test_setup_builds_every_source_it_checks():

@@ -9,44 +9,18 @@ import torch
 
 from ccam_kernels.backends import tiling
 from conftest import TRITON_DEVICE as DEVICE
+from merge_cases import MERGE_CASES, merge64 as _merge64, partials, same_nonfinite as _same_nonfinite
 
 pytest.importorskip("triton", reason="triton is not installed")
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("triton_here")]
 
 
-def _partials(S, B, N, H, D, gen):
-    o = torch.randn(S, B, N, H, D, generator=gen)
-    lse = torch.randn(S, B, H, N, generator=gen) * 4
-    if S > 1:
-        lse[1, 0, :, ::3] = float("-inf")  # split 1 saw nothing of these rows
-        o[1, 0, ::3] = 0.0
-    lse[:, -1, 0, 1] = float("-inf")  # a row no split saw: lse -inf, output 0
-    o[:, -1, 1, 0] = 0.0
-    lse[0, 0, -1, 2] = float("nan")  # a NaN score in one split (its partial row NaN too): the row is NaN
-    o[0, 0, 2, -1] = float("nan")
-    o[S - 1, -1, 4, -1, 3] = float("nan")  # a NaN value: that column of the row
-    return o.to(DEVICE), lse.to(DEVICE)
-
-
-def _merge64(o, lse):
-    """The merge formula in float64: out = sum_s exp(lse_s - lse) o_s, lse = log sum_s exp(lse_s)."""
-    o, lse = o.double().cpu(), lse.double().cpu()
-    m = torch.logsumexp(lse, 0)
-    w = torch.exp(lse - torch.where(torch.isneginf(m), 0.0, m)).transpose(-1, -2).unsqueeze(-1)
-    return (w * o).sum(0), m
-
-
-def _same_nonfinite(a, b):
-    a, b = a.cpu(), b.cpu()
-    assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.isneginf(a), torch.isneginf(b))
-
-
-@pytest.mark.parametrize("S,B,N,H,D", [(3, 2, 37, 3, 24), (2, 1, 19, 2, 64), (5, 2, 8, 1, 16), (1, 2, 9, 2, 16)])
+@pytest.mark.parametrize("S,B,N,H,D", MERGE_CASES)
 def test_fused_merge_equals_the_pytorch_merge_and_float64(S, B, N, H, D):
     from ccam_kernels.backends import triton_merge
 
     gen = torch.Generator().manual_seed(S * 100 + D)
-    o, lse = _partials(S, B, N, H, D, gen)
+    o, lse = partials(S, B, N, H, D, gen, DEVICE)
     want, want_lse = tiling.merge_splits(o, lse)
     out16 = torch.full((B, N, H, D), float("nan"), dtype=torch.float16, device=DEVICE)  # poisoned
     acc, got_lse = triton_merge.merge_splits(o, lse, out16, keep_acc=True)
@@ -67,7 +41,7 @@ def test_fused_merge_without_acc_writes_only_the_output():
     from ccam_kernels.backends import triton_merge
 
     gen = torch.Generator().manual_seed(7)
-    o, lse = _partials(3, 2, 21, 2, 32, gen)
+    o, lse = partials(3, 2, 21, 2, 32, gen, DEVICE)
     out = torch.empty(2, 2, 21, 32, dtype=torch.float16, device=DEVICE).transpose(1, 2)  # strided rows and heads
     acc, got_lse = triton_merge.merge_splits(o, lse, out, keep_acc=False)
     want, want_lse = tiling.merge_splits(o, lse)

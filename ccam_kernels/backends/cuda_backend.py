@@ -42,6 +42,7 @@ from .partial_ops import define_partial_ops
 FWD_BLOCK_M = 64
 FWD_BLOCK_N = 64  # ccam::kFwdBlockN
 BWD_KEY_TILE = 64  # ccam::kBwdKeyTile
+MERGE_ROWS = 16  # ccam::kMergeRows (merge.cuh): rows of one (sample, head) per merge CTA
 DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -60,7 +61,7 @@ def devices() -> tuple:
 
 @functools.cache
 def _register_fakes() -> None:
-    for op in ("cuda_fwd", "cuda_bwd_dq", "cuda_bwd_dkdv"):  # they write their outputs in place
+    for op in ("cuda_fwd", "cuda_bwd_dq", "cuda_bwd_dkdv", "cuda_merge"):  # they write their outputs in place
         torch.library.register_fake(f"ccam_kernels::{op}")(lambda *args, **kwargs: None)
 
 
@@ -159,10 +160,25 @@ def _forward_launch(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_pe
         parts = torch.empty(splits, B, N, H, D, device=q.device, dtype=torch.float32)
         lse_parts = torch.empty(splits, B, H, N, device=q.device, dtype=torch.float32)
         torch.ops.ccam_kernels.cuda_fwd(q, k, v, *plan, tokens_per_frame, scale, splits, parts, lse_parts, *drop)
-        return tiling.merge_splits(parts, lse_parts, out, keep_acc)
+        return merge_splits(parts, lse_parts, out, keep_acc)
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     torch.ops.ccam_kernels.cuda_fwd(q, k, v, *plan, tokens_per_frame, scale, 1, out, lse, *drop)
     return None, lse
+
+
+def merge_splits(o_parts, lse_parts, out=None, keep_acc: bool = True):
+    """tiling.merge_splits in one kernel (csrc/ccam/merge.cuh, the op ccam_kernels::cuda_merge):
+    each partial read once, ``out`` (q's dtype) written when given, the float32 output only when
+    kept. -> (acc (B, N, H, D) float32 or None, lse (B, H, N)). One split needs no merge."""
+    S, B, N, H, D = o_parts.shape
+    if S == 1:
+        return tiling.merge_splits(o_parts, lse_parts, out, keep_acc)
+    keep = keep_acc or out is None
+    acc = o_parts.new_empty((B, N, H, D) if keep else (0,))
+    lse = lse_parts.new_empty(B, H, N)
+    dst = out if out is not None else o_parts.new_empty(0, dtype=torch.float16)
+    torch.ops.ccam_kernels.cuda_merge(o_parts, lse_parts, dst, acc, lse)
+    return (acc if keep else None), lse
 
 
 def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, dropout_p: float = 0.0,

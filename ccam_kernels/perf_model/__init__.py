@@ -85,9 +85,13 @@ def _merge_record(s: Shape, backend: str, splits: int, how: str) -> dict:
     cost = merge.merge_cost(splits, len(s.frame_counts), s.num_query, s.heads, s.head_dim, s.elem_bytes, how)
     ctas = 0
     if how == "fused":
-        from ..backends import triton_merge
+        if backend == "cuda":
+            from ..backends.cuda_backend import MERGE_ROWS as rows
+        else:
+            from ..backends.triton_merge import block_rows
 
-        ctas = len(s.frame_counts) * s.heads * -(-s.num_query // triton_merge.block_rows(s.head_dim))
+            rows = block_rows(s.head_dim)
+        ctas = len(s.frame_counts) * s.heads * -(-s.num_query // rows)
     return {
         "backend": backend, "kernel": "merge", "pass": "fwd", "frames": list(s.frame_counts),
         "batch": len(s.frame_counts), "num_query": s.num_query, "heads": s.heads, "kv_heads": s.kv_heads,

@@ -1,9 +1,9 @@
 """The split-KV forward's merge, in the model: the HBM bytes and kernel launches of merging S
 float32 partials into the output (q's dtype) and the LSE, for the two ways the backends do it.
 
-- "fused" (the triton backend, backends/triton_merge.py): one kernel reads each partial output
-  and LSE once and writes out, lse (and the float32 copy for training).
-- "pytorch" (the cuda backend, tiling.merge_splits): the ops as written there, each a kernel
+- "fused" (both backends: backends/triton_merge.py, csrc/ccam/merge.cuh): one kernel reads
+  each partial output and LSE once and writes out, lse (and the float32 copy for training).
+- "pytorch" (both backends before, tiling.merge_splits): the ops as written there, each a kernel
   that re-reads its inputs from memory: logsumexp over the splits (counted as one kernel; torch
   runs several), the -inf shift (isneginf, where), the weights (subtract, exp), the weighted
   partials (a product the size of all partials), their sum, and the cast into out.
@@ -49,4 +49,4 @@ def merge_cost(splits: int, batch: int, num_query: int, heads: int, head_dim: in
             "seconds": len(steps) * KERNEL_LAUNCH_S + hbm / machine.HBM_BYTES_PER_S}
 
 
-BACKEND_MERGE = {"cuda": "pytorch", "triton": "fused"}
+BACKEND_MERGE = {"cuda": "fused", "triton": "fused"}

@@ -208,3 +208,17 @@ def test_the_split_merge_kernel_does_not_spill_on_sm90():
     for block_d in resources.TRITON_HEAD_DIMS:
         res = table[resources.triton_config_key("merge", block_d, triton_merge.NUM_WARPS, 1)]
         assert res["spill_stores"] == res["spill_loads"] == 0, block_d
+
+
+def test_every_triton_loop_load_is_pipelined_on_sm90():
+    """With the head dim a whole tile (EVEN_D: head dims 16, 32, 64, 128) every kernel's loop
+    loads become asynchronous copies for sm_90 in every config (the committed table: TTGIR of
+    each compile); before EVEN_D the forward's and dQ's had none (docs/gpu.md)."""
+    from ccam_kernels.backends import triton_kernels
+
+    table = resources.load()["triton_sm_90"]
+    for kernel in ("fwd", "dq", "dkdv"):
+        for block_d in resources.TRITON_HEAD_DIMS:
+            for w, s in triton_kernels.KERNEL_CONFIGS[kernel]:
+                res = table[resources.triton_config_key(kernel, block_d, w, s)]
+                assert res["async_copies"] >= 2 * (s - 1), (kernel, block_d, w, s)  # K and V (q and dO) each stage

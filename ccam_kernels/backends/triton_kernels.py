@@ -66,6 +66,19 @@ def _window_limit(rows, T, N, P, win0, n_keys):
 
 
 @triton.jit
+def _head_dim_mask(offs_d, D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """The columns < D of a BLOCK_D-wide tile. With EVEN_D (D == BLOCK_D: head dims 16, 32, 64,
+    128) a compile-time all-true mask: Triton cannot prove a runtime D's columns whole, so a
+    load masked by ``offs_d < D`` is not vectorized and the sm_90 pipeliner leaves it a
+    synchronous load (the forward's and dQ's K/V loads had no cp.async at any num_stages);
+    masked by a constant it becomes asynchronous copies, pipelined over num_stages."""
+    if EVEN_D:
+        return offs_d < BLOCK_D
+    else:
+        return offs_d < D
+
+
+@triton.jit
 def _nonfinite(x):
     return (x != x) | (tl.abs(x) == float("inf"))
 
@@ -183,7 +196,7 @@ def _fwd_kernel(
     stride_kl, stride_kh, stride_vl, stride_vh,
     stride_ob, stride_on, stride_oh,
     N, H, G, P, D, qk_scale, num_splits, TUNE_CLASS, drop_threshold, drop_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
     SPLIT: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """One (query tile, sample, head), or with SPLIT one share of its key tiles: then O and LSE
@@ -194,7 +207,7 @@ def _fwd_kernel(
         FRAMES, KEY_START, FIRST_FRAME, END_FRAME, N, H, G, P, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
-    d_ok = offs_d < D
+    d_ok = _head_dim_mask(offs_d, D, BLOCK_D, EVEN_D)
     win0 = tl.load(FIRST_FRAME + b).to(tl.int64) * P  # dropout counts keys from the video's start
 
     q_ptrs = Q + b * stride_qb + offs_m[:, None].to(tl.int64) * stride_qn + h * stride_qh + offs_d[None, :]
@@ -278,7 +291,7 @@ def _bwd_dq_kernel(
     stride_kl, stride_kh, stride_vl, stride_vh,
     stride_db, stride_dn, stride_dh,
     N, H, G, P, D, qk_scale, TUNE_CLASS, drop_threshold, drop_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
     DROPOUT: tl.constexpr,
 ):
     """dQ of one (sample, head, query tile), float32, into DQ (B, N, H, D) contiguous. A row
@@ -287,7 +300,7 @@ def _bwd_dq_kernel(
         FRAMES, KEY_START, FIRST_FRAME, END_FRAME, N, H, G, P, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
-    d_ok = offs_d < D
+    d_ok = _head_dim_mask(offs_d, D, BLOCK_D, EVEN_D)
     rd = row_ok[:, None] & d_ok[None, :]
     rows = offs_m[:, None].to(tl.int64)
     q = tl.load(Q + b * stride_qb + rows * stride_qn + h * stride_qh + offs_d[None, :], mask=rd, other=0.0)
@@ -335,7 +348,7 @@ def _bwd_dkdv_kernel(
     stride_db, stride_dn, stride_dh,
     stride_dkl, stride_dkh, stride_dvl, stride_dvh,
     N, H, G, P, D, qk_scale, TUNE_CLASS, drop_threshold, drop_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
     DROPOUT: tl.constexpr,
 ):
     """dK, dV of one key tile of one sample and one kv head, summed over the heads of its group
@@ -352,7 +365,7 @@ def _bwd_dkdv_kernel(
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < n_keys
-    d_ok = offs_d < D
+    d_ok = _head_dim_mask(offs_d, D, BLOCK_D, EVEN_D)
     nd = n_ok[:, None] & d_ok[None, :]
     keys = (key0 + offs_n)[:, None]
     k = tl.load(K + keys * stride_kl + hk * stride_kh + offs_d[None, :], mask=nd, other=0.0)
@@ -496,7 +509,8 @@ def _forward_launch(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_pe
         *tiling.q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *o_strides,
         N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E.value, splits,
         tune_class(N, max(spans, default=0) * tokens_per_frame), drop_threshold, drop_scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), SPLIT=split, DROPOUT=drop,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=D == block_d, IEEE=_use_ieee(q.dtype), SPLIT=split,
+        DROPOUT=drop,
     )
     if not split:
         return None, lse_dst
@@ -532,7 +546,7 @@ def _backward_launch(dout, q, k, v, lse, delta, frame_counts: tuple, frame_range
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     seed, drop_threshold, drop_scale, drop = _dropout_args(dropout, q.device)
-    common = dict(BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), DROPOUT=drop)
+    common = dict(BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=D == block_d, IEEE=_use_ieee(q.dtype), DROPOUT=drop)
     keys = max((f1 - f0 for f0, f1 in frame_ranges), default=0) * tokens_per_frame
     sizes = (N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E.value, tune_class(N, keys), drop_threshold, drop_scale)
     strides = (*tiling.q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -122,7 +122,8 @@ def _compile_triton(args) -> tuple[str, dict]:
     fn = getattr(triton_kernels, {"fwd": "_fwd_kernel", "dq": "_bwd_dq_kernel", "dkdv": "_bwd_dkdv_kernel"}[kernel]).fn
     block_m, block_n, _ = triton_kernels.gpu_block_sizes(block_d, kernel)
     # The kernels without dropout (DROPOUT compiles it out), as the v1.2 inference shape runs them.
-    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=False, DROPOUT=False)
+    # Head dim = BLOCK_D (EVEN_D: v1.2's 64, and 32, 128): its loads are the pipelined ones.
+    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=True, IEEE=False, DROPOUT=False)
     if "SPLIT" in fn.arg_names:
         constexprs["SPLIT"] = False
     sig, attrs = _triton_signature(fn, constexprs, "bf16")
@@ -130,6 +131,9 @@ def _compile_triton(args) -> tuple[str, dict]:
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
     report = _ptxas_report(compiled.asm["ptx"])
     report["shared"] = int(compiled.metadata.shared)
+    # Loads the sm_90 pipeliner made asynchronous copies (cp.async into shared memory, issued
+    # num_stages - 1 iterations ahead): 0 means every load of the loops is synchronous.
+    report["async_copies"] = compiled.asm["ttgir"].count("async_copy_global_to_local")
     return triton_config_key(kernel, block_d, warps, stages), report
 
 
@@ -154,7 +158,7 @@ def _compile_merge(args) -> tuple[str, dict]:
 
 
 def triton_resources(jobs: int | None = None) -> dict:
-    """{kernel|D|config: {registers, spills, shared, serialized_wgmma}} for sm_90 (bf16; fp16
+    """{kernel|D|config: {registers, spills, shared, serialized_wgmma, async_copies}} for sm_90 (bf16; fp16
     compiles to the same resources), the split merge's one config included."""
     work = [(k, d, w, s) for k in ("fwd", "dq", "dkdv") for d in TRITON_HEAD_DIMS for w, s in triton_configs(k)]
     with concurrent.futures.ProcessPoolExecutor(jobs or os.cpu_count() or 1) as pool:

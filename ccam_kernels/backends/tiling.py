@@ -3,8 +3,9 @@
 The kernels read the mask rule from small per-sample tensors (frame counts, key offsets and,
 for partial attention, the frame window [f0, f1) whose keys k/v hold) and, for the dK/dV pass,
 from a list of key tiles (sample, first key); this module builds them, picks the split-KV
-factor, and does the two small float32 steps around the kernels: the softmax backward's
-per-row constant and the merge of split-KV partials.
+factor, and does the small float32 steps around the kernels: the softmax backward's per-row
+constant, and the merge of split-KV partials in PyTorch ops (the reference of the backends'
+one-kernel merges, triton_merge.py and csrc/ccam/merge.cuh).
 """
 
 from __future__ import annotations
@@ -147,8 +148,8 @@ def merge_splits(o_parts: torch.Tensor, lse_parts: torch.Tensor, out: Optional[t
     o_parts: (S, B, N, H, D) float32, lse_parts: (S, B, H, N) float32, -inf where a split saw
     nothing live for a row (its weight is then 0). One split is returned as it is. With ``out``
     the merged output is also written there (its dtype); ``keep_acc`` False then returns no
-    acc. In PyTorch ops (about six kernels): the cuda backend's merge and the reference of
-    triton_merge.merge_splits, the Triton backend's one-kernel merge."""
+    acc. In PyTorch ops (about eight kernels): the reference the backends' one-kernel merges
+    (triton_merge.merge_splits, cuda_backend.merge_splits) are tested against."""
     if o_parts.shape[0] == 1:
         acc, lse = o_parts[0], lse_parts[0]
     else:

@@ -34,14 +34,14 @@ def test_every_source_compiles_for_sm80_and_sm90a(compiled):
     assert not failed, failed
     names = {r.source.name for r in compiled}
     assert {"ccam_attention.cpp", "module.cpp"} <= names
-    # kernels x dtypes x padded head dims, and the sm_90a forward's dtypes x head dims 64 and 128
-    assert len([n for n in names if n.endswith(".cu")]) == 3 * 2 * 4 + 2 * 2
+    # kernels (fwd, dq, dkdv, merge) x dtypes x padded head dims, and the sm_90a forward's dtypes x head dims 64 and 128
+    assert len([n for n in names if n.endswith(".cu")]) == 4 * 2 * 4 + 2 * 2
 
 
 def test_resource_report_covers_every_kernel_and_arch(compiled):
     """ptxas's report parses for every kernel on both archs; no kernel uses local memory."""
     kernels = {key: res for r in compiled for key, res in r.kernels.items()}
-    assert len(kernels) == (24 + 4) * 2
+    assert len(kernels) == (32 + 4) * 2
     assert {arch for _, arch in kernels} == {"sm_80", "sm_90a"}
     for (kernel, arch), res in kernels.items():
         assert 0 < res["registers"] <= 255, (kernel, arch)

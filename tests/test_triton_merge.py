@@ -56,14 +56,14 @@ def test_split_forward_through_the_fused_merge_keeps_the_nan_rule(monkeypatch):
     """Three key splits, so some of a row's split partials hold the poisoned key and others
     not: the merged output (written by the merge kernel, no float32 copy kept) follows the
     row-by-row float64 formula. (Gradients through splits: tests/test_triton.py.)"""
-    from test_nan_rule import CASES, TOLERANCE, _oracle, _poison, _same_nonfinite
+    from test_nan_rule import TOLERANCE, _oracle, _poison, _same_nonfinite
 
     from ccam_kernels import ccam_attention
     from kernel_cases import make_inputs
 
     monkeypatch.setattr(tiling, "FORCE_SPLITS", 3)
     poison = "k-nan"
-    N, H, Hkv, D, counts, P, shared = CASES[1].values[0]
+    N, H, Hkv, D, counts, P, shared = 7, 2, 1, 16, (6, 2), 7, False  # 42 keys: 3 interpreter key tiles, 1 a split
     q, k, v, dout = make_inputs(N, H, Hkv, D, counts, P, shared, torch.float32, DEVICE)
     _poison(dict(q=q, k=k, v=v, dout=dout), poison)
     with torch.no_grad():

@@ -84,7 +84,8 @@ _MODEL_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
 def predicted(doc: dict) -> str:
     """Each timed attention row of the cuda and triton backends (16-bit) with the performance
     model's prediction for its shape (ccam_kernels.perf_model, the Video-CCAM config's N, H, D
-    and the row's P): the forward's kernel for "fwd", dQ + dK/dV for "bwd", both for "fwd+bwd"."""
+    and the row's P): the forward's kernel and its split merge for "fwd", dQ + dK/dV for "bwd",
+    both for "fwd+bwd"."""
     from ccam_kernels import perf_model
     from ccam_kernels.config import CCAMConfig
 
@@ -103,10 +104,10 @@ def predicted(doc: dict) -> str:
         if shape not in cache:
             cache[shape] = {(r["backend"], r["kernel"]): r["predicted_ms"] for r in perf_model.predict(shape)}
         model = cache[shape]
-        kernels = {"fwd": ("fwd",), "bwd": ("bwd",), "fwd+bwd": ("fwd", "bwd")}.get(row["pass"], ())
+        kernels = {"fwd": ("fwd", "merge"), "bwd": ("bwd",), "fwd+bwd": ("fwd", "merge", "bwd")}.get(row["pass"], ())
         if not kernels:
             continue
-        want = sum(model[(row["backend"], k)] for k in kernels)
+        want = sum(model.get((row["backend"], k), 0.0) for k in kernels)  # "merge": only when the forward splits
         lines.append(f"| {row['pass']} | {_frames(row)} | {row['batch']} | {row['dtype']} | {row['backend']} | "
                      f"{row['median_ms']:.3f} | {want:.3f} | {row['median_ms'] / want:.2f} |")
     if len(lines) == 2:

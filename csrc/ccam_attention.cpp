@@ -74,6 +74,7 @@ TORCH_LIBRARY_IMPL(ccam_kernels, CUDA, m) {
   m.impl("cuda_fwd", &cuda_fwd);
   m.impl("cuda_bwd_dq", &cuda_bwd_dq);
   m.impl("cuda_bwd_dkdv", &cuda_bwd_dkdv);
+  m.impl("cuda_merge", &cuda_merge);
 }
 
 }  // namespace ccam

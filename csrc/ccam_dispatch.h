@@ -52,4 +52,6 @@ struct Buffer {
       "Tensor key_start, Tensor first_frame, Tensor end_frame, Tensor tile_sample, Tensor tile_start, " \
       "int tokens_per_frame, float scale, " \
       "Tensor(a!) dk, Tensor(b!) dv, Tensor? dropout_seed=None, int dropout_threshold=0, " \
-      "float dropout_scale=1.0) -> ()");
+      "float dropout_scale=1.0) -> ()"); \
+  m.def( \
+      "cuda_merge(Tensor o_parts, Tensor lse_parts, Tensor(a!) out, Tensor(b!) acc, Tensor(c!) lse) -> ()");

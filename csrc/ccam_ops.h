@@ -269,3 +269,48 @@ void cuda_bwd_dkdv(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   });
 }
 
+
+// The split forward's merge (merge.cuh): o_parts (S, B, N, H, D) and lse_parts (S, B, H, N)
+// float32 -> out (B, N, H, D) in the inputs' dtype (float16 or bfloat16; empty: not written),
+// acc (B, N, H, D) float32 (empty: not written) and lse (B, H, N) float32. All contiguous.
+void cuda_merge(const at::Tensor& o_parts, const at::Tensor& lse_parts, at::Tensor& out, at::Tensor& acc,
+                at::Tensor& lse) {
+  TORCH_CHECK_VALUE(Device::holds(o_parts), "ccam_kernels cuda: o_parts must be a ", Device::kName, " tensor, got ",
+                    o_parts.device());
+  TORCH_CHECK_VALUE(o_parts.dim() == 5 && o_parts.scalar_type() == at::kFloat && o_parts.is_contiguous(),
+                    "ccam_kernels cuda: o_parts must be contiguous float32 (S, B, N, H, D), got ", o_parts.scalar_type(),
+                    o_parts.sizes());
+  const int64_t S = o_parts.size(0), B = o_parts.size(1), N = o_parts.size(2), H = o_parts.size(3), D = o_parts.size(4);
+  TORCH_CHECK_VALUE(S >= 1 && S <= 64, "ccam_kernels cuda: num_splits must be in 1..64, got ", S);
+  TORCH_CHECK_VALUE(D % 8 == 0 && D >= 16 && D <= 128,
+                    "ccam_kernels cuda: head dim must be a multiple of 8 from 16 to 128, got ", D);
+  TORCH_CHECK_VALUE(B * H <= INT32_MAX && N <= 65535 * 16, "ccam_kernels cuda: too many samples x heads or queries");
+  check_output(lse_parts, "lse_parts", {S, B, H, N}, at::kFloat, o_parts);
+  check_output(lse, "lse", {B, H, N}, at::kFloat, o_parts);
+  TORCH_CHECK_VALUE(out.scalar_type() == at::kHalf || out.scalar_type() == at::kBFloat16,
+                    "ccam_kernels cuda: out must be float16 or bfloat16, got ", out.scalar_type());
+  check_on(out, "out", o_parts);
+  check_on(acc, "acc", o_parts);
+  MergeParams p{};
+  if (out.numel()) {
+    check_output(out, "out", {B, N, H, D}, out.scalar_type(), o_parts);
+    p.out = out.data_ptr();
+  }
+  if (acc.numel()) {
+    check_output(acc, "acc", {B, N, H, D}, at::kFloat, o_parts);
+    p.acc = acc.data_ptr<float>();
+  }
+  p.o_parts = o_parts.data_ptr<float>();
+  p.lse_parts = lse_parts.data_ptr<float>();
+  p.lse = lse.data_ptr<float>();
+  p.splits = static_cast<int>(S);
+  p.batch = static_cast<int>(B);
+  p.num_query = static_cast<int>(N);
+  p.heads = static_cast<int>(H);
+  p.head_dim = static_cast<int>(D);
+  Device::launch(out, p.head_dim, {{"o_parts", o_parts}, {"lse_parts", lse_parts}, {"out", out, true},
+                                   {"acc", acc, true}, {"lse", lse, true}},
+                 [&](auto dtype, auto width, cudaStream_t stream) {
+    return launch_merge<decltype(dtype), decltype(width)::value>(p, stream);
+  });
+}

@@ -10,10 +10,10 @@ import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
 OUT = HERE / "instantiations"
-KERNELS = {"fwd": "fwd.cuh", "bwd_dq": "bwd.cuh", "bwd_dkdv": "bwd.cuh"}
+KERNELS = {"fwd": "fwd.cuh", "bwd_dq": "bwd.cuh", "bwd_dkdv": "bwd.cuh", "merge": "merge.cuh"}
 DTYPES = {"fp16": "__half", "bf16": "__nv_bfloat16"}
 HEAD_DIMS = (32, 64, 96, 128)  # the padded widths of ccam::padded_head_dim
-PARAMS = {"fwd": "FwdParams", "bwd_dq": "BwdParams", "bwd_dkdv": "BwdParams"}
+PARAMS = {"fwd": "FwdParams", "bwd_dq": "BwdParams", "bwd_dkdv": "BwdParams", "merge": "MergeParams"}
 
 
 def expected() -> dict:

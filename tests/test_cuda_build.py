@@ -34,14 +34,14 @@ def test_every_source_compiles_for_sm80_and_sm90a(compiled):
     assert not failed, failed
     names = {r.source.name for r in compiled}
     assert {"ccam_attention.cpp", "module.cpp"} <= names
-    # kernels x dtypes x padded head dims, and the sm_90a forward's dtypes x head dims 64 and 128
-    assert len([n for n in names if n.endswith(".cu")]) == 3 * 2 * 4 + 2 * 2
+    # kernels (fwd, dq, dkdv, merge) x dtypes x padded head dims, and the sm_90a forward's dtypes x head dims 64 and 128
+    assert len([n for n in names if n.endswith(".cu")]) == 4 * 2 * 4 + 2 * 2
 
 
 def test_resource_report_covers_every_kernel_and_arch(compiled):
     """ptxas's report parses for every kernel on both archs; no kernel uses local memory."""
     kernels = {key: res for r in compiled for key, res in r.kernels.items()}
-    assert len(kernels) == (24 + 8 + 4) * 2  # + the forward's dropout instances
+    assert len(kernels) == (32 + 8 + 4) * 2  # + the forward's dropout instances
     assert {arch for _, arch in kernels} == {"sm_80", "sm_90a"}
     for (kernel, arch), res in kernels.items():
         assert 0 < res["registers"] <= 255, (kernel, arch)
@@ -61,17 +61,19 @@ def test_perf_model_resource_table_is_current(compiled):
 
 
 def test_every_kernel_runs_on_tensor_cores(compiled):
-    """SASS check: HMMA (mma.sync) in every kernel for both archs, as many as the tile loops
-    unroll to (forward at DP=64: 4 k-chunks x 8 key columns for S, 4 x 8 for P V and 4 for the
-    row sums, in each of the two instances of the key-tile loop, unmasked and masked)."""
+    """SASS check: HMMA (mma.sync) in every attention kernel for both archs, as many as the tile
+    loops unroll to (forward at DP=64: 4 k-chunks x 8 key columns for S, 4 x 8 for P V and 4 for
+    the row sums, in each of the two instances of the key-tile loop, unmasked and masked)."""
     counts = {}
     objects = [r.obj for r in compiled if r.source.suffix == ".cu"]
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # one cuobjdump per object
         for per_object in pool.map(cuda_build.sass_mma_counts, objects):
             counts.update(per_object)
-    assert len(counts) == (24 + 8 + 4) * 2
+    assert len(counts) == (32 + 8 + 4) * 2
     for key, ops in counts.items():
-        if key[0].startswith("fwd_sm90_kernel"):  # wgmma on sm_90a; on sm_80 a trap, never launched
+        if key[0].startswith("merge_kernel"):  # the split merge: memory-bound, no matrix product
+            assert ops["HMMA"] == ops["HGMMA"] == 0, (key, ops)
+        elif key[0].startswith("fwd_sm90_kernel"):  # wgmma on sm_90a; on sm_80 a trap, never launched
             assert ops["HGMMA"] > 0 if key[1] == "sm_90a" else ops["HGMMA"] == ops["HMMA"] == 0, (key, ops)
         else:
             assert ops["HMMA"] > 0, key
@@ -107,6 +109,8 @@ def test_host_tile_constants_match_the_kernels():
     assert int(re.search(r"kFwdBlockN = (\d+);", params).group(1)) == cuda_backend.FWD_BLOCK_N
     assert int(re.search(r"kBwdKeyTile = (\d+);", params).group(1)) == cuda_backend.BWD_KEY_TILE
     assert int(re.search(r"kBlockM = (\d+)", fwd).group(1)) == cuda_backend.FWD_BLOCK_M
+    merge = (CSRC / "ccam" / "merge.cuh").read_text()
+    assert int(re.search(r"kMergeRows = (\d+);", merge).group(1)) == cuda_backend.MERGE_ROWS
 
 
 def test_setup_builds_every_source_it_checks():

@@ -163,7 +163,7 @@ def test_cuda_partial_ops(dtype, layout, shared, counts, windows, i, monkeypatch
 
 
 def test_cuda_launch_ops(monkeypatch):
-    """The extension's three launch ops (csrc/ccam_dispatch.h: they write into given outputs,
+    """The extension's four launch ops (csrc/ccam_dispatch.h: they write into given outputs,
     declared mutated in their schemas; their fakes return nothing), at one GQA case."""
     _cuda_here(monkeypatch)
     counts, windows = (2, 1), ((0, 2), (0, 1))
@@ -181,3 +181,7 @@ def test_cuda_launch_ops(monkeypatch):
                                             torch.empty(B, N, H, D, device=q.device)), test_utils=ALL)
     torch.library.opcheck(ops.cuda_bwd_dkdv, (dout, q, k, v, lse, delta, *plan, p.tile_sample, p.tile_start, P, 0.25,
                                               torch.empty_like(k), torch.empty_like(v)), test_utils=ALL)
+    parts, lse_parts = torch.randn(3, B, N, H, D, device=q.device), torch.randn(3, B, H, N, device=q.device)
+    torch.library.opcheck(ops.cuda_merge, (parts, lse_parts, torch.empty(B, N, H, D, device=q.device, dtype=q.dtype),
+                                           torch.empty(B, N, H, D, device=q.device), torch.empty(B, H, N, device=q.device)),
+                          test_utils=ALL)

@@ -102,11 +102,15 @@ def test_cli_json_has_the_keys_for_every_backend_and_kernel(capsys):
     records = json.loads(capsys.readouterr().out)
     keys = {"backend", "kernel", "pass", "frames", "batch", "head_dim", "dtype", "ctas", "balance", "predicted_ms"}
     assert {(r["backend"], r["kernel"]) for r in records} == {(b, k) for b in ("cuda", "triton")
-                                                             for k in ("fwd", "dq", "dkdv", "bwd")}
+                                                             for k in ("fwd", "merge", "dq", "dkdv", "bwd")}
     for r in records:
         assert keys <= r.keys(), r["kernel"]
-        assert r["frames"] == [5, 1, 9] and 0 < r["balance"] <= 1 and r["predicted_ms"] > 0
-        if r["backend"] == "cuda" and r["kernel"] != "bwd":
+        assert r["frames"] == [5, 1, 9] and r["predicted_ms"] > 0
+        if r["kernel"] == "merge":  # memory-bound: bytes and launches, no CTA schedule
+            assert r["balance"] is None and r["splits"] > 1 and r["hbm_bytes"] > 0
+        else:
+            assert 0 < r["balance"] <= 1
+        if r["backend"] == "cuda" and r["kernel"] not in ("bwd", "merge"):
             assert len(r["mma_per_cta"]) == r["ctas"]
 
 
@@ -149,11 +153,10 @@ def test_triton_configs_that_spill_on_sm90_are_pruned(monkeypatch):
     assert len(triton_kernels._without_spills("dkdv")(configs, {}, BLOCK_D=64)) == 2
 
 
-# Measured with ptxas on CPU for sm_90: the NaN rule's add-back of non-finite rows (issue 21)
-# made every dK/dV config at head dim 128 spill (12-16 B at 8 warps, 660-692 B at 4; before it,
-# 8 warps were clean), docs/gpu.md. The prune then keeps them all. When a change makes one clean,
-# this test fails until the entry goes.
-KNOWN_SPILLING = {("dkdv", 128)}
+# (kernel, head dim) whose every sm_90 config spills (ptxas on CPU), so that the prune keeps them
+# all. None: dK/dV tunes over 8 warps only and walks 32 rows at a time at head dim 128, where
+# 4 warps and 64 rows spilled (docs/gpu.md). An entry here needs its reason in docs/gpu.md.
+KNOWN_SPILLING = set()
 
 
 def test_no_triton_config_kept_for_sm90_spills():
@@ -164,8 +167,8 @@ def test_no_triton_config_kept_for_sm90_spills():
     from ccam_kernels.backends import triton_kernels
 
     table = resources.load()["triton_sm_90"]
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in triton_kernels.GPU_CONFIGS]
     for kernel in ("fwd", "dq", "dkdv"):
+        configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in triton_kernels.KERNEL_CONFIGS[kernel]]
         for block_d in resources.TRITON_HEAD_DIMS:
             kept = triton_kernels._without_spills(kernel)(configs, {}, BLOCK_D=block_d)
             clean = [c for c in configs
@@ -176,3 +179,46 @@ def test_no_triton_config_kept_for_sm90_spills():
                 continue
             assert clean, (kernel, block_d, "every config spills on sm_90")
             assert kept == clean, (kernel, block_d)
+
+
+def test_merge_model_counts_the_fused_kernel_against_the_pytorch_chain():
+    """One split forward's merge: the fused kernel reads the partials once (S float32 outputs
+    and LSEs in, out and lse written); the PyTorch chain moves more than three times that, in
+    8 kernels."""
+    from ccam_kernels.perf_model import merge
+
+    S, B, N, H, D = 2, 1, 1024, 16, 64
+    o = B * N * H * D * 4
+    fused = merge.merge_cost(S, B, N, H, D, 2, "fused")
+    assert fused["kernels"] == 1 and fused["hbm_bytes"] == S * o + S * B * H * N * 4 + o // 2 + B * H * N * 4
+    assert merge.merge_cost(S, B, N, H, D, 2, "fused", keep_acc=True)["hbm_bytes"] == fused["hbm_bytes"] + o
+    chain = merge.merge_cost(S, B, N, H, D, 2, "pytorch")
+    assert chain["kernels"] == 8 and chain["hbm_bytes"] > 3 * S * o and chain["seconds"] > fused["seconds"]
+    recs = perf_model.predict(launches.Shape(1024, 16, 16, 64, 729, (96,)))
+    merged = {r["backend"]: r for r in recs if r["kernel"] == "merge"}
+    assert merged["triton"]["merge"] == merged["cuda"]["merge"] == "fused"
+    assert merged["triton"]["ctas"] == 16 * 1024 // 64 and merged["cuda"]["ctas"] == 16 * 1024 // 16
+
+
+def test_the_split_merge_kernel_does_not_spill_on_sm90():
+    """backends/triton_merge.py's one config at every head dim, from the committed table."""
+    from ccam_kernels.backends import triton_merge
+
+    table = resources.load()["triton_sm_90"]
+    for block_d in resources.TRITON_HEAD_DIMS:
+        res = table[resources.triton_config_key("merge", block_d, triton_merge.NUM_WARPS, 1)]
+        assert res["spill_stores"] == res["spill_loads"] == 0, block_d
+
+
+def test_every_triton_loop_load_is_pipelined_on_sm90():
+    """With the head dim a whole tile (EVEN_D: head dims 16, 32, 64, 128) every kernel's loop
+    loads become asynchronous copies for sm_90 in every config (the committed table: TTGIR of
+    each compile); before EVEN_D the forward's and dQ's had none (docs/gpu.md)."""
+    from ccam_kernels.backends import triton_kernels
+
+    table = resources.load()["triton_sm_90"]
+    for kernel in ("fwd", "dq", "dkdv"):
+        for block_d in resources.TRITON_HEAD_DIMS:
+            for w, s in triton_kernels.KERNEL_CONFIGS[kernel]:
+                res = table[resources.triton_config_key(kernel, block_d, w, s)]
+                assert res["async_copies"] >= 2 * (s - 1), (kernel, block_d, w, s)  # K and V (q and dO) each stage

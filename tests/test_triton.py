@@ -123,3 +123,16 @@ def test_triton_dropout_with_splits_and_partials(monkeypatch):
     dtype = DTYPES[0]
     q, k, v, dout = _inputs(*DROPOUT_SPLIT_CASE, dtype)
     check_dropout_with_splits_and_partials("triton", q, k, v, dout, dtype, TOLERANCE[dtype], monkeypatch)
+
+def test_triton_dkdv_row_tile_apart_from_the_other_kernels(monkeypatch):
+    """dK/dV walks rows in its own tile (on a GPU 32 rows at head dim 128 where the others take
+    64: triton_kernels.gpu_block_sizes), over the shared key-tile plan: here 32 rows against
+    16-key tiles, the other kernels at 16 rows; every gradient still the oracle's."""
+    from ccam_kernels.backends import triton_kernels
+
+    real = triton_kernels.block_sizes
+    monkeypatch.setattr(triton_kernels, "block_sizes",
+                        lambda d, kernel="fwd": (32, *real(d, kernel)[1:]) if kernel == "dkdv" else real(d, kernel))
+    dtype = DTYPES[-1]
+    q, k, v, dout = _inputs(45, 2, 1, 24, (3, 7, 1), 5, False, dtype)
+    _check(q, k, v, dout, (3, 7, 1), 5, dtype)

@@ -42,6 +42,7 @@ from .partial_ops import define_partial_ops
 FWD_BLOCK_M = 64
 FWD_BLOCK_N = 64  # ccam::kFwdBlockN
 BWD_KEY_TILE = 64  # ccam::kBwdKeyTile
+MERGE_ROWS = 16  # ccam::kMergeRows (merge.cuh): rows of one (sample, head) per merge CTA
 DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -60,7 +61,7 @@ def devices() -> tuple:
 
 @functools.cache
 def _register_fakes() -> None:
-    for op in ("cuda_fwd", "cuda_bwd_dq", "cuda_bwd_dkdv"):  # they write their outputs in place
+    for op in ("cuda_fwd", "cuda_bwd_dq", "cuda_bwd_dkdv", "cuda_merge"):  # they write their outputs in place
         torch.library.register_fake(f"ccam_kernels::{op}")(lambda *args, **kwargs: None)
 
 
@@ -142,11 +143,12 @@ def _dropout_args(dropout, device) -> tuple:
 
 
 def _forward_launch(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float,
-                    out=None, dropout=None):
+                    out=None, dropout=None, keep_acc: bool = True):
     """The forward over each sample's frame window [f0, f1) (k, v: the windows' keys; the
-    whole-video op is the windows [0, T)). With ``out`` (B, N, H, D) and one split the kernel
-    writes ``out`` and this returns (out, lse); otherwise the kernel writes float32 split
-    partials (out_partial mode): (merged float32 output, lse)."""
+    whole-video op is the windows [0, T)). With ``out`` (B, N, H, D), one split and no
+    ``keep_acc`` the kernel writes ``out`` and this returns (None, lse); otherwise the kernel
+    writes float32 split partials (out_partial mode), merged into ``out`` when given: (the
+    float32 output if keep_acc or no out, lse)."""
     B, (N, H, D) = len(frame_counts), q.shape[-3:]
     p = tiling.window_plan(frame_counts, frame_ranges, tokens_per_frame, FWD_BLOCK_N, q.device)
     programs = B * H * math.ceil(N / FWD_BLOCK_M)
@@ -154,14 +156,29 @@ def _forward_launch(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_pe
     splits = tiling.num_splits(programs, spans, tokens_per_frame, FWD_BLOCK_N, q.device)
     plan = (p.frames, p.key_start, p.first_frame, p.end_frame)
     drop = _dropout_args(dropout, q.device)
-    if splits > 1 or out is None:
+    if splits > 1 or out is None or keep_acc:
         parts = torch.empty(splits, B, N, H, D, device=q.device, dtype=torch.float32)
         lse_parts = torch.empty(splits, B, H, N, device=q.device, dtype=torch.float32)
         torch.ops.ccam_kernels.cuda_fwd(q, k, v, *plan, tokens_per_frame, scale, splits, parts, lse_parts, *drop)
-        return tiling.merge_splits(parts, lse_parts)
+        return merge_splits(parts, lse_parts, out, keep_acc)
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     torch.ops.ccam_kernels.cuda_fwd(q, k, v, *plan, tokens_per_frame, scale, 1, out, lse, *drop)
-    return out, lse
+    return None, lse
+
+
+def merge_splits(o_parts, lse_parts, out=None, keep_acc: bool = True):
+    """tiling.merge_splits in one kernel (csrc/ccam/merge.cuh, the op ccam_kernels::cuda_merge):
+    each partial read once, ``out`` (q's dtype) written when given, the float32 output only when
+    kept. -> (acc (B, N, H, D) float32 or None, lse (B, H, N)). One split needs no merge."""
+    S, B, N, H, D = o_parts.shape
+    if S == 1:
+        return tiling.merge_splits(o_parts, lse_parts, out, keep_acc)
+    keep = keep_acc or out is None
+    acc = o_parts.new_empty((B, N, H, D) if keep else (0,))
+    lse = lse_parts.new_empty(B, H, N)
+    dst = out if out is not None else o_parts.new_empty(0, dtype=torch.float16)
+    torch.ops.ccam_kernels.cuda_merge(o_parts, lse_parts, dst, acc, lse)
+    return (acc if keep else None), lse
 
 
 def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, dropout_p: float = 0.0,

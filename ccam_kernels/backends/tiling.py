@@ -3,8 +3,9 @@
 The kernels read the mask rule from small per-sample tensors (frame counts, key offsets and,
 for partial attention, the frame window [f0, f1) whose keys k/v hold) and, for the dK/dV pass,
 from a list of key tiles (sample, first key); this module builds them, picks the split-KV
-factor, and does the two small float32 steps around the kernels: the softmax backward's
-per-row constant and the merge of split-KV partials.
+factor, and does the small float32 steps around the kernels: the softmax backward's per-row
+constant, and the merge of split-KV partials in PyTorch ops (the reference of the backends'
+one-kernel merges, triton_merge.py and csrc/ccam/merge.cuh).
 """
 
 from __future__ import annotations
@@ -67,16 +68,14 @@ def dropout_of(dropout_p: float, seed) -> Optional[Dropout]:
 def whole_video_forward(launch, q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, keep_acc: bool,
                         dropout: Optional[Dropout] = None):
     """A kernel backend's whole-video forward: its window launch over [0, T_b) of every sample.
-    ``launch(q, k, v, frame_counts, frame_ranges, tokens_per_frame, scale, out)`` writes into
-    ``out`` (q's dtype) when given one and the kernels need no split, and returns (acc, lse);
-    otherwise acc is the merged float32 output. -> (out in q's dtype, lse, acc if keep_acc)."""
+    ``launch(q, k, v, frame_counts, frame_ranges, tokens_per_frame, scale, out, dropout=,
+    keep_acc=)`` writes ``out`` (q's dtype; the kernel itself without a split and without
+    keep_acc, else the merge of its float32 partials) and returns (the float32 output if
+    keep_acc else None, lse). -> (out in q's dtype, lse, acc if keep_acc)."""
     B, (N, H, D) = len(frame_counts), q.shape[-3:]
     out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
-    acc, lse = launch(q, k, v, frame_counts, whole_videos(frame_counts), tokens_per_frame, scale,
-                      None if keep_acc else out, dropout=dropout)
-    if acc is out:
-        return out, lse, None
-    out.copy_(acc)
+    acc, lse = launch(q, k, v, frame_counts, whole_videos(frame_counts), tokens_per_frame, scale, out,
+                      dropout=dropout, keep_acc=keep_acc)
     return out, lse, acc if keep_acc else None
 
 
@@ -143,18 +142,26 @@ def splits_for_sms(programs: int, frame_counts: tuple, tokens_per_frame: int, bl
     return max(1, min(MAX_SPLITS, -(-2 * sms // programs), key_tiles // 2))
 
 
-def merge_splits(o_parts: torch.Tensor, lse_parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge split-KV partials by their log-sum-exp: (out (B, N, H, D) float32, lse (B, H, N)).
+def merge_splits(o_parts: torch.Tensor, lse_parts: torch.Tensor, out: Optional[torch.Tensor] = None,
+                 keep_acc: bool = True) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Merge split-KV partials by their log-sum-exp: (acc (B, N, H, D) float32, lse (B, H, N)).
     o_parts: (S, B, N, H, D) float32, lse_parts: (S, B, H, N) float32, -inf where a split saw
-    nothing live for a row (its weight is then 0). One split is returned as it is."""
+    nothing live for a row (its weight is then 0). One split is returned as it is. With ``out``
+    the merged output is also written there (its dtype); ``keep_acc`` False then returns no
+    acc. In PyTorch ops (about eight kernels): the reference the backends' one-kernel merges
+    (triton_merge.merge_splits, cuda_backend.merge_splits) are tested against."""
     if o_parts.shape[0] == 1:
-        return o_parts[0], lse_parts[0]
-    lse = torch.logsumexp(lse_parts, dim=0)
-    # A row no split saw (a partial's query before its frame window) keeps lse = -inf and
-    # output 0: shift by 0 there, so its weights are exp(-inf) = 0 rather than NaN.
-    shift = torch.where(torch.isneginf(lse), 0.0, lse)
-    weight = torch.exp(lse_parts - shift).transpose(-1, -2).unsqueeze(-1)  # (S, B, N, H, 1)
-    return (weight * o_parts).sum(0), lse
+        acc, lse = o_parts[0], lse_parts[0]
+    else:
+        lse = torch.logsumexp(lse_parts, dim=0)
+        # A row no split saw (a partial's query before its frame window) keeps lse = -inf and
+        # output 0: shift by 0 there, so its weights are exp(-inf) = 0 rather than NaN.
+        shift = torch.where(torch.isneginf(lse), 0.0, lse)
+        weight = torch.exp(lse_parts - shift).transpose(-1, -2).unsqueeze(-1)  # (S, B, N, H, 1)
+        acc = (weight * o_parts).sum(0)
+    if out is not None:
+        out.copy_(acc)
+    return (acc if keep_acc or out is None else None), lse
 
 
 def softmax_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tiling
+from . import tiling, triton_merge
 from .triton_backend import interpreting
 from .triton_dropout import dropped
 
@@ -63,6 +63,19 @@ def _window_limit(rows, T, N, P, win0, n_keys):
     """Keys [0, limit) of the window that rows see: the mask rule's limit counted from the
     window's first key ``win0``, clamped to the window's ``n_keys`` keys."""
     return tl.minimum(tl.maximum(((rows * T) // N + 1) * P - win0, 0), n_keys)
+
+
+@triton.jit
+def _head_dim_mask(offs_d, D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """The columns < D of a BLOCK_D-wide tile. With EVEN_D (D == BLOCK_D: head dims 16, 32, 64,
+    128) a compile-time all-true mask: Triton cannot prove a runtime D's columns whole, so a
+    load masked by ``offs_d < D`` is not vectorized and the sm_90 pipeliner leaves it a
+    synchronous load (the forward's and dQ's K/V loads had no cp.async at any num_stages);
+    masked by a constant it becomes asynchronous copies, pipelined over num_stages."""
+    if EVEN_D:
+        return offs_d < BLOCK_D
+    else:
+        return offs_d < D
 
 
 @triton.jit
@@ -116,18 +129,25 @@ def _query_tile(FRAMES, KEY_START, FIRST_FRAME, END_FRAME, N, H, G, P, BLOCK_M: 
     return pid_bh, b.to(tl.int64), h, h // G, T, key0, offs_m, limit, lo, hi
 
 
-# (num_warps, num_stages) tried on a GPU (the performance model compiles each for sm_90).
+# (num_warps, num_stages) tried on a GPU, per kernel (the performance model compiles each for
+# sm_90). dK/dV holds two (BLOCK_N, BLOCK_D) float32 accumulators, the (BLOCK_M, BLOCK_N) S, P,
+# dP and dS tiles and, in the rows that straddle frames, the NaN rule's zeroed copies of q and
+# dO: at 4 warps (128 threads) that is more than 255 registers a thread at every head dim
+# (240-952 B of spills for sm_90, ptxas), so dK/dV tunes over 8 warps only.
 GPU_CONFIGS = tuple((w, st) for w in (4, 8) for st in (2, 3))
+KERNEL_CONFIGS = {"fwd": GPU_CONFIGS, "dq": GPU_CONFIGS, "dkdv": tuple(c for c in GPU_CONFIGS if c[0] == 8)}
 ONE_CONFIG_ENV = "CCAM_TRITON_ONE_CONFIG"
 
 
-def _configs():
-    """The autotune space: warps and pipeline stages (block sizes are fixed per head dim, so
-    the host-side tile plans stay valid). One config in the interpreter (nothing to time) and
-    under CCAM_TRITON_ONE_CONFIG=1 (the GPU suite's compute-sanitizer case: no tuning runs)."""
-    if interpreting() or os.environ.get(ONE_CONFIG_ENV, "") == "1":
-        return [triton.Config({}, num_warps=4, num_stages=1 if interpreting() else 2)]
-    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in GPU_CONFIGS]
+def _configs(kernel: str):
+    """The autotune space of ``kernel`` (fwd, dq, dkdv): warps and pipeline stages (block
+    sizes are fixed per head dim, so the host-side tile plans stay valid). One config in the
+    interpreter (nothing to time) and under CCAM_TRITON_ONE_CONFIG=1 (the GPU suite's
+    compute-sanitizer case: no tuning runs; the kernel's first config)."""
+    if interpreting():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    configs = [triton.Config({}, num_warps=w, num_stages=st) for w, st in KERNEL_CONFIGS[kernel]]
+    return configs[:1] if os.environ.get(ONE_CONFIG_ENV, "") == "1" else configs
 
 
 def _without_spills(kernel: str):
@@ -167,7 +187,7 @@ def tune_class(num_query: int, keys_per_video: int) -> int:
 _TUNE_KEY = ["D", "IEEE", "TUNE_CLASS", "DROPOUT"]
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY + ["SPLIT"], prune_configs_by={"early_config_prune": _without_spills("fwd")},
+@triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY + ["SPLIT"], prune_configs_by={"early_config_prune": _without_spills("fwd")},
                  cache_results=True)
 @triton.jit
 def _fwd_kernel(
@@ -176,7 +196,7 @@ def _fwd_kernel(
     stride_kl, stride_kh, stride_vl, stride_vh,
     stride_ob, stride_on, stride_oh,
     N, H, G, P, D, qk_scale, num_splits, TUNE_CLASS, drop_threshold, drop_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
     SPLIT: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """One (query tile, sample, head), or with SPLIT one share of its key tiles: then O and LSE
@@ -187,7 +207,7 @@ def _fwd_kernel(
         FRAMES, KEY_START, FIRST_FRAME, END_FRAME, N, H, G, P, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
-    d_ok = offs_d < D
+    d_ok = _head_dim_mask(offs_d, D, BLOCK_D, EVEN_D)
     win0 = tl.load(FIRST_FRAME + b).to(tl.int64) * P  # dropout counts keys from the video's start
 
     q_ptrs = Q + b * stride_qb + offs_m[:, None].to(tl.int64) * stride_qn + h * stride_qh + offs_d[None, :]
@@ -262,7 +282,7 @@ def _fwd_kernel(
     tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=row_ok)
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _without_spills("dq")},
+@triton.autotune(configs=_configs("dq"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _without_spills("dq")},
                  cache_results=True)
 @triton.jit
 def _bwd_dq_kernel(
@@ -271,7 +291,7 @@ def _bwd_dq_kernel(
     stride_kl, stride_kh, stride_vl, stride_vh,
     stride_db, stride_dn, stride_dh,
     N, H, G, P, D, qk_scale, TUNE_CLASS, drop_threshold, drop_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
     DROPOUT: tl.constexpr,
 ):
     """dQ of one (sample, head, query tile), float32, into DQ (B, N, H, D) contiguous. A row
@@ -280,7 +300,7 @@ def _bwd_dq_kernel(
         FRAMES, KEY_START, FIRST_FRAME, END_FRAME, N, H, G, P, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
-    d_ok = offs_d < D
+    d_ok = _head_dim_mask(offs_d, D, BLOCK_D, EVEN_D)
     rd = row_ok[:, None] & d_ok[None, :]
     rows = offs_m[:, None].to(tl.int64)
     q = tl.load(Q + b * stride_qb + rows * stride_qn + h * stride_qh + offs_d[None, :], mask=rd, other=0.0)
@@ -318,7 +338,7 @@ def _bwd_dq_kernel(
     tl.store(dq_base + rows * (H * D) + h * D + offs_d[None, :], dq, mask=rd)
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _without_spills("dkdv")},
+@triton.autotune(configs=_configs("dkdv"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _without_spills("dkdv")},
                  cache_results=True)
 @triton.jit
 def _bwd_dkdv_kernel(
@@ -328,7 +348,7 @@ def _bwd_dkdv_kernel(
     stride_db, stride_dn, stride_dh,
     stride_dkl, stride_dkh, stride_dvl, stride_dvh,
     N, H, G, P, D, qk_scale, TUNE_CLASS, drop_threshold, drop_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
     DROPOUT: tl.constexpr,
 ):
     """dK, dV of one key tile of one sample and one kv head, summed over the heads of its group
@@ -345,7 +365,7 @@ def _bwd_dkdv_kernel(
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < n_keys
-    d_ok = offs_d < D
+    d_ok = _head_dim_mask(offs_d, D, BLOCK_D, EVEN_D)
     nd = n_ok[:, None] & d_ok[None, :]
     keys = (key0 + offs_n)[:, None]
     k = tl.load(K + keys * stride_kl + hk * stride_kh + offs_d[None, :], mask=nd, other=0.0)
@@ -423,19 +443,22 @@ def _bwd_dkdv_kernel(
 # -- launchers -----------------------------------------------------------------------------
 
 
-def block_sizes(head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D). Small tiles under the interpreter (fast, and many tiles
-    straddle frames, so the masked paths are exercised at test shapes)."""
+def block_sizes(head_dim: int, kernel: str = "fwd") -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D) of ``kernel`` (fwd, dq, dkdv; BLOCK_M: query rows, BLOCK_N:
+    keys). Small tiles under the interpreter (fast, and many tiles straddle frames, so the
+    masked paths are exercised at test shapes)."""
     if interpreting():
         return 16, 16, max(16, triton.next_power_of_2(head_dim))
-    return gpu_block_sizes(head_dim)
+    return gpu_block_sizes(head_dim, kernel)
 
 
-def gpu_block_sizes(head_dim: int) -> tuple[int, int, int]:
-    """block_sizes on a GPU (the performance model asks for these on CPU)."""
+def gpu_block_sizes(head_dim: int, kernel: str = "fwd") -> tuple[int, int, int]:
+    """block_sizes on a GPU (the performance model asks for these on CPU). Every kernel shares
+    BLOCK_N (one key-tile plan); dK/dV at head dim 128 walks its rows 32 at a time: with 64, its
+    (64, 32) score tiles and two (32, 128) float32 accumulators spill at 8 warps too (sm_90)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_d >= 128:
-        return 64, 32, block_d
+        return (32 if kernel == "dkdv" else 64), 32, block_d
     return 64, 64, block_d
 
 
@@ -462,17 +485,18 @@ def _dropout_args(dropout, device) -> tuple:
 
 
 def _forward_launch(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_per_frame: int, scale: float,
-                    out=None, dropout=None):
+                    out=None, dropout=None, keep_acc: bool = True):
     """The forward over each sample's frame window (k, v: the windows' keys). With ``out``
-    (B, N, H, D) and one split, the kernel writes ``out`` and this returns (out, lse);
-    otherwise the kernel writes float32 split partials: (merged float32 output, lse)."""
+    (B, N, H, D), one split and no ``keep_acc``, the kernel writes ``out`` and this returns
+    (None, lse); otherwise the kernel writes float32 split partials and one merge kernel
+    (triton_merge) writes ``out`` when given: (the float32 output if keep_acc or no out, lse)."""
     B, (N, H, D), Hkv = len(frame_counts), q.shape[-3:], k.shape[1]
-    block_m, block_n, block_d = block_sizes(D)
+    block_m, block_n, block_d = block_sizes(D, "fwd")
     p = tiling.window_plan(frame_counts, frame_ranges, tokens_per_frame, block_n, q.device)
     grid = (B * H, triton.cdiv(N, block_m))
     spans = tuple(f1 - f0 for f0, f1 in frame_ranges)
     splits = tiling.num_splits(grid[0] * grid[1], spans, tokens_per_frame, block_n, q.device)
-    split = splits > 1 or out is None
+    split = splits > 1 or out is None or keep_acc
     if split:  # float32 partials, merged below
         o_dst = torch.empty(splits, B, N, H, D, device=q.device, dtype=torch.float32)
         lse_dst = torch.empty(splits, B, H, N, device=q.device, dtype=torch.float32)
@@ -485,11 +509,12 @@ def _forward_launch(q, k, v, frame_counts: tuple, frame_ranges: tuple, tokens_pe
         *tiling.q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *o_strides,
         N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E.value, splits,
         tune_class(N, max(spans, default=0) * tokens_per_frame), drop_threshold, drop_scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), SPLIT=split, DROPOUT=drop,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=D == block_d, IEEE=_use_ieee(q.dtype), SPLIT=split,
+        DROPOUT=drop,
     )
     if not split:
-        return out, lse_dst
-    return tiling.merge_splits(o_dst, lse_dst)
+        return None, lse_dst
+    return triton_merge.merge_splits(o_dst, lse_dst, out, keep_acc)
 
 
 def forward(q, k, v, frame_counts: tuple, tokens_per_frame: int, scale: float, keep_acc: bool = False,
@@ -515,24 +540,25 @@ def _backward_launch(dout, q, k, v, lse, delta, frame_counts: tuple, frame_range
                      scale: float, dropout=None):
     """(dq, dk, dv) from the softmax's per-row (lse, delta), over each sample's frame window."""
     B, (N, H, D), Hkv = len(frame_counts), q.shape[-3:], k.shape[1]
-    block_m, block_n, block_d = block_sizes(D)
+    block_m, block_n, block_d = block_sizes(D, "dq")
     p = tiling.window_plan(frame_counts, frame_ranges, tokens_per_frame, block_n, q.device)
     dq_rows = torch.empty(B, N, H, D, device=q.device, dtype=torch.float32)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     seed, drop_threshold, drop_scale, drop = _dropout_args(dropout, q.device)
-    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=_use_ieee(q.dtype), DROPOUT=drop)
+    common = dict(BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=D == block_d, IEEE=_use_ieee(q.dtype), DROPOUT=drop)
     keys = max((f1 - f0 for f0, f1 in frame_ranges), default=0) * tokens_per_frame
     sizes = (N, H, H // Hkv, tokens_per_frame, D, scale * LOG2E.value, tune_class(N, keys), drop_threshold, drop_scale)
     strides = (*tiling.q_strides(q), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1), dout.stride(2))
     windows = (p.frames, p.key_start, p.first_frame, p.end_frame)
     _bwd_dq_kernel[(B * H, triton.cdiv(N, block_m))](
-        q, k, v, dout, lse, delta, dq_rows, *windows, seed, *strides, *sizes, **common)
+        q, k, v, dout, lse, delta, dq_rows, *windows, seed, *strides, *sizes, BLOCK_M=block_m, **common)
     if p.tile_sample.numel():  # no key tile when every window is empty (k, v have no rows)
         _bwd_dkdv_kernel[(p.tile_sample.numel(), Hkv)](
             q, k, v, dout, lse, delta, dk, dv, *windows, p.tile_sample, p.tile_start, seed, *strides,
-            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *sizes, **common)
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *sizes, BLOCK_M=block_sizes(D, "dkdv")[0],
+            **common)
     dq = dq_rows.sum(0) if q.dim() == 3 else dq_rows
     return dq.to(q.dtype), dk, dv
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from .. import mask
 from ..config import CCAMConfig
-from . import launches, machine, resources
+from . import launches, machine, merge, resources
 from .launches import Shape
 
 __all__ = ["Shape", "default_shapes", "predict"]
@@ -70,7 +70,7 @@ def _triton_options(table: dict, s: Shape, launch) -> list:
 
     block_d = triton_kernels.gpu_block_sizes(s.head_dim)[2]
     found = []
-    for warps, stages in triton_kernels.GPU_CONFIGS:
+    for warps, stages in triton_kernels.KERNEL_CONFIGS[launch.kernel]:
         key = resources.triton_config_key(launch.kernel, block_d, warps, stages)
         res = table["triton_sm_90"].get(key)
         if res is None or res["spill_stores"] or res["spill_loads"]:
@@ -79,9 +79,34 @@ def _triton_options(table: dict, s: Shape, launch) -> list:
     return found
 
 
-def predict(s: Shape, backends=("cuda", "triton"), sms: int = launches.SMS, rates=None) -> list:
-    """One record per backend and kernel (fwd, dq, dkdv) and one per backward ("bwd", the two
-    passes back to back) for shape s."""
+def _merge_record(s: Shape, backend: str, splits: int, how: str) -> dict:
+    """The split forward's merge (perf_model/merge.py): memory-bound, so no CTA schedule
+    (balance None; ctas: the fused kernel's grid, 0 for PyTorch's chain of ops)."""
+    cost = merge.merge_cost(splits, len(s.frame_counts), s.num_query, s.heads, s.head_dim, s.elem_bytes, how)
+    ctas = 0
+    if how == "fused":
+        if backend == "cuda":
+            from ..backends.cuda_backend import MERGE_ROWS as rows
+        else:
+            from ..backends.triton_merge import block_rows
+
+            rows = block_rows(s.head_dim)
+        ctas = len(s.frame_counts) * s.heads * -(-s.num_query // rows)
+    return {
+        "backend": backend, "kernel": "merge", "pass": "fwd", "frames": list(s.frame_counts),
+        "batch": len(s.frame_counts), "num_query": s.num_query, "heads": s.heads, "kv_heads": s.kv_heads,
+        "head_dim": s.head_dim, "tokens_per_frame": s.tokens_per_frame, "dtype": s.dtype, "splits": splits,
+        "merge": how, "kernels": cost["kernels"], "ctas": ctas, "balance": None, "issued_tflop": 0.0,
+        "hbm_bytes": cost["hbm_bytes"], "l2_bytes": cost["hbm_bytes"], "predicted_ms": cost["seconds"] * 1e3,
+    }
+
+
+def predict(s: Shape, backends=("cuda", "triton"), sms: int = launches.SMS, rates=None, merges=None) -> list:
+    """One record per backend and kernel (fwd, dq, dkdv), one for the forward's merge of its
+    split partials ("merge", when it splits; ``merges`` {backend: "fused" | "pytorch"} overrides
+    how, default merge.BACKEND_MERGE) and one per backward ("bwd", the two passes back to back)
+    for shape s."""
+    merges = {**merge.BACKEND_MERGE, **(merges or {})}
     table = resources.load()
     rates = {**machine.RATE_TFLOPS, **(rates or {})}
     records = []
@@ -121,6 +146,8 @@ def predict(s: Shape, backends=("cuda", "triton"), sms: int = launches.SMS, rate
             if backend == "cuda":
                 rec["mma_per_cta"] = launch.mma
             records.append(rec)
+            if kernel == "fwd" and launch.splits > 1:
+                records.append(_merge_record(s, backend, launch.splits, merges[backend]))
             if kernel != "fwd":
                 bwd.append((rec, sim))
         slots = [sms * rec["resident_per_sm"] for rec, _ in bwd]

@@ -36,6 +36,8 @@ def parse(argv=None) -> argparse.Namespace:
                    help="issued tensor TF/s the cuda kernels sustain (stated estimate)")
     p.add_argument("--rate-triton", type=float, default=machine.RATE_TFLOPS["triton"],
                    help="issued tensor TF/s the triton kernels sustain (stated estimate)")
+    p.add_argument("--merge", choices=("fused", "pytorch"),
+                   help="how both backends merge split partials (default: triton fused, cuda pytorch)")
     p.add_argument("--json", action="store_true", help="print the records as a JSON list")
     return p.parse_args(argv)
 
@@ -63,7 +65,10 @@ def table(records: list) -> str:
         shown = f"{frames[0]}x{len(frames)}" if len(set(frames)) == 1 else ",".join(map(str, frames))
         kernel = r["kernel"] + (f" ({r['config']})" if r["backend"] == "triton" and "config" in r else "")
         live = f"{r['live_tflop']:.3f}" if "live_tflop" in r else ""
-        cells = [r["backend"], kernel, shown, r["ctas"], r.get("resident_per_sm", ""), f"{r['balance']:.2f}",
+        if r["kernel"] == "merge":
+            kernel = f"merge ({r['merge']}, {r['kernels']} kernels)"
+        balance = "" if r["balance"] is None else f"{r['balance']:.2f}"
+        cells = [r["backend"], kernel, shown, r["ctas"], r.get("resident_per_sm", ""), balance,
                  f"{r['issued_tflop']:.3f}", live, f"{r['l2_bytes'] / 1e9:.2f}", f"{r['hbm_bytes'] / 1e9:.2f}",
                  f"{r['predicted_ms']:.3f}"]
         rows.append("| " + " | ".join(map(str, cells)) + " |")
@@ -74,7 +79,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     rates = {"cuda": args.rate_cuda, "triton": args.rate_triton}
     backends = tuple(args.backend or ("cuda", "triton"))
-    records = [r for s in shapes_of(args) for r in predict(s, backends, args.sms, rates)]
+    merges = {b: args.merge for b in backends} if args.merge else None
+    records = [r for s in shapes_of(args) for r in predict(s, backends, args.sms, rates, merges)]
     if args.json:
         json.dump(records, sys.stdout)
         sys.stdout.write("\n")

@@ -217,12 +217,13 @@ def triton_launches(s: Shape, sms: int = SMS) -> dict:
             dq.flops.append(3 * n * dot)
             dq.l2_bytes.append(2 * bm * D * e + n * 2 * bn * D * e + bm * D * 4 + 2 * bm * 4)
     out["dq"] = dq
-    samples, steps = _row_tiles_of_key_tiles(s, bn, bm)
-    dkdv = Launch("triton", "dkdv", (len(samples), s.heads // s.group, 1), 0, 0, block=(bn, bm))
+    rm = triton_kernels.gpu_block_sizes(s.head_dim, "dkdv")[0]  # dK/dV's row tile (32 at head dim 128)
+    samples, steps = _row_tiles_of_key_tiles(s, bn, rm)
+    dkdv = Launch("triton", "dkdv", (len(samples), s.heads // s.group, 1), 0, 0, block=(bn, rm))
     for _ in range(s.heads // s.group):
         for n in steps:
             walked = n * s.group
-            dkdv.flops.append(4 * walked * dot)
-            dkdv.l2_bytes.append(4 * bn * D * e + walked * (2 * bm * D * e + 2 * bm * 4))
+            dkdv.flops.append(4 * walked * 2 * rm * bn * bd)
+            dkdv.l2_bytes.append(4 * bn * D * e + walked * (2 * rm * D * e + 2 * rm * 4))
     out["dkdv"] = dkdv
     return out

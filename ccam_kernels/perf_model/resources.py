@@ -105,11 +105,11 @@ def triton_config_key(kernel: str, block_d: int, num_warps: int, num_stages: int
     return f"{kernel}|D{block_d}|w{num_warps}s{num_stages}"
 
 
-def triton_configs() -> list[tuple[int, int]]:
-    """(num_warps, num_stages) of the GPU autotune space (triton_kernels._configs)."""
+def triton_configs(kernel: str) -> list[tuple[int, int]]:
+    """(num_warps, num_stages) of ``kernel``'s GPU autotune space (triton_kernels._configs)."""
     from ..backends import triton_kernels
 
-    return [(w, s) for w, s in triton_kernels.GPU_CONFIGS]
+    return [(w, s) for w, s in triton_kernels.KERNEL_CONFIGS[kernel]]
 
 
 def _compile_triton(args) -> tuple[str, dict]:
@@ -120,9 +120,10 @@ def _compile_triton(args) -> tuple[str, dict]:
     from ..backends import triton_kernels
 
     fn = getattr(triton_kernels, {"fwd": "_fwd_kernel", "dq": "_bwd_dq_kernel", "dkdv": "_bwd_dkdv_kernel"}[kernel]).fn
-    block_m, block_n, _ = triton_kernels.gpu_block_sizes(block_d)
+    block_m, block_n, _ = triton_kernels.gpu_block_sizes(block_d, kernel)
     # The kernels without dropout (DROPOUT compiles it out), as the v1.2 inference shape runs them.
-    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=False, DROPOUT=False)
+    # Head dim = BLOCK_D (EVEN_D: v1.2's 64, and 32, 128): its loads are the pipelined ones.
+    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=True, IEEE=False, DROPOUT=False)
     if "SPLIT" in fn.arg_names:
         constexprs["SPLIT"] = False
     sig, attrs = _triton_signature(fn, constexprs, "bf16")
@@ -130,15 +131,40 @@ def _compile_triton(args) -> tuple[str, dict]:
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
     report = _ptxas_report(compiled.asm["ptx"])
     report["shared"] = int(compiled.metadata.shared)
+    # Loads the sm_90 pipeliner made asynchronous copies (cp.async into shared memory, issued
+    # num_stages - 1 iterations ahead): 0 means every load of the loops is synchronous.
+    report["async_copies"] = compiled.asm["ttgir"].count("async_copy_global_to_local")
     return triton_config_key(kernel, block_d, warps, stages), report
 
 
+def _compile_merge(args) -> tuple[str, dict]:
+    """The split merge (backends/triton_merge.py) at one head dim, writing the float32 output
+    too (keep_acc: its most registers), bf16 out."""
+    block_d, = args
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from ..backends import triton_merge
+
+    fn = triton_merge._merge_kernel
+    constexprs = dict(BLOCK_R=triton_merge.block_rows(block_d), BLOCK_D=block_d, WRITE_OUT=True, WRITE_ACC=True)
+    pointers = {"O_PARTS": "*fp32", "LSE_PARTS": "*fp32", "OUT": "*bf16", "ACC": "*fp32", "LSE": "*fp32"}
+    sig = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in fn.arg_names}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=triton_merge.NUM_WARPS))
+    report = _ptxas_report(compiled.asm["ptx"])
+    report["shared"] = int(compiled.metadata.shared)
+    return triton_config_key("merge", block_d, triton_merge.NUM_WARPS, 1), report
+
+
 def triton_resources(jobs: int | None = None) -> dict:
-    """{kernel|D|config: {registers, spills, shared, serialized_wgmma}} for sm_90 (bf16; fp16
-    compiles to the same resources)."""
-    work = [(k, d, w, s) for k in ("fwd", "dq", "dkdv") for d in TRITON_HEAD_DIMS for w, s in triton_configs()]
+    """{kernel|D|config: {registers, spills, shared, serialized_wgmma, async_copies}} for sm_90 (bf16; fp16
+    compiles to the same resources), the split merge's one config included."""
+    work = [(k, d, w, s) for k in ("fwd", "dq", "dkdv") for d in TRITON_HEAD_DIMS for w, s in triton_configs(k)]
     with concurrent.futures.ProcessPoolExecutor(jobs or os.cpu_count() or 1) as pool:
-        return dict(sorted(pool.map(_compile_triton, work)))
+        table = dict(pool.map(_compile_triton, work))
+        table.update(pool.map(_compile_merge, [(d,) for d in TRITON_HEAD_DIMS]))
+    return dict(sorted(table.items()))
 
 
 def generate() -> dict:

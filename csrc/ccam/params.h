@@ -66,6 +66,17 @@ struct BwdParams : AttentionShape {
   int64_t dk_stride_l, dk_stride_h, dv_stride_l, dv_stride_h;
 };
 
+// The split forward's merge (merge.cuh): S float32 partials and their LSEs -> the output in the
+// inputs' dtype (when out is set), the float32 output (when acc is set) and the merged LSE. All
+// contiguous: o_parts (S, B, N, H, D), lse_parts (S, B, H, N), out and acc (B, N, H, D), lse
+// (B, H, N).
+struct MergeParams {
+  const float *o_parts, *lse_parts;
+  void* out;
+  float *acc, *lse;
+  int splits, batch, num_query, heads, head_dim;
+};
+
 // Head dims run in kernels built for a padded width DP in {32, 64, 96, 128}: the columns
 // D..DP-1 are zero-filled on load and never stored.
 constexpr int padded_head_dim(int d) { return d <= 32 ? 32 : d <= 64 ? 64 : d <= 96 ? 96 : 128; }
@@ -102,5 +113,6 @@ inline bool sm90_fwd_supported(const FwdParams& p) {
 }
 template <typename T, int DP> cudaError_t launch_bwd_dq(const BwdParams& p, cudaStream_t stream);
 template <typename T, int DP> cudaError_t launch_bwd_dkdv(const BwdParams& p, cudaStream_t stream);
+template <typename T, int DP> cudaError_t launch_merge(const MergeParams& p, cudaStream_t stream);
 
 }  // namespace ccam

@@ -3,11 +3,13 @@
 #include "../ccam/bwd.cuh"
 #include "../ccam/fwd.cuh"
 #include "../ccam/fwd_sm90.cuh"
+#include "../ccam/merge.cuh"
 
 #define CCAM_EMU_INSTANTIATE(T, DP)                                                         \
   template cudaError_t ccam::launch_fwd<T, DP>(const ccam::FwdParams&, cudaStream_t);     \
   template cudaError_t ccam::launch_bwd_dq<T, DP>(const ccam::BwdParams&, cudaStream_t);  \
-  template cudaError_t ccam::launch_bwd_dkdv<T, DP>(const ccam::BwdParams&, cudaStream_t);
+  template cudaError_t ccam::launch_bwd_dkdv<T, DP>(const ccam::BwdParams&, cudaStream_t); \
+  template cudaError_t ccam::launch_merge<T, DP>(const ccam::MergeParams&, cudaStream_t);
 
 CCAM_EMU_INSTANTIATE(__half, 32)
 CCAM_EMU_INSTANTIATE(__half, 64)

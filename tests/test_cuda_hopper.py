@@ -4,7 +4,10 @@ of the mma.sync kernels (tests/kernel_cases.py: ragged batches, GQA, T = 1, T no
 T > N, shared and batched q) at head dims up to 64 and 128, large logits, forced splits, and a
 partial call over frame windows; then mutation tests (a wrong swizzle, a missing wgmma wait, a
 wrong mbarrier parity, an expect_tx byte count off by one tile, a mask off by one in the hot
-loop), each of which must be caught. Built with g++ through ctypes (tests/emu_lib.py)."""
+loop, the NaN rule's sanitizer broken), each of which must be caught. Built with g++ through
+ctypes (tests/emu_lib.py). Then, through the cuda backend's op with the emulator standing for
+an sm_90 GPU: the NaN rule (docs/reference.md §7) and dropout (the reference's mask, same seed),
+and the dispatch with its CCAM_CUDA_SM90=0 switch."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import emu_lib
 from ccam_kernels.backends import tiling
 from conftest import rel_err
 from kernel_cases import CASES
-from oracle import attention_oracle
+from oracle import attention_oracle, attention_rows_oracle
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -134,18 +137,38 @@ MUTANTS = {
                           "mbarrier_wait(k_full + s, ((t / Tiles::kStages) & 1) ^ 1);"),
     "wrong-empty-parity": ("ccam/fwd_sm90.cuh", "const uint32_t free_parity = ((t / Tiles::kStages) & 1) ^ 1;",
                            "const uint32_t free_parity = ((t / Tiles::kStages) & 1);"),
-    "expect-tx-one-tile-more": ("ccam/fwd_sm90.cuh", "mbarrier_arrive_expect_tx(v_full + s, Tiles::kKVBytes);",
-                                "mbarrier_arrive_expect_tx(v_full + s, Tiles::kKVBytes + BN * 128);"),
+    "expect-tx-one-tile-more": ("ccam/fwd_sm90.cuh", "mbarrier_arrive_expect_tx(v_bar, Tiles::kKVBytes);",
+                                "mbarrier_arrive_expect_tx(v_bar, Tiles::kKVBytes + BN * 128);"),
     "expect-tx-one-tile-less": ("ccam/fwd_sm90.cuh", "mbarrier_arrive_expect_tx(q_full, Tiles::kQBytes);",
                                 "mbarrier_arrive_expect_tx(q_full, Tiles::kQBytes - BM * 128);"),
     "mask-off-by-one": ("ccam/fwd_sm90.cuh", "if (masked && j * 8 + 2 * (lane % 4) + (e & 1) >= cut) x = -INFINITY;",
                         "if (masked && j * 8 + 2 * (lane % 4) + (e & 1) > cut) x = -INFINITY;"),
     "consumer-rows-not-offset": ("ccam/fwd_sm90.cuh", "cw * 64 * 128 + (kk % 4) * 32", "(kk % 4) * 32"),
+    # The NaN rule: the sanitizer never flags a tile (rows that do not see a NaN get it), the
+    # consumers skip the NaN their rows see, they wait on the sanitized stage with the wrong
+    # parity, the sanitizer's zeroes are not fenced for the wgmma.
+    "nan-never-flagged": ("ccam/fwd_sm90.cuh", "const bool flagged = warp_any(!finite);", "const bool flagged = false;"),
+    "nan-seen-not-added": ("ccam/fwd_sm90.cuh", "if (load(v_flag + s)) {", "if (false && load(v_flag + s)) {"),
+    "nan-clean-wrong-parity": ("ccam/fwd_sm90.cuh", "mbarrier_wait(v_clean + s, ((t - n_full) / Tiles::kStages) & 1);",
+                               "mbarrier_wait(v_clean + s, (((t - n_full) / Tiles::kStages) & 1) ^ 1);"),
+    "nan-no-proxy-fence": ("ccam/fwd_sm90.cuh", "          fence_proxy_async();  // the wgmma", "          // the wgmma"),
 }
 
 # Ragged, GQA, batched q, three key tiles of 128 per sample (a ring stage is reused), two
-# consumer warpgroups (70 rows), frame boundaries inside tiles; splits; a frame-window call.
-MUTATION_CASE = dict(N=70, H=2, Hkv=1, D=32, counts=(3, 8), P=37, ranges=((1, 3), (2, 7)))
+# consumer warpgroups (70 rows), frame boundaries inside tiles; splits; a frame-window call;
+# and a NaN in v at key 150 of sample 1 (frame 4: rows 35.. see it), in its second key tile,
+# which straddles the rows' limits (every tile of that sample does).
+MUTATION_CASE = dict(N=70, H=2, Hkv=1, D=32, counts=(3, 8), P=37, ranges=((1, 3), (2, 7)), nan_key=3 * 37 + 150)
+
+
+def nan_rule_problems(out: torch.Tensor, want: torch.Tensor) -> list[str]:
+    """The NaN rule: NaN exactly where the row-by-row oracle has it, the rest within tolerance."""
+    bad, bad_want = ~torch.isfinite(out), ~torch.isfinite(want)
+    if not torch.equal(bad, bad_want):
+        return [f"NaN rule: {int((bad & ~bad_want).sum())} non-finite outputs where the formula is finite, "
+                f"{int((~bad & bad_want).sum())} finite where it is not"]
+    err = rel_err(out[~bad], want[~bad_want])
+    return [] if err <= TOL[torch.float16] else [f"NaN rule: rel err {err:.3g}"]
 
 
 def problems_found(lib: Sm90, seed: int) -> list[str]:
@@ -162,13 +185,17 @@ def problems_found(lib: Sm90, seed: int) -> list[str]:
     kr, vr = (keys_of_ranges(x, c["counts"], c["P"], c["ranges"]) for x in (k, v))
     want_w, _ = ccam_partial_attention(q.double(), kr.double(), vr.double(), c["counts"], c["P"], c["ranges"],
                                        scale=scale, backend="reference")
+    v_nan = v.clone()
+    v_nan[c["nan_key"], 0, int(torch.randint(c["D"], (), generator=gen))] = float("nan")
+    want_nan = attention_rows_oracle(q.double(), k.double(), v_nan.double(), c["counts"], c["P"], scale=scale)
     try:
         got = [("out", lib.forward(q, k, v, c["counts"], c["P"], scale)[0], want),
                ("out (3 splits)", lib.forward(q, k, v, c["counts"], c["P"], scale, splits=3)[0], want),
                ("window out", lib.forward(q, kr, vr, c["counts"], c["P"], scale, splits=2, ranges=c["ranges"])[0], want_w)]
+        out_nan = lib.forward(q, k, v_nan, c["counts"], c["P"], scale)[0]
     except emu_lib.EmulatorError as exc:
         return [f"emulator: {exc}"]
-    found = []
+    found = nan_rule_problems(out_nan, want_nan)
     for name, out, ref in got:
         err = rel_err(out, ref)
         if not err <= TOL[torch.float16]:  # NaN fails too
@@ -210,11 +237,22 @@ def test_each_mutation_is_caught(mutant, mutant_libraries, seed):
 # ---- dispatch ------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the emulator's sm_90 stand-in; a GPU run tests the real dispatch")
+EMULATED_SM90 = pytest.mark.skipif(torch.cuda.is_available(),
+                                   reason="the emulator's sm_90 stand-in; a GPU run tests the real dispatch")
+
+
+def forwards_launched(capfd) -> list[str]:
+    """The forward kernels the emulator launched since the last call (CCAM_EMU_TRACE=1)."""
+    err = capfd.readouterr().err
+    return [line.split()[-1] for line in err.splitlines() if line.startswith("ccam emulator: launch fwd")]
+
+
+@EMULATED_SM90
 @pytest.mark.parametrize("D", [40, 128])
 def test_the_cuda_backend_takes_the_sm90_forward_on_sm90(monkeypatch, capfd, D, generator):
     """Through the op (CCAM_CUDA_EMULATE=1): with the emulator standing for an sm_90 GPU
-    (CCAM_EMU_SM90=1) the forward launches fwd_sm90_kernel, else fwd_kernel; both match the
+    (CCAM_EMU_SM90=1) the forward launches fwd_sm90_kernel by default and fwd_kernel with
+    CCAM_CUDA_SM90=0 (the switch that forces mma.sync), as on any other GPU; all match the
     float64 oracle, and the backward (mma.sync kernels) runs on the sm_90 forward's LSE."""
     from ccam_kernels import ccam_attention
     from ccam_kernels.attention import BACKENDS
@@ -227,13 +265,81 @@ def test_the_cuda_backend_takes_the_sm90_forward_on_sm90(monkeypatch, capfd, D, 
     counts, P = (3, 5), 11
     q, k, v = inputs(37, 2, 1, D, counts, P, False, torch.bfloat16, generator)
     want = attention_oracle(q.double(), k.double(), v.double(), counts, P)
-    for sm90, kernel in (("1", "fwd_sm90_kernel"), ("0", "fwd_kernel")):
+    for sm90, force, kernel in (("1", None, "fwd_sm90_kernel"), ("1", "0", "fwd_kernel"), ("0", None, "fwd_kernel")):
         monkeypatch.setenv("CCAM_EMU_SM90", sm90)
+        if force is None:
+            monkeypatch.delenv("CCAM_CUDA_SM90", raising=False)
+        else:
+            monkeypatch.setenv("CCAM_CUDA_SM90", force)
         capfd.readouterr()
         x = [t.clone().requires_grad_() for t in (q, k, v)]
         out = ccam_attention(*x, counts, P, backend="cuda")
         out.float().sum().backward()
-        launched = capfd.readouterr().err
-        assert f"launch {kernel}\n" in launched and ("fwd_sm90_kernel" in launched) == (sm90 == "1"), launched
+        assert forwards_launched(capfd) == [kernel]
         assert rel_err(out, want) <= TOL[torch.bfloat16]
         assert all(torch.isfinite(t.grad).all() for t in x)
+
+
+@pytest.fixture
+def sm90_op(monkeypatch, capfd, cuda_here):
+    """The cuda backend's op with the emulator standing for an sm_90 GPU; returns a check that
+    every forward launched since its last call was the sm_90a kernel (and there was one)."""
+    monkeypatch.setenv("CCAM_EMU_SM90", "1")
+    monkeypatch.delenv("CCAM_CUDA_SM90", raising=False)
+    monkeypatch.setenv("CCAM_EMU_TRACE", "1")
+    capfd.readouterr()
+
+    def all_sm90():
+        launched = forwards_launched(capfd)
+        assert launched and set(launched) == {"fwd_sm90_kernel"}, launched
+
+    return all_sm90
+
+
+# (N, H, Hkv, D, frame counts, P, shared q), poison, the poisoned key (None: anywhere)
+NAN_CASES = [
+    pytest.param((4, 2, 2, 16, (3,), 2, True), "v-nan", None, id="one-tile-v-nan"),
+    pytest.param((21, 4, 2, 16, (7, 2), 3, False), "k-nan", None, id="ragged-gqa-k-nan"),
+    pytest.param((5, 2, 1, 16, (8,), 2, True), "v-inf", None, id="T-greater-than-N-v-inf"),
+    # Two query tiles of 128 rows, four key tiles: key 200 (frame 5, rows 63.. see it) is in a
+    # straddling tile of the first query tile and a whole tile of the second.
+    pytest.param((150, 2, 1, 16, (12,), 40, True), "v-nan", 200, id="tiles-v-nan-straddling"),
+    pytest.param((150, 2, 1, 16, (12,), 40, True), "q-nan", None, id="tiles-q-nan"),
+]
+
+
+@EMULATED_SM90
+@pytest.mark.parametrize("case,poison,key", NAN_CASES)
+def test_sm90_forward_follows_the_nan_rule(sm90_op, case, poison, key):
+    """tests/test_nan_rule.py's check (output without and with autograd, and the mma.sync
+    backward on this forward's LSE) with the forward on the sm_90a kernel: a NaN or inf reaches
+    exactly the rows that see it."""
+    from test_nan_rule import TOLERANCE, check_nan_rule
+
+    check_nan_rule("cuda", torch.float16, case, poison, TOLERANCE[torch.float16], key=key)
+    sm90_op()
+
+
+@EMULATED_SM90
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_sm90_forward_dropout_matches_the_reference(sm90_op, dtype):
+    """The same mask as the reference backend on the same seed (dropout.cuh): output and the
+    gradients (mma.sync backward); p = 0 is bitwise the call without dropout."""
+    from kernel_cases import DROPOUT_CASES, check_dropout_against_reference, make_inputs
+
+    for case in DROPOUT_CASES:
+        N, H, Hkv, D, counts, P, shared = case.values
+        q, k, v, dout = make_inputs(N, H, Hkv, D, counts, P, shared, dtype, "cpu")
+        check_dropout_against_reference("cuda", q, k, v, dout, counts, P, dtype, TOL[dtype])
+    sm90_op()
+
+
+@EMULATED_SM90
+def test_sm90_forward_dropout_with_splits_and_partials(sm90_op, monkeypatch):
+    """Forced splits and frame windows draw the same mask as one program."""
+    from kernel_cases import DROPOUT_SPLIT_CASE, check_dropout_with_splits_and_partials, make_inputs
+
+    dtype = torch.float16
+    q, k, v, dout = make_inputs(*DROPOUT_SPLIT_CASE, dtype, "cpu")
+    check_dropout_with_splits_and_partials("cuda", q, k, v, dout, dtype, TOL[dtype], monkeypatch)
+    sm90_op()

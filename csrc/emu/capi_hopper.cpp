@@ -286,6 +286,29 @@ int ccam_emu_hopper_case(int which, float* out, char* err, int errlen) {
         ccam::wgmma_ss<__half, 8>(acc, desc(4096, 128, 256), desc(6144, 128, 256), 0);
         break;
       }
+      case 20: case 21: case 22: {  // generic shared accesses ordered by mbarriers (race checker)
+        // 20: thread 0 writes, then arrives; thread 64 waits, then reads: ordered.
+        // 21: thread 0 arrives, then writes: the read races with the write.
+        // 22: thread 0 writes, arrives on A; thread 32 waits on A, arrives on B; thread 64 waits
+        //     on B and reads: ordered through thread 32.
+        auto* word = reinterpret_cast<uint32_t*>(ccam::smem_bytes + 2048);
+        if (t == 0) ccam::mbarrier_init(bar, 1), ccam::mbarrier_init(bar + 1, 1);
+        __syncthreads();
+        if (t == 0) {
+          if (which == 21) ccam::mbarrier_arrive(bar);
+          ccam::store(word, 42u);
+          if (which != 21) ccam::mbarrier_arrive(bar);
+        }
+        if (t == 32 && which == 22) {
+          ccam::mbarrier_wait(bar, 0);
+          ccam::mbarrier_arrive(bar + 1);
+        }
+        if (t == 64) {
+          ccam::mbarrier_wait(bar + (which == 22 ? 1 : 0), 0);
+          out[0] = static_cast<float>(ccam::load(word));
+        }
+        break;
+      }
       case 19: {  // more arrivals than the count
         if (t == 0) ccam::mbarrier_init(bar, 1);
         __syncthreads();

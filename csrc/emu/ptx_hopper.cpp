@@ -42,11 +42,15 @@ struct Copy {
   std::vector<unsigned char> data;
   uint32_t phase;
 };
+// For the race checker, a phase also carries its arrivals' joined vector clock (`arrived`),
+// which becomes the clock a completed wait acquires (`completed`): an arrive -> wait orders the
+// arriving thread's earlier shared accesses before the waiter's later ones.
 struct Barrier {
   int count = 0, pending = 0;
   int64_t tx = 0;
   uint32_t phase = 0;
   std::vector<Copy> copies;
+  std::vector<uint32_t> arrived, completed;
 };
 
 struct Pending {  // one wgmma's accumulator result, in flight until a covering wait_group
@@ -87,6 +91,8 @@ void complete_phase(Barrier& b, size_t off) {
   if (b.pending == 0 && b.tx == 0) {
     ++b.phase;
     b.pending = b.count;
+    b.completed = std::move(b.arrived);
+    b.arrived.clear();
   }
 }
 
@@ -278,6 +284,7 @@ void mbarrier_arrive(uint64_t* bar, uint32_t tx_bytes, bool expect_tx) {
   if (b.pending == 0) fail(std::string(what) + ": more arrivals than the barrier's count in one phase");
   b.tx += tx_bytes;
   --b.pending;
+  detail::clock_release(b.arrived);
   complete_phase(b, smem_off(bar));
 }
 
@@ -289,7 +296,10 @@ bool mbarrier_try_wait_parity(uint64_t* bar, uint32_t parity) {
   Barrier& b = barrier(bar, "mbarrier.try_wait.parity");
   const size_t off = smem_off(bar);
   parity &= 1;
-  if ((b.phase & 1) != parity) return true;
+  if ((b.phase & 1) != parity) {
+    detail::clock_acquire(b.completed);
+    return true;
+  }
   ThreadHopper& t = me();
   t.wait_bar = static_cast<int>(off), t.wait_parity = parity;
   Barrier* bp = &b;
@@ -299,6 +309,7 @@ bool mbarrier_try_wait_parity(uint64_t* bar, uint32_t parity) {
     return (bp->phase & 1) != parity;
   });
   t.wait_bar = -1;
+  detail::clock_acquire(bp->completed);
   return true;
 }
 

@@ -13,7 +13,8 @@
 //   - an element of a writable tensor is written once per launch, by one block and thread, and
 //     not read back (blocks run one at a time, so overlapping tiles would go unseen otherwise);
 //   - a race checker reports the first pair of accesses to one shared byte by two threads, at
-//     least one a write, with no barrier between them (the kernel, both threads, the offset).
+//     least one a write, with no barrier between them (the kernel, both threads, the offset):
+//     no __syncthreads, and no chain of mbarrier arrive -> completed wait (vector clocks).
 // Errors are ccam_emu::Error exceptions raised from the launch. One grid runs at a time (a
 // process-wide lock): the emulated CTA state is global.
 #pragma once
@@ -158,6 +159,11 @@ const Geometry& geometry();
 void proxy_fence();
 void async_read(const void* p, size_t bytes, int tid, const char* what);
 void async_write(const void* p, size_t bytes, const char* what);
+// The race checker's mbarrier edges: an arrive releases the calling thread's clock into the
+// phase's (`into`); a completed wait acquires the phase's clock. Inside one __syncthreads
+// interval, accesses ordered by arrive -> wait are no race.
+void clock_release(std::vector<uint32_t>& into);
+void clock_acquire(const std::vector<uint32_t>& from);
 }  // namespace detail
 
 }  // namespace ccam_emu

@@ -12,7 +12,6 @@ and the dispatch with its CCAM_CUDA_SM90=0 switch."""
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import os
 import pathlib
 
@@ -20,7 +19,6 @@ import pytest
 import torch
 
 import emu_lib
-from ccam_kernels.backends import tiling
 from conftest import rel_err
 from kernel_cases import CASES
 from oracle import attention_oracle, attention_rows_oracle
@@ -28,32 +26,12 @@ from oracle import attention_oracle, attention_rows_oracle
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-class Sm90:
-    """The emulated sm_90a forward of one library (the real sources or a mutant)."""
-
-    def __init__(self, path: pathlib.Path):
-        self.lib = ctypes.CDLL(str(path))
-
-    def forward(self, q, k, v, counts, P, scale, splits=1, ranges=None, schedule=0, seed=0):
-        out, lse = emu_lib.run_forward(self.lib, "ccam_emu_fwd_sm90", q, k, v, counts, P, scale, splits, schedule,
-                                       seed, ranges)
-        if splits > 1:
-            return tiling.merge_splits(out, lse)
-        return out, lse
-
-
-def build(src: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
-    emu_lib._gxx([*emu_lib.FLAGS, "-shared", "-Wl,-Bsymbolic", str(src / "emu" / "capi_hopper.cpp"),
-                  *(str(o) for o in emu_lib.machine_objects()), "-o", str(out)])
-    return out
+Sm90 = emu_lib.Sm90
 
 
 @pytest.fixture(scope="module")
 def sm90():
-    path = emu_lib._cache_dir() / f"libccam_emu_hopper_{emu_lib._digest(emu_lib.CSRC / 'ccam', emu_lib.CSRC / 'emu')}.so"
-    if not path.exists():
-        build(emu_lib.CSRC, path.with_suffix(".tmp")).replace(path)
-    return Sm90(path)
+    return Sm90(emu_lib.hopper_library())
 
 
 def inputs(N, H, Hkv, D, counts, P, shared, dtype, gen, logit_scale=1.0):

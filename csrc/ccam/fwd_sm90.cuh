@@ -213,6 +213,12 @@ __global__ void __launch_bounds__(384, 1) fwd_sm90_kernel(const __grid_constant_
   // As fwd.cuh: P's dropped entries are zeroed after the row sums; keys counted from the video's start.
   const Dropout drop = dropout_of(p, p.dropout_threshold ? load(p.dropout_seed) : 0, b, h,
                                   tile.sample.first_frame * p.tokens_per_frame);
+  // This warpgroup's own key tiles: the CTA's up to its last row's limit (rows 64 apart see up
+  // to several frames fewer keys than the tile's last row: their GEMMs would be all masked).
+  // Past them it only passes the stages on (tail loop below), so the barriers' counts hold.
+  const int64_t wg_first = m0 + cw * 64, wg_last = min(wg_first + 63, N - 1);
+  const int64_t wg_hi = wg_first < N ? min(tile.sample.key_limit(wg_last), key_hi) : key_lo;
+  const int n_mine = wg_hi > key_lo ? static_cast<int>(min(int64_t(n_tiles), (wg_hi - key_lo + BN - 1) / BN)) : 0;
   float o[DP / 8][4];
   zero(o);
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
@@ -236,15 +242,15 @@ __global__ void __launch_bounds__(384, 1) fwd_sm90_kernel(const __grid_constant_
   // tile t's softmax, and P(t) V(t) runs while it does tile t + 1's (the O rescale waits for
   // it). Commit order per iteration: [P(t-1) V(t-1)], S(t+1), P(t) V(t).
   float sc[BN / 8][4], sn[BN / 8][4];
-  if (n_tiles > 0) {
+  if (n_mine > 0) {
     issue_s(sc, 0);
     wgmma_wait<0>();
     mbarrier_arrive(k_empty + 0);
   }
-  for (int t = 0; t < n_tiles; ++t) {
+  for (int t = 0; t < n_mine; ++t) {
     const int s = t % Tiles::kStages;
     const int64_t s0 = key_lo + int64_t(t) * BN;
-    const bool next = t + 1 < n_tiles;
+    const bool next = t + 1 < n_mine;
     if (next) issue_s(sn, t + 1);
 
     const bool masked = t >= n_full;  // s0 + BN > lo: straddles some row's limit or runs past hi
@@ -328,9 +334,19 @@ __global__ void __launch_bounds__(384, 1) fwd_sm90_kernel(const __grid_constant_
         for (int e = 0; e < 4; ++e) sc[j][e] = sn[j][e];
     }
   }
-  if (n_tiles > 0) {
+  if (n_mine > 0) {
     wgmma_wait<0>();
-    mbarrier_arrive(v_empty + (n_tiles - 1) % Tiles::kStages);
+    mbarrier_arrive(v_empty + (n_mine - 1) % Tiles::kStages);
+  }
+  // The tiles past this warpgroup's rows (straddling ones, or any when all its rows are past
+  // N): wait for each stage as a consumer would, and free it.
+  for (int t = n_mine; t < n_tiles; ++t) {
+    const int s = t % Tiles::kStages;
+    mbarrier_wait(k_full + s, (t / Tiles::kStages) & 1);
+    mbarrier_arrive(k_empty + s);
+    if (t < n_full) mbarrier_wait(v_full + s, (t / Tiles::kStages) & 1);
+    else mbarrier_wait(v_clean + s, ((t - n_full) / Tiles::kStages) & 1);
+    mbarrier_arrive(v_empty + s);
   }
 
   store_forward_rows<T, DP>(p, b, h, bh, strip, row0, lane, o, m_run, l_run, drop.on() ? p.dropout_scale : 1.f);

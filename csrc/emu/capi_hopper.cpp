@@ -168,6 +168,17 @@ int ccam_emu_tma(const void* gmem, int elem_bytes, int rank, const int64_t* dims
   }, err, errlen);
 }
 
+// The last grid's geometry (grid x, y, z, threads, shared bytes) and, per block in launch order,
+// its wgmma work in m64n8k16 steps (runtime.h wgmma_counts). Returns the number of blocks.
+int64_t ccam_emu_last_grid_wgmma(int64_t* geometry, int64_t* counts, int64_t capacity) {
+  const ccam_emu::Geometry& g = ccam_emu::last_geometry();
+  const int64_t dims[5] = {g.grid_x, g.grid_y, g.grid_z, g.threads, g.smem_bytes};
+  for (int i = 0; i < 5; ++i) geometry[i] = dims[i];
+  const auto& c = ccam_emu::wgmma_counts();
+  for (int64_t i = 0; i < capacity && i < static_cast<int64_t>(c.size()); ++i) counts[i] = static_cast<int64_t>(c[i]);
+  return static_cast<int64_t>(c.size());
+}
+
 // Cases (see tests/test_cuda_hopper_emulator.py); `out` receives observations.
 int ccam_emu_hopper_case(int which, float* out, char* err, int errlen) {
   static uint16_t src[2][256];  // two 512-byte tiles of fp16 ones and twos

@@ -485,6 +485,7 @@ void wgmma(float* d, int n, uint64_t desc_a, const uint32_t* a_regs, uint64_t de
   const long param = long(n) | long(trans_a) << 9 | long(trans_b) << 10 | long(bf16) << 11 | long(a_regs != nullptr) << 12;
   const int base = tid / 128 * 128;
   detail::group_collective(what, param, 128, &io, [&](void* const* ios) {
+    detail::count_wgmma(n / 8);  // the performance model predicts these per block
     auto* io0 = static_cast<WgmmaIo*>(ios[0]);
     for (int i = 1; i < 128; ++i) {
       auto* x = static_cast<WgmmaIo*>(ios[i]);

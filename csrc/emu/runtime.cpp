@@ -199,6 +199,7 @@ struct Machine {
 Machine M;
 Geometry g_last_geometry{"none", 0, 0, 0, 0, 0};
 std::vector<uint64_t> g_mma_counts;
+std::vector<uint64_t> g_wgmma_counts;
 std::mutex g_launch_mutex;
 std::vector<Region> g_regions;
 Schedule g_schedule;
@@ -356,6 +357,7 @@ void run_grid(const Geometry& g, const std::vector<Region>& regions, const Sched
   M.written.clear();
   g_last_geometry = g;
   g_mma_counts.assign(size_t(g.grid_x) * g.grid_y * g.grid_z, 0);
+  g_wgmma_counts.assign(size_t(g.grid_x) * g.grid_y * g.grid_z, 0);
   static std::vector<unsigned char*> stacks;  // kept for the process: one per thread ever used
   while (static_cast<int>(stacks.size()) < g.threads) stacks.push_back(new_stack());
   M.threads.resize(g.threads);
@@ -403,6 +405,7 @@ LaunchScope::~LaunchScope() {
 
 const Geometry& last_geometry() { return g_last_geometry; }
 const std::vector<uint64_t>& mma_counts() { return g_mma_counts; }
+const std::vector<uint64_t>& wgmma_counts() { return g_wgmma_counts; }
 
 void run_launch(const Geometry& g, const std::function<void()>& body) {
   if (!g_in_scope) fail(std::string("ccam emulator: ") + g.kernel + " launched outside a LaunchScope");
@@ -559,6 +562,11 @@ void collective(const char* kind, int param, const void* in, size_t in_bytes, vo
 void count_mma() {
   const Cta& c = g_cta;
   ++g_mma_counts[(size_t(c.block.z) * c.grid.y + c.block.y) * c.grid.x + c.block.x];
+}
+
+void count_wgmma(int n8) {
+  const Cta& c = g_cta;
+  g_wgmma_counts[(size_t(c.block.z) * c.grid.y + c.block.y) * c.grid.x + c.block.x] += n8;
 }
 
 void block_until(const char* what, std::function<bool()> ready) {

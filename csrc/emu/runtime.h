@@ -111,6 +111,9 @@ bool is_shared(const void* p);
 // The performance model (ccam_kernels/perf_model) predicts the same counts; a test compares.
 const Geometry& last_geometry();
 const std::vector<uint64_t>& mma_counts();
+// Likewise the wgmma work of each block: per warpgroup wgmma.m64nNk16, N / 8 (its m64n8k16
+// steps, 16384 FLOPs each), so that one count covers every N.
+const std::vector<uint64_t>& wgmma_counts();
 
 // PTX models (ptx.cpp).
 void cp_async(void* smem, const void* gmem, bool valid);
@@ -136,6 +139,8 @@ void global_access(const void* p, size_t bytes, bool write, const char* what);
 int current_tid();
 // One mma.sync of the current block's warps (called by its lane 0 only).
 void count_mma();
+// One wgmma of the current block's warpgroups, of n8 m64n8k16 steps (called once per warpgroup).
+void count_wgmma(int n8);
 
 // ---- for the Hopper models (ptx_hopper.cpp), kept out of the machine's own logic ----
 // Block the calling thread until ready() holds. The scheduler evaluates ready() between

@@ -146,6 +146,17 @@ class Sm90:
             return tiling.merge_splits(out, lse)
         return out, lse
 
+    def dq(self, dout, q, k, v, out, lse, counts, P, scale, dq_splits=1, schedule=0, seed=0):
+        """The sm_90a dQ pass on the forward's (out float32, lse): dq_rows (B, N, H, D) float32,
+        the splits summed in split order (as cuda_backend does)."""
+        plan = tiling.window_plan(counts, tiling.whole_videos(counts), P, 64, q.device)
+        delta = tiling.softmax_delta(dout, out)
+        dq_rows = torch.empty(*((dq_splits,) if dq_splits > 1 else ()), len(counts), *q.shape[-3:])
+        tensors = [(dout, 0), (q, 0), (k, 0), (v, 0), (lse, 0), (delta, 0), *((x, 0) for x in plan[:4]), (dq_rows, 1)]
+        arr = (EmuTensor * len(tensors))(*(_tensor(x, w) for x, w in tensors))
+        call(self.lib, "ccam_emu_bwd_dq_sm90", ctypes.byref(problem(q, k, counts, P, scale, 1, schedule, seed)), arr)
+        return dq_rows.sum(0) if dq_splits > 1 else dq_rows
+
     def launch_record(self) -> dict:
         """The last grid: {"grid", "threads", "smem_bytes", "wgmma_n8_per_cta": each block's wgmma
         work in m64n8k16 steps, in launch order}."""

@@ -98,6 +98,63 @@ def test_forward_over_frame_windows(sm90, generator):
     assert rel_err(lse[seen], want_lse[seen]) <= TOL[torch.float16]
 
 
+# ---- the sm_90a dQ pass (bwd_dq_sm90.cuh; emulator only, not dispatched) -------------------
+
+
+def dq_oracle(q, k, v, dout, counts, P, scale, rows=False):
+    """dQ of the float64 oracle (per sample for a shared q, as dq_rows holds it summed)."""
+    q64 = q.detach().double().requires_grad_()
+    oracle = attention_rows_oracle if rows else attention_oracle
+    out = oracle(q64, k.double(), v.double(), counts, P, scale=scale)
+    (grad,) = torch.autograd.grad(out, q64, dout.double())
+    return grad
+
+
+def run_dq(lib, q, k, v, dout, counts, P, scale, dq_splits=1):
+    """The emulated sm_90a forward's (out, lse), then the sm_90a dQ pass; a shared q's
+    per-sample rows summed (as cuda_backend does)."""
+    out, lse = lib.forward(q, k, v, counts, P, scale, splits=2)  # float32 output, as the backend keeps
+    dq = lib.dq(dout, q, k, v, out, lse, counts, P, scale, dq_splits=dq_splits)
+    return dq.sum(0) if q.dim() == 3 else dq
+
+
+DQ_CASES = [  # (N, H, Hkv, D, frame counts, P, shared q, dq splits)
+    pytest.param(70, 2, 1, 32, (3, 8), 37, False, 3, id="ragged-gqa-splits"),
+    # Two query tiles (the second's second warpgroup holds no row) whose key tiles are whole
+    # ones, then straddling ones (two ring barriers in turn); with and without splits.
+    pytest.param(150, 2, 2, 64, (12,), 40, True, 1, id="two-query-tiles-shared-q"),
+    pytest.param(150, 2, 1, 16, (12,), 40, False, 3, id="two-query-tiles-gqa-splits"),
+    pytest.param(5, 2, 1, 104, (9, 1), 13, False, 2, id="T-over-N-T1-DP128"),
+]
+
+
+@pytest.mark.parametrize("N,H,Hkv,D,counts,P,shared,dq_splits", DQ_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_dq_pass_matches_float64(sm90, N, H, Hkv, D, counts, P, shared, dq_splits, dtype, generator):
+    q, k, v = inputs(N, H, Hkv, D, counts, P, shared, dtype, generator)
+    dout = torch.randn(len(counts), N, H, D, generator=generator).to(dtype)
+    scale = D ** -0.5
+    got = run_dq(sm90, q, k, v, dout, counts, P, scale, dq_splits)
+    want = dq_oracle(q, k, v, dout, counts, P, scale)
+    assert rel_err(got, want) <= 2 * TOL[dtype], rel_err(got, want)
+
+
+@pytest.mark.parametrize("poison", ["k-nan", "k-inf", "v-nan"])
+def test_dq_pass_follows_the_nan_rule(sm90, poison, generator):
+    """A NaN or inf in k or v at key 200 (frame 5 of 12: rows 63.. see it), in a straddling key
+    tile of the first query tile: dQ is non-finite exactly where the row-by-row oracle's is."""
+    N, counts, P, D = 150, (12,), 40, 16
+    q, k, v = inputs(N, 2, 1, D, counts, P, True, torch.float16, generator)
+    dout = torch.randn(1, N, 2, D, generator=generator).half()
+    name, kind = poison.split("-")
+    x = k if name == "k" else v
+    x[200, 0, int(torch.randint(D, (), generator=generator))] = float("nan") if kind == "nan" else float("inf")
+    scale = D ** -0.5
+    got = run_dq(sm90, q, k, v, dout, counts, P, scale)  # on the sm_90a forward's (out, lse): tested above
+    want = dq_oracle(q, k, v, dout, counts, P, scale, rows=True)
+    assert nan_rule_problems(got, want, 2 * TOL[torch.float16]) == []
+
+
 # ---- mutations -----------------------------------------------------------------------------
 # Each is a deliberate break of a copy of csrc/ (path, old text, new text; the old text must
 # occur), built small (fp16, D <= 64) and run on MUTATION_CASE; the oracle or the emulator
@@ -139,14 +196,14 @@ MUTANTS = {
 MUTATION_CASE = dict(N=70, H=2, Hkv=1, D=32, counts=(3, 8), P=37, ranges=((1, 3), (2, 7)), nan_key=3 * 37 + 150)
 
 
-def nan_rule_problems(out: torch.Tensor, want: torch.Tensor) -> list[str]:
-    """The NaN rule: NaN exactly where the row-by-row oracle has it, the rest within tolerance."""
+def nan_rule_problems(out: torch.Tensor, want: torch.Tensor, tol: float = TOL[torch.float16]) -> list[str]:
+    """The NaN rule: NaN exactly where the row-by-row oracle has it, the rest within tol."""
     bad, bad_want = ~torch.isfinite(out), ~torch.isfinite(want)
     if not torch.equal(bad, bad_want):
         return [f"NaN rule: {int((bad & ~bad_want).sum())} non-finite outputs where the formula is finite, "
                 f"{int((~bad & bad_want).sum())} finite where it is not"]
     err = rel_err(out[~bad], want[~bad_want])
-    return [] if err <= TOL[torch.float16] else [f"NaN rule: rel err {err:.3g}"]
+    return [] if err <= tol else [f"NaN rule: rel err {err:.3g}"]
 
 
 def problems_found(lib: Sm90, seed: int) -> list[str]:
@@ -208,6 +265,87 @@ def mutant_libraries(tmp_path_factory):
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))
 def test_each_mutation_is_caught(mutant, mutant_libraries, seed):
     found = problems_found(mutant_libraries[mutant], seed)
+    assert found, f"mutant {mutant} passed every check"
+    print(f"{mutant}: {found}")
+
+
+def test_dq_pass_compiles_for_sm90a_to_hgmma_and_tma(tmp_path):
+    """csrc/sm90/check/bwd_dq_sm90.cu (nvcc, sm_90a): no spills, and in the SASS per key tile
+    the wgmma k-steps of S = Q K^T and dP = dO V^T (DP / 16 each, m64n64k16) and of dS K (4,
+    m64nDPk16); TMA loads of Q and dO (4-d) and K and V (3-d), per 64-column block."""
+    import shutil
+
+    from ccam_kernels import cuda_build
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not on the PATH: the sm_90a dQ pass cannot be compile-checked here")
+    src = emu_lib.CSRC / "sm90" / "check" / "bwd_dq_sm90.cu"
+    result = cuda_build.compile_one(src, ("90a",), tmp_path)
+    assert result.ok, result.log[-4000:]
+    for kernel, res in result.kernels.items():
+        assert res["spill_stores"] == res["spill_loads"] == res["stack"] == 0, (kernel, res)
+    sass = cuda_build.sass_mma_counts(tmp_path / (src.stem + ".o"))
+    assert sass[("bwd_dq_sm90_kernel<bf16, 64>", "sm_90a")] == {"HMMA": 0, "HGMMA": 4 + 4 + 4, "UTMALDG": 4}
+    assert sass[("bwd_dq_sm90_kernel<fp16, 128>", "sm_90a")] == {"HMMA": 0, "HGMMA": 8 + 8 + 4, "UTMALDG": 8}
+
+
+# The dQ pass's mutants: dS not zeroed where the row does not see the key, K read K-major in
+# dS K, the sanitizer waiting on the ring's K barrier (a parity two phases behind: it passes
+# early), the zeroed copy of K not used. Run on DQ_MUTATION_CASE (fp16; two query tiles whose
+# key tiles are whole ones, then straddling ones), clean and with an inf in k at key 200.
+DQ_MUTANTS = {
+    "dq-hidden-not-zeroed": ("ccam/bwd_dq_sm90.cuh", "sc[j][e] = hidden ? 0.f : pr * (dp[j][e] - dlt[half]);",
+                             "sc[j][e] = pr * (dp[j][e] - dlt[half]);"),
+    "dq-k-read-k-major": ("ccam/bwd_dq_sm90.cuh", "wgmma_rs<T, DP, true>(reinterpret_cast<float(&)[DP / 2]>(dq)",
+                          "wgmma_rs<T, DP, false>(reinterpret_cast<float(&)[DP / 2]>(dq)"),
+    "dq-sanitizer-on-ring-barrier": ("ccam/bwd_dq_sm90.cuh",
+                                     "mbarrier_wait(k_tma + s, ((t - n_full) / Tiles::kStages) & 1);\n        const uint4* kt",
+                                     "mbarrier_wait(k_full + s, (t / Tiles::kStages) & 1);\n        const uint4* kt"),
+    "dq-zeroed-copy-unused": ("ccam/bwd_dq_sm90.cuh", "        k_b = s_kz + s * Tiles::kKVBytes;\n", ""),
+}
+DQ_MUTATION_CASE = dict(N=150, H=2, Hkv=1, D=16, counts=(12,), P=40, inf_key=200)
+
+
+def dq_problems_found(lib, seed: int) -> list[str]:
+    c = DQ_MUTATION_CASE
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = inputs(c["N"], c["H"], c["Hkv"], c["D"], c["counts"], c["P"], False, torch.float16, gen)
+    dout = torch.randn(1, c["N"], c["H"], c["D"], generator=gen).half()
+    k_inf = k.clone()
+    k_inf[c["inf_key"], 0, int(torch.randint(c["D"], (), generator=gen))] = float("inf")
+    scale = c["D"] ** -0.5
+    found = []
+    for name, kk in (("dq", k), ("dq (inf in k)", k_inf)):
+        want = dq_oracle(q, kk, v, dout, c["counts"], c["P"], scale, rows=True)
+        try:
+            got = run_dq(lib, q, kk, v, dout, c["counts"], c["P"], scale)
+        except emu_lib.EmulatorError as exc:
+            return [f"emulator: {exc}"]
+        found += [f"{name}: {x}" for x in nan_rule_problems(got, want, 2 * TOL[torch.float16])]
+    return found
+
+
+def test_unmutated_dq_pass_passes_the_mutation_case(sm90, seed):
+    assert dq_problems_found(sm90, seed) == []
+
+
+@pytest.fixture(scope="module")
+def dq_mutant_libraries(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sm90_dq_mutants")
+    emu_lib.machine_objects()
+
+    def make(name):
+        rel, old, new = DQ_MUTANTS[name]
+        src = emu_lib.csrc_copy(root / name, {rel: (old, new)})
+        return name, Sm90(build_small(src, root / f"{name}.so"))
+
+    with concurrent.futures.ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
+        return dict(pool.map(make, DQ_MUTANTS))
+
+
+@pytest.mark.parametrize("mutant", sorted(DQ_MUTANTS))
+def test_each_dq_mutation_is_caught(mutant, dq_mutant_libraries, seed):
+    found = dq_problems_found(dq_mutant_libraries[mutant], seed)
     assert found, f"mutant {mutant} passed every check"
     print(f"{mutant}: {found}")
 

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "../ccam/bwd_dq_sm90.cuh"
 #include "../ccam/fwd_sm90.cuh"
 #include "../ccam/hopper.cuh"
 #include "capi.h"
@@ -105,6 +106,37 @@ int ccam_emu_fwd_sm90(const EmuProblem* pb, const EmuTensor* t, char* err, int e
     } else {
       if (pb->bf16) ccam::launch_fwd_sm90<__nv_bfloat16, 128>(p, L, hkv, nullptr);
       else ccam::launch_fwd_sm90<__half, 128>(p, L, hkv, nullptr);
+    }
+#endif
+    return 0;
+  } catch (const std::exception& e) {
+    return report(e, err, errlen);
+  }
+}
+
+// The sm_90a dQ pass. Tensors: dout, q, k, v, lse, delta, frames, key_start, first_frame,
+// end_frame, dq_rows ((B, N, H, D), or (S, B, N, H, D) for S key splits), as ccam_emu_bwd_dq.
+int ccam_emu_bwd_dq_sm90(const EmuProblem* pb, const EmuTensor* t, char* err, int errlen) {
+  try {
+    static const char* names[] = {"dout", "q", "k", "v", "lse", "delta", "frames", "key_start", "first_frame",
+                                  "end_frame", "dq_rows"};
+    const std::vector<ccam_emu::Region> regs = ccam_emu_capi::regions(t, 11, names);
+    ccam::BwdParams p = ccam_emu_capi::bwd_params(*pb, t);
+    p.dq_rows = static_cast<float*>(t[10].data);
+    p.dq_splits = t[10].ndim == 5 ? static_cast<int>(t[10].sizes[0]) : 1;
+    ccam_emu::LaunchScope scope(regs, {pb->schedule, pb->seed});
+    const int64_t L = t[2].sizes[0], D = pb->head_dim;
+    const int hkv = static_cast<int>(t[2].sizes[1]);
+#ifdef CCAM_EMU_SM90_FP16_D64_ONLY
+    if (pb->bf16 || D > 64) throw ccam_emu::Error("this emulator build has the sm_90a dQ pass for fp16 at D <= 64 only");
+    ccam::launch_bwd_dq_sm90<__half, 64>(p, L, hkv, nullptr);
+#else
+    if (D <= 64) {
+      if (pb->bf16) ccam::launch_bwd_dq_sm90<__nv_bfloat16, 64>(p, L, hkv, nullptr);
+      else ccam::launch_bwd_dq_sm90<__half, 64>(p, L, hkv, nullptr);
+    } else {
+      if (pb->bf16) ccam::launch_bwd_dq_sm90<__nv_bfloat16, 128>(p, L, hkv, nullptr);
+      else ccam::launch_bwd_dq_sm90<__half, 128>(p, L, hkv, nullptr);
     }
 #endif
     return 0;

@@ -437,6 +437,24 @@ def test_sm90_forward_follows_the_nan_rule(sm90_op, case, poison, key):
 
 
 @EMULATED_SM90
+@pytest.mark.parametrize("poison", ["k-nan", "v-nan"])
+def test_sm90_forward_partials_follow_the_nan_rule(sm90_op, poison):
+    """tests/test_nan_rule.py's merged partials (frames [0, 2) and [2, 5) of one video, the
+    poison in the second range's keys) with their forwards on the sm_90a kernel."""
+    from kernel_cases import make_inputs
+    from test_nan_rule import TOLERANCE, _merged_partials, _oracle, _poison, _same_nonfinite
+
+    N, T, P = 6, 5, 3
+    q, k, v, dout = make_inputs(N, 2, 1, 16, (T,), P, True, torch.float16, "cpu")
+    _poison(dict(q=q, k=k, v=v, dout=dout), poison, key=(T - 1) * P + 1)
+    got = _merged_partials("cuda", q, k, v, dout, T, P, cut=2)
+    want = _oracle(q, k, v, dout, (T,), P)[1:]
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        _same_nonfinite(f"sm90 partial {poison}: {name}", g, w, True, 2 * TOLERANCE[torch.float16])
+    sm90_op()
+
+
+@EMULATED_SM90
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_sm90_forward_dropout_matches_the_reference(sm90_op, dtype):
     """The same mask as the reference backend on the same seed (dropout.cuh): output and the

@@ -39,12 +39,12 @@ namespace {
 struct Device {
   static constexpr const char* kName = "CUDA";
   static bool holds(const at::Tensor& x) { return x.is_cuda(); }
-  // sm_90 exactly (H100, H200): the only GPUs the sm_90a machine code runs on; and opted in
-  // with CCAM_CUDA_SM90=1, because the Hopper forward has never run on a GPU and does not yet
-  // follow the NaN rule for keys a row does not see (docs/cuda.md): mma.sync stays the default.
+  // sm_90 exactly (H100, H200): the only GPUs the sm_90a machine code runs on. The forward takes
+  // the wgmma + TMA kernel there by default; CCAM_CUDA_SM90=0 forces the mma.sync one (e.g. to
+  // compare them, or should the Hopper kernel misbehave on a GPU: none has run it yet).
   static bool sm90(const at::Tensor& q) {
     const char* env = std::getenv("CCAM_CUDA_SM90");
-    if (env == nullptr || std::string(env) != "1") return false;
+    if (env != nullptr && std::string(env) == "0") return false;
     int major = 0, minor = 0;
     return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()) == cudaSuccess &&
            cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()) == cudaSuccess &&

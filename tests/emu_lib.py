@@ -120,6 +120,54 @@ def cached_library(small: bool = True) -> "Emu":
     return Emu(lib)
 
 
+def hopper_library() -> pathlib.Path:
+    """The sm_90a C interface (csrc/emu/capi_hopper.cpp) of the real sources, built once per
+    source state."""
+    path = _cache_dir() / f"libccam_emu_hopper_{_digest(CSRC / 'ccam', CSRC / 'emu')}.so"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        _gxx([*FLAGS, "-shared", "-Wl,-Bsymbolic", str(CSRC / "emu" / "capi_hopper.cpp"),
+              *(str(o) for o in machine_objects()), "-o", str(tmp)])
+        tmp.replace(path)
+    return path
+
+
+class Sm90:
+    """The emulated sm_90a forward of one library (the real sources or a mutant)."""
+
+    def __init__(self, path: pathlib.Path):
+        self.lib = ctypes.CDLL(str(path))
+        self.lib.ccam_emu_last_grid_wgmma.restype = ctypes.c_int64
+
+    def forward(self, q, k, v, counts, P, scale, splits=1, ranges=None, schedule=0, seed=0):
+        out, lse = run_forward(self.lib, "ccam_emu_fwd_sm90", q, k, v, counts, P, scale, splits, schedule, seed,
+                               ranges)
+        if splits > 1:
+            return tiling.merge_splits(out, lse)
+        return out, lse
+
+    def dq(self, dout, q, k, v, out, lse, counts, P, scale, dq_splits=1, schedule=0, seed=0):
+        """The sm_90a dQ pass on the forward's (out float32, lse): dq_rows (B, N, H, D) float32,
+        the splits summed in split order (as cuda_backend does)."""
+        plan = tiling.window_plan(counts, tiling.whole_videos(counts), P, 64, q.device)
+        delta = tiling.softmax_delta(dout, out)
+        dq_rows = torch.empty(*((dq_splits,) if dq_splits > 1 else ()), len(counts), *q.shape[-3:])
+        tensors = [(dout, 0), (q, 0), (k, 0), (v, 0), (lse, 0), (delta, 0), *((x, 0) for x in plan[:4]), (dq_rows, 1)]
+        arr = (EmuTensor * len(tensors))(*(_tensor(x, w) for x, w in tensors))
+        call(self.lib, "ccam_emu_bwd_dq_sm90", ctypes.byref(problem(q, k, counts, P, scale, 1, schedule, seed)), arr)
+        return dq_rows.sum(0) if dq_splits > 1 else dq_rows
+
+    def launch_record(self) -> dict:
+        """The last grid: {"grid", "threads", "smem_bytes", "wgmma_n8_per_cta": each block's wgmma
+        work in m64n8k16 steps, in launch order}."""
+        geometry = (ctypes.c_int64 * 5)()
+        n = self.lib.ccam_emu_last_grid_wgmma(geometry, None, 0)
+        counts = (ctypes.c_int64 * max(n, 1))()
+        self.lib.ccam_emu_last_grid_wgmma(geometry, counts, n)
+        return {"grid": tuple(geometry[:3]), "threads": geometry[3], "smem_bytes": geometry[4],
+                "wgmma_n8_per_cta": list(counts[:n])}
+
+
 def _tensor(x: torch.Tensor, writable: bool = False) -> EmuTensor:
     t = EmuTensor()
     t.data, t.elem_size, t.ndim, t.writable = x.data_ptr(), x.element_size(), x.dim(), int(writable)

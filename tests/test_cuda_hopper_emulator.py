@@ -297,6 +297,19 @@ def test_more_arrivals_than_the_count_is_an_error(lib):
     assert "more arrivals than the barrier's count" in err
 
 
+@pytest.mark.parametrize("which,race", [(20, False), (21, True), (22, False)], ids=["arrive-wait", "arrive-before-write", "chain"])
+def test_mbarriers_order_generic_shared_accesses(lib, which, race):
+    """Inside one __syncthreads interval the race checker takes mbarrier arrive -> completed
+    wait as an ordering (vector clocks): a write before the writer's arrive is seen by the
+    waiter, also through a third thread; a write after the arrive races with the read."""
+    err, out = case(lib, which)
+    if race:
+        assert err is not None and "race on shared byte 2048" in err, err
+    else:
+        assert err is None, err
+        assert out[0] == 42.0
+
+
 def test_accumulator_is_nan_until_its_wait(lib):
     err, out = case(lib, 5)
     assert err is None, err

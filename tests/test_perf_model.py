@@ -69,6 +69,31 @@ def test_emulated_mma_counts_and_geometry_equal_the_model(emu, case, splits):
         assert sum(want.mma) > 0, kernel
 
 
+@pytest.mark.parametrize("case", CASES + [dict(N=150, H=2, Hkv=1, D=72, counts=(12, 2), P=40)],
+                         ids=["ragged-gqa", "T-over-N", "two-query-tiles-D128"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_emulated_wgmma_work_and_geometry_equal_the_model(case, splits):
+    """The sm_90a forward (fwd_sm90.cuh): per CTA, in launch order, the wgmma work the emulator
+    executed (m64n8k16 steps: each consumer warpgroup over its own key tiles) equals the
+    model's; grid, threads and shared memory equal the model's geometry. The last case has
+    two 128-row query tiles (one whose second warpgroup holds no row) at padded head dim 128."""
+    c = case
+    lib = emu_lib.Sm90(emu_lib.hopper_library())
+    gen = torch.Generator().manual_seed(1)
+    B, L = len(c["counts"]), sum(c["counts"]) * c["P"]
+    q = torch.randn(B, c["N"], c["H"], c["D"], generator=gen).half()
+    k, v = (torch.randn(L, c["Hkv"], c["D"], generator=gen).half() for _ in range(2))
+    shape = launches.Shape(num_query=c["N"], heads=c["H"], kv_heads=c["Hkv"], head_dim=c["D"],
+                           tokens_per_frame=c["P"], frame_counts=c["counts"], dtype="fp16")
+    want = launches.cuda_sm90_launches(shape, splits=splits)["fwd"]
+    lib.forward(q, k, v, c["counts"], c["P"], c["D"] ** -0.5, splits=splits)
+    got = lib.launch_record()
+    assert got["grid"] == want.grid
+    assert (got["threads"], got["smem_bytes"]) == (want.threads, want.smem_bytes)
+    assert got["wgmma_n8_per_cta"] == want.mma
+    assert sum(want.mma) > 0
+
+
 def test_schedule_balance_on_known_cases():
     # 264 equal CTAs on 132 SMs x 2 slots: one wave, every slot busy to the end.
     even = machine.schedule([1e9] * 264, resident=2, sms=132, sm_rate_flops=1e12, overhead_s=0)
@@ -101,8 +126,9 @@ def test_cli_json_has_the_keys_for_every_backend_and_kernel(capsys):
                      "--tokens-per-frame", "50", "--json"]) == 0
     records = json.loads(capsys.readouterr().out)
     keys = {"backend", "kernel", "pass", "frames", "batch", "head_dim", "dtype", "ctas", "balance", "predicted_ms"}
-    assert {(r["backend"], r["kernel"]) for r in records} == {(b, k) for b in ("cuda", "triton")
-                                                             for k in ("fwd", "merge", "dq", "dkdv", "bwd")}
+    got = {(r["backend"], r["kernel"]) for r in records}
+    assert got - {("cuda_sm90", "merge")} == {(b, k) for b in ("cuda", "triton")
+                                              for k in ("fwd", "merge", "dq", "dkdv", "bwd")} | {("cuda_sm90", "fwd")}
     for r in records:
         assert keys <= r.keys(), r["kernel"]
         assert r["frames"] == [5, 1, 9] and r["predicted_ms"] > 0
@@ -112,6 +138,8 @@ def test_cli_json_has_the_keys_for_every_backend_and_kernel(capsys):
             assert 0 < r["balance"] <= 1
         if r["backend"] == "cuda" and r["kernel"] not in ("bwd", "merge"):
             assert len(r["mma_per_cta"]) == r["ctas"]
+        if r["backend"] == "cuda_sm90":
+            assert len(r["wgmma_n8_per_cta"]) == r["ctas"] and r["resident_per_sm"] == 1
 
 
 def test_default_shapes_are_the_issue_shapes():
@@ -126,6 +154,7 @@ def test_cli_table(capsys):
     assert cli_main(["--frame-counts", "3", "--num-query", "64", "--heads", "2", "--tokens-per-frame", "40"]) == 0
     out = capsys.readouterr().out
     assert "| cuda | fwd | 3x1 |" in out and "| triton | dkdv (w" in out and "stated, not measured" in out
+    assert "| cuda_sm90 | fwd | 3x1 |" in out
 
 
 def test_triton_tune_class_separates_shape_classes():

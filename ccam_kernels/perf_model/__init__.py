@@ -58,8 +58,12 @@ def hbm_bytes(s: Shape, kernel: str, splits: int = 1) -> int:
 
 
 def _resident_cuda(table: dict, s: Shape, launch) -> tuple:
-    name = resources.cuda_kernel_name({"fwd": "fwd_kernel", "dq": "bwd_dq_kernel", "dkdv": "bwd_dkdv_kernel"}[launch.kernel],
-                                      "bf16" if s.dtype == "bf16" else "fp16", launches.padded_head_dim(s.head_dim))
+    dtype = "bf16" if s.dtype == "bf16" else "fp16"
+    if launch.backend == "cuda_sm90":
+        name = resources.cuda_kernel_name("fwd_sm90_kernel", dtype, launches.sm90_width(s.head_dim))
+    else:
+        name = resources.cuda_kernel_name({"fwd": "fwd_kernel", "dq": "bwd_dq_kernel", "dkdv": "bwd_dkdv_kernel"}[launch.kernel],
+                                          dtype, launches.padded_head_dim(s.head_dim))
     res = table["cuda_sm_90a"][name]
     return machine.resident_ctas(res["registers"], launch.threads, launch.smem_bytes), res, name
 
@@ -81,11 +85,12 @@ def _triton_options(table: dict, s: Shape, launch) -> list:
 
 def _merge_record(s: Shape, backend: str, splits: int, how: str) -> dict:
     """The split forward's merge (perf_model/merge.py): memory-bound, so no CTA schedule
-    (balance None; ctas: the fused kernel's grid, 0 for PyTorch's chain of ops)."""
+    (balance None; ctas: the fused kernel's grid, 0 for PyTorch's chain of ops). The sm_90a
+    forward's partials go through the cuda backend's merge."""
     cost = merge.merge_cost(splits, len(s.frame_counts), s.num_query, s.heads, s.head_dim, s.elem_bytes, how)
     ctas = 0
     if how == "fused":
-        if backend == "cuda":
+        if backend.startswith("cuda"):
             from ..backends.cuda_backend import MERGE_ROWS as rows
         else:
             from ..backends.triton_merge import block_rows
@@ -101,21 +106,28 @@ def _merge_record(s: Shape, backend: str, splits: int, how: str) -> dict:
     }
 
 
-def predict(s: Shape, backends=("cuda", "triton"), sms: int = launches.SMS, rates=None, merges=None) -> list:
+BACKENDS = ("cuda", "cuda_sm90", "triton")
+LAUNCHES = {"cuda": launches.cuda_launches, "cuda_sm90": launches.cuda_sm90_launches,
+            "triton": launches.triton_launches}
+
+
+def predict(s: Shape, backends=BACKENDS, sms: int = launches.SMS, rates=None, merges=None) -> list:
     """One record per backend and kernel (fwd, dq, dkdv), one for the forward's merge of its
     split partials ("merge", when it splits; ``merges`` {backend: "fused" | "pytorch"} overrides
     how, default merge.BACKEND_MERGE) and one per backward ("bwd", the two passes back to back)
-    for shape s."""
+    for shape s. "cuda_sm90" is the cuda backend's sm_90a forward (fwd_sm90.cuh; its backward is
+    the mma.sync one, "cuda"'s dq and dkdv; its split partials take cuda's merge)."""
     merges = {**merge.BACKEND_MERGE, **(merges or {})}
+    merges.setdefault("cuda_sm90", merges["cuda"])
     table = resources.load()
     rates = {**machine.RATE_TFLOPS, **(rates or {})}
     records = []
     for backend in backends:
-        made = (launches.cuda_launches if backend == "cuda" else launches.triton_launches)(s, sms)
+        made = LAUNCHES[backend](s, sms)
         sm_rate = rates[backend] * 1e12 / sms
         bwd = []
         for kernel, launch in made.items():
-            if backend == "cuda":
+            if backend in ("cuda", "cuda_sm90"):
                 resident, res, name = _resident_cuda(table, s, launch)
                 options = [(name, resident, res)]
             else:
@@ -145,11 +157,15 @@ def predict(s: Shape, backends=("cuda", "triton"), sms: int = launches.SMS, rate
                 rec["live_tflop"] = live_flops(s, "fwd") / 1e12
             if backend == "cuda":
                 rec["mma_per_cta"] = launch.mma
+            if backend == "cuda_sm90":
+                rec["wgmma_n8_per_cta"] = launch.mma
             records.append(rec)
             if kernel == "fwd" and launch.splits > 1:
                 records.append(_merge_record(s, backend, launch.splits, merges[backend]))
             if kernel != "fwd":
                 bwd.append((rec, sim))
+        if not bwd:
+            continue
         slots = [sms * rec["resident_per_sm"] for rec, _ in bwd]
         busy = sum(sim["busy_s"] for _, sim in bwd)
         capacity = sum(n * sim["makespan_s"] for n, (_, sim) in zip(slots, bwd))

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import Shape, default_shapes, machine, predict
+from . import BACKENDS, Shape, default_shapes, machine, predict
 from ..config import CCAMConfig
 
 
@@ -30,14 +30,17 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens-per-frame", type=int, help="P (default 729)")
     p.add_argument("--frame-counts", type=_frames, help="one batch's frame counts, e.g. 5,1,9 (default 96)")
     p.add_argument("--dtype", choices=("bf16", "fp16"), help="default bf16")
-    p.add_argument("--backend", choices=("cuda", "triton"), action="append", help="default both")
+    p.add_argument("--backend", choices=BACKENDS, action="append",
+                   help="default all: cuda (mma.sync), cuda_sm90 (the sm_90a forward), triton")
     p.add_argument("--sms", type=int, default=132, help="SMs to schedule over (default 132, an H100 SXM)")
     p.add_argument("--rate-cuda", type=float, default=machine.RATE_TFLOPS["cuda"],
                    help="issued tensor TF/s the cuda kernels sustain (stated estimate)")
+    p.add_argument("--rate-cuda-sm90", type=float, default=machine.RATE_TFLOPS["cuda_sm90"],
+                   help="issued tensor TF/s the cuda backend's sm_90a forward sustains (stated estimate)")
     p.add_argument("--rate-triton", type=float, default=machine.RATE_TFLOPS["triton"],
                    help="issued tensor TF/s the triton kernels sustain (stated estimate)")
     p.add_argument("--merge", choices=("fused", "pytorch"),
-                   help="how both backends merge split partials (default: triton fused, cuda pytorch)")
+                   help="how the backends merge split partials (default: fused, one kernel)")
     p.add_argument("--json", action="store_true", help="print the records as a JSON list")
     return p.parse_args(argv)
 
@@ -59,7 +62,7 @@ def shapes_of(args) -> list:
 
 def table(records: list) -> str:
     rows = ["| backend | kernel | frames | ctas | resident/SM | balance | issued TFLOP | live TFLOP | "
-            "L2 GB | HBM GB | predicted ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "L2 GB | HBM GB | predicted ms | live TF/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         frames = r["frames"]
         shown = f"{frames[0]}x{len(frames)}" if len(set(frames)) == 1 else ",".join(map(str, frames))
@@ -68,17 +71,18 @@ def table(records: list) -> str:
         if r["kernel"] == "merge":
             kernel = f"merge ({r['merge']}, {r['kernels']} kernels)"
         balance = "" if r["balance"] is None else f"{r['balance']:.2f}"
+        live_rate = f"{r['live_tflop'] / r['predicted_ms'] * 1e3:.0f}" if "live_tflop" in r else ""
         cells = [r["backend"], kernel, shown, r["ctas"], r.get("resident_per_sm", ""), balance,
                  f"{r['issued_tflop']:.3f}", live, f"{r['l2_bytes'] / 1e9:.2f}", f"{r['hbm_bytes'] / 1e9:.2f}",
-                 f"{r['predicted_ms']:.3f}"]
+                 f"{r['predicted_ms']:.3f}", live_rate]
         rows.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(rows)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    rates = {"cuda": args.rate_cuda, "triton": args.rate_triton}
-    backends = tuple(args.backend or ("cuda", "triton"))
+    rates = {"cuda": args.rate_cuda, "cuda_sm90": args.rate_cuda_sm90, "triton": args.rate_triton}
+    backends = tuple(args.backend or BACKENDS)
     merges = {b: args.merge for b in backends} if args.merge else None
     records = [r for s in shapes_of(args) for r in predict(s, backends, args.sms, rates, merges)]
     if args.json:
@@ -86,7 +90,8 @@ def main(argv=None) -> int:
         sys.stdout.write("\n")
     else:
         print(table(records))
-        print(f"\nRates (stated, not measured): cuda {rates['cuda']:g} TF/s, triton {rates['triton']:g} TF/s of "
+        print(f"\nRates (stated, not measured): cuda {rates['cuda']:g} TF/s, cuda_sm90 {rates['cuda_sm90']:g} TF/s, "
+              f"triton {rates['triton']:g} TF/s of "
               f"issued tensor FLOPs; HBM {machine.HBM_BYTES_PER_S / 1e12:g} TB/s; {args.sms} SMs. docs/gpu.md.")
     return 0
 

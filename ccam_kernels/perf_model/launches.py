@@ -189,6 +189,76 @@ def cuda_launches(s: Shape, sms: int = SMS, splits: int | None = None) -> dict:
     return out
 
 
+# The sm_90a forward's tiles (fwd_sm90.cuh Sm90FwdTiles): 128 query rows per CTA in three
+# warpgroups (a TMA producer, two wgmma consumers of 64 rows), key tiles of 128 at padded head
+# dim 64 and of 64 at 128; shared memory: 1 KB of barriers, Q, and per ring stage K, V and the
+# NaN rule's raw V copy. tests/test_perf_model.py checks grid, threads, shared memory and the
+# wgmma work per CTA against the emulator's launch.
+SM90_BLOCK_M, SM90_THREADS, SM90_STAGES = 128, 384, 2
+WGMMA_N8_FLOPS = 2 * 64 * 8 * 16  # one m64n8k16 step of a warpgroup's wgmma
+
+
+def sm90_width(d: int) -> int:
+    """The sm_90a forward's padded head dim (launch_fwd_sm90<T, DP <= 64 ? 64 : 128>)."""
+    return 64 if padded_head_dim(d) <= 64 else 128
+
+
+def sm90_block_n(dp: int) -> int:
+    return 128 if dp == 64 else 64
+
+
+def sm90_geometry(s: Shape, splits: int = 1) -> tuple:
+    """((grid_x, grid_y, grid_z), threads, smem_bytes) of fwd_sm90_geometry (fwd_sm90.cuh)."""
+    dp = sm90_width(s.head_dim)
+    bn = sm90_block_n(dp)
+    smem = 1024 + SM90_BLOCK_M * dp * 2 + 3 * SM90_STAGES * bn * dp * 2
+    return (len(s.frame_counts) * s.heads, -(-s.num_query // SM90_BLOCK_M), splits), SM90_THREADS, smem
+
+
+def _split_range(hi: int, block_n: int, splits: int, z: int) -> tuple:
+    """(key_lo, key_hi) of split z of a query tile whose keys end at hi (fwd.cuh, fwd_sm90.cuh)."""
+    if splits == 1:
+        return 0, hi
+    tiles = -(-hi // block_n)
+    per_split = -(-tiles // splits)
+    key_lo = min(z * per_split, tiles) * block_n
+    return key_lo, min(key_lo + per_split * block_n, hi)
+
+
+def cuda_sm90_launches(s: Shape, sms: int = SMS, splits: int | None = None) -> dict:
+    """{"fwd": Launch} of the cuda backend's sm_90a forward (fwd_sm90.cuh) for shape s; its
+    ``mma`` is each CTA's wgmma work in m64n8k16 steps (the emulator's wgmma_counts): each
+    consumer warpgroup (64 rows) runs S = Q K^T and O += P V, DP * BN / 64 steps per key tile,
+    over the CTA's tiles up to its own last row's limit. ``splits``: what the host picks
+    (cuda_backend plans the splits from the mma.sync tiles, whichever kernel runs)."""
+    dp, e, D, B, N = sm90_width(s.head_dim), s.elem_bytes, s.head_dim, len(s.frame_counts), s.num_query
+    bm, bn = SM90_BLOCK_M, sm90_block_n(dp)
+    if splits is None:
+        programs = B * s.heads * -(-N // cuda_backend.FWD_BLOCK_M)
+        splits = tiling.splits_for_sms(programs, tuple(s.frame_counts), s.tokens_per_frame, cuda_backend.FWD_BLOCK_N,
+                                       sms)
+    limits = [_key_limits(s, t) for t in s.frame_counts]
+    grid, threads, smem = sm90_geometry(s, splits)
+    fwd = Launch("cuda_sm90", "fwd", grid, threads, smem, splits=splits, block=(bm, bn))
+    o_bytes = 4 if splits > 1 else e
+    for z in range(grid[2]):
+        for y in range(grid[1]):
+            m0 = (grid[1] - 1 - y) * bm
+            for x in range(grid[0]):
+                lim = limits[x // s.heads]
+                key_lo, key_hi = _split_range(lim[min(m0 + bm, N) - 1], bn, splits, z)
+                n = -(-(key_hi - key_lo) // bn) if key_hi > key_lo else 0
+                steps = 0
+                for first in (m0, m0 + 64):  # the consumer warpgroups' rows
+                    wg_hi = min(lim[min(first + 63, N - 1)], key_hi) if first < N else key_lo
+                    mine = min(n, -(-(wg_hi - key_lo) // bn)) if wg_hi > key_lo else 0
+                    steps += mine * dp * bn // 64
+                fwd.mma.append(steps)
+                fwd.l2_bytes.append(bm * D * e + n * 2 * bn * D * e + bm * D * o_bytes)
+    fwd.flops = [m * WGMMA_N8_FLOPS for m in fwd.mma]
+    return {"fwd": fwd}
+
+
 def triton_launches(s: Shape, sms: int = SMS) -> dict:
     """{"fwd", "dq", "dkdv": Launch} of the triton backend (block sizes as on a GPU); FLOPs
     per CTA are its tl.dot shapes (BLOCK_D wide) times the tiles its loops visit."""

@@ -101,13 +101,13 @@ template <typename T, int DP> cudaError_t launch_fwd(const FwdParams& p, cudaStr
 template <typename T, int DP>
 cudaError_t launch_fwd_sm90(const FwdParams& p, int64_t num_keys, int kv_heads, cudaStream_t stream);
 
-// Whether a forward call fits the sm_90a kernel: no attention dropout (it has none yet), and
-// for its TMA loads a head dim a multiple of 8 up to 128 (columns past it read as zeros), every
-// stride a multiple of 8 elements (16 bytes), 16-byte aligned tensors.
+// Whether a forward call fits the sm_90a kernel: for its TMA loads a head dim a multiple of 8 up
+// to 128 (columns past it read as zeros), every stride a multiple of 8 elements (16 bytes),
+// 16-byte aligned tensors.
 inline bool sm90_fwd_supported(const FwdParams& p) {
   auto ok = [](int64_t stride) { return stride % 8 == 0; };
   auto aligned = [](const void* x) { return reinterpret_cast<uintptr_t>(x) % 16 == 0; };
-  return p.dropout_threshold == 0 && p.head_dim % 8 == 0 && p.head_dim <= 128 && ok(p.q_stride_b) && ok(p.q_stride_n) && ok(p.q_stride_h) &&
+  return p.head_dim % 8 == 0 && p.head_dim <= 128 && ok(p.q_stride_b) && ok(p.q_stride_n) && ok(p.q_stride_h) &&
          ok(p.k_stride_l) && ok(p.k_stride_h) && ok(p.v_stride_l) && ok(p.v_stride_h) && aligned(p.q) &&
          aligned(p.k) && aligned(p.v);
 }

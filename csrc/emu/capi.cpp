@@ -15,26 +15,10 @@
 
 namespace {
 
+using ccam_emu_capi::bwd_params;
 using ccam_emu_capi::regions;
+using ccam_emu_capi::shape_of;
 using ccam_emu_capi::report;
-
-ccam::AttentionShape shape_of(const EmuProblem& pb, const EmuTensor& q, const EmuTensor& k, const EmuTensor& v,
-                              const EmuTensor* plan) {  // frames, key_start, first_frame, end_frame
-  ccam::AttentionShape s{};
-  s.frames = static_cast<const int64_t*>(plan[0].data);
-  s.key_start = static_cast<const int64_t*>(plan[1].data);
-  s.first_frame = static_cast<const int64_t*>(plan[2].data);
-  s.end_frame = static_cast<const int64_t*>(plan[3].data);
-  s.batch = pb.batch, s.num_query = pb.num_query, s.heads = pb.heads, s.group = pb.group;
-  s.tokens_per_frame = pb.tokens_per_frame, s.head_dim = pb.head_dim;
-  const int d = q.ndim;
-  s.q_stride_b = d == 4 ? q.strides[0] : 0;
-  s.q_stride_n = q.strides[d - 3], s.q_stride_h = q.strides[d - 2];
-  s.k_stride_l = k.strides[0], s.k_stride_h = k.strides[1];
-  s.v_stride_l = v.strides[0], s.v_stride_h = v.strides[1];
-  s.scale_log2 = static_cast<float>(pb.scale * 1.4426950408889634);
-  return s;
-}
 
 // CCAM_EMU_FP16_D32_ONLY: kernels for fp16 at padded head dim 32 only (the mutation tests'
 // builds: one instantiation per kernel compiles in a few seconds).
@@ -87,15 +71,6 @@ int ccam_emu_fwd(const EmuProblem* pb, const EmuTensor* t, char* err, int errlen
   }
 }
 
-ccam::BwdParams bwd_params(const EmuProblem& pb, const EmuTensor* t) {
-  ccam::BwdParams p{};
-  static_cast<ccam::AttentionShape&>(p) = shape_of(pb, t[1], t[2], t[3], t + 6);
-  p.dout = t[0].data, p.q = t[1].data, p.k = t[2].data, p.v = t[3].data;
-  p.do_stride_b = t[0].strides[0], p.do_stride_n = t[0].strides[1], p.do_stride_h = t[0].strides[2];
-  p.lse = static_cast<const float*>(t[4].data), p.delta = static_cast<const float*>(t[5].data);
-  p.scale = pb.scale;
-  return p;
-}
 
 // Tensors: dout, q, k, v, lse, delta, frames, key_start, first_frame, end_frame, dq_rows
 // ((B, N, H, D), or (S, B, N, H, D) for S key splits).

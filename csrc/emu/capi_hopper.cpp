@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "../ccam/bwd_dq_sm90.cuh"
 #include "../ccam/fwd_sm90.cuh"
 #include "../ccam/hopper.cuh"
 #include "capi.h"
@@ -113,6 +114,37 @@ int ccam_emu_fwd_sm90(const EmuProblem* pb, const EmuTensor* t, char* err, int e
   }
 }
 
+// The sm_90a dQ pass. Tensors: dout, q, k, v, lse, delta, frames, key_start, first_frame,
+// end_frame, dq_rows ((B, N, H, D), or (S, B, N, H, D) for S key splits), as ccam_emu_bwd_dq.
+int ccam_emu_bwd_dq_sm90(const EmuProblem* pb, const EmuTensor* t, char* err, int errlen) {
+  try {
+    static const char* names[] = {"dout", "q", "k", "v", "lse", "delta", "frames", "key_start", "first_frame",
+                                  "end_frame", "dq_rows"};
+    const std::vector<ccam_emu::Region> regs = ccam_emu_capi::regions(t, 11, names);
+    ccam::BwdParams p = ccam_emu_capi::bwd_params(*pb, t);
+    p.dq_rows = static_cast<float*>(t[10].data);
+    p.dq_splits = t[10].ndim == 5 ? static_cast<int>(t[10].sizes[0]) : 1;
+    ccam_emu::LaunchScope scope(regs, {pb->schedule, pb->seed});
+    const int64_t L = t[2].sizes[0], D = pb->head_dim;
+    const int hkv = static_cast<int>(t[2].sizes[1]);
+#ifdef CCAM_EMU_SM90_FP16_D64_ONLY
+    if (pb->bf16 || D > 64) throw ccam_emu::Error("this emulator build has the sm_90a dQ pass for fp16 at D <= 64 only");
+    ccam::launch_bwd_dq_sm90<__half, 64>(p, L, hkv, nullptr);
+#else
+    if (D <= 64) {
+      if (pb->bf16) ccam::launch_bwd_dq_sm90<__nv_bfloat16, 64>(p, L, hkv, nullptr);
+      else ccam::launch_bwd_dq_sm90<__half, 64>(p, L, hkv, nullptr);
+    } else {
+      if (pb->bf16) ccam::launch_bwd_dq_sm90<__nv_bfloat16, 128>(p, L, hkv, nullptr);
+      else ccam::launch_bwd_dq_sm90<__half, 128>(p, L, hkv, nullptr);
+    }
+#endif
+    return 0;
+  } catch (const std::exception& e) {
+    return report(e, err, errlen);
+  }
+}
+
 // One warpgroup: shared memory holds `words` from offset 0; d = A B + (scale_d ? c : 0) with A
 // from desc_a (or the 4 registers per thread in a_regs), B from desc_b. c, d: (128, n / 2).
 int ccam_emu_wgmma(int bf16, int n, int a_from_regs, int trans_a, int trans_b, const uint16_t* words, int nwords,
@@ -166,6 +198,17 @@ int ccam_emu_tma(const void* gmem, int elem_bytes, int rank, const int64_t* dims
       std::memcpy(image, ccam::smem_bytes, smem);
     }
   }, err, errlen);
+}
+
+// The last grid's geometry (grid x, y, z, threads, shared bytes) and, per block in launch order,
+// its wgmma work in m64n8k16 steps (runtime.h wgmma_counts). Returns the number of blocks.
+int64_t ccam_emu_last_grid_wgmma(int64_t* geometry, int64_t* counts, int64_t capacity) {
+  const ccam_emu::Geometry& g = ccam_emu::last_geometry();
+  const int64_t dims[5] = {g.grid_x, g.grid_y, g.grid_z, g.threads, g.smem_bytes};
+  for (int i = 0; i < 5; ++i) geometry[i] = dims[i];
+  const auto& c = ccam_emu::wgmma_counts();
+  for (int64_t i = 0; i < capacity && i < static_cast<int64_t>(c.size()); ++i) counts[i] = static_cast<int64_t>(c[i]);
+  return static_cast<int64_t>(c.size());
 }
 
 // Cases (see tests/test_cuda_hopper_emulator.py); `out` receives observations.
@@ -284,6 +327,29 @@ int ccam_emu_hopper_case(int which, float* out, char* err, int errlen) {
         if (t >= 64) return;
         ccam::wgmma_fence();
         ccam::wgmma_ss<__half, 8>(acc, desc(4096, 128, 256), desc(6144, 128, 256), 0);
+        break;
+      }
+      case 20: case 21: case 22: {  // generic shared accesses ordered by mbarriers (race checker)
+        // 20: thread 0 writes, then arrives; thread 64 waits, then reads: ordered.
+        // 21: thread 0 arrives, then writes: the read races with the write.
+        // 22: thread 0 writes, arrives on A; thread 32 waits on A, arrives on B; thread 64 waits
+        //     on B and reads: ordered through thread 32.
+        auto* word = reinterpret_cast<uint32_t*>(ccam::smem_bytes + 2048);
+        if (t == 0) ccam::mbarrier_init(bar, 1), ccam::mbarrier_init(bar + 1, 1);
+        __syncthreads();
+        if (t == 0) {
+          if (which == 21) ccam::mbarrier_arrive(bar);
+          ccam::store(word, 42u);
+          if (which != 21) ccam::mbarrier_arrive(bar);
+        }
+        if (t == 32 && which == 22) {
+          ccam::mbarrier_wait(bar, 0);
+          ccam::mbarrier_arrive(bar + 1);
+        }
+        if (t == 64) {
+          ccam::mbarrier_wait(bar + (which == 22 ? 1 : 0), 0);
+          out[0] = static_cast<float>(ccam::load(word));
+        }
         break;
       }
       case 19: {  // more arrivals than the count

@@ -35,10 +35,11 @@ struct Device {
   static constexpr const char* kName = "CPU";
   static bool holds(const at::Tensor& x) { return x.is_cpu(); }
   // The emulator stands for an sm_90 GPU (the forward takes the wgmma + TMA kernel) while
-  // CCAM_EMU_SM90=1.
+  // CCAM_EMU_SM90=1; CCAM_CUDA_SM90=0 forces the mma.sync kernel there, as on a GPU.
   static bool sm90(const at::Tensor&) {
     const char* env = std::getenv("CCAM_EMU_SM90");
-    return env != nullptr && std::string(env) == "1";
+    const char* force = std::getenv("CCAM_CUDA_SM90");
+    return env != nullptr && std::string(env) == "1" && !(force != nullptr && std::string(force) == "0");
   }
 
   template <typename Launch>

@@ -42,11 +42,15 @@ struct Copy {
   std::vector<unsigned char> data;
   uint32_t phase;
 };
+// For the race checker, a phase also carries its arrivals' joined vector clock (`arrived`),
+// which becomes the clock a completed wait acquires (`completed`): an arrive -> wait orders the
+// arriving thread's earlier shared accesses before the waiter's later ones.
 struct Barrier {
   int count = 0, pending = 0;
   int64_t tx = 0;
   uint32_t phase = 0;
   std::vector<Copy> copies;
+  std::vector<uint32_t> arrived, completed;
 };
 
 struct Pending {  // one wgmma's accumulator result, in flight until a covering wait_group
@@ -87,6 +91,8 @@ void complete_phase(Barrier& b, size_t off) {
   if (b.pending == 0 && b.tx == 0) {
     ++b.phase;
     b.pending = b.count;
+    b.completed = std::move(b.arrived);
+    b.arrived.clear();
   }
 }
 
@@ -278,6 +284,7 @@ void mbarrier_arrive(uint64_t* bar, uint32_t tx_bytes, bool expect_tx) {
   if (b.pending == 0) fail(std::string(what) + ": more arrivals than the barrier's count in one phase");
   b.tx += tx_bytes;
   --b.pending;
+  detail::clock_release(b.arrived);
   complete_phase(b, smem_off(bar));
 }
 
@@ -289,7 +296,10 @@ bool mbarrier_try_wait_parity(uint64_t* bar, uint32_t parity) {
   Barrier& b = barrier(bar, "mbarrier.try_wait.parity");
   const size_t off = smem_off(bar);
   parity &= 1;
-  if ((b.phase & 1) != parity) return true;
+  if ((b.phase & 1) != parity) {
+    detail::clock_acquire(b.completed);
+    return true;
+  }
   ThreadHopper& t = me();
   t.wait_bar = static_cast<int>(off), t.wait_parity = parity;
   Barrier* bp = &b;
@@ -299,6 +309,7 @@ bool mbarrier_try_wait_parity(uint64_t* bar, uint32_t parity) {
     return (bp->phase & 1) != parity;
   });
   t.wait_bar = -1;
+  detail::clock_acquire(bp->completed);
   return true;
 }
 
@@ -474,6 +485,7 @@ void wgmma(float* d, int n, uint64_t desc_a, const uint32_t* a_regs, uint64_t de
   const long param = long(n) | long(trans_a) << 9 | long(trans_b) << 10 | long(bf16) << 11 | long(a_regs != nullptr) << 12;
   const int base = tid / 128 * 128;
   detail::group_collective(what, param, 128, &io, [&](void* const* ios) {
+    detail::count_wgmma(n / 8);  // the performance model predicts these per block
     auto* io0 = static_cast<WgmmaIo*>(ios[0]);
     for (int i = 1; i < 128; ++i) {
       auto* x = static_cast<WgmmaIo*>(ios[i]);

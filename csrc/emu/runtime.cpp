@@ -161,9 +161,12 @@ struct Warp {
 
 // Race-checker shadow of one shared byte: the last writer and the readers in the current
 // barrier interval (epoch). Epochs are unique per CTA and per barrier, so nothing is reset.
+// Each access also keeps its thread's own clock at the access (see `clocks` below): inside one
+// epoch, an access ordered by mbarrier arrive -> wait edges is no race.
 struct Shadow {
   uint64_t w_epoch = 0, r_epoch = 0;
   int32_t w_tid = -1, r_tid = -1, r_other = -1;
+  uint32_t w_clock = 0, r_clock = 0, r_other_clock = 0;
   uint32_t w_fence = 0;  // the writer's fence.proxy.async count at the write
   const char *w_what = "", *r_what = "";
 };
@@ -182,6 +185,11 @@ struct Machine {
   std::string error;
   int error_tid = -1;
   std::vector<Shadow> shadow = std::vector<Shadow>(kMaxSmemBytes);
+  // Vector clocks of the CTA's threads (row t: what thread t has synchronized with; clocks[t][t]
+  // its own clock, from 1), advanced only by mbarrier arrive (release) and completed waits
+  // (acquire): __syncthreads orders everything through the epochs instead. Thread t's access
+  // is ordered after thread u's access at u's clock c iff clocks[t][u] >= c.
+  std::vector<uint32_t> clocks;
   // Writable tensors' elements written in this launch: element address -> (block, thread). A
   // second writer, or a read by another thread of an element written in this launch, is an
   // error: outputs are written once, by their owner, and never read back.
@@ -191,6 +199,7 @@ struct Machine {
 Machine M;
 Geometry g_last_geometry{"none", 0, 0, 0, 0, 0};
 std::vector<uint64_t> g_mma_counts;
+std::vector<uint64_t> g_wgmma_counts;
 std::mutex g_launch_mutex;
 std::vector<Region> g_regions;
 Schedule g_schedule;
@@ -259,6 +268,8 @@ void run_cta(const std::vector<int>& order) {
   M.cta_epoch = M.epoch;
   M.barrier_arrived = 0;
   M.barrier_or = false;
+  M.clocks.assign(size_t(n) * n, 0);
+  for (int i = 0; i < n; ++i) M.clocks[size_t(i) * n + i] = 1;
   M.groups.clear();
   for (auto& w : M.warps) w.arrived = 0;
   for (auto& h : cta_start_hooks()) h();
@@ -346,6 +357,7 @@ void run_grid(const Geometry& g, const std::vector<Region>& regions, const Sched
   M.written.clear();
   g_last_geometry = g;
   g_mma_counts.assign(size_t(g.grid_x) * g.grid_y * g.grid_z, 0);
+  g_wgmma_counts.assign(size_t(g.grid_x) * g.grid_y * g.grid_z, 0);
   static std::vector<unsigned char*> stacks;  // kept for the process: one per thread ever used
   while (static_cast<int>(stacks.size()) < g.threads) stacks.push_back(new_stack());
   M.threads.resize(g.threads);
@@ -393,6 +405,7 @@ LaunchScope::~LaunchScope() {
 
 const Geometry& last_geometry() { return g_last_geometry; }
 const std::vector<uint64_t>& mma_counts() { return g_mma_counts; }
+const std::vector<uint64_t>& wgmma_counts() { return g_wgmma_counts; }
 
 void run_launch(const Geometry& g, const std::function<void()>& body) {
   if (!g_in_scope) fail(std::string("ccam emulator: ") + g.kernel + " launched outside a LaunchScope");
@@ -410,6 +423,11 @@ namespace detail {
 
 int current_tid() { return cur().tid; }
 
+// Whether thread `tid` has synchronized (mbarrier edges) with thread `other`'s clock `c`.
+bool ordered_after(int tid, int other, uint32_t c) {
+  return M.clocks[size_t(tid) * M.threads.size() + other] >= c;
+}
+
 void shared_access(const void* p, size_t bytes, bool write, int tid, const char* what) {
   const auto off = reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(ccam::smem_bytes);
   if (!is_shared(p) || off + bytes > size_t(M.geometry->smem_bytes))
@@ -420,28 +438,48 @@ void shared_access(const void* p, size_t bytes, bool write, int tid, const char*
     fail(std::string(what) + ": misaligned shared access of " + std::to_string(bytes) + " B at offset " +
          std::to_string(off));
   const uint64_t e = M.epoch;
+  const uint32_t now = M.clocks[size_t(tid) * M.threads.size() + tid];
   for (size_t i = off; i < off + bytes; ++i) {
     Shadow& s = M.shadow[i];
     int other = -1;
     const char *mine = write ? "write" : "read", *theirs = nullptr, *their_what = nullptr;
-    if (s.w_epoch == e && s.w_tid != tid) {
+    if (s.w_epoch == e && s.w_tid != tid && !ordered_after(tid, s.w_tid, s.w_clock)) {
       other = s.w_tid, theirs = "write", their_what = s.w_what;
-    } else if (write && s.r_epoch == e && (s.r_tid != tid || s.r_other >= 0)) {
-      other = s.r_tid != tid ? s.r_tid : s.r_other, theirs = "read", their_what = s.r_what;
+    } else if (write && s.r_epoch == e) {
+      if (s.r_tid != tid && !ordered_after(tid, s.r_tid, s.r_clock))
+        other = s.r_tid, theirs = "read", their_what = s.r_what;
+      else if (s.r_other >= 0 && s.r_other != tid && !ordered_after(tid, s.r_other, s.r_other_clock))
+        other = s.r_other, theirs = "read", their_what = s.r_what;
     }
     if (other >= 0) {
       fail("race on shared byte " + std::to_string(i) + ": thread " + std::to_string(other) + " " + theirs + " (" +
            their_what + ") and thread " + std::to_string(tid) + " " + mine + " (" + what +
-           ") with no __syncthreads between");
+           ") with no __syncthreads or mbarrier wait between");
     }
     if (write) {
-      s.w_epoch = e, s.w_tid = tid, s.w_what = what, s.w_fence = M.threads[tid].proxy_fences;
+      s.w_epoch = e, s.w_tid = tid, s.w_clock = now, s.w_what = what, s.w_fence = M.threads[tid].proxy_fences;
     } else if (s.r_epoch != e) {
-      s.r_epoch = e, s.r_tid = tid, s.r_other = -1, s.r_what = what;
-    } else if (s.r_tid != tid) {
-      s.r_other = tid;
+      s.r_epoch = e, s.r_tid = tid, s.r_clock = now, s.r_other = -1, s.r_what = what;
+    } else if (s.r_tid == tid) {
+      s.r_clock = now;
+    } else {
+      s.r_other = tid, s.r_other_clock = now;
     }
   }
+}
+
+// mbarrier.arrive: the arriving thread's clock joins the phase's (`into`), then ticks.
+void clock_release(std::vector<uint32_t>& into) {
+  const size_t n = M.threads.size(), t = cur().tid;
+  into.resize(n, 0);
+  for (size_t u = 0; u < n; ++u) into[u] = std::max(into[u], M.clocks[t * n + u]);
+  ++M.clocks[t * n + t];
+}
+
+// A completed mbarrier wait: the waiter's clock joins the completed phase's.
+void clock_acquire(const std::vector<uint32_t>& from) {
+  const size_t n = M.threads.size(), t = cur().tid;
+  for (size_t u = 0; u < n && u < from.size(); ++u) M.clocks[t * n + u] = std::max(M.clocks[t * n + u], from[u]);
 }
 
 void global_access(const void* p, size_t bytes, bool write, const char* what) {
@@ -524,6 +562,11 @@ void collective(const char* kind, int param, const void* in, size_t in_bytes, vo
 void count_mma() {
   const Cta& c = g_cta;
   ++g_mma_counts[(size_t(c.block.z) * c.grid.y + c.block.y) * c.grid.x + c.block.x];
+}
+
+void count_wgmma(int n8) {
+  const Cta& c = g_cta;
+  g_wgmma_counts[(size_t(c.block.z) * c.grid.y + c.block.y) * c.grid.x + c.block.x] += n8;
 }
 
 void block_until(const char* what, std::function<bool()> ready) {

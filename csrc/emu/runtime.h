@@ -13,7 +13,8 @@
 //   - an element of a writable tensor is written once per launch, by one block and thread, and
 //     not read back (blocks run one at a time, so overlapping tiles would go unseen otherwise);
 //   - a race checker reports the first pair of accesses to one shared byte by two threads, at
-//     least one a write, with no barrier between them (the kernel, both threads, the offset).
+//     least one a write, with no barrier between them (the kernel, both threads, the offset):
+//     no __syncthreads, and no chain of mbarrier arrive -> completed wait (vector clocks).
 // Errors are ccam_emu::Error exceptions raised from the launch. One grid runs at a time (a
 // process-wide lock): the emulated CTA state is global.
 #pragma once
@@ -110,6 +111,9 @@ bool is_shared(const void* p);
 // The performance model (ccam_kernels/perf_model) predicts the same counts; a test compares.
 const Geometry& last_geometry();
 const std::vector<uint64_t>& mma_counts();
+// Likewise the wgmma work of each block: per warpgroup wgmma.m64nNk16, N / 8 (its m64n8k16
+// steps, 16384 FLOPs each), so that one count covers every N.
+const std::vector<uint64_t>& wgmma_counts();
 
 // PTX models (ptx.cpp).
 void cp_async(void* smem, const void* gmem, bool valid);
@@ -135,6 +139,8 @@ void global_access(const void* p, size_t bytes, bool write, const char* what);
 int current_tid();
 // One mma.sync of the current block's warps (called by its lane 0 only).
 void count_mma();
+// One wgmma of the current block's warpgroups, of n8 m64n8k16 steps (called once per warpgroup).
+void count_wgmma(int n8);
 
 // ---- for the Hopper models (ptx_hopper.cpp), kept out of the machine's own logic ----
 // Block the calling thread until ready() holds. The scheduler evaluates ready() between
@@ -158,6 +164,11 @@ const Geometry& geometry();
 void proxy_fence();
 void async_read(const void* p, size_t bytes, int tid, const char* what);
 void async_write(const void* p, size_t bytes, const char* what);
+// The race checker's mbarrier edges: an arrive releases the calling thread's clock into the
+// phase's (`into`); a completed wait acquires the phase's clock. Inside one __syncthreads
+// interval, accesses ordered by arrive -> wait are no race.
+void clock_release(std::vector<uint32_t>& into);
+void clock_acquire(const std::vector<uint32_t>& from);
 }  // namespace detail
 
 }  // namespace ccam_emu

@@ -34,6 +34,9 @@ using cudaStream_t = struct CUstream_st*;
 struct float2 {
   float x, y;
 };
+struct alignas(16) uint4 {  // CUDA's built-in vector type (16-byte loads and stores)
+  uint32_t x, y, z, w;
+};
 inline float2 make_float2(float x, float y) { return {x, y}; }
 
 struct __half {

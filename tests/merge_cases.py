@@ -33,3 +33,27 @@ def merge64(o, lse):
 def same_nonfinite(a, b):
     a, b = a.cpu(), b.cpu()
     assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.isneginf(a), torch.isneginf(b))
+
+
+def check_merge_with_acc(merge, S, B, N, H, D, gen, dtype, device):
+    """A fused ``merge(o, lse, out, keep_acc=True) -> (acc, lse)`` on fresh partials: the
+    float32 output and LSE equal the PyTorch merge (tiling.merge_splits) and the float64
+    formula, the NaN and -inf rows stay so, and ``out`` (poisoned with NaN first) is acc cast
+    once to ``dtype``."""
+    from ccam_kernels.backends import tiling
+
+    o, lse = partials(S, B, N, H, D, gen, device)
+    want, want_lse = tiling.merge_splits(o, lse)
+    out = torch.full((B, N, H, D), float("nan"), dtype=dtype, device=device)
+    acc, got_lse = merge(o, lse, out, keep_acc=True)
+    ref, ref_lse = merge64(o, lse)
+    for got, torch_merge, f64 in ((acc, want, ref), (got_lse, want_lse, ref_lse)):
+        same_nonfinite(got, torch_merge)
+        same_nonfinite(got, f64)
+        ok = torch.isfinite(f64)
+        assert torch.allclose(got.cpu()[ok], torch_merge.cpu()[ok], rtol=1e-6, atol=1e-6)
+        assert torch.allclose(got.cpu()[ok].double(), f64[ok], rtol=1e-5, atol=1e-6)
+    assert torch.isnan(acc[0, 2, -1]).all() and torch.isnan(got_lse[0, -1, 2])  # the NaN LSE's row
+    assert torch.equal(acc[-1, 1, 0].cpu(), torch.zeros(D)) and torch.isneginf(got_lse[-1, 0, 1])
+    same_nonfinite(out, acc)
+    assert torch.equal(out.cpu().float().nan_to_num(), acc.cpu().to(dtype).float().nan_to_num())  # cast once

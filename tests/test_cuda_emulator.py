@@ -196,7 +196,7 @@ MUTANTS = {
     "fwd-tile-stream-stays": ("ccam/tile.cuh", "      src[i] += step;", "      src[i] += 0;"),
     "fwd-tile-stream-past-the-end": ("ccam/tile.cuh", "static_cast<int>(valid_rows < ROWS ? valid_rows : ROWS)",
                                      "static_cast<int>(ROWS)"),
-    "fwd-unmasked-tile-past-lo": ("ccam/fwd.cuh", "(lo - key_lo) / BN)", "(lo - key_lo + BN - 1) / BN)"),
+    "fwd-unmasked-tile-past-lo": ("ccam/rule.cuh", "(t.lo - r.key_lo) / block_n)", "(t.lo - r.key_lo + block_n - 1) / block_n)"),
     "pv-dropped-trans": ("ccam/tile.cuh", "ldmatrix_x4_trans(b, b_tile", "ldmatrix_x4(b, b_tile"),
     "dkdv-wrong-first-row": ("ccam/bwd.cuh", "const int64_t m_begin = rows_from / BM * BM;",
                              "const int64_t m_begin = rows_from / BM * BM + BM;"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ccam_kernels.backends import cuda_backend, tiling
-from merge_cases import MERGE_CASES, merge64, partials, same_nonfinite
+from merge_cases import MERGE_CASES, check_merge_with_acc, partials, same_nonfinite
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -22,22 +22,9 @@ def cuda_backend_here(cuda_here):
 
 @pytest.mark.parametrize("S,B,N,H,D", MERGE_CASES)
 def test_merge_kernel_equals_the_pytorch_merge_and_float64(S, B, N, H, D):
-    gen = torch.Generator().manual_seed(S * 100 + D + 1)
-    o, lse = partials(S, B, N, H, D, gen, DEVICE)
-    want, want_lse = tiling.merge_splits(o, lse)
     dtype = torch.bfloat16 if S % 2 else torch.float16
-    out = torch.empty(B, N, H, D, dtype=dtype, device=DEVICE)
-    acc, got_lse = cuda_backend.merge_splits(o, lse, out, keep_acc=True)
-    ref, ref_lse = merge64(o, lse)
-    for got, torch_merge, f64 in ((acc, want, ref), (got_lse, want_lse, ref_lse)):
-        same_nonfinite(got, torch_merge)
-        same_nonfinite(got, f64)
-        ok = torch.isfinite(f64)
-        assert torch.allclose(got.cpu()[ok], torch_merge.cpu()[ok], rtol=1e-6, atol=1e-6)
-        assert torch.allclose(got.cpu()[ok].double(), f64[ok], rtol=1e-5, atol=1e-6)
-    assert torch.isnan(acc[0, 2, -1]).all() and torch.isnan(got_lse[0, -1, 2])  # the NaN LSE's row
-    same_nonfinite(out, acc)
-    assert torch.equal(out.cpu().float().nan_to_num(), acc.cpu().to(dtype).float().nan_to_num())  # cast once
+    check_merge_with_acc(cuda_backend.merge_splits, S, B, N, H, D, torch.Generator().manual_seed(S * 100 + D + 1),
+                         dtype, DEVICE)
 
 
 def test_merge_kernel_without_acc_and_without_out():

@@ -9,7 +9,7 @@ import torch
 
 from ccam_kernels.backends import tiling
 from conftest import TRITON_DEVICE as DEVICE
-from merge_cases import MERGE_CASES, merge64 as _merge64, partials, same_nonfinite as _same_nonfinite
+from merge_cases import MERGE_CASES, check_merge_with_acc, partials, same_nonfinite as _same_nonfinite
 
 pytest.importorskip("triton", reason="triton is not installed")
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("triton_here")]
@@ -19,22 +19,8 @@ pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("triton_here")]
 def test_fused_merge_equals_the_pytorch_merge_and_float64(S, B, N, H, D):
     from ccam_kernels.backends import triton_merge
 
-    gen = torch.Generator().manual_seed(S * 100 + D)
-    o, lse = partials(S, B, N, H, D, gen, DEVICE)
-    want, want_lse = tiling.merge_splits(o, lse)
-    out16 = torch.full((B, N, H, D), float("nan"), dtype=torch.float16, device=DEVICE)  # poisoned
-    acc, got_lse = triton_merge.merge_splits(o, lse, out16, keep_acc=True)
-    ref, ref_lse = _merge64(o, lse)
-    for got, torch_merge, f64 in ((acc, want, ref), (got_lse, want_lse, ref_lse)):
-        _same_nonfinite(got, torch_merge)
-        _same_nonfinite(got, f64)
-        ok = torch.isfinite(f64)
-        assert torch.allclose(got.cpu()[ok], torch_merge.cpu()[ok], rtol=1e-6, atol=1e-6)
-        assert torch.allclose(got.cpu()[ok].double(), f64[ok], rtol=1e-5, atol=1e-6)
-    assert torch.isnan(acc[0, 2, -1]).all() and torch.isnan(got_lse[0, -1, 2])  # the NaN LSE's row
-    assert torch.equal(acc[-1, 1, 0].cpu(), torch.zeros(D)) and torch.isneginf(got_lse[-1, 0, 1])
-    _same_nonfinite(out16, acc)
-    assert torch.equal(out16.cpu().nan_to_num(), acc.cpu().half().nan_to_num())  # the same values, cast once
+    check_merge_with_acc(triton_merge.merge_splits, S, B, N, H, D, torch.Generator().manual_seed(S * 100 + D),
+                         torch.float16, DEVICE)
 
 
 def test_fused_merge_without_acc_writes_only_the_output():

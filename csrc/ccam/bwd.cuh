@@ -47,14 +47,10 @@ __global__ void __launch_bounds__(128, 2) bwd_dq_kernel(const BwdParams p) {
   const QueryTile tile = query_tile(p, BM);
   const int bh = tile.bh, b = tile.b, h = tile.h, hk = tile.hk;
   const int64_t N = p.num_query, m0 = tile.m0, lo = tile.lo, hi = tile.hi;
-  // This CTA's key tiles [key_lo, key_hi): all the tile sees, or its split's share (fwd.cuh).
-  int64_t key_lo = 0, key_hi = hi;
-  if (p.dq_splits > 1) {
-    const int64_t tiles = (hi + BN - 1) / BN, per_split = (tiles + p.dq_splits - 1) / p.dq_splits;
-    key_lo = min(int64_t(blockIdx.z) * per_split, tiles) * BN;
-    key_hi = min(key_lo + per_split * BN, hi);
-  }
-  const int n_tiles = key_hi > key_lo ? static_cast<int>((key_hi - key_lo + BN - 1) / BN) : 0;
+  // This CTA's key tiles [key_lo, key_hi): all the tile sees, or its split's share.
+  const KeyTiles range = key_tiles(tile, BN, p.dq_splits);
+  const int64_t key_lo = range.key_lo, key_hi = range.key_hi;
+  const int n_tiles = range.n_tiles;
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
   const T* dout = static_cast<const T*>(p.dout) + b * p.do_stride_b + h * p.do_stride_h;

@@ -44,13 +44,9 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
   const int bh = tile.bh, b = tile.b, h = tile.h, hk = tile.hk;
   const int64_t N = p.num_query, m0 = tile.m0, lo = tile.lo, hi = tile.hi;
 
-  int64_t key_lo = 0, key_hi = hi;
-  if (p.num_splits > 1) {
-    const int64_t tiles = (hi + BN - 1) / BN, per_split = (tiles + p.num_splits - 1) / p.num_splits;
-    key_lo = min(int64_t(blockIdx.z) * per_split, tiles) * BN;
-    key_hi = min(key_lo + per_split * BN, hi);
-  }
-  const int n_tiles = key_hi > key_lo ? static_cast<int>((key_hi - key_lo + BN - 1) / BN) : 0;
+  const KeyTiles range = key_tiles(tile, BN, p.num_splits);
+  const int64_t key_lo = range.key_lo, key_hi = range.key_hi;
+  const int n_tiles = range.n_tiles;
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
   const T* k = static_cast<const T*>(p.k) + load(p.key_start + b) * p.k_stride_l + hk * p.k_stride_h;
@@ -202,7 +198,7 @@ __global__ void __launch_bounds__(128, 2) fwd_kernel(const FwdParams p) {
   };
   // Tiles [0, n_full) end at or below lo: every row sees them whole. At DP = 128 the two loop
   // instances together spill registers (ptxas, sm_90a): there one loop tests each tile.
-  const int n_full = DP < 128 && lo > key_lo ? static_cast<int>(min(int64_t(n_tiles), (lo - key_lo) / BN)) : 0;
+  const int n_full = DP < 128 ? range.n_full : 0;
   int t = 0;
   if constexpr (DP < 128) {
     for (; t < n_full; ++t) key_tile(t, std::false_type{});

@@ -83,17 +83,13 @@ __global__ void __launch_bounds__(384, 1) fwd_sm90_kernel(const __grid_constant_
   const QueryTile tile = query_tile(p, BM);
   const int bh = tile.bh, b = tile.b, h = tile.h, hk = tile.hk;
   const int64_t N = p.num_query, m0 = tile.m0, lo = tile.lo, hi = tile.hi;
-  int64_t key_lo = 0, key_hi = hi;
-  if (p.num_splits > 1) {
-    const int64_t tiles = (hi + BN - 1) / BN, per_split = (tiles + p.num_splits - 1) / p.num_splits;
-    key_lo = min(int64_t(blockIdx.z) * per_split, tiles) * BN;
-    key_hi = min(key_lo + per_split * BN, hi);
-  }
-  const int n_tiles = key_hi > key_lo ? static_cast<int>((key_hi - key_lo + BN - 1) / BN) : 0;
+  const KeyTiles range = key_tiles(tile, BN, p.num_splits);
+  const int64_t key_lo = range.key_lo, key_hi = range.key_hi;
+  const int n_tiles = range.n_tiles;
   // Tiles [0, n_full) end at or below lo: every row sees them whole (no mask, no NaN check).
   // The rest straddle some row's limit or run past hi; their uses of a stage are counted from
   // n_full for the parities of v_tma and v_clean.
-  const int n_full = lo > key_lo ? static_cast<int>(min(int64_t(n_tiles), (lo - key_lo) / BN)) : 0;
+  const int n_full = range.n_full;
 
   if (threadIdx.x == 0) {
     mbarrier_init(q_full, 1);

@@ -54,4 +54,24 @@ __device__ __forceinline__ QueryTile query_tile(const AttentionShape& p, int blo
   return t;
 }
 
+// The key tiles (of block_n keys) one CTA of a query tile walks: all it sees, [0, hi), or with
+// `splits` > 1 the share blockIdx.z of those tiles; and how many of them, from the first, end
+// at or below lo, where every row of the tile sees them whole (no mask, no NaN check).
+struct KeyTiles {
+  int64_t key_lo, key_hi;
+  int n_tiles, n_full;
+};
+
+__device__ __forceinline__ KeyTiles key_tiles(const QueryTile& t, int block_n, int splits) {
+  KeyTiles r{0, t.hi, 0, 0};
+  if (splits > 1) {
+    const int64_t tiles = (t.hi + block_n - 1) / block_n, per_split = (tiles + splits - 1) / splits;
+    r.key_lo = min(int64_t(blockIdx.z) * per_split, tiles) * block_n;
+    r.key_hi = min(r.key_lo + per_split * block_n, t.hi);
+  }
+  r.n_tiles = r.key_hi > r.key_lo ? static_cast<int>((r.key_hi - r.key_lo + block_n - 1) / block_n) : 0;
+  r.n_full = t.lo > r.key_lo ? static_cast<int>(min(int64_t(r.n_tiles), (t.lo - r.key_lo) / block_n)) : 0;
+  return r;
+}
+
 }  // namespace ccam

@@ -138,7 +138,7 @@ def test_cli_json_has_the_keys_for_every_backend_and_kernel(capsys):
             assert 0 < r["balance"] <= 1
         if r["backend"] == "cuda" and r["kernel"] not in ("bwd", "merge"):
             assert len(r["mma_per_cta"]) == r["ctas"]
-        if r["backend"] == "cuda_sm90":
+        if r["backend"] == "cuda_sm90" and r["kernel"] != "merge":
             assert len(r["wgmma_n8_per_cta"]) == r["ctas"] and r["resident_per_sm"] == 1
 
 

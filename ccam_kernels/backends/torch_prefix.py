@@ -441,14 +441,19 @@ def _op_forward(q, k, v, frame_counts, P, scale, dropout_p, seed, keep_acc, vari
     # torch 2.13): give every engine rows with unit stride, copying only tensors that lack it.
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     eng = _engine(variant, q.device, dropout_p, q.dtype, needs_acc=keep_acc, inputs=(q, k, v))
-    out, lse, out_acc = _forward(q, k, v, _shape(q, k, frame_counts, P, scale, dropout_p), eng, seed)
+    # The engines choose their own precisions (float32 accumulation for 16-bit inputs): an
+    # autocast region around the call (a backward run inside one, too) must not recast their
+    # matmuls, whose results meet float32 buffers in place.
+    with torch.autocast(q.device.type, enabled=False):
+        out, lse, out_acc = _forward(q, k, v, _shape(q, k, frame_counts, P, scale, dropout_p), eng, seed)
     return out, lse, (out_acc.float() if keep_acc and out_acc.dtype != torch.float64 else None)
 
 
 def _op_backward(dout, q, k, v, o, lse, frame_counts, P, scale, dropout_p, seed, variant):
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
     eng = _engine(variant, q.device, dropout_p, q.dtype, needs_acc=True, inputs=(q, k, v, dout))
-    return _backward(dout, q, k, v, o, lse, _shape(q, k, frame_counts, P, scale, dropout_p), eng, seed)
+    with torch.autocast(q.device.type, enabled=False):  # as in _op_forward
+        return _backward(dout, q, k, v, o, lse, _shape(q, k, frame_counts, P, scale, dropout_p), eng, seed)
 
 
 # ccam_kernels::torch_attention -> (out, lse, acc) and ccam_kernels::torch_attention_backward

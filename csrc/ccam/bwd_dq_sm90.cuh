@@ -269,12 +269,7 @@ cudaError_t make_sm90_dq_maps(Sm90DqParams& a, int64_t num_keys, int kv_heads) {
   const int64_t dstr[3] = {2 * p.do_stride_h, 2 * p.do_stride_n, 2 * p.do_stride_b};
   err = encode_tensor_map(&a.dout, p.dout, 2, 4, ddims, dstr, qbox, 128);
   if (err != cudaSuccess) return err;
-  const int64_t kdims[3] = {p.head_dim, kv_heads, num_keys};
-  const int kvbox[3] = {64, 1, Tiles::kBlockN};
-  const int64_t kstr[2] = {2 * p.k_stride_h, 2 * p.k_stride_l}, vstr[2] = {2 * p.v_stride_h, 2 * p.v_stride_l};
-  err = encode_tensor_map(&a.k, p.k, 2, 3, kdims, kstr, kvbox, 128);
-  if (err != cudaSuccess) return err;
-  return encode_tensor_map(&a.v, p.v, 2, 3, kdims, vstr, kvbox, 128);
+  return encode_kv_maps(&a.k, &a.v, p, num_keys, kv_heads, Tiles::kBlockN);
 }
 
 template <typename T, int DP>
@@ -283,20 +278,7 @@ cudaError_t launch_bwd_dq_sm90(const BwdParams& p, int64_t num_keys, int kv_head
   a.p = p;
   const cudaError_t err = make_sm90_dq_maps<DP>(a, num_keys, kv_heads);
   if (err != cudaSuccess) return err;
-  const Geometry g = dq_sm90_geometry<DP>(p);
-#ifdef CCAM_EMULATE
-  ccam_emu::Geometry eg{g.kernel, g.grid_x, g.grid_y, g.grid_z, g.threads, g.smem_bytes};
-  eg.regs = Sm90DqTiles<DP>::kRegs;
-  ccam_emu::run_launch(eg, [&] { bwd_dq_sm90_kernel<T, DP>(a); });
-  return cudaSuccess;
-#else
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, bwd_dq_sm90_kernel<T, DP>) != cudaSuccess || attr.ptxVersion < 90) {
-    (void)cudaGetLastError();
-    return cudaErrorNotSupported;
-  }
-  return launch(bwd_dq_sm90_kernel<T, DP>, g, stream, a);
-#endif
+  return launch_sm90(bwd_dq_sm90_kernel<T, DP>, dq_sm90_geometry<DP>(p), Sm90DqTiles<DP>::kRegs, stream, a);
 }
 
 }  // namespace ccam

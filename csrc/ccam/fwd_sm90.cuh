@@ -328,12 +328,7 @@ cudaError_t make_sm90_fwd_maps(Sm90FwdParams& a, int64_t num_keys, int kv_heads)
   const int qbox[4] = {64, 1, Tiles::kBlockM, 1};
   cudaError_t err = encode_tensor_map(&a.q, p.q, 2, 4, qdims, qstr, qbox, 128);
   if (err != cudaSuccess) return err;
-  const int64_t kdims[3] = {p.head_dim, kv_heads, num_keys};
-  const int kvbox[3] = {64, 1, Tiles::kBlockN};
-  const int64_t kstr[2] = {2 * p.k_stride_h, 2 * p.k_stride_l}, vstr[2] = {2 * p.v_stride_h, 2 * p.v_stride_l};
-  err = encode_tensor_map(&a.k, p.k, 2, 3, kdims, kstr, kvbox, 128);
-  if (err != cudaSuccess) return err;
-  return encode_tensor_map(&a.v, p.v, 2, 3, kdims, vstr, kvbox, 128);
+  return encode_kv_maps(&a.k, &a.v, p, num_keys, kv_heads, Tiles::kBlockN);
 }
 
 // num_keys: rows of the packed k / v (L); kv_heads: their heads.
@@ -343,22 +338,7 @@ cudaError_t launch_fwd_sm90(const FwdParams& p, int64_t num_keys, int kv_heads, 
   a.p = p;
   const cudaError_t err = make_sm90_fwd_maps<DP>(a, num_keys, kv_heads);
   if (err != cudaSuccess) return err;
-  const Geometry g = fwd_sm90_geometry<DP>(p);
-#ifdef CCAM_EMULATE
-  ccam_emu::Geometry eg{g.kernel, g.grid_x, g.grid_y, g.grid_z, g.threads, g.smem_bytes};
-  eg.regs = Sm90FwdTiles<DP>::kRegs;
-  ccam_emu::run_launch(eg, [&] { fwd_sm90_kernel<T, DP>(a); });
-  return cudaSuccess;
-#else
-  // Only machine code built from compute_90a PTX holds the kernel (a build without sm_90a, or
-  // PTX JIT-compiled from compute_80, has the trap).
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, fwd_sm90_kernel<T, DP>) != cudaSuccess || attr.ptxVersion < 90) {
-    (void)cudaGetLastError();
-    return cudaErrorNotSupported;
-  }
-  return launch(fwd_sm90_kernel<T, DP>, g, stream, a);
-#endif
+  return launch_sm90(fwd_sm90_kernel<T, DP>, fwd_sm90_geometry<DP>(p), Sm90FwdTiles<DP>::kRegs, stream, a);
 }
 
 }  // namespace ccam

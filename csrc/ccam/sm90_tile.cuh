@@ -4,6 +4,8 @@
 #pragma once
 
 #include "hopper.cuh"
+#include "launch.cuh"
+#include "params.h"
 #include "tile.cuh"
 
 namespace ccam {
@@ -47,6 +49,43 @@ __device__ __forceinline__ bool warp_any(bool x) {
 #pragma unroll
   for (int m = 1; m < 32; m *= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, m));
   return v != 0.f;
+}
+
+// Host side, shared by the sm_90a launchers. K's and V's tensor maps: (head dim, kv heads,
+// keys) of 2-byte elements, boxes of 64 columns x 1 head x block_n keys, 128B swizzle.
+// P: FwdParams or BwdParams (each holds its own k and v pointers).
+template <typename P>
+inline cudaError_t encode_kv_maps(CUtensorMap* k, CUtensorMap* v, const P& p, int64_t num_keys, int kv_heads,
+                                  int block_n) {
+  const int64_t dims[3] = {p.head_dim, kv_heads, num_keys};
+  const int box[3] = {64, 1, block_n};
+  const int64_t kstr[2] = {2 * p.k_stride_h, 2 * p.k_stride_l}, vstr[2] = {2 * p.v_stride_h, 2 * p.v_stride_l};
+  const cudaError_t err = encode_tensor_map(k, p.k, 2, 3, dims, kstr, box, 128);
+  return err != cudaSuccess ? err : encode_tensor_map(v, p.v, 2, 3, dims, vstr, box, 128);
+}
+
+// Launch an sm_90a kernel with its tensor-map arguments: in the emulator with the register
+// budget its setmaxnreg calls are checked against; on a GPU only where the build holds the
+// kernel's machine code from compute_90a PTX (a build without sm_90a, or PTX JIT-compiled from
+// compute_80, has the trap): cudaErrorNotSupported otherwise, and the caller takes mma.sync.
+template <typename Args>
+inline cudaError_t launch_sm90(void (*kernel)(Args), const Geometry& g, int regs, cudaStream_t stream,
+                               const Args& a) {
+#ifdef CCAM_EMULATE
+  ccam_emu::Geometry eg{g.kernel, g.grid_x, g.grid_y, g.grid_z, g.threads, g.smem_bytes};
+  eg.regs = regs;
+  (void)stream;
+  ccam_emu::run_launch(eg, [&] { kernel(a); });
+  return cudaSuccess;
+#else
+  (void)regs;
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess || attr.ptxVersion < 90) {
+    (void)cudaGetLastError();
+    return cudaErrorNotSupported;
+  }
+  return launch(kernel, g, stream, a);
+#endif
 }
 
 }  // namespace ccam
